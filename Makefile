@@ -1,0 +1,80 @@
+# Shoal — the front door. `make help` lists the targets.
+# The two commands a newcomer needs: `make run` (the whole platform, locally)
+# and `make test` (every test). Both set up what they need on a fresh machine.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TOOLS := .tools
+MODEL_DIR := .cache/models/shoal-tiny-moe
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
+	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+.PHONY: venv
+venv: $(STAMP) ## Create .venv with the pinned dependencies
+
+.PHONY: redis
+redis: ## Install redis-server with apt-get when it is missing
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+.PHONY: lock
+lock: $(STAMP) ## Rewrite requirements.lock from the current .venv
+	@{ head -3 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^shoal'; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock
+
+.PHONY: proto
+proto: $(STAMP) ## Regenerate the gRPC stubs from protos/
+	$(PY) protos/generate.py
+
+.PHONY: lint
+lint: $(STAMP) ## ruff, mypy and the import contracts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy shared services cli tests protos/generate.py
+	$(VENV)/bin/lint-imports
+
+.PHONY: format
+format: $(STAMP) ## Apply ruff's fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+.PHONY: test
+test: $(STAMP) redis lint ## Run every test (unit, integration, e2e)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+$(MODEL_DIR)/config.json: | $(STAMP)
+	$(PY) -m cli tiny-model $(MODEL_DIR)
+
+.PHONY: tiny-model
+tiny-model: $(MODEL_DIR)/config.json ## Build the tiny test checkpoint (random weights, fixed seed)
+
+.PHONY: run
+run: $(STAMP) redis $(MODEL_DIR)/config.json ## Start the whole platform locally (Ctrl-C stops it)
+	@exec $(PY) -m cli run --model $(MODEL_DIR)
+
+.PHONY: bench
+bench: ## Run every benchmark (bench-* targets)
+	@for target in $$(grep -oE '^bench-[a-z0-9-]+' $(MAKEFILE_LIST) | sort -u); do \
+	  $(MAKE) --no-print-directory $$target || exit 1; done
+
+.PHONY: clean
+clean: ## Remove the venv, caches, built models and tools
+	rm -rf $(VENV) .cache $(TOOLS) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,28 @@
+"""Typed settings of every service (pydantic-settings, `SHOAL_` prefix)."""
+
+from shared.config.base import CommonSettings, Environment, LogFormat, SettingsError, env_name, load_settings
+from shared.config.services import (
+    ControllerSettings,
+    EngineKind,
+    GrpcServiceSettings,
+    KVStoreSettings,
+    RouterSettings,
+    WorkerRole,
+    WorkerSettings,
+)
+
+__all__ = [
+    "CommonSettings",
+    "ControllerSettings",
+    "EngineKind",
+    "Environment",
+    "GrpcServiceSettings",
+    "KVStoreSettings",
+    "LogFormat",
+    "RouterSettings",
+    "SettingsError",
+    "WorkerRole",
+    "WorkerSettings",
+    "env_name",
+    "load_settings",
+]

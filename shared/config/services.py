@@ -1,0 +1,215 @@
+"""One settings class per service, read from `SHOAL_<SERVICE>_*` variables.
+
+These classes are the single source of each service's configuration: the
+docker-compose file and the Helm chart are checked against them by tests.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from shared.config.base import CommonSettings
+
+
+class WorkerRole(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    MIXED = "mixed"
+
+
+class EngineKind(enum.StrEnum):
+    REFERENCE = "reference"
+    SIM = "sim"
+
+
+def _split_list(value: object) -> object:
+    """Accept a list variable as JSON (`["a","b"]`) or comma-separated (`a,b`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class GrpcServiceSettings(CommonSettings):
+    """Listening address of a gRPC service and its Prometheus endpoint."""
+
+    host: str = Field(default="127.0.0.1", description="Interface the gRPC server binds to.")
+    grpc_port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    advertise_host: str | None = Field(
+        default=None,
+        description="Host other services use to reach this one (the pod IP in Kubernetes). Default: host.",
+    )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint; 0 picks a free one."
+    )
+    shutdown_grace_s: float = Field(
+        default=10.0, gt=0, description="Seconds in-flight calls get to finish after SIGTERM."
+    )
+
+    def advertised(self, port: int) -> str:
+        return f"{self.advertise_host or self.host}:{port}"
+
+
+class WorkerSettings(GrpcServiceSettings):
+    """The GPU (or CPU) worker: one engine behind the Worker gRPC service."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_WORKER_", extra="ignore", frozen=True)
+
+    worker_id: str = Field(
+        default_factory=_default_worker_id, description="Unique id in the registry; default host-pid-random."
+    )
+    role: WorkerRole = Field(default=WorkerRole.MIXED, description="prefill, decode or mixed.")
+    pool: str = Field(default="default", min_length=1, description="Pool this worker belongs to.")
+    engine: EngineKind = Field(default=EngineKind.REFERENCE, description="reference (PyTorch) or sim.")
+    model_path: Path | None = Field(
+        default=None, description="Hugging Face-format checkpoint folder (reference engine)."
+    )
+    model_name: str = Field(default="shoal-tiny-moe", min_length=1, description="Name the model is served as.")
+    device: str = Field(default="auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
+    dtype: str = Field(default="float32", description="float32, bfloat16 or float16.")
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
+    kv_cache_bytes: int = Field(default=256 * 2**20, ge=2**20, description="Bytes preallocated for the paged KV cache.")
+    max_running: int = Field(default=128, ge=1, description="Most requests decoded together in one step.")
+    max_batch_tokens: int = Field(
+        default=2048, ge=16, description="Token budget of one engine step (chunked prefill + decode)."
+    )
+    max_waiting: int = Field(
+        default=1024,
+        ge=1,
+        description="Most requests queued before new ones are refused (RESOURCE_EXHAUSTED).",
+    )
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, description="Seconds between lease renewals.")
+    lease_ttl_s: float = Field(default=5.0, gt=0, description="Registry lease; lapses unless renewed.")
+    gpu_type: str = Field(default="cpu", description="Hardware label reported to the controller (e.g. h100).")
+    sim_profile: str = Field(default="cpu-reference", description="sim engine: performance profile name.")
+    sim_speedup: float = Field(
+        default=1.0, gt=0, description="sim engine: divide modelled step times by this (fast tests)."
+    )
+    sim_startup_delay_s: float = Field(default=0.0, ge=0, description="sim engine: simulated cold start.")
+    sim_fail_rate: float = Field(
+        default=0.0, ge=0, le=1, description="sim engine: fraction of requests failed on purpose."
+    )
+    sim_die_after: int = Field(
+        default=0, ge=0, description="sim engine: exit the process after this many requests (0 = never)."
+    )
+    sim_stall_after: int = Field(
+        default=0, ge=0, description="sim engine: stop making progress after this many requests (0 = never)."
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in {"float32", "bfloat16", "float16"}:
+            raise ValueError("must be float32, bfloat16 or float16")
+        return value
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeat(self) -> WorkerSettings:
+        if self.lease_ttl_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"lease_ttl_s ({self.lease_ttl_s}) must exceed twice heartbeat_interval_s "
+                f"({self.heartbeat_interval_s}) so one late heartbeat does not drop the worker"
+            )
+        return self
+
+
+class KVStoreSettings(GrpcServiceSettings):
+    """The KV-cache block store."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_KVSTORE_", extra="ignore", frozen=True)
+
+    store_id: str = Field(default="kvstore-0", min_length=1, description="Publisher id in the KV event stream.")
+    memory_bytes: int = Field(default=1 * 2**30, ge=2**20, description="Byte budget of the memory tier.")
+    disk_path: Path | None = Field(
+        default=None, description="Folder of the disk tier; unset disables it (evicted blocks are dropped)."
+    )
+    disk_bytes: int = Field(default=8 * 2**30, ge=0, description="Byte budget of the disk tier.")
+    eviction: str = Field(default="lru", description="Eviction policy: lru or session-lru.")
+    max_block_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="Largest block accepted; larger ones get INVALID_ARGUMENT."
+    )
+
+
+class RouterSettings(CommonSettings):
+    """The OpenAI-compatible front."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_ROUTER_", extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Interface the HTTP server binds to.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the OpenAI API.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys (JSON list or comma-separated). Empty: no key is required.",
+    )
+    routing_config: Path | None = Field(
+        default=None, description="YAML routing profile (filters, scorers, picker); unset uses the default."
+    )
+    model_path: Path | None = Field(
+        default=None, description="Checkpoint folder holding the tokenizer and chat template."
+    )
+    kvstore_address: str | None = Field(
+        default=None, description="kvstore host:port for P/D hand-off and the KV index; unset disables both."
+    )
+    pd_min_uncached_tokens: int = Field(
+        default=256, ge=0, description="Prompts with at least this many uncached tokens go through prefill."
+    )
+    max_inflight: int = Field(
+        default=4096, ge=1, description="Requests in flight before new ones get 429 with Retry-After."
+    )
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of one request end to end.")
+    kv_transfer_timeout_s: float = Field(
+        default=10.0, gt=0, description="Deadline of a P/D KV hand-off before falling back to recompute."
+    )
+
+    @classmethod
+    def secret_fields(cls) -> tuple[str, ...]:
+        return (*super().secret_fields(), "api_keys")
+
+    _split_keys = field_validator("api_keys", mode="before")(_split_list)
+
+
+class ControllerSettings(CommonSettings):
+    """The controller: admin API, reconcile loop and Celery jobs."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOAL_CONTROLLER_", extra="ignore", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="Interface the admin API binds to.")
+    http_port: int = Field(default=8080, ge=0, le=65535, description="Port of the admin REST API.")
+    admin_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens as token:role (role viewer, operator or admin), JSON list or comma-separated.",
+    )
+    reconcile_interval_s: float = Field(default=2.0, gt=0, description="Seconds between reconcile ticks.")
+    actuator: str = Field(default="local", description="local (processes on this machine) or kubernetes.")
+
+    @classmethod
+    def secret_fields(cls) -> tuple[str, ...]:
+        return (*super().secret_fields(), "admin_tokens")
+
+    _split_tokens = field_validator("admin_tokens", mode="before")(_split_list)
+
+    @field_validator("admin_tokens")
+    @classmethod
+    def _roles(cls, value: list[str]) -> list[str]:
+        for item in value:
+            token, _, role = item.rpartition(":")
+            if not token or role not in {"viewer", "operator", "admin"}:
+                raise ValueError(
+                    "each token must be written token:role with role viewer, operator or admin (e.g. s3cr3t:admin)"
+                )
+        return value

@@ -1,0 +1,1 @@
+"""Pure decision policies (routing, scaling, placement): no I/O."""

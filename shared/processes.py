@@ -1,0 +1,138 @@
+"""Child processes that never outlive their parent, with prefixed output.
+
+Used by `make run`'s supervisor and by the controller's local actuator. Each
+child runs in its own session (so a terminal's Ctrl-C reaches only the
+parent, which then stops children in order) and asks the kernel to SIGTERM it
+if the parent dies (PR_SET_PDEATHSIG), so no orphan survives even a SIGKILL of
+the parent. Output lines are copied to the parent's stdout behind a
+`name |` prefix.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+_COLORS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
+
+
+def _die_with_parent() -> None:
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass  # not Linux: the parent's own shutdown still stops children
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now on `host` (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self, grace_s: float = 10.0) -> int:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL the whole session. Returns the exit code."""
+        if self.alive():
+            self._signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        # Grandchildren (a service's own helpers) share the session: clean them up.
+        self._signal(signal.SIGKILL)
+        return int(self.popen.returncode)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, sig)
+
+
+_color_index = 0
+_print_lock = threading.Lock()
+
+
+def _pump(name: str, stream: IO[bytes], out: IO[str], color: str) -> None:
+    prefix = f"\x1b[{color}m{name:>16} |\x1b[0m " if out.isatty() else f"{name:>16} | "
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        with _print_lock:
+            out.write(prefix + line + "\n")
+            out.flush()
+    stream.close()
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    out: IO[str] | None = None,
+) -> ManagedProcess:
+    """Start `argv` as a managed child whose output is prefixed with `name`."""
+    global _color_index
+    color = _COLORS[_color_index % len(_COLORS)]
+    _color_index += 1
+    full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    popen = subprocess.Popen(
+        list(argv),
+        env=full_env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        # Only setsid and prctl run between fork and exec: async-signal-safe enough.
+        preexec_fn=_die_with_parent,  # noqa: PLW1509
+    )
+    assert popen.stdout is not None
+    threading.Thread(
+        target=_pump, args=(name, popen.stdout, out or sys.stdout, color), daemon=True, name=f"pump-{name}"
+    ).start()
+    return ManagedProcess(name, popen)
+
+
+def redis_server_argv(port: int, data_dir: str, persistent: bool = False) -> list[str]:
+    """Command line of a loopback-only redis-server on `port`, with data in `data_dir`."""
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir]
+    argv += ["--save", "", "--appendonly", "yes" if persistent else "no", "--protected-mode", "yes"]
+    return argv
+
+
+def wait_for_port(host: str, port: int, timeout_s: float, process: ManagedProcess | None = None) -> None:
+    """Wait until something accepts TCP connections on host:port, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited with code {process.popen.returncode} while starting")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on {host}:{port} within {timeout_s}s")

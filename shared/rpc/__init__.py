@@ -1,0 +1,1 @@
+"""gRPC helpers (server bootstrap, channels, auth, error mapping) and the generated stubs."""

@@ -1,0 +1,148 @@
+"""The error taxonomy on gRPC: ShoalError <-> status code, in one place.
+
+Servers raise `ShoalError`s; `ErrorInterceptor` turns them into a status with
+the message, plus trailing metadata `shoal-error` (the taxonomy code) and
+`shoal-retry-after` when set. Anything else a handler raises becomes INTERNAL
+with the exception's type and message (and a logged stack), never a bare
+"Unexpected error". Clients turn an `AioRpcError` back with `from_rpc_error`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from shared.errors import ErrorCode, Internal, Overloaded, ShoalError, error_for
+from shared.telemetry.logging import get_logger
+
+log = get_logger("shoal.rpc.errors")
+
+TO_STATUS: dict[ErrorCode, grpc.StatusCode] = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorCode.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorCode.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+FROM_STATUS: dict[grpc.StatusCode, ErrorCode] = {status: code for code, status in TO_STATUS.items()}
+# Statuses with no taxonomy twin.
+FROM_STATUS[grpc.StatusCode.UNKNOWN] = ErrorCode.INTERNAL
+FROM_STATUS[grpc.StatusCode.ABORTED] = ErrorCode.UNAVAILABLE
+FROM_STATUS[grpc.StatusCode.OUT_OF_RANGE] = ErrorCode.INVALID_ARGUMENT
+FROM_STATUS[grpc.StatusCode.UNIMPLEMENTED] = ErrorCode.FAILED_PRECONDITION
+FROM_STATUS[grpc.StatusCode.DATA_LOSS] = ErrorCode.INTERNAL
+
+_CODE_KEY = "shoal-error"
+_RETRY_KEY = "shoal-retry-after"
+
+
+def _trailers(error: ShoalError) -> tuple[tuple[str, str], ...]:
+    pairs = [(_CODE_KEY, error.code.value)]
+    if isinstance(error, Overloaded):
+        pairs.append((_RETRY_KEY, f"{error.retry_after_s:g}"))
+    return tuple(pairs)
+
+
+async def abort(context: aio.ServicerContext[Any, Any], error: ShoalError) -> None:
+    """End the call with `error`'s status, message and trailers."""
+    context.set_trailing_metadata(_trailers(error))
+    await context.abort(TO_STATUS[error.code], error.message)
+
+
+def from_rpc_error(exc: grpc.RpcError, target: str = "") -> ShoalError:
+    """The taxonomy error a failed call stands for (`target` names the peer)."""
+    status = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(status)
+    trailers = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    code = FROM_STATUS.get(status, ErrorCode.INTERNAL)
+    if _CODE_KEY in trailers:
+        code = ErrorCode(str(trailers[_CODE_KEY]))
+    fields: dict[str, Any] = {"peer": target} if target else {}
+    if code is ErrorCode.RESOURCE_EXHAUSTED:
+        return Overloaded(details, retry_after_s=float(trailers.get(_RETRY_KEY, 1.0)), **fields)
+    return error_for(code, details, **fields)
+
+
+class ErrorInterceptor(aio.ServerInterceptor):
+    """Maps exceptions raised by any handler to gRPC statuses (see module doc)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _map(context: aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+    if not isinstance(exc, ShoalError):
+        log.exception("rpc raised an unexpected exception", method=method)
+        exc = Internal(f"internal error in {method}: {type(exc).__name__}: {exc}")
+    elif exc.code is ErrorCode.INTERNAL:
+        log.error("rpc failed", method=method, error=exc.message)
+    await abort(context, exc)
+
+
+def _wrap_unary(fn: Any, method: str) -> Any:
+    async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await fn(request, context)
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await _map(context, method, exc)
+
+    return wrapper
+
+
+def _wrap_stream(fn: Any, method: str) -> Any:
+    async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        try:
+            async for item in fn(request, context):
+                yield item
+        except Exception as exc:
+            if _is_abort(exc):
+                raise
+            await _map(context, method, exc)
+
+    return wrapper
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # context.abort() raises an internal exception that must pass through.
+    return type(exc).__name__ == "AbortError"

@@ -1,0 +1,155 @@
+"""Client of the kvstore service.
+
+Contract: the kvstore is a cache. Every method has a deadline and raises a
+taxonomy error (`Unavailable`, `DeadlineExceeded`, ...) when the store is down,
+slow or refuses. Request paths use the best-effort helpers `fetch_prefix` and
+`store_blocks`, which never raise for transport problems: a miss or an outage
+reads as "nothing cached" and a failed write as "not stored", and the caller
+recomputes the KV. A store that is down therefore slows requests but never
+fails them. Only corrupt data is raised (`CorruptBlock`, an InvalidArgument),
+because recomputing would hide a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from shared.errors import ShoalError
+from shared.hashing import BlockHash
+from shared.rpc.blocks import BlockAssembler, CorruptBlock, block_chunks
+from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
+from shared.rpc.errors import from_rpc_error
+from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
+from shared.telemetry.logging import get_logger
+from shared.types.kv import KVBlock
+
+log = get_logger("shoal.kvstore.client")
+
+# Generous: a read of a block larger than anything a worker produces.
+MAX_BLOCK_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Lookup:
+    matched: int
+    tiers: list[int]
+
+
+class KVStoreClient:
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = open_channel(address, token)
+        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _error(self, exc: grpc.RpcError) -> ShoalError:
+        return from_rpc_error(exc, self.address)
+
+    async def put(
+        self,
+        blocks: Sequence[KVBlock],
+        session_id: str = "",
+        pin_ttl_s: int = 0,
+        timeout_s: float | None = None,
+    ) -> kvstore_pb2.PutResponse:
+        async def requests() -> AsyncIterator[kvstore_pb2.PutRequest]:
+            if session_id:
+                yield kvstore_pb2.PutRequest(options=kvstore_pb2.PutOptions(session_id=session_id, pin_ttl_s=pin_ttl_s))
+            for chunk in block_chunks(blocks):
+                yield kvstore_pb2.PutRequest(chunk=chunk)
+
+        try:
+            response: kvstore_pb2.PutResponse = await self._stub.Put(requests(), timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    async def get(
+        self, hashes: Sequence[BlockHash], prefix_only: bool = True, timeout_s: float | None = None
+    ) -> list[KVBlock]:
+        """The named blocks in order; with prefix_only, up to the first missing one."""
+        assembler = BlockAssembler(MAX_BLOCK_BYTES)
+        out: list[KVBlock] = []
+        call = self._stub.Get(
+            kvstore_pb2.GetRequest(hashes=list(hashes), prefix_only=prefix_only),
+            timeout=timeout_s or self.timeout_s,
+        )
+        try:
+            async for chunk in call:
+                block = assembler.feed(chunk)
+                if block is not None:
+                    out.append(block)
+            assembler.finish()
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return out
+
+    async def lookup(self, hashes: Sequence[BlockHash]) -> Lookup:
+        try:
+            response = await self._stub.Lookup(
+                kvstore_pb2.LookupRequest(hashes=list(hashes)), timeout=CONTROL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return Lookup(response.matched, list(response.tiers))
+
+    async def delete(self, hashes: Sequence[BlockHash]) -> int:
+        try:
+            response = await self._stub.Delete(
+                kvstore_pb2.DeleteRequest(hashes=list(hashes)), timeout=CONTROL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return int(response.deleted)
+
+    async def pin(self, session_id: str, hashes: Sequence[BlockHash], ttl_s: int) -> int:
+        try:
+            response = await self._stub.Pin(
+                kvstore_pb2.PinRequest(session_id=session_id, hashes=list(hashes), ttl_s=ttl_s),
+                timeout=CONTROL_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return int(response.pinned)
+
+    async def stats(self) -> kvstore_pb2.StatsResponse:
+        try:
+            response: kvstore_pb2.StatsResponse = await self._stub.Stats(
+                kvstore_pb2.StatsRequest(), timeout=CONTROL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    # -- best-effort helpers for request paths --------------------------------
+
+    async def fetch_prefix(self, hashes: Sequence[BlockHash], timeout_s: float) -> list[KVBlock]:
+        """The stored prefix of `hashes`, or [] if the store is down or slow (see module doc)."""
+        if not hashes:
+            return []
+        try:
+            return await self.get(hashes, prefix_only=True, timeout_s=timeout_s)
+        except CorruptBlock:
+            raise
+        except ShoalError as exc:
+            log.warning("kvstore read failed; recomputing", address=self.address, error=exc.message)
+            return []
+
+    async def store_blocks(
+        self, blocks: Sequence[KVBlock], timeout_s: float, session_id: str = "", pin_ttl_s: int = 0
+    ) -> bool:
+        """Write blocks; False (logged) if the store is down, slow or full."""
+        if not blocks:
+            return True
+        try:
+            await self.put(blocks, session_id=session_id, pin_ttl_s=pin_ttl_s, timeout_s=timeout_s)
+        except ShoalError as exc:
+            log.warning("kvstore write failed; blocks not shared", address=self.address, error=exc.message)
+            return False
+        return True

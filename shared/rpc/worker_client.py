@@ -1,0 +1,116 @@
+"""Client of the Worker service, used by the router, the controller and peers.
+
+Every call has a deadline. Failures are raised as taxonomy errors; the
+caller decides whether to retry elsewhere (`error.retryable`). Streams are
+cancelled when the consumer stops iterating, which aborts the request on the
+worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+
+import grpc
+
+from shared.errors import ShoalError
+from shared.hashing import BlockHash
+from shared.rpc.blocks import BlockAssembler
+from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
+from shared.rpc.errors import from_rpc_error
+from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from shared.types.kv import KVBlock
+
+MAX_BLOCK_BYTES = 256 * 2**20
+
+
+class WorkerClient:
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.address = address
+        self._channel = open_channel(address, token)
+        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _error(self, exc: grpc.RpcError) -> ShoalError:
+        return from_rpc_error(exc, self.address)
+
+    async def _stream(
+        self, call: AsyncIterator[worker_pb2.GenerateResponse]
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            cancel = getattr(call, "cancel", None)
+            if cancel is not None:
+                cancel()
+
+    def generate(
+        self, request: worker_pb2.GenerateRequest, timeout_s: float
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+        return self._stream(self.stub.Generate(request, timeout=timeout_s))
+
+    def decode(
+        self, request: worker_pb2.DecodeRequest, timeout_s: float
+    ) -> AsyncGenerator[worker_pb2.GenerateResponse, None]:
+        return self._stream(self.stub.Decode(request, timeout=timeout_s))
+
+    async def prefill(self, request: worker_pb2.PrefillRequest, timeout_s: float) -> worker_pb2.PrefillResponse:
+        try:
+            response: worker_pb2.PrefillResponse = await self.stub.Prefill(request, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            response = await self.stub.Abort(worker_pb2.AbortRequest(request_id=request_id), timeout=CONTROL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return bool(response.found)
+
+    async def fetch_kv(self, hashes: Sequence[BlockHash], timeout_s: float) -> list[KVBlock]:
+        """Blocks of the peer's prefix cache, up to the first it no longer holds."""
+        assembler = BlockAssembler(MAX_BLOCK_BYTES)
+        blocks: list[KVBlock] = []
+        try:
+            async for chunk in self.stub.FetchKV(
+                worker_pb2.FetchKVRequest(block_hashes=list(hashes)), timeout=timeout_s
+            ):
+                block = assembler.feed(chunk)
+                if block is not None:
+                    blocks.append(block)
+            assembler.finish()
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return blocks
+
+    async def get_load(self) -> common_pb2.LoadReport:
+        try:
+            report: common_pb2.LoadReport = await self.stub.GetLoad(
+                worker_pb2.GetLoadRequest(), timeout=CONTROL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return report
+
+    async def drain(self, wait_s: float = 0.0) -> worker_pb2.DrainResponse:
+        try:
+            response: worker_pb2.DrainResponse = await self.stub.Drain(
+                worker_pb2.DrainRequest(wait_s=wait_s), timeout=wait_s + CONTROL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return response
+
+    async def expert_stats(self, window_s: float = 0.0) -> worker_pb2.ExpertStatsResponse:
+        try:
+            response: worker_pb2.ExpertStatsResponse = await self.stub.ExpertStats(
+                worker_pb2.ExpertStatsRequest(window_s=window_s), timeout=CONTROL_TIMEOUT_S
+            )
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        return response

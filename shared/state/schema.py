@@ -1,0 +1,77 @@
+"""The Redis state schema: every key Shoal writes, its type, TTL and version.
+
+Nothing outside shared/state builds a key by hand. All keys start with
+`shoal:v<SCHEMA_VERSION>:`; a change of layout bumps SCHEMA_VERSION so old
+and new code never read each other's data. Celery uses its own database
+number on the same server (see the controller settings).
+
+| key | type | TTL | written by | meaning |
+| --- | --- | --- | --- | --- |
+| workers | SET | - | registry | ids of registered workers (index; stale ids pruned on read) |
+| worker:{id} | HASH info, load, updated_at | lease | worker heartbeat | entry; gone when the lease lapses |
+| cordoned | SET | - | controller | worker ids that get no new requests |
+| kv:events | STREAM | MAXLEN ~KV_EVENTS_MAXLEN | workers, kvstore | block added/removed events |
+| kv:snapshot:{pub} | HASH epoch, seq, hashes | SNAPSHOT_TTL | publishers | a publisher's whole block set |
+| doc:{name} | HASH version, body | - | controller | versioned JSON documents (pools, models, expert maps) |
+| lock:{name} | STRING | lock TTL | controller jobs | mutual exclusion (one migration at a time) |
+| decisions | STREAM | MAXLEN ~DECISIONS_MAXLEN | controller | reconcile decisions and their reasons |
+| jobs | HASH id -> JSON | - | controller, Celery | long operations and their progress |
+| metrics:router | STREAM | MAXLEN ~METRICS_MAXLEN | router | per-interval request statistics |
+| graph:{id} | HASH | GRAPH_TTL | controller | agent graph state |
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+SCHEMA_VERSION: Final = 1
+PREFIX: Final = f"shoal:v{SCHEMA_VERSION}:"
+
+KV_EVENTS_MAXLEN: Final = 200_000
+DECISIONS_MAXLEN: Final = 10_000
+METRICS_MAXLEN: Final = 20_000
+SNAPSHOT_TTL_S: Final = 3600
+GRAPH_TTL_S: Final = 7 * 24 * 3600
+
+
+def _key(*parts: str) -> str:
+    if not all(parts):
+        raise ValueError(f"empty part in key {parts!r}")
+    return PREFIX + ":".join(parts)
+
+
+WORKERS: Final = _key("workers")
+CORDONED: Final = _key("cordoned")
+KV_EVENTS: Final = _key("kv", "events")
+DECISIONS: Final = _key("decisions")
+JOBS: Final = _key("jobs")
+ROUTER_METRICS: Final = _key("metrics", "router")
+
+
+WORKER_KEY_PREFIX: Final = _key("worker") + ":"
+
+
+def worker(worker_id: str) -> str:
+    return _key("worker", worker_id)
+
+
+KV_SNAPSHOT_PREFIX: Final = _key("kv", "snapshot") + ":"
+
+
+def kv_snapshot(publisher: str) -> str:
+    return _key("kv", "snapshot", publisher)
+
+
+DOC_KEY_PREFIX: Final = _key("doc") + ":"
+
+
+def doc(name: str) -> str:
+    return _key("doc", name)
+
+
+def lock(name: str) -> str:
+    return _key("lock", name)
+
+
+def graph(graph_id: str) -> str:
+    return _key("graph", graph_id)

@@ -1,0 +1,17 @@
+"""Telemetry shared by all services: structured logs, traces, Prometheus metrics."""
+
+from __future__ import annotations
+
+from shared.config.base import CommonSettings, LogFormat
+from shared.telemetry.logging import get_logger, setup_logging
+from shared.telemetry.tracing import setup_tracing
+
+
+def setup_telemetry(service: str, settings: CommonSettings) -> None:
+    """Configure logging and tracing for a service process from its settings."""
+    setup_logging(service, settings.log_level, settings.log_format is LogFormat.JSON)
+    setup_tracing(service, settings.otlp_endpoint)
+    get_logger("shoal.telemetry").info("telemetry ready", otlp=settings.otlp_endpoint or "off")
+
+
+__all__ = ["get_logger", "setup_logging", "setup_telemetry", "setup_tracing"]

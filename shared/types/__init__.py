@@ -1,0 +1,1 @@
+"""Plain typed records shared by services, policies and the simulator (no I/O)."""
