@@ -1,0 +1,35 @@
+"""The `shoal` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
+
+
+@app.command()
+def run(
+    model: Path = typer.Option(Path(".cache/models/shoal-tiny-moe"), help="Checkpoint to serve."),
+) -> None:
+    """Start the whole platform as local processes (what `make run` does)."""
+    from cli.localstack import run_local_stack
+
+    raise typer.Exit(run_local_stack(model))
+
+
+@app.command("tiny-model")
+def tiny_model(out: Path = typer.Argument(Path(".cache/models/shoal-tiny-moe")), force: bool = False) -> None:
+    """Build the tiny random-weight test checkpoint (no downloads)."""
+    from services.worker.tiny_model import build_tiny_model
+
+    if (out / "config.json").exists() and not force:
+        typer.echo(f"{out} already holds a model")
+        return
+    build_tiny_model(out)
+    typer.echo(f"tiny model written to {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""The worker service: one inference engine behind the Worker gRPC API."""

@@ -1,0 +1,134 @@
+"""The worker process: engine, gRPC server, registry lease and KV events.
+
+`WorkerApp` builds the object graph from settings; `main` runs it until a
+signal and tests run it in-process. Shutdown drains: the worker stops
+admitting, tells the registry it is draining (the router stops sending), lets
+running requests finish within the grace period, then deregisters, retracts
+its KV blocks from the index and stops.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import suppress
+
+from redis.exceptions import RedisError
+
+from services.worker.engines.engine import BatchingEngine
+from services.worker.engines.factory import build_engine
+from services.worker.metrics import WorkerMetrics
+from services.worker.server import WorkerServicer
+from shared.config.services import WorkerSettings
+from shared.rpc.server import GrpcServer, run_until_signal
+from shared.rpc.shoal.v1 import worker_pb2_grpc
+from shared.state.kvevents import KVEventPublisher
+from shared.state.redis import connect
+from shared.state.registry import Heartbeat, WorkerRegistry
+from shared.telemetry.logging import get_logger
+from shared.telemetry.metrics import new_registry, serve_metrics
+from shared.ticker import Ticker
+from shared.types.workers import WorkerInfo
+
+log = get_logger("shoal.worker")
+
+SERVICE_NAME = "shoal.v1.Worker"
+EVENT_INTERVAL_S = 0.1
+SNAPSHOT_INTERVAL_S = 2.0
+
+
+class WorkerApp:
+    def __init__(self, settings: WorkerSettings, engine: BatchingEngine | None = None) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics(new_registry())
+        self.engine = engine or build_engine(settings, self.metrics)
+        self.engine.observer = self.metrics
+        self.metrics.watch_load(self.engine.load)
+        self.redis = connect(settings.redis_url)
+        self.registry = WorkerRegistry(self.redis)
+        self.publisher = KVEventPublisher(self.redis, settings.worker_id)
+        self.servicer = WorkerServicer(self.engine, self.metrics, settings.internal_token)
+        self.server: GrpcServer | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.metrics_port = 0
+        self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
+        self._last_snapshot = 0.0
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.settings.advertised(self.server.port)
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.engine.start()
+        self.server = await GrpcServer.create(
+            settings.host,
+            settings.grpc_port,
+            [(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer)],
+            [SERVICE_NAME],
+            settings.internal_token,
+        )
+        _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
+        info = WorkerInfo(
+            worker_id=settings.worker_id,
+            address=self.address,
+            role=settings.role,
+            pool=settings.pool,
+            model=settings.model_name,
+            engine=settings.engine,
+            gpu_type=settings.gpu_type,
+            block_size=settings.block_size,
+            kv_blocks_total=self.engine.load().kv_blocks_total,
+            max_running=settings.max_running,
+            metrics_address=settings.advertised(self.metrics_port),
+            started_at=time.time(),
+        )
+        self.heartbeat = Heartbeat(
+            self.registry, info, self.engine.load, settings.heartbeat_interval_s, settings.lease_ttl_s
+        )
+        await self.heartbeat.start()
+        self._events.start()
+        log.info("worker serving", worker_id=settings.worker_id, address=self.address, role=settings.role.value)
+
+    async def _publish_events(self) -> None:
+        try:
+            await self.publisher.publish(self.engine.drain_kv_events())
+            now = time.monotonic()
+            if now - self._last_snapshot >= SNAPSHOT_INTERVAL_S:
+                await self.publisher.snapshot(self.engine.cached_hashes())
+                self._last_snapshot = now
+        except (RedisError, OSError) as exc:
+            # Followers detect the lost batch by its sequence gap and resync.
+            log.warning("kv event publish failed", error=str(exc))
+
+    async def drain_and_stop(self) -> None:
+        """The shutdown hook: drain, deregister, retract blocks."""
+        self.engine.draining = True
+        if self.heartbeat is not None:
+            await self.heartbeat.beat()  # tell the router at once
+        await self.engine.wait_idle()
+        await self._retire()
+
+    async def _retire(self) -> None:
+        await self._events.stop()
+        if self.heartbeat is not None:
+            await self.heartbeat.stop(deregister=True)
+        with suppress(RedisError, OSError):
+            await self.publisher.clear()
+
+    async def stop(self) -> None:
+        """Stop now (tests): abort what runs, deregister, close everything."""
+        await self._retire()
+        if self.server is not None:
+            await self.server.stop(grace_s=1.0)
+        await self.engine.stop()
+        await self.servicer.close()
+        await self.redis.aclose()
+
+    async def run(self) -> None:
+        await self.start()
+        assert self.server is not None
+        await run_until_signal(self.server, self.settings.shutdown_grace_s, self.drain_and_stop)
+        await self.engine.stop()
+        await self.servicer.close()
+        await self.redis.aclose()

@@ -1,0 +1,135 @@
+"""The Engine contract the worker serves, and the records that cross it.
+
+An engine turns requests (token ids + sampling parameters, optionally with
+imported KV blocks) into streams of tokens, continuously batching them. Two
+engines implement it: `reference` (PyTorch) and `sim` (a performance model).
+Production engines (vLLM, SGLang) would be adapters behind the same Protocol,
+so nothing here assumes the reference engine's internals.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from shared.hashing import BlockHash
+from shared.types.kv import KVBlock
+from shared.types.workers import WorkerLoad
+
+__all__ = ["KVBlock"]
+
+
+class Finish(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Validated sampling parameters (see shoal.v1.SamplingParams)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    request_id: str
+    prompt: list[int]
+    sampling: Sampling
+    # Tokens produced earlier (by a prefill worker, or before a failover);
+    # generation continues after them and they are not streamed again.
+    resume: list[int] = field(default_factory=list)
+    # KV of the prompt's leading full blocks, computed elsewhere.
+    imported: list[KVBlock] = field(default_factory=list)
+    # Return the prompt's full blocks with the final output (prefill for P/D).
+    export_prompt_kv: bool = False
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    """New tokens of one request since its previous output."""
+
+    token_ids: list[int]
+    text: str
+    finish: Finish | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    # With export_prompt_kv, on the final output: the prompt's full blocks.
+    exported: list[KVBlock] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertLoad:
+    """Routed tokens per (layer, logical expert) over `window_s` seconds."""
+
+    window_s: float
+    counts: list[list[int]]  # [layer][expert]
+    map_version: int
+
+
+class Engine(Protocol):
+    """What the worker service needs from an inference engine.
+
+    All methods are called from the worker's asyncio loop. `generate` returns
+    an async iterator that ends after the output carrying `finish`.
+    Implementations batch internally and are safe to call concurrently.
+    """
+
+    model_name: str
+    block_size: int
+    max_context: int
+    vocab_size: int
+    # Set to stop admitting new requests (running ones finish).
+    draining: bool
+
+    @property
+    def idle(self) -> bool:
+        """No request is running or waiting."""
+
+    async def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until nothing runs or waits (or the timeout); returns whether idle."""
+
+    async def start(self) -> None:
+        """Load weights / allocate caches; return when ready to serve."""
+
+    async def stop(self) -> None:
+        """Abort everything still running and release resources."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
+        """Admit a request (raising InvalidArgument or Overloaded at once) and stream it."""
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request; its stream ends with Finish.ABORT. False if unknown."""
+
+    async def export_kv(self, hashes: list[BlockHash]) -> list[KVBlock]:
+        """The leading blocks of `hashes` held in the prefix cache (stops at the first miss)."""
+
+    def validate_imported(self, request: EngineRequest) -> None:
+        """Raise InvalidArgument if imported blocks do not fit this model and prompt."""
+
+    def load(self) -> WorkerLoad:
+        """Current load (cheap; called on every heartbeat)."""
+
+    def expert_load(self, window_s: float) -> ExpertLoad:
+        """Per-layer, per-expert token counts over the recent window."""
+
+    def drain_kv_events(self) -> list[tuple[str, BlockHash]]:
+        """Prefix-cache events since the last call: ("add" | "remove", hash)."""
+
+    def cached_hashes(self) -> list[BlockHash]:
+        """Every block hash in the prefix cache now (for event-stream snapshots)."""

@@ -1,0 +1,38 @@
+"""Building the engine a worker's settings ask for."""
+
+from __future__ import annotations
+
+from services.worker.engines.engine import BatchingEngine, EngineLimits, EngineObserver
+from services.worker.engines.reference.executor import HFTokenizer, ReferenceExecutor
+from services.worker.engines.sim.executor import FailureInjection, SimExecutor
+from shared.config.services import EngineKind, WorkerSettings
+from shared.errors import FailedPrecondition
+from shared.perfmodel import get_profile
+
+
+def build_engine(settings: WorkerSettings, observer: EngineObserver | None = None) -> BatchingEngine:
+    limits = EngineLimits(
+        block_size=settings.block_size,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        max_running=settings.max_running,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_waiting=settings.max_waiting,
+    )
+    if settings.engine is EngineKind.REFERENCE:
+        if settings.model_path is None:
+            raise FailedPrecondition(
+                "the reference engine needs SHOAL_WORKER_MODEL_PATH (a Hugging Face-format checkpoint folder; "
+                "`make tiny-model` builds one)"
+            )
+        executor = ReferenceExecutor(settings.model_path, settings.model_name, settings.device, settings.dtype)
+        return BatchingEngine(executor, limits, observer)
+    tokenizer = HFTokenizer(settings.model_path) if settings.model_path else None
+    sim = SimExecutor(
+        get_profile(settings.sim_profile),
+        settings.model_name,
+        speedup=settings.sim_speedup,
+        startup_delay_s=settings.sim_startup_delay_s,
+        failures=FailureInjection(settings.sim_fail_rate, settings.sim_die_after, settings.sim_stall_after),
+        tokenizer=tokenizer,
+    )
+    return BatchingEngine(sim, limits, observer)

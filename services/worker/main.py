@@ -1,0 +1,28 @@
+"""Worker entry point: settings -> telemetry -> app -> serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import torch
+
+from services.worker.app import WorkerApp
+from shared.config import SettingsError, WorkerSettings, load_settings
+from shared.telemetry import setup_telemetry
+
+
+def main() -> None:
+    try:
+        settings = load_settings(WorkerSettings)
+    except SettingsError as exc:
+        sys.exit(str(exc))
+    # The engine thread owns the intra-op threads; this (asyncio) thread must
+    # never start a second OpenMP team (see reference/executor.py).
+    torch.set_num_threads(1)
+    setup_telemetry("worker", settings)
+    asyncio.run(WorkerApp(settings).run())
+
+
+if __name__ == "__main__":
+    main()

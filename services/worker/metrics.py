@@ -1,0 +1,72 @@
+"""The worker's Prometheus metrics, fed by the engine's observer hooks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from services.worker.engines.base import Finish
+from services.worker.engines.engine import EngineObserver
+from shared.telemetry.metrics import LATENCY_BUCKETS
+from shared.types.workers import WorkerLoad
+
+
+class _LoadCollector(Collector):
+    def __init__(self, load: Callable[[], WorkerLoad]) -> None:
+        self._load = load
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        load = self._load()
+        yield GaugeMetricFamily("shoal_worker_running_requests", "Requests being decoded", load.running_requests)
+        yield GaugeMetricFamily("shoal_worker_waiting_requests", "Requests queued", load.waiting_requests)
+        yield GaugeMetricFamily("shoal_worker_kv_blocks_used", "KV blocks held by requests", load.kv_blocks_used)
+        yield GaugeMetricFamily("shoal_worker_kv_blocks_total", "KV blocks in the cache", load.kv_blocks_total)
+        yield GaugeMetricFamily("shoal_worker_draining", "1 while draining", float(load.draining))
+        yield GaugeMetricFamily(
+            "shoal_worker_decode_tokens_per_second", "Decode throughput, recent", load.decode_tokens_per_s
+        )
+
+
+class WorkerMetrics(EngineObserver):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.step_seconds = Histogram(
+            "shoal_worker_step_seconds", "Engine step duration", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.ttft_seconds = Histogram(
+            "shoal_worker_ttft_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.tbt_seconds = Histogram(
+            "shoal_worker_tbt_seconds", "Time between tokens", buckets=LATENCY_BUCKETS, registry=registry
+        )
+        self.requests = Counter(
+            "shoal_worker_requests", "Finished requests by finish reason", ["finish"], registry=registry
+        )
+        self.tokens = Counter("shoal_worker_tokens", "Tokens by kind", ["kind"], registry=registry)
+        self.kv_imports = Counter(
+            "shoal_worker_kv_imports",
+            "P/D KV imports by result (imported, fallback)",
+            ["result"],
+            registry=registry,
+        )
+
+    def watch_load(self, load: Callable[[], WorkerLoad]) -> None:
+        self.registry.register(_LoadCollector(load))
+
+    def on_step(self, seconds: float, items: int, prefill_tokens: int, decode_tokens: int) -> None:
+        self.step_seconds.observe(seconds)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft_seconds.observe(seconds)
+
+    def on_token_gap(self, seconds: float) -> None:
+        self.tbt_seconds.observe(seconds)
+
+    def on_finish(self, finish: Finish, prompt_tokens: int, generated_tokens: int, cached_tokens: int) -> None:
+        self.requests.labels(finish.value).inc()
+        self.tokens.labels("prompt").inc(prompt_tokens)
+        self.tokens.labels("generated").inc(generated_tokens)
+        self.tokens.labels("cached").inc(cached_tokens)

@@ -1,0 +1,283 @@
+"""The Worker gRPC service: validates requests and drives the engine.
+
+Every request is checked before it reaches the engine (model name, token ids
+in the vocabulary, sampling ranges, prompt length); a bad one gets
+INVALID_ARGUMENT with a message naming the field, and the engine keeps
+serving. A client that cancels a stream aborts its request. P/D hand-offs:
+Prefill writes the prompt's blocks to the requested sink; Decode imports
+them from the kvstore or a peer within the source's deadline and recomputes
+whatever it could not get (a store or peer that is down slows a request but
+never fails it; corrupt data is refused).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from typing import TypeAlias
+
+from grpc import aio
+
+from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock, Sampling, TokenOutput
+from services.worker.metrics import WorkerMetrics
+from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
+from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
+from shared.rpc.kvstore_client import KVStoreClient
+from shared.rpc.pool import ClientPool
+from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from shared.rpc.worker_client import WorkerClient
+from shared.telemetry.logging import get_logger
+from shared.types.workers import WorkerLoad
+
+log = get_logger("shoal.worker.server")
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_LENGTH = 256
+DEFAULT_KV_TIMEOUT_S = 10.0
+_FINISH = {
+    Finish.STOP: common_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    Finish.ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+
+Context: TypeAlias = aio.ServicerContext
+
+
+def load_report(load: WorkerLoad) -> common_pb2.LoadReport:
+    return common_pb2.LoadReport(**load.model_dump())
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: WorkerMetrics,
+        internal_token: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, internal_token))
+        self.peers: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, internal_token))
+
+    async def close(self) -> None:
+        await self.kvstores.close()
+        await self.peers.close()
+
+    # -- validation -----------------------------------------------------------
+
+    def _sampling(self, params: common_pb2.SamplingParams) -> Sampling:
+        if params.max_tokens < 1:
+            raise InvalidArgument("sampling.max_tokens must be at least 1", param="max_tokens")
+        if not 0.0 <= params.temperature <= 2.0:
+            raise InvalidArgument(
+                f"sampling.temperature must be within [0, 2], got {params.temperature:g}", param="temperature"
+            )
+        if not 0.0 <= params.top_p <= 1.0:
+            raise InvalidArgument(f"sampling.top_p must be within (0, 1], got {params.top_p:g}", param="top_p")
+        if len(params.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LENGTH for s in params.stop):
+            raise InvalidArgument(
+                f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LENGTH} characters",
+                param="stop",
+            )
+        self._check_ids(params.stop_token_ids, "stop_token_ids")
+        return Sampling(
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p or 1.0,
+            top_k=params.top_k,
+            seed=params.seed if params.HasField("seed") else None,
+            stop_token_ids=tuple(params.stop_token_ids),
+            stop=tuple(params.stop),
+            ignore_eos=params.ignore_eos,
+        )
+
+    def _check_ids(self, ids: Sequence[int], field: str) -> None:
+        vocab = self.engine.vocab_size
+        bad = next((i for i in ids if i >= vocab), None)
+        if bad is not None:
+            raise InvalidArgument(f"{field} holds token id {bad}; the vocabulary has {vocab} ids", param=field)
+
+    def _request(self, request: worker_pb2.GenerateRequest, imported: list[KVBlock] | None = None) -> EngineRequest:
+        if not request.request_id:
+            raise InvalidArgument("request_id is required", param="request_id")
+        if request.model != self.engine.model_name:
+            raise InvalidArgument(
+                f"unknown model {request.model!r}; this worker serves {self.engine.model_name!r}",
+                param="model",
+            )
+        if not request.prompt_token_ids:
+            raise InvalidArgument("prompt_token_ids is empty", param="prompt_token_ids")
+        self._check_ids(request.prompt_token_ids, "prompt_token_ids")
+        self._check_ids(request.resume_token_ids, "resume_token_ids")
+        return EngineRequest(
+            request_id=request.request_id,
+            prompt=list(request.prompt_token_ids),
+            sampling=self._sampling(request.sampling),
+            resume=list(request.resume_token_ids),
+            imported=imported or [],
+        )
+
+    # -- generation -----------------------------------------------------------
+
+    async def _stream(self, request: EngineRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        # An early return (max_tokens already reached by resumed tokens).
+        if len(request.resume) >= request.sampling.max_tokens:
+            usage = common_pb2.Usage(prompt_tokens=len(request.prompt), completion_tokens=len(request.resume))
+            yield worker_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=usage)
+            return
+        async for output in self.engine.generate(request):
+            yield _response(output)
+
+    async def Generate(
+        self, request: worker_pb2.GenerateRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        async for response in self._stream(self._request(request)):
+            yield response
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: Context
+    ) -> AsyncIterator[worker_pb2.GenerateResponse]:
+        blocks = await self._import(request.kv_source)
+        async for response in self._stream(self._request(request.request, blocks)):
+            yield response
+
+    async def _import(self, source: worker_pb2.KVSource) -> list[KVBlock]:
+        hashes = list(source.block_hashes)
+        if not hashes:
+            return []
+        timeout = source.timeout_ms / 1000 if source.timeout_ms else DEFAULT_KV_TIMEOUT_S
+        origin = source.WhichOneof("origin")
+        blocks: list[KVBlock] = []
+        try:
+            if origin == "kvstore":
+                blocks = await self.kvstores.get(source.kvstore.address).fetch_prefix(hashes, timeout)
+            elif origin == "peer":
+                blocks = await asyncio.wait_for(self.peers.get(source.peer.address).fetch_kv(hashes, timeout), timeout)
+        except CorruptBlock as exc:
+            raise InvalidArgument(f"imported KV is corrupt: {exc.message}", param="kv_source") from None
+        except (ShoalError, TimeoutError) as exc:
+            log.warning("kv import failed; recomputing the prompt", origin=origin, error=str(exc))
+        self.metrics.kv_imports.labels("imported" if blocks else "fallback").inc()
+        return blocks
+
+    async def Prefill(self, request: worker_pb2.PrefillRequest, context: Context) -> worker_pb2.PrefillResponse:
+        generate = worker_pb2.GenerateRequest(
+            request_id=request.request_id,
+            model=request.model,
+            prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling,
+        )
+        engine_request = self._request(generate)
+        wanted = engine_request.sampling.max_tokens
+        engine_request.sampling = replace(engine_request.sampling, max_tokens=1)
+        engine_request.export_prompt_kv = True
+        tokens: list[int] = []
+        text = ""
+        final: TokenOutput | None = None
+        async for output in self.engine.generate(engine_request):
+            tokens.extend(output.token_ids)
+            text += output.text
+            final = output
+        assert final is not None and final.finish is not None
+        finish = common_pb2.FINISH_REASON_UNSPECIFIED
+        if final.finish is not Finish.LENGTH or wanted <= 1:
+            finish = _FINISH[final.finish]
+        blocks = final.exported or []
+        stored = await self._sink(request.sink, blocks)
+        return worker_pb2.PrefillResponse(
+            block_hashes=[block.hash for block in blocks] if stored else [],
+            first_token_id=tokens[0] if tokens else 0,
+            first_text=text,
+            finish_reason=finish,
+            usage=_usage(final),
+            block_size=self.engine.block_size,
+        )
+
+    async def _sink(self, sink: worker_pb2.KVSink, blocks: list[KVBlock]) -> bool:
+        target = sink.WhichOneof("target")
+        if target == "kvstore":
+            client = self.kvstores.get(sink.kvstore.address)
+            return await client.store_blocks(
+                blocks, DEFAULT_KV_TIMEOUT_S, session_id=sink.session_id, pin_ttl_s=sink.pin_ttl_s
+            )
+        # `hold` (or no sink): the blocks stay in this worker's prefix cache.
+        return True
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: Context) -> worker_pb2.AbortResponse:
+        return worker_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    async def FetchKV(
+        self, request: worker_pb2.FetchKVRequest, context: Context
+    ) -> AsyncIterator[common_pb2.BlockChunk]:
+        blocks = await self.engine.export_kv(list(request.block_hashes))
+        for chunk in block_chunks(blocks):
+            yield chunk
+        for block_hash in request.block_hashes[len(blocks) :]:
+            yield missing_chunk(block_hash)
+
+    # -- control --------------------------------------------------------------
+
+    async def GetLoad(self, request: worker_pb2.GetLoadRequest, context: Context) -> common_pb2.LoadReport:
+        return load_report(self.engine.load())
+
+    async def Drain(self, request: worker_pb2.DrainRequest, context: Context) -> worker_pb2.DrainResponse:
+        self.engine.draining = True
+        drained = await self.engine.wait_idle(max(0.0, request.wait_s))
+        load = self.engine.load()
+        return worker_pb2.DrainResponse(
+            drained=drained,
+            running_requests=load.running_requests,
+            waiting_requests=load.waiting_requests,
+        )
+
+    async def ExpertStats(
+        self, request: worker_pb2.ExpertStatsRequest, context: Context
+    ) -> worker_pb2.ExpertStatsResponse:
+        if request.window_s < 0:
+            raise InvalidArgument("window_s must not be negative", param="window_s")
+        stats = self.engine.expert_load(request.window_s)
+        return worker_pb2.ExpertStatsResponse(
+            window_s=stats.window_s,
+            num_experts=len(stats.counts[0]) if stats.counts else 0,
+            layers=[
+                worker_pb2.LayerExpertLoad(layer=layer, tokens=counts) for layer, counts in enumerate(stats.counts)
+            ],
+            expert_map_version=stats.map_version,
+        )
+
+    # Live expert migration arrives with expert parallelism (the experts issue);
+    # until then a worker holds every expert and refuses map changes clearly.
+    async def StageExperts(
+        self, request: worker_pb2.StageExpertsRequest, context: Context
+    ) -> worker_pb2.StageExpertsResponse:
+        raise FailedPrecondition("this worker holds every expert; it has no expert map to change")
+
+    async def CommitExpertMap(
+        self, request: worker_pb2.CommitExpertMapRequest, context: Context
+    ) -> worker_pb2.CommitExpertMapResponse:
+        raise FailedPrecondition("this worker holds every expert; it has no expert map to change")
+
+    async def ReleaseExperts(
+        self, request: worker_pb2.ReleaseExpertsRequest, context: Context
+    ) -> worker_pb2.ReleaseExpertsResponse:
+        raise FailedPrecondition("this worker holds every expert; it has no expert map to change")
+
+
+def _usage(output: TokenOutput) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        cached_prompt_tokens=output.cached_tokens,
+    )
+
+
+def _response(output: TokenOutput) -> worker_pb2.GenerateResponse:
+    if output.finish is None:
+        return worker_pb2.GenerateResponse(token_ids=output.token_ids, text=output.text)
+    return worker_pb2.GenerateResponse(
+        token_ids=output.token_ids,
+        text=output.text,
+        finish_reason=_FINISH[output.finish],
+        usage=_usage(output),
+    )

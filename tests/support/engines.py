@@ -1,0 +1,95 @@
+"""Builders for engines and requests, so tests read as what they check."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.worker.engines.base import EngineRequest, Finish, KVBlock, Sampling
+from services.worker.engines.engine import BatchingEngine, EngineLimits
+from services.worker.engines.reference.executor import ReferenceExecutor
+from services.worker.engines.sim.executor import FailureInjection, SimExecutor
+from shared.perfmodel import get_profile
+from tests.support.models import TINY_MODEL_NAME
+
+
+def limits(
+    kv_cache_bytes: int = 64 * 2**20, max_batch_tokens: int = 512, max_running: int = 64, block_size: int = 16
+) -> EngineLimits:
+    return EngineLimits(block_size, kv_cache_bytes, max_running, max_batch_tokens, max_waiting=256)
+
+
+def reference_engine(model: Path, **kwargs: int) -> BatchingEngine:
+    return BatchingEngine(ReferenceExecutor(model, TINY_MODEL_NAME, device="cpu"), limits(**kwargs))
+
+
+def sim_engine(speedup: float = 50.0, failures: FailureInjection | None = None, **kwargs: int) -> BatchingEngine:
+    executor = SimExecutor(get_profile("cpu-reference"), TINY_MODEL_NAME, speedup=speedup, failures=failures)
+    return BatchingEngine(executor, limits(**kwargs))
+
+
+def request(
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int = 16,
+    *,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: tuple[str, ...] = (),
+    stop_token_ids: tuple[int, ...] = (),
+    resume: list[int] | None = None,
+    imported: list[KVBlock] | None = None,
+    export: bool = False,
+) -> EngineRequest:
+    sampling = Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=True,
+    )
+    return EngineRequest(request_id, prompt, sampling, resume or [], imported or [], export)
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    text: str
+    finish: Finish | None
+    completion_tokens: int
+    cached_tokens: int
+    exported: list[KVBlock]
+
+
+async def collect(engine: BatchingEngine, req: EngineRequest) -> Result:
+    tokens: list[int] = []
+    text = ""
+    finish = None
+    completion = cached = 0
+    exported: list[KVBlock] = []
+    async for output in engine.generate(req):
+        tokens += output.token_ids
+        text += output.text
+        if output.finish is not None:
+            finish = output.finish
+            completion, cached = output.completion_tokens, output.cached_tokens
+            exported = output.exported or []
+    return Result(tokens, text, finish, completion, cached, exported)
+
+
+async def collect_all(engine: BatchingEngine, reqs: list[EngineRequest]) -> list[Result]:
+    return list(await asyncio.gather(*(collect(engine, r) for r in reqs)))
+
+
+def prompts(count: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Deterministic prompts of byte tokens (ids 16..271) with the given lengths, cycled."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(16, 272) for _ in range(lengths[i % len(lengths)])] for i in range(count)]

@@ -1,0 +1,195 @@
+"""The reference engine against `transformers` on the same checkpoint, and its invariants."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from services.worker.engines.base import Finish
+from services.worker.engines.engine import BatchingEngine
+from services.worker.engines.scheduler import Item
+from shared.errors import InvalidArgument
+from tests.support.engines import collect, collect_all, prompts, reference_engine, request
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_model: Path) -> Any:
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(tiny_model)
+    model.eval()  # type: ignore[no-untyped-call]
+    # Our requests ignore end-of-sequence; so must the reference (min_new_tokens
+    # would instead forbid that token, changing the argmax).
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture
+async def engine(tiny_model: Path) -> AsyncIterator[BatchingEngine]:
+    eng = reference_engine(tiny_model)
+    await eng.start()
+    yield eng
+    await eng.stop()
+
+
+async def test_logits_match_transformers(engine: BatchingEngine, hf_model: Any) -> None:
+    batch = prompts(4, [7, 16, 33, 50])
+
+    def forward() -> list[torch.Tensor]:
+        scheduler = engine.scheduler
+        items = []
+        for i, prompt in enumerate(batch):
+            seq = scheduler.new_sequence(request(f"l{i}", prompt), output=None)  # type: ignore[arg-type]
+            seq.block_ids = [scheduler.blocks.allocate() for _ in range(scheduler.blocks_for(len(prompt)))]  # type: ignore[misc]
+            items.append(Item(seq, 0, len(prompt), True))
+        logits, _ = engine.executor.forward(items, all_logits=True)  # type: ignore[attr-defined]
+        return list(torch.split(logits, [len(p) for p in batch]))
+
+    ours = engine.call_between_steps(forward).result(timeout=60)
+    for prompt, got in zip(batch, ours, strict=True):
+        with torch.no_grad():
+            expected = hf_model(torch.tensor([prompt])).logits[0].float()
+        assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+async def test_greedy_output_matches_transformers_generate(engine: BatchingEngine, hf_model: Any) -> None:
+    batch = prompts(8, [5, 12, 17, 30, 48, 64, 3, 90], seed=1)
+    results = await collect_all(engine, [request(f"g{i}", p, max_tokens=64) for i, p in enumerate(batch)])
+    for prompt, result in zip(batch, results, strict=True):
+        with torch.no_grad():
+            generated = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=64,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert result.tokens == generated[0, len(prompt) :].tolist()
+        assert result.finish is Finish.LENGTH
+
+
+async def test_tokens_do_not_depend_on_the_batch(engine: BatchingEngine) -> None:
+    batch = prompts(6, [9, 20, 41], seed=2)
+    alone = [await collect(engine, request(f"a{i}", p, max_tokens=24)) for i, p in enumerate(batch)]
+    together = await collect_all(engine, [request(f"b{i}", p, max_tokens=24) for i, p in enumerate(batch)])
+    assert [r.tokens for r in alone] == [r.tokens for r in together]
+
+
+async def test_preemption_does_not_change_tokens(tiny_model: Path) -> None:
+    batch = prompts(8, [40, 60], seed=3)
+    roomy = reference_engine(tiny_model)
+    # 40 blocks of 16 tokens cannot hold 8 requests of ~100 tokens at once.
+    tight = reference_engine(tiny_model, kv_cache_bytes=40 * 65536)
+    await roomy.start()
+    await tight.start()
+    try:
+        expected = await collect_all(roomy, [request(f"r{i}", p, max_tokens=48) for i, p in enumerate(batch)])
+        got = await collect_all(tight, [request(f"t{i}", p, max_tokens=48) for i, p in enumerate(batch)])
+        assert tight.scheduler.preemptions > 0
+        assert [r.tokens for r in got] == [r.tokens for r in expected]
+    finally:
+        await roomy.stop()
+        await tight.stop()
+
+
+async def test_seeded_sampling_is_reproducible_and_batch_independent(engine: BatchingEngine) -> None:
+    prompt = prompts(1, [25], seed=4)[0]
+    sampled = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    first = await collect(engine, request("s1", prompt, max_tokens=32, **sampled))  # type: ignore[arg-type]
+    crowd = [request(f"c{i}", p, max_tokens=32) for i, p in enumerate(prompts(5, [30], seed=5))]
+    second, *_ = await collect_all(engine, [request("s2", prompt, max_tokens=32, **sampled), *crowd])  # type: ignore[arg-type]
+    other = await collect(engine, request("s3", prompt, max_tokens=32, **{**sampled, "seed": 99}))  # type: ignore[arg-type]
+    assert first.tokens == second.tokens
+    assert other.tokens != first.tokens
+
+
+async def test_export_then_import_continues_identically(tiny_model: Path) -> None:
+    prompt = prompts(1, [70], seed=6)[0]
+    a = reference_engine(tiny_model)
+    b = reference_engine(tiny_model)
+    await a.start()
+    await b.start()
+    try:
+        whole = await collect(a, request("whole", prompt, max_tokens=40))
+        prefill = await collect(a, request("pre", prompt, max_tokens=1, export=True))
+        assert len(prefill.exported) == len(prompt) // 16
+        decoded = await collect(
+            b, request("dec", prompt, max_tokens=40, resume=prefill.tokens, imported=prefill.exported)
+        )
+        assert decoded.cached_tokens == 64  # 4 imported blocks; the tail is recomputed
+        assert prefill.tokens + decoded.tokens == whole.tokens
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_prefix_cache_reuses_blocks(engine: BatchingEngine) -> None:
+    prompt = prompts(1, [80], seed=7)[0]
+    first = await collect(engine, request("p1", prompt, max_tokens=8))
+    second = await collect(engine, request("p2", prompt, max_tokens=8))
+    assert first.cached_tokens == 0
+    assert second.cached_tokens == 64  # (80 - 1) // 16 full blocks
+    assert second.tokens == first.tokens
+    events = engine.drain_kv_events()
+    assert sum(1 for op, _ in events if op == "add") >= 5
+
+
+async def test_stop_strings_ids_and_max_tokens(engine: BatchingEngine) -> None:
+    prompt = prompts(1, [10], seed=8)[0]
+    free = await collect(engine, request("f", prompt, max_tokens=30))
+    assert free.finish is Finish.LENGTH and len(free.tokens) == 30
+    stop_id = free.tokens[5]
+    by_id = await collect(engine, request("i", prompt, max_tokens=30, stop_token_ids=(stop_id,)))
+    assert by_id.finish is Finish.STOP
+    assert by_id.tokens == free.tokens[: free.tokens.index(stop_id) + 1]
+    needle = free.text[8:11]
+    by_text = await collect(engine, request("t", prompt, max_tokens=30, stop=(needle,)))
+    assert by_text.finish is Finish.STOP
+    assert by_text.text == free.text[: free.text.index(needle)]
+    assert needle not in by_text.text
+
+
+async def test_abort_ends_the_stream_and_frees_blocks(engine: BatchingEngine) -> None:
+    stream = engine.generate(request("ab", prompts(1, [20])[0], max_tokens=2000))
+    first = await anext(stream)
+    assert first.finish is None
+    assert engine.abort("ab")
+    finishes = [output.finish async for output in stream]
+    assert finishes[-1] is Finish.ABORT
+    assert engine.load().running_requests == 0
+    assert engine.load().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize(
+    ("kv_blocks", "prompt_len", "max_tokens", "message"),
+    [(1024, 4096, 1, "context holds 4096"), (8, 100, 100, "needs 13 KV blocks; the worker holds 8")],
+    ids=["prompt-over-context", "more-kv-than-the-worker-has"],
+)
+async def test_requests_that_cannot_fit_are_refused(
+    tiny_model: Path, kv_blocks: int, prompt_len: int, max_tokens: int, message: str
+) -> None:
+    engine = reference_engine(tiny_model, kv_cache_bytes=kv_blocks * 65536)
+    await engine.start()
+    try:
+        with pytest.raises(InvalidArgument, match=message):
+            engine.generate(request("big", [20] * prompt_len, max_tokens=max_tokens))
+        assert (await collect(engine, request("ok", [20] * 5, max_tokens=2))).finish is Finish.LENGTH
+    finally:
+        await engine.stop()
+
+
+async def test_corrupt_imported_kv_is_refused(tiny_model: Path, engine: BatchingEngine) -> None:
+    prompt = prompts(1, [40], seed=9)[0]
+    exported = (await collect(engine, request("x", prompt, max_tokens=1, export=True))).exported
+    bad = exported[0].__class__(exported[0].hash, exported[0].header, b"\0" * len(exported[0].payload))
+    with pytest.raises(InvalidArgument, match="corrupt"):
+        engine.generate(request("y", prompt, imported=[bad, *exported[1:]]))
+    foreign = [exported[1]]  # block 1 where block 0 belongs
+    with pytest.raises(InvalidArgument, match="hash chain"):
+        engine.generate(request("z", prompt, imported=foreign))
