@@ -47,7 +47,7 @@ proto: $(STAMP) ## Regenerate the gRPC stubs from protos/
 lint: $(STAMP) ## ruff, mypy and the import contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services cli tests protos/generate.py
+	$(VENV)/bin/mypy shared services cli tests benchmarks protos/generate.py
 	$(VENV)/bin/lint-imports
 
 .PHONY: format
@@ -78,3 +78,7 @@ bench: ## Run every benchmark (bench-* targets)
 clean: ## Remove the venv, caches, built models and tools
 	rm -rf $(VENV) .cache $(TOOLS) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+.PHONY: bench-kvstore
+bench-kvstore: $(STAMP) redis ## kvstore vs Redis vs memory copy: 256 KiB blocks, 1 and 4 clients
+	$(PY) -m benchmarks.bench_kvstore

@@ -54,6 +54,14 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL) -> int:
             port = free_port()
             supervisor.start("redis", redis_server_argv(port, data_dir), ready=lambda: redis_ready(port))
             env["SHOAL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        kv_port = free_port()
+        supervisor.start(
+            "kvstore",
+            [python, "-m", "services.kvstore"],
+            {**env, "SHOAL_KVSTORE_GRPC_PORT": str(kv_port), "SHOAL_KVSTORE_MEMORY_BYTES": str(512 * 2**20)},
+            ready=lambda: grpc_ready(f"127.0.0.1:{kv_port}", "shoal.v1.KVStore"),
+        )
+        env["SHOAL_ROUTER_KVSTORE_ADDRESS"] = f"127.0.0.1:{kv_port}"
         common = {**env, "SHOAL_WORKER_MODEL_PATH": str(model_path.resolve())}
         for role in ("prefill", "decode"):
             port = free_port()

@@ -10,6 +10,7 @@ import enum
 import json
 import os
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.config.base import CommonSettings
+from shared.policies.eviction import POLICIES
 
 
 class WorkerRole(enum.StrEnum):
@@ -39,6 +41,11 @@ def _split_list(value: object) -> object:
             return json.loads(text)
         return [item.strip() for item in text.split(",") if item.strip()]
     return value
+
+
+def _default_shm() -> Path:
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
 
 
 def _default_worker_id() -> str:
@@ -135,14 +142,38 @@ class KVStoreSettings(GrpcServiceSettings):
 
     store_id: str = Field(default="kvstore-0", min_length=1, description="Publisher id in the KV event stream.")
     memory_bytes: int = Field(default=1 * 2**30, ge=2**20, description="Byte budget of the memory tier.")
+    memory_path: Path = Field(
+        default_factory=_default_shm,
+        description="Folder (tmpfs) of the memory tier's shared-memory arena, which same-host clients read directly.",
+    )
+    local_access: bool = Field(
+        default=True,
+        description="Let same-host clients read the arena and write through a unix socket (else gRPC only).",
+    )
     disk_path: Path | None = Field(
         default=None, description="Folder of the disk tier; unset disables it (evicted blocks are dropped)."
     )
     disk_bytes: int = Field(default=8 * 2**30, ge=0, description="Byte budget of the disk tier.")
-    eviction: str = Field(default="lru", description="Eviction policy: lru or session-lru.")
+    eviction: str = Field(default="lru", description="Eviction policy (shared/policies/eviction.py): lru, session-lru.")
     max_block_bytes: int = Field(
-        default=64 * 2**20, ge=1024, description="Largest block accepted; larger ones get INVALID_ARGUMENT."
+        default=16 * 2**20, ge=1024, description="Largest block accepted; larger ones get INVALID_ARGUMENT."
     )
+
+    @field_validator("eviction")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        if value not in POLICIES:
+            raise ValueError(f"must be one of {', '.join(POLICIES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _block_fits_memory(self) -> KVStoreSettings:
+        if self.max_block_bytes > self.memory_bytes:
+            raise ValueError(
+                f"max_block_bytes ({self.max_block_bytes}) must not exceed memory_bytes ({self.memory_bytes}): "
+                "every block passes through the memory tier"
+            )
+        return self
 
 
 class RouterSettings(CommonSettings):

@@ -28,7 +28,7 @@ class CorruptBlock(InvalidArgument):
 def block_chunks(blocks: Iterable[KVBlock]) -> Iterator[common_pb2.BlockChunk]:
     for block in blocks:
         payload = block.payload
-        meta = common_pb2.BlockMeta(hash=block.hash, size=len(payload), crc32=zlib.crc32(payload), header=block.header)
+        meta = common_pb2.BlockMeta(hash=block.hash, size=len(payload), crc32=block.checksum(), header=block.header)
         yield common_pb2.BlockChunk(begin=meta)
         view = memoryview(payload)
         for start in range(0, len(payload), CHUNK_BYTES):
@@ -91,7 +91,7 @@ class BlockAssembler:
         self._meta, self._parts = None, []
         if zlib.crc32(payload) != meta.crc32:
             raise CorruptBlock(f"block {meta.hash.hex()} is corrupt (CRC-32 mismatch)", param="crc32")
-        return KVBlock(meta.hash, meta.header, payload)
+        return KVBlock(meta.hash, meta.header, payload, meta.crc32)
 
     def _expect_no_open_block(self) -> None:
         if self._meta is not None:

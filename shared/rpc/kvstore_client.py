@@ -12,13 +12,15 @@ because recomputing would hide a bug.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from shared.errors import ShoalError
+from shared.errors import ShoalError, Unavailable
 from shared.hashing import BlockHash
+from shared.kvlocal.client import LocalAccess
 from shared.rpc.blocks import BlockAssembler, CorruptBlock, block_chunks
 from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
 from shared.rpc.errors import from_rpc_error
@@ -39,13 +41,49 @@ class Lookup:
 
 
 class KVStoreClient:
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0) -> None:
+    """Talks gRPC, and the shared-memory fast path when the store is on this host.
+
+    With `local` (the default), the first call asks the store whether it
+    offers the fast path and whether this process can use it; reads and
+    writes then go through shared memory, and a block not in the arena (on
+    disk, say) is fetched over gRPC. Any failure of the fast path turns it
+    off for this client.
+    """
+
+    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0, local: bool = True) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self._channel = open_channel(address, token)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self._want_local = local
+        self._local: LocalAccess | None = None
+
+    @property
+    def uses_local_path(self) -> bool:
+        return self._local is not None
+
+    async def _local_path(self) -> LocalAccess | None:
+        if self._want_local:
+            self._want_local = False  # decided once
+            try:
+                info = (await self.stats()).local
+                if info.arena_path:
+                    self._local = await LocalAccess.connect(info.arena_path, info.socket_path, info.arena_id)
+            except ShoalError:
+                self._local = None
+            if self._local is not None:
+                log.info("kvstore fast path in use", address=self.address)
+        return self._local
+
+    async def _drop_local(self, error: Exception) -> None:
+        log.warning("kvstore fast path failed; using gRPC", address=self.address, error=str(error))
+        local, self._local = self._local, None
+        if local is not None:
+            await local.close()
 
     async def close(self) -> None:
+        if self._local is not None:
+            await self._local.close()
         await self._channel.close()
 
     def _error(self, exc: grpc.RpcError) -> ShoalError:
@@ -57,6 +95,20 @@ class KVStoreClient:
         session_id: str = "",
         pin_ttl_s: int = 0,
         timeout_s: float | None = None,
+    ) -> kvstore_pb2.PutResponse:
+        local = await self._local_path()
+        if local is not None:
+            try:
+                stored, duplicates = await asyncio.wait_for(
+                    local.put(blocks, session_id, pin_ttl_s), timeout_s or self.timeout_s
+                )
+                return kvstore_pb2.PutResponse(stored=stored, duplicates=duplicates)
+            except (Unavailable, OSError, TimeoutError) as exc:
+                await self._drop_local(exc)
+        return await self._grpc_put(blocks, session_id, pin_ttl_s, timeout_s)
+
+    async def _grpc_put(
+        self, blocks: Sequence[KVBlock], session_id: str, pin_ttl_s: int, timeout_s: float | None
     ) -> kvstore_pb2.PutResponse:
         async def requests() -> AsyncIterator[kvstore_pb2.PutRequest]:
             if session_id:
@@ -74,6 +126,23 @@ class KVStoreClient:
         self, hashes: Sequence[BlockHash], prefix_only: bool = True, timeout_s: float | None = None
     ) -> list[KVBlock]:
         """The named blocks in order; with prefix_only, up to the first missing one."""
+        local = await self._local_path()
+        if local is None:
+            return await self._grpc_get(hashes, prefix_only, timeout_s)
+        found, missing = local.get(hashes, prefix_only)
+        try:
+            await local.flush_touches()
+        except (Unavailable, OSError) as exc:
+            await self._drop_local(exc)
+        if not missing:
+            return found
+        remote = await self._grpc_get([hashes[i] for i in missing], prefix_only, timeout_s)
+        if prefix_only:
+            return found + remote
+        by_hash = {block.hash: block for block in found + remote}
+        return [by_hash[h] for h in hashes if h in by_hash]
+
+    async def _grpc_get(self, hashes: Sequence[BlockHash], prefix_only: bool, timeout_s: float | None) -> list[KVBlock]:
         assembler = BlockAssembler(MAX_BLOCK_BYTES)
         out: list[KVBlock] = []
         call = self._stub.Get(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 from shared.hashing import BlockHash
 
@@ -14,3 +15,8 @@ class KVBlock:
     hash: BlockHash
     header: bytes
     payload: bytes
+    # CRC-32 of the payload when already computed and verified (saves a pass).
+    crc32: int | None = field(default=None, compare=False)
+
+    def checksum(self) -> int:
+        return zlib.crc32(self.payload) if self.crc32 is None else self.crc32

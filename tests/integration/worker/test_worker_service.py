@@ -250,3 +250,41 @@ async def test_internal_token_is_required_when_set(redis_url: str, tiny_model: P
         assert (await trusted.get_load()).kv_blocks_total > 0
         await anonymous.close()
         await trusted.close()
+
+
+async def test_prefill_to_kvstore_then_decode_from_it_equals_colocated(redis_url: str, tiny_model: Path) -> None:
+    from tests.support.services import running_kvstore
+
+    prompt = prompts(1, [50], seed=13)[0]
+    async with (
+        running_kvstore(redis_url) as store,
+        running_worker(redis_url, model_path=tiny_model, role=WorkerRole.PREFILL, worker_id="p2") as pre,
+        running_worker(redis_url, model_path=tiny_model, role=WorkerRole.DECODE, worker_id="d2") as dec,
+    ):
+        prefill_client, decode_client = WorkerClient(pre.address), WorkerClient(dec.address)
+        colocated, _ = await run(decode_client, generate_request("colo", prompt, max_tokens=12))
+        prefill = await prefill_client.prefill(
+            worker_pb2.PrefillRequest(
+                request_id="p",
+                model=TINY_MODEL_NAME,
+                prompt_token_ids=prompt,
+                sampling=common_pb2.SamplingParams(max_tokens=12, ignore_eos=True),
+                sink=worker_pb2.KVSink(kvstore=common_pb2.KVStoreRef(address=store.address)),
+            ),
+            timeout_s=60,
+        )
+        assert len(prefill.block_hashes) == 3
+        assert len(store.store.memory) == 3
+        decode_request = generate_request("d", prompt, max_tokens=12)
+        decode_request.resume_token_ids.append(prefill.first_token_id)
+        source = worker_pb2.KVSource(
+            kvstore=common_pb2.KVStoreRef(address=store.address), block_hashes=prefill.block_hashes, timeout_ms=5000
+        )
+        responses = [
+            r
+            async for r in decode_client.decode(worker_pb2.DecodeRequest(request=decode_request, kv_source=source), 60)
+        ]
+        assert [prefill.first_token_id, *[t for r in responses for t in r.token_ids]] == colocated
+        assert responses[-1].usage.cached_prompt_tokens == 48
+        await prefill_client.close()
+        await decode_client.close()

@@ -321,11 +321,16 @@ class StatsResponse(_message.Message):
     HITS_FIELD_NUMBER: _builtins.int
     MISSES_FIELD_NUMBER: _builtins.int
     PINNED_BLOCKS_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
     hits: _builtins.int
     misses: _builtins.int
     pinned_blocks: _builtins.int
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
+    @_builtins.property
+    def local(self) -> Global___LocalAccess:
+        """Set when clients on the same host may use the shared-memory path."""
+
     def __init__(
         self,
         *,
@@ -333,11 +338,45 @@ class StatsResponse(_message.Message):
         hits: _builtins.int = ...,
         misses: _builtins.int = ...,
         pinned_blocks: _builtins.int = ...,
+        local: Global___LocalAccess | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["local", b"local"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "misses", b"misses", "pinned_blocks", b"pinned_blocks", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "local", b"local", "misses", b"misses", "pinned_blocks", b"pinned_blocks", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class LocalAccess(_message.Message):
+    """The same-host fast path: the memory tier is a shared-memory arena that a
+    client maps read-only, and writes go through a unix socket naming blocks
+    the client staged in shared memory. A client uses it only if it can open
+    `arena_path` and finds `arena_id` in the arena's header (same host and the
+    same /dev/shm); otherwise it keeps to gRPC.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARENA_PATH_FIELD_NUMBER: _builtins.int
+    SOCKET_PATH_FIELD_NUMBER: _builtins.int
+    ARENA_ID_FIELD_NUMBER: _builtins.int
+    arena_path: _builtins.str
+    socket_path: _builtins.str
+    arena_id: _builtins.str
+    """Hex nonce written into the arena header at start."""
+    def __init__(
+        self,
+        *,
+        arena_path: _builtins.str = ...,
+        socket_path: _builtins.str = ...,
+        arena_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arena_id", b"arena_id", "arena_path", b"arena_path", "socket_path", b"socket_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalAccess: _TypeAlias = LocalAccess  # noqa: Y015

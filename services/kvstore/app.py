@@ -1,0 +1,109 @@
+"""The kvstore process: block store, gRPC server, KV events to Redis.
+
+Redis is optional for the store's own work: if it is down, blocks are still
+stored and served; only the index events wait (followers resync later).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from redis.exceptions import RedisError
+
+from services.kvstore.arena import Arena
+from services.kvstore.local import LocalEndpoint
+from services.kvstore.server import KVStoreMetrics, KVStoreServicer
+from services.kvstore.store import BlockStore
+from services.kvstore.tiers.disk import DiskTier
+from services.kvstore.tiers.memory import MemoryTier
+from shared.config.services import KVStoreSettings
+from shared.policies.eviction import make_policy
+from shared.rpc.server import GrpcServer, run_until_signal
+from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
+from shared.state.kvevents import KVEventPublisher
+from shared.state.redis import connect
+from shared.telemetry.logging import get_logger
+from shared.telemetry.metrics import new_registry, serve_metrics
+from shared.ticker import Ticker
+
+log = get_logger("shoal.kvstore")
+
+SERVICE_NAME = "shoal.v1.KVStore"
+EVENT_INTERVAL_S = 0.1
+SNAPSHOT_INTERVAL_S = 2.0
+
+
+class KVStoreApp:
+    def __init__(self, settings: KVStoreSettings) -> None:
+        self.settings = settings
+        disk = DiskTier(settings.disk_path, settings.disk_bytes) if settings.disk_path else None
+        name = f"shoal-kv-{settings.store_id}-{os.getpid()}"
+        self.arena = Arena(settings.memory_path / f"{name}.arena", settings.memory_bytes, settings.max_block_bytes)
+        self.store = BlockStore(MemoryTier(self.arena), disk, lambda: make_policy(settings.eviction))
+        self.metrics = KVStoreMetrics(new_registry(), self.store)
+        self.local: LocalEndpoint | None = None
+        local_info = None
+        if settings.local_access:
+            self.local = LocalEndpoint(self.store, settings.memory_path / f"{name}.sock", settings.max_block_bytes)
+            local_info = kvstore_pb2.LocalAccess(
+                arena_path=str(self.arena.path),
+                socket_path=str(self.local.socket_path),
+                arena_id=self.arena.geometry.arena_id.hex(),
+            )
+        self.servicer = KVStoreServicer(self.store, self.metrics, settings.max_block_bytes, local_info)
+        self.redis = connect(settings.redis_url)
+        self.publisher = KVEventPublisher(self.redis, settings.store_id)
+        self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
+        self._last_snapshot = 0.0
+        self.server: GrpcServer | None = None
+        self.metrics_port = 0
+
+    @property
+    def address(self) -> str:
+        assert self.server is not None
+        return self.settings.advertised(self.server.port)
+
+    async def start(self) -> None:
+        settings = self.settings
+        await self.store.open()
+        if self.local is not None:
+            await self.local.start()
+        self.server = await GrpcServer.create(
+            settings.host,
+            settings.grpc_port,
+            [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, self.servicer)],
+            [SERVICE_NAME],
+            settings.internal_token,
+        )
+        _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
+        self._events.start()
+        log.info("kvstore serving", address=self.address, memory_bytes=settings.memory_bytes)
+
+    async def _publish_events(self) -> None:
+        try:
+            await self.publisher.publish(self.store.drain_events())
+            now = time.monotonic()
+            if now - self._last_snapshot >= SNAPSHOT_INTERVAL_S:
+                await self.publisher.snapshot(self.store.stored_hashes())
+                self._last_snapshot = now
+        except (RedisError, OSError) as exc:
+            log.warning("kv event publish failed", error=str(exc))
+
+    async def _close(self) -> None:
+        await self._events.stop()
+        if self.local is not None:
+            await self.local.stop()
+        self.arena.close()
+        await self.redis.aclose()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s=1.0)
+        await self._close()
+
+    async def run(self) -> None:
+        await self.start()
+        assert self.server is not None
+        await run_until_signal(self.server, self.settings.shutdown_grace_s)
+        await self._close()

@@ -1,0 +1,1 @@
+"""Storage tiers of the kvstore: memory (bounded bytes) and disk (a folder)."""
