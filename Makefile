@@ -82,3 +82,7 @@ clean: ## Remove the venv, caches, built models and tools
 .PHONY: bench-kvstore
 bench-kvstore: $(STAMP) redis ## kvstore vs Redis vs memory copy: 256 KiB blocks, 1 and 4 clients
 	$(PY) -m benchmarks.bench_kvstore
+
+.PHONY: bench-router
+bench-router: $(STAMP) redis $(MODEL_DIR)/config.json ## Router overhead vs direct, and prefix-aware vs round-robin routing
+	$(PY) -m benchmarks.bench_router $(MODEL_DIR)

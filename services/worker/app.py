@@ -80,6 +80,7 @@ class WorkerApp:
             block_size=settings.block_size,
             kv_blocks_total=self.engine.load().kv_blocks_total,
             max_running=settings.max_running,
+            max_waiting=settings.max_waiting,
             metrics_address=settings.advertised(self.metrics_port),
             started_at=time.time(),
         )

@@ -20,6 +20,10 @@ def main() -> None:
     # The engine thread owns the intra-op threads; this (asyncio) thread must
     # never start a second OpenMP team (see reference/executor.py).
     torch.set_num_threads(1)
+    # The asyncio thread and the engine thread hand requests back and forth
+    # every step; with Python's default 5 ms GIL switch interval a hand-off
+    # can wait that long when the engine runs Python (the sim engine does).
+    sys.setswitchinterval(0.0005)
     setup_telemetry("worker", settings)
     asyncio.run(WorkerApp(settings).run())
 

@@ -20,6 +20,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from shared.config.base import CommonSettings
 from shared.policies.eviction import POLICIES
+from shared.policies.routing import PRESETS
 
 
 class WorkerRole(enum.StrEnum):
@@ -89,6 +90,11 @@ class WorkerSettings(GrpcServiceSettings):
     model_name: str = Field(default="shoal-tiny-moe", min_length=1, description="Name the model is served as.")
     device: str = Field(default="auto", description="cpu, cuda, cuda:N, or auto (cuda when present).")
     dtype: str = Field(default="float32", description="float32, bfloat16 or float16.")
+    compute_threads: int = Field(
+        default=0,
+        ge=0,
+        description="CPU threads of the engine's math (0: every core). Give each worker on a host its share.",
+    )
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_bytes: int = Field(default=256 * 2**20, ge=2**20, description="Bytes preallocated for the paged KV cache.")
     max_running: int = Field(default=128, ge=1, description="Most requests decoded together in one step.")
@@ -187,15 +193,22 @@ class RouterSettings(CommonSettings):
         default_factory=list,
         description="Accepted API keys (JSON list or comma-separated). Empty: no key is required.",
     )
+    routing_preset: str = Field(
+        default="default",
+        description="Routing profile by name: default, prefix-aware, least-load, session-affinity, round-robin.",
+    )
     routing_config: Path | None = Field(
-        default=None, description="YAML routing profile (filters, scorers, picker); unset uses the default."
+        default=None, description="YAML routing document (filters, scorers, picker); overrides routing_preset."
     )
     model_path: Path | None = Field(
         default=None, description="Checkpoint folder holding the tokenizer and chat template."
     )
+    model_name: str = Field(default="shoal-tiny-moe", min_length=1, description="Model the router serves.")
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (as the workers use).")
     kvstore_address: str | None = Field(
-        default=None, description="kvstore host:port for P/D hand-off and the KV index; unset disables both."
+        default=None, description="kvstore host:port for P/D hand-off and shared prefixes; unset disables both."
     )
+    kvstore_id: str = Field(default="kvstore-0", min_length=1, description="The kvstore's publisher id in KV events.")
     pd_min_uncached_tokens: int = Field(
         default=256, ge=0, description="Prompts with at least this many uncached tokens go through prefill."
     )
@@ -210,6 +223,13 @@ class RouterSettings(CommonSettings):
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
         return (*super().secret_fields(), "api_keys")
+
+    @field_validator("routing_preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"must be one of {', '.join(sorted(PRESETS))}")
+        return value
 
     _split_keys = field_validator("api_keys", mode="before")(_split_list)
 

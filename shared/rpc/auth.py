@@ -15,6 +15,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from shared.rpc.metadata import metadata_interceptors
+
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -45,37 +47,7 @@ class TokenAuthInterceptor(aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-def _with_token(details: aio.ClientCallDetails, header: tuple[str, str]) -> aio.ClientCallDetails:
-    metadata = aio.Metadata(*(details.metadata or ()))
-    metadata.add(*header)
-    return aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready)
-
-
-class _TokenBase:
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-
-class _UnaryUnary(_TokenBase, aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_token(details, self._header), request)
-
-
-class _UnaryStream(_TokenBase, aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_token(details, self._header), request)
-
-
-class _StreamUnary(_TokenBase, aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_token(details, self._header), request_iterator)
-
-
-class _StreamStream(_TokenBase, aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
-        return await continuation(_with_token(details, self._header), request_iterator)
-
-
 def token_client_interceptors(token: str) -> list[aio.ClientInterceptor]:
     """Interceptors that add the shared token to every call of a channel."""
-    return [_UnaryUnary(token), _UnaryStream(token), _StreamUnary(token), _StreamStream(token)]
+    header = [("authorization", f"Bearer {token}")]
+    return metadata_interceptors(lambda: header)

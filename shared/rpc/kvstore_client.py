@@ -26,9 +26,11 @@ from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
 from shared.rpc.errors import from_rpc_error
 from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from shared.telemetry.logging import get_logger
+from shared.telemetry.tracing import tracer
 from shared.types.kv import KVBlock
 
 log = get_logger("shoal.kvstore.client")
+_tracer = tracer("shoal.kvstore.client")
 
 # Generous: a read of a block larger than anything a worker produces.
 MAX_BLOCK_BYTES = 256 * 2**20
@@ -99,9 +101,10 @@ class KVStoreClient:
         local = await self._local_path()
         if local is not None:
             try:
-                stored, duplicates = await asyncio.wait_for(
-                    local.put(blocks, session_id, pin_ttl_s), timeout_s or self.timeout_s
-                )
+                with _tracer.start_as_current_span("kvstore.put (shared memory)"):
+                    stored, duplicates = await asyncio.wait_for(
+                        local.put(blocks, session_id, pin_ttl_s), timeout_s or self.timeout_s
+                    )
                 return kvstore_pb2.PutResponse(stored=stored, duplicates=duplicates)
             except (Unavailable, OSError, TimeoutError) as exc:
                 await self._drop_local(exc)
@@ -129,7 +132,8 @@ class KVStoreClient:
         local = await self._local_path()
         if local is None:
             return await self._grpc_get(hashes, prefix_only, timeout_s)
-        found, missing = local.get(hashes, prefix_only)
+        with _tracer.start_as_current_span("kvstore.get (shared memory)"):
+            found, missing = local.get(hashes, prefix_only)
         try:
             await local.flush_touches()
         except (Unavailable, OSError) as exc:

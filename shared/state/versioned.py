@@ -10,7 +10,9 @@ wins. Expert maps, pools and models are stored this way.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,12 +70,14 @@ class DocumentStore:
 
     async def update(self, name: str, change: Callable[[Any], Any], attempts: int = 50) -> Versioned:
         """Apply `change(old_body or None)` atomically, retrying on conflict."""
-        for _ in range(attempts):
+        for attempt in range(attempts):
             current = await self.get(name)
             body = change(current.body if current else None)
             try:
                 version = await self.put(name, body, current.version if current else 0)
             except VersionConflict:
+                # Back off a random, growing moment so contending writers spread out.
+                await asyncio.sleep(random.uniform(0, 0.001 * (attempt + 1)))
                 continue
             return Versioned(version, body)
         raise VersionConflict(f"document {name!r} kept changing; gave up after {attempts} attempts", name=name)

@@ -14,7 +14,7 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -64,7 +64,22 @@ def grpc_server_interceptors() -> list[Any]:
 
 
 def grpc_client_interceptors() -> list[Any]:
-    return list(aio_client_interceptors())  # type: ignore[no-untyped-call]
+    """Propagate the caller's trace context on every call of a channel.
+
+    No client span is made per call: the callee's server span is a child of
+    the caller's current span directly. On the router's hot path the extra
+    span per request cost more than everything else it does but the HTTP
+    framework itself.
+    """
+    from shared.rpc.metadata import metadata_interceptors
+
+    return list(metadata_interceptors(_trace_context))
+
+
+def _trace_context() -> list[tuple[str, str]]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
 
 
 def inject_headers(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:

@@ -22,6 +22,7 @@ class WorkerInfo(BaseModel):
     block_size: int = 16
     kv_blocks_total: int = 0
     max_running: int = 0
+    max_waiting: int = 0
     metrics_address: str = ""
     started_at: float = 0.0
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.kvstore.app import KVStoreApp
+from services.router.app import RouterApp
 from services.worker.app import WorkerApp
-from shared.config import KVStoreSettings, WorkerSettings, load_settings
+from shared.config import KVStoreSettings, RouterSettings, WorkerSettings, load_settings
 from tests.support.models import TINY_MODEL_NAME
 
 
@@ -23,6 +28,8 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
         "kv_cache_bytes": 64 * 2**20,
         "max_batch_tokens": 512,
         "device": "cpu",
+        # Several engines share this process: one math thread each keeps them from starving one another.
+        "compute_threads": 1,
     }
     return load_settings(WorkerSettings, **{**defaults, **overrides})
 
@@ -55,4 +62,36 @@ async def running_kvstore(redis_url: str, **overrides: Any) -> AsyncIterator[KVS
     try:
         yield app
     finally:
+        await app.stop()
+
+
+def router_settings(redis_url: str, model_path: Path, **overrides: Any) -> RouterSettings:
+    defaults: dict[str, Any] = {"redis_url": redis_url, "model_path": model_path, "http_port": 0}
+    return load_settings(RouterSettings, **{**defaults, **overrides})
+
+
+@dataclass
+class RunningRouter:
+    app: RouterApp
+    url: str
+
+
+@asynccontextmanager
+async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> AsyncIterator[RunningRouter]:
+    """A router serving HTTP on a free loopback port, in this process."""
+    app = RouterApp(router_settings(redis_url, model_path, **overrides))
+    await app.start()
+    server = app.server(port=0)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # pytest owns signals
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield RunningRouter(app, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        await task
         await app.stop()

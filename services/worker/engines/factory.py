@@ -24,7 +24,9 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
                 "the reference engine needs SHOAL_WORKER_MODEL_PATH (a Hugging Face-format checkpoint folder; "
                 "`make tiny-model` builds one)"
             )
-        executor = ReferenceExecutor(settings.model_path, settings.model_name, settings.device, settings.dtype)
+        executor = ReferenceExecutor(
+            settings.model_path, settings.model_name, settings.device, settings.dtype, settings.compute_threads
+        )
         return BatchingEngine(executor, limits, observer)
     tokenizer = HFTokenizer(settings.model_path) if settings.model_path else None
     sim = SimExecutor(

@@ -1,0 +1,63 @@
+"""The router's in-memory view of the workers, refreshed from the Redis registry.
+
+Polled every `interval_s` (a new worker takes traffic within one poll; one
+whose lease lapses, or that drains or is cordoned, stops receiving new
+requests at the next). Requests never wait for Redis: they read this view.
+A worker that fails a call is also benched locally for a few seconds, so
+retries go elsewhere before its lease has time to lapse.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from redis.exceptions import RedisError
+
+from shared.state.registry import WorkerRegistry
+from shared.telemetry.logging import get_logger
+from shared.types.workers import WorkerRecord
+
+log = get_logger("shoal.router.discovery")
+
+BENCH_S = 3.0
+
+
+class WorkerDirectory:
+    def __init__(self, registry: WorkerRegistry, model: str, on_gone: Callable[[str], None]) -> None:
+        self.registry = registry
+        self.model = model
+        self._on_gone = on_gone
+        self.records: dict[str, WorkerRecord] = {}
+        self._benched: dict[str, float] = {}
+        self.refreshes = 0
+
+    async def refresh(self) -> None:
+        try:
+            records = await self.registry.list_workers()
+        except (RedisError, OSError) as exc:
+            # Keep serving with the last view; leases are re-read next time.
+            log.warning("worker registry unreachable; keeping the last view", error=str(exc))
+            return
+        fresh = {r.worker_id: r for r in records if r.info.model == self.model}
+        for gone in set(self.records) - set(fresh):
+            self._on_gone(gone)
+        self.records = fresh
+        self.refreshes += 1
+
+    def bench(self, worker_id: str) -> None:
+        """Keep a worker that just failed out of new decisions for a few seconds."""
+        self._benched[worker_id] = time.monotonic() + BENCH_S
+
+    def serving(self) -> list[WorkerRecord]:
+        """Workers that may take new requests now."""
+        now = time.monotonic()
+        return [
+            record
+            for record in self.records.values()
+            if record.schedulable and self._benched.get(record.worker_id, 0.0) <= now
+        ]
+
+    def address(self, worker_id: str) -> str | None:
+        record = self.records.get(worker_id)
+        return record.info.address if record else None

@@ -1,0 +1,28 @@
+"""The local stack as real processes, as `make run` starts it."""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from cli.localstack import Endpoints, LocalStack, StackConfig
+from cli.supervisor import Supervisor
+from shared.processes import free_port
+
+
+@contextmanager
+def local_stack(model: Path, workers: list[tuple[str, str]], **env: str) -> Iterator[tuple[Endpoints, Supervisor]]:
+    supervisor = Supervisor(grace_s=5)
+    stack = LocalStack(StackConfig(model_path=model, router_port=free_port(), workers=workers, env=env), supervisor)
+    captured = io.StringIO()
+    real_stdout, sys.stdout = sys.stdout, captured  # keep the services' logs out of the test report
+    try:
+        endpoints = stack.start()
+        sys.stdout = real_stdout
+        yield endpoints, supervisor
+    finally:
+        sys.stdout = real_stdout
+        supervisor.stop_all()

@@ -1,0 +1,332 @@
+"""The router's OpenAI API through real HTTP, real gRPC workers and real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI
+
+from services.worker.app import WorkerApp
+from shared.config import EngineKind, WorkerRole
+from tests.support.models import TINY_MODEL_NAME
+from tests.support.services import RunningRouter, running_kvstore, running_router, running_worker
+
+pytestmark = pytest.mark.integration
+
+MODEL = TINY_MODEL_NAME
+SIM = {"engine": EngineKind.SIM, "sim_speedup": 20.0}
+
+
+@asynccontextmanager
+async def stack(
+    redis_url: str, model: Path, workers: list[dict[str, Any]], **router: Any
+) -> AsyncIterator[tuple[RunningRouter, list[WorkerApp]]]:
+    async with AsyncExitStack() as exit_stack:
+        apps = [
+            await exit_stack.enter_async_context(running_worker(redis_url, model_path=model, worker_id=f"w{i}", **spec))
+            for i, spec in enumerate(workers)
+        ]
+        front = await exit_stack.enter_async_context(running_router(redis_url, model, **router))
+        for _ in range(100):
+            if len(front.app.directory.serving()) == len(apps):
+                break
+            await asyncio.sleep(0.05)
+        yield front, apps
+
+
+def client(front: RunningRouter, key: str = "unused") -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{front.url}/v1", api_key=key, max_retries=0)
+
+
+async def test_chat_and_completions_streaming_and_not(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
+        oai = client(front)
+        chat = await oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hello"}], max_tokens=7, temperature=0
+        )
+        assert chat.choices[0].finish_reason == "length"
+        assert chat.usage is not None and chat.usage.completion_tokens == 7
+        assert chat.choices[0].message.content
+
+        stream = await oai.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == chat.choices[0].message.content[: len(streamed)]  # greedy: same start
+
+        text = await oai.completions.create(model=MODEL, prompt="once upon", max_tokens=4, temperature=0)
+        assert text.choices[0].finish_reason == "length" and text.usage and text.usage.completion_tokens == 4
+        ids = await oai.completions.create(model=MODEL, prompt=[20, 30, 40], max_tokens=3, stream=True)
+        assert [c.choices[0].finish_reason async for c in ids][-1] == "length"
+
+        models = await oai.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+
+
+async def test_chat_template_matches_transformers(redis_url: str, tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
+        expected = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert front.app.prompts.chat(messages) == list(expected)
+
+
+async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=front.url, timeout=30) as http:
+        return await http.post(path, json=body, headers=headers)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "context length"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "context length"),
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ],
+    ids=["model", "empty", "temperature", "n", "logprobs", "role", "max-tokens", "long-prompt", "no-model"],
+)
+async def test_bad_requests_get_openai_errors(
+    redis_url: str, tiny_model: Path, body: dict[str, Any], status: int, fragment: str
+) -> None:
+    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
+        response = await _post(front, "/v1/chat/completions", body)
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert fragment in error["message"] or fragment == error["param"]
+        assert error["type"]
+
+
+async def test_unparseable_json_and_oversized_bodies(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps), httpx.AsyncClient(base_url=front.url) as http:
+        broken = await http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert broken.status_code == 400
+        assert (
+            await _raw_status(front, b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000\r\n\r\n")
+        ) == 413
+        token_ids = await http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 999999]})
+        assert token_ids.status_code == 400 and "vocabulary" in token_ids.json()["error"]["message"]
+
+
+async def _raw_status(front: RunningRouter, request: bytes) -> int:
+    """Send raw HTTP (a client library would refuse a body shorter than its length)."""
+    host, port = front.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_api_keys_are_enforced_when_configured(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, [SIM], api_keys=["sk-test-1"]) as (front, _apps):
+        with pytest.raises(openai.AuthenticationError):
+            await client(front, "wrong").models.list()
+        assert (await client(front, "sk-test-1").models.list()).data[0].id == MODEL
+
+
+async def test_no_worker_gives_503_with_retry_after(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, []) as (front, _apps):
+        response = await _post(front, "/v1/completions", {"model": MODEL, "prompt": "x"})
+        assert response.status_code == 503
+        assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_overload_gives_429_never_an_unbounded_queue(redis_url: str, tiny_model: Path) -> None:
+    slow = {"engine": EngineKind.SIM, "sim_speedup": 0.5}
+    async with stack(redis_url, tiny_model, [slow], max_inflight=1) as (front, _apps):
+        first = asyncio.create_task(_post(front, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 40}))
+        await asyncio.sleep(0.5)
+        second = await _post(front, "/v1/completions", {"model": MODEL, "prompt": "y", "max_tokens": 2})
+        assert second.status_code == 429
+        assert second.headers["retry-after"] == "1"
+        assert (await first).status_code == 200
+
+
+async def test_a_repeated_conversation_goes_to_the_worker_holding_its_prefix(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, [SIM, SIM], routing_preset="prefix-aware") as (front, apps):
+        oai = client(front)
+        history = [{"role": "system", "content": "You are a patient assistant. " * 8}]
+        for turn in range(4):
+            history.append({"role": "user", "content": f"question number {turn}"})
+            reply = await oai.chat.completions.create(model=MODEL, messages=history, max_tokens=4, temperature=0)  # type: ignore[arg-type]
+            history.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+            await asyncio.sleep(0.4)  # let the KV events reach the router's index
+        served = [app.engine.load().requests_finished for app in apps]
+        cached = [app.engine.load().cached_tokens_total for app in apps]
+        assert sorted(served) == [0, 4]  # every turn on one worker
+        assert max(cached) >= 3 * 64
+
+
+async def test_session_header_keeps_an_agent_on_one_worker(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, [SIM, SIM], routing_preset="session-affinity") as (front, apps):
+        for turn in range(5):
+            response = await _post(
+                front,
+                "/v1/completions",
+                {"model": MODEL, "prompt": f"turn {turn}", "max_tokens": 2},
+                **{"x-session-id": "agent-42"},
+            )
+            assert response.status_code == 200
+        assert sorted(app.engine.load().requests_finished for app in apps) == [0, 5]
+
+
+async def test_disaggregated_output_equals_colocated(redis_url: str, tiny_model: Path) -> None:
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
+    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 24, "temperature": 0}
+    async with running_kvstore(redis_url) as store:
+        pd_workers = [{"role": WorkerRole.PREFILL}, {"role": WorkerRole.DECODE}]
+        async with stack(
+            redis_url, tiny_model, pd_workers, kvstore_address=store.address, pd_min_uncached_tokens=64
+        ) as (front, apps):
+            disaggregated = (await _post(front, "/v1/completions", body)).json()
+            assert front.app.metrics.pd.labels("disaggregated")._value.get() == 1
+            prefill, decode = apps
+            assert prefill.engine.load().requests_finished == 1
+            assert decode.engine.load().cached_tokens_total > 0  # decoded from handed-over KV
+        async with stack(redis_url, tiny_model, [{"role": WorkerRole.MIXED}], pd_min_uncached_tokens=10**6) as (
+            front,
+            _apps,
+        ):
+            colocated = (await _post(front, "/v1/completions", body)).json()
+    assert disaggregated["choices"][0]["text"] == colocated["choices"][0]["text"]
+    assert disaggregated["usage"]["completion_tokens"] == colocated["usage"]["completion_tokens"] == 24
+
+
+async def test_pd_with_the_kvstore_down_falls_back_to_recomputing(redis_url: str, tiny_model: Path) -> None:
+    pd_workers = [{"role": WorkerRole.PREFILL, **SIM}, {"role": WorkerRole.DECODE, **SIM}]
+    async with stack(
+        redis_url,
+        tiny_model,
+        pd_workers,
+        kvstore_address="127.0.0.1:1",
+        pd_min_uncached_tokens=16,
+        kv_transfer_timeout_s=1.0,
+    ) as (front, _apps):
+        response = await _post(front, "/v1/completions", {"model": MODEL, "prompt": "z" * 200, "max_tokens": 6})
+        assert response.status_code == 200
+        assert response.json()["usage"]["completion_tokens"] == 6
+
+
+async def test_a_worker_dying_mid_stream_is_resumed_on_another(redis_url: str, tiny_model: Path) -> None:
+    slow = {"engine": EngineKind.SIM, "sim_speedup": 1.0}
+    async with stack(redis_url, tiny_model, [slow, slow], routing_preset="round-robin") as (front, apps):
+        stream = await client(front).completions.create(model=MODEL, prompt="tell me", max_tokens=60, stream=True)
+        texts: list[str] = []
+        finish = None
+        killed = False
+        async for chunk in stream:
+            texts.append(chunk.choices[0].text)
+            if chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if len(texts) == 5 and not killed:
+                victim = next(app for app in apps if app.engine.load().running_requests)
+                assert victim.server is not None
+                await victim.server.server.stop(0)  # the worker's gRPC server vanishes mid-stream
+                killed = True
+        assert killed
+        assert finish == "length"
+        assert front.app.metrics.retries.labels("resume")._value.get() >= 1
+
+
+async def test_a_client_that_disconnects_aborts_its_request(redis_url: str, tiny_model: Path) -> None:
+    slow = {"engine": EngineKind.SIM, "sim_speedup": 1.0}
+    async with stack(redis_url, tiny_model, [slow]) as (front, apps):
+        async with (
+            httpx.AsyncClient(base_url=front.url) as http,
+            http.stream(
+                "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2000, "stream": True}
+            ) as response,
+        ):
+            async for _line in response.aiter_lines():
+                break  # read a little, then hang up
+        for _ in range(100):
+            if apps[0].engine.load().running_requests == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert apps[0].engine.load().running_requests == 0
+        assert front.app.inflight == 0
+
+
+@pytest.mark.slow
+async def test_schemathesis_finds_no_server_errors(redis_url: str, tiny_model: Path) -> None:
+    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"{front.url}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "40",
+                "--seed",
+                "1",
+                "--request-timeout",
+                "30",
+                "--suppress-health-check",
+                "all",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=280,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+async def test_one_trace_spans_router_prefill_kvstore_and_decode(redis_url: str, tiny_model: Path) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shared.telemetry.tracing import setup_tracing
+
+    exporter = InMemorySpanExporter()
+    setup_tracing("test", None, [SimpleSpanProcessor(exporter)])
+    pd_workers = [{"role": WorkerRole.PREFILL, **SIM}, {"role": WorkerRole.DECODE, **SIM}]
+    async with (
+        running_kvstore(redis_url) as store,
+        stack(redis_url, tiny_model, pd_workers, kvstore_address=store.address, pd_min_uncached_tokens=16) as (
+            front,
+            _apps,
+        ),
+    ):
+        exporter.clear()
+        response = await _post(front, "/v1/completions", {"model": MODEL, "prompt": "q" * 100, "max_tokens": 3})
+        assert response.status_code == 200
+    spans = exporter.get_finished_spans()
+    http = next(s for s in spans if s.kind.name == "SERVER" and "/v1/completions" in s.name)
+    trace_id = http.context.trace_id
+    names = {s.name for s in spans if s.context.trace_id == trace_id}
+    assert "/shoal.v1.Worker/Prefill" in names
+    assert "/shoal.v1.Worker/Decode" in names
+    assert any(name.startswith("kvstore.") or name.startswith("/shoal.v1.KVStore/") for name in names), names
