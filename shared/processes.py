@@ -3,15 +3,19 @@
 Used by `make run`'s supervisor and by the controller's local actuator. Each
 child runs in its own session (so a terminal's Ctrl-C reaches only the
 parent, which then stops children in order) and asks the kernel to SIGTERM it
-if the parent dies (PR_SET_PDEATHSIG), so no orphan survives even a SIGKILL of
-the parent. Output lines are copied to the parent's stdout behind a
-`name |` prefix.
+if the parent dies (PR_SET_PDEATHSIG, set by util-linux's `setpriv` before it
+execs the command), so no orphan survives even a SIGKILL of the parent.
+Output lines are copied to the parent's stdout behind a `name |` prefix.
+
+No Python code runs between fork and exec: a `preexec_fn` would, and in a
+process with gRPC or asyncio threads the child can crash in Python's
+after-fork hooks before it ever reaches exec.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,17 +27,15 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import IO
 
-_PR_SET_PDEATHSIG = 1
 _COLORS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
 
 
-def _die_with_parent() -> None:
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass  # not Linux: the parent's own shutdown still stops children
+def _die_with_parent(argv: Sequence[str]) -> list[str]:
+    """`argv` behind `setpriv --pdeathsig`, where the system has it (Linux)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return list(argv)  # not Linux: the parent's own shutdown still stops children
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -101,14 +103,13 @@ def spawn(
     _color_index += 1
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     popen = subprocess.Popen(
-        list(argv),
+        _die_with_parent(argv),
         env=full_env,
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        # Only setsid and prctl run between fork and exec: async-signal-safe enough.
-        preexec_fn=_die_with_parent,  # noqa: PLW1509
+        start_new_session=True,
     )
     assert popen.stdout is not None
     threading.Thread(

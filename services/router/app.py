@@ -15,6 +15,7 @@ from pathlib import Path
 
 import uvicorn
 import yaml
+from redis.exceptions import RedisError
 
 from services.router.discovery import WorkerDirectory
 from services.router.dispatch import Dispatcher, Job
@@ -32,6 +33,7 @@ from shared.rpc.worker_client import WorkerClient
 from shared.state.kvevents import KVEventFollower
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
+from shared.state.workstats import WorkRecorder
 from shared.telemetry.logging import get_logger
 from shared.telemetry.metrics import new_registry
 from shared.ticker import Ticker
@@ -58,6 +60,8 @@ class RouterApp:
         self.clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
         self.directory = WorkerDirectory(WorkerRegistry(self.redis), settings.model_name, self._worker_gone)
         self.follower = KVEventFollower(self.events_redis, self.index)
+        self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        self.work = WorkRecorder(self.redis, self.router_id, settings.model_name)
         config = load_config(yaml.safe_load(settings.routing_config.read_text()) if settings.routing_config else None)
         if not settings.routing_config:
             config = config.model_copy(update={"preset": settings.routing_preset})
@@ -71,12 +75,14 @@ class RouterApp:
             kvstore_address=settings.kvstore_address,
             kvstore_publisher=settings.kvstore_id if settings.kvstore_address else None,
             kv_transfer_timeout_s=settings.kv_transfer_timeout_s,
+            work=self.work,
         )
         self.api = build_api(self)
         self.inflight = 0
         self.started_at = int(time.time())
         self._discovery = Ticker("discovery", DISCOVERY_INTERVAL_S, self.directory.refresh)
         self._events = Ticker("kv-index", 0.001, self._follow)
+        self._stats = Ticker("work-stats", 1.0, self._flush_work)
 
     def _worker_gone(self, worker_id: str) -> None:
         self.index.drop(worker_id)
@@ -86,6 +92,12 @@ class RouterApp:
         if not self.follower.ready.is_set():
             await self.follower.bootstrap()
         await self.follower.poll(block_ms=200)
+
+    async def _flush_work(self) -> None:
+        try:
+            await self.work.flush()
+        except (RedisError, OSError) as exc:
+            log.warning("work stats not published", error=str(exc))
 
     def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, session_id: str) -> Job:
         return Job(
@@ -103,11 +115,13 @@ class RouterApp:
         await self.directory.refresh()
         self._discovery.start()
         self._events.start()
+        self._stats.start()
         log.info("router ready", model=self.settings.model_name, workers=len(self.directory.records))
 
     async def stop(self) -> None:
         await self._discovery.stop()
         await self._events.stop()
+        await self._stats.stop()
         await self.clients.close()
         await self.redis.aclose()
         await self.events_redis.aclose()

@@ -58,6 +58,10 @@ class WorkerDirectory:
             if record.schedulable and self._benched.get(record.worker_id, 0.0) <= now
         ]
 
+    def pool(self, worker_id: str) -> str | None:
+        record = self.records.get(worker_id)
+        return record.info.pool if record else None
+
     def address(self, worker_id: str) -> str | None:
         record = self.records.get(worker_id)
         return record.info.address if record else None

@@ -22,7 +22,7 @@ import itertools
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.router.discovery import WorkerDirectory
 from services.router.metrics import RouterMetrics
@@ -33,6 +33,7 @@ from shared.policies.routing import Decision, PDPolicy, Phase, Reason, RequestVi
 from shared.rpc.pool import ClientPool
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
+from shared.state.workstats import WorkRecorder
 from shared.telemetry.logging import get_logger
 from shared.types.workers import WorkerRecord
 
@@ -97,6 +98,7 @@ class Dispatcher:
         kvstore_address: str | None = None,
         kvstore_publisher: str | None = None,
         kv_transfer_timeout_s: float = 10.0,
+        work: WorkRecorder | None = None,
     ) -> None:
         self.directory = directory
         self.index = index
@@ -107,6 +109,7 @@ class Dispatcher:
         self.kvstore_address = kvstore_address
         self.kvstore_publisher = kvstore_publisher
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
+        self.work = work
         self.inflight: dict[str, int] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self._ids = itertools.count()
@@ -157,8 +160,21 @@ class Dispatcher:
             while len(self.sessions) > SESSIONS_KEPT:
                 self.sessions.popitem(last=False)
 
-    @staticmethod
-    def _refuse(decision: Decision) -> ShoalError:
+    def _account(self, prefill_worker: str, decode_worker: str, chunk: Chunk) -> None:
+        """Record the work a finished request cost each pool (for the autoscaler)."""
+        if self.work is None:
+            return
+        prefill_pool = self.directory.pool(prefill_worker)
+        decode_pool = self.directory.pool(decode_worker)
+        computed = max(0, chunk.prompt_tokens - chunk.cached_tokens)
+        if prefill_pool is not None:
+            self.work.record(prefill_pool, prefill_tokens=computed)
+        if decode_pool is not None:
+            self.work.record(decode_pool, requests=1, decode_tokens=chunk.completion_tokens)
+
+    def _refuse(self, decision: Decision) -> ShoalError:
+        if self.work is not None:
+            self.work.refused()
         if decision.reason is Reason.ALL_OVERLOADED:
             return Overloaded("every worker for this model is at capacity; retry shortly", retry_after_s=1.0)
         return Unavailable("no worker is serving this model right now", retry_after_s=2.0)
@@ -192,6 +208,9 @@ class Dispatcher:
             self._remember_session(job, decision.worker_id)
             try:
                 async for chunk in self._run_on(job, decision.worker_id, views, progress, remaining):
+                    if chunk.finish is not None:
+                        # Before the last yield: the consumer may close this generator right after it.
+                        self._account(decision.worker_id, decision.worker_id, chunk)
                     yield chunk
                     if chunk.finish is not None:
                         return
@@ -312,7 +331,9 @@ class Dispatcher:
         progress.produced.append(result.first_token_id)
         if result.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             usage = result.usage
-            yield Chunk(result.first_text, 1, _FINISH[result.finish_reason], usage.prompt_tokens, 1)
+            final = Chunk(result.first_text, 1, _FINISH[result.finish_reason], usage.prompt_tokens, 1)
+            self._account(prefill.worker_id, prefill.worker_id, final)
+            yield final
             return
         yield Chunk(result.first_text, 1)
         self._remember_session(job, decode.worker_id)
@@ -329,7 +350,11 @@ class Dispatcher:
         self.inflight[decode.worker_id] = self.inflight.get(decode.worker_id, 0) + 1
         try:
             async for response in self.clients.get(decode_address).decode(request, job.deadline_s):
-                yield self._chunk(response, progress)
+                chunk = self._chunk(response, progress)
+                if chunk.finish is not None:
+                    # The decode worker recomputed only the uncached tail; the prompt was the prefill pool's.
+                    self._account(prefill.worker_id, decode.worker_id, replace(chunk, cached_tokens=0))
+                yield chunk
         except ShoalError as exc:
             # The caller resumes on another worker from the tokens produced so far.
             self._failed(job, decode.worker_id, exc, progress)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import torch
-
 from services.worker.app import WorkerApp
-from shared.config import SettingsError, WorkerSettings, load_settings
+from shared.config import EngineKind, SettingsError, WorkerSettings, load_settings
 from shared.telemetry import setup_telemetry
 
 
@@ -17,9 +15,12 @@ def main() -> None:
         settings = load_settings(WorkerSettings)
     except SettingsError as exc:
         sys.exit(str(exc))
-    # The engine thread owns the intra-op threads; this (asyncio) thread must
-    # never start a second OpenMP team (see reference/executor.py).
-    torch.set_num_threads(1)
+    if settings.engine is EngineKind.REFERENCE:
+        import torch
+
+        # The engine thread owns the intra-op threads; this (asyncio) thread must
+        # never start a second OpenMP team (see reference/executor.py).
+        torch.set_num_threads(1)
     # The asyncio thread and the engine thread hand requests back and forth
     # every step; with Python's default 5 ms GIL switch interval a hand-off
     # can wait that long when the engine runs Python (the sim engine does).

@@ -247,6 +247,36 @@ class ControllerSettings(CommonSettings):
     )
     reconcile_interval_s: float = Field(default=2.0, gt=0, description="Seconds between reconcile ticks.")
     actuator: str = Field(default="local", description="local (processes on this machine) or kubernetes.")
+    celery_broker_url: str | None = Field(
+        default=None,
+        description="Celery broker and result backend (redis://...). Default: SHOAL_REDIS_URL with the next db number.",
+    )
+    bootstrap: Path | None = Field(
+        default=None, description="YAML of models and pools to create at start when they do not exist yet."
+    )
+    kubernetes_namespace: str = Field(default="default", description="Namespace of the worker Deployments.")
+    deployment_prefix: str = Field(
+        default="shoal-worker-", description="Worker Deployment name = prefix + pool name (kubernetes actuator)."
+    )
+    job_stale_s: float = Field(
+        default=20.0, gt=0, description="A running job silent this long is resubmitted (its Celery worker died)."
+    )
+
+    @field_validator("actuator")
+    @classmethod
+    def _known_actuator(cls, value: str) -> str:
+        if value not in {"local", "kubernetes"}:
+            raise ValueError("must be local or kubernetes")
+        return value
+
+    @property
+    def celery_url(self) -> str:
+        if self.celery_broker_url:
+            return self.celery_broker_url
+        base, _, db = self.redis_url.rpartition("/")
+        if base.startswith(("redis://", "rediss://")) and db.isdigit() and base.count("/") >= 2:
+            return f"{base}/{(int(db) + 1) % 16}"
+        return self.redis_url
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:

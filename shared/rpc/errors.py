@@ -16,6 +16,7 @@ import grpc
 from grpc import aio
 
 from shared.errors import ErrorCode, Internal, Overloaded, ShoalError, error_for
+from shared.rpc.handlers import rewrap
 from shared.telemetry.logging import get_logger
 
 log = get_logger("shoal.rpc.errors")
@@ -83,30 +84,7 @@ class ErrorInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            _wrap_stream(handler.stream_stream, method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rewrap(handler, handler_call_details.method, _wrap_unary, _wrap_stream)
 
 
 async def _map(context: aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:

@@ -114,3 +114,18 @@ class WorkerClient:
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return response
+
+
+def drain_blocking(address: str, wait_s: float, token: str | None = None) -> worker_pb2.DrainResponse:
+    """Drain from synchronous code (Celery tasks): one call, its own channel."""
+    import grpc as sync_grpc
+
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    with sync_grpc.insecure_channel(address) as channel:
+        try:
+            response: worker_pb2.DrainResponse = worker_pb2_grpc.WorkerStub(channel).Drain(
+                worker_pb2.DrainRequest(wait_s=wait_s), timeout=wait_s + CONTROL_TIMEOUT_S, metadata=metadata
+            )
+        except sync_grpc.RpcError as exc:
+            raise from_rpc_error(exc, address) from None
+    return response

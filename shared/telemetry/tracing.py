@@ -14,7 +14,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
@@ -60,7 +59,7 @@ def tracer(name: str) -> trace.Tracer:
 
 
 def grpc_server_interceptors() -> list[Any]:
-    return [aio_server_interceptor()]  # type: ignore[no-untyped-call]
+    return [TracingServerInterceptor().interceptor]
 
 
 def grpc_client_interceptors() -> list[Any]:
@@ -91,3 +90,64 @@ def inject_headers(headers: MutableMapping[str, str]) -> MutableMapping[str, str
 def extract_context(headers: Mapping[str, str]) -> otel_context.Context:
     """The trace context carried by incoming headers."""
     return propagate.extract(headers)
+
+
+class TracingServerInterceptor:
+    """A server span per call, child of the caller's span (from the metadata).
+
+    Streaming handlers get the span's context attached around each step of
+    their generator, never across steps: a stream the client abandons is
+    finalized in another context, where detaching a context attached earlier
+    fails (the error the OpenTelemetry aio interceptor logs).
+    """
+
+    def __init__(self) -> None:
+        from grpc import aio
+
+        class _Interceptor(aio.ServerInterceptor):  # type: ignore[misc]
+            async def intercept_service(self, continuation: Any, details: Any) -> Any:
+                from shared.rpc.handlers import rewrap
+
+                handler = await continuation(details)
+                if handler is None:
+                    return handler
+                parent = extract_context({k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)})
+                return rewrap(handler, details.method, _traced_unary(parent), _traced_stream(parent))
+
+        self.interceptor = _Interceptor()
+
+
+def _traced_unary(parent: otel_context.Context) -> Any:
+    def wrap(fn: Any, method: str) -> Any:
+        async def call(request: Any, context: Any) -> Any:
+            with tracer("shoal.rpc").start_as_current_span(method, context=parent, kind=trace.SpanKind.SERVER):
+                return await fn(request, context)
+
+        return call
+
+    return wrap
+
+
+def _traced_stream(parent: otel_context.Context) -> Any:
+    def wrap(fn: Any, method: str) -> Any:
+        async def call(request: Any, context: Any) -> Any:
+            span = tracer("shoal.rpc").start_span(method, context=parent, kind=trace.SpanKind.SERVER)
+            scope = trace.set_span_in_context(span, parent)
+            stream = fn(request, context)
+            try:
+                while True:
+                    token = otel_context.attach(scope)
+                    try:
+                        item = await anext(stream)
+                    except StopAsyncIteration:
+                        return
+                    finally:
+                        otel_context.detach(token)
+                    yield item
+            finally:
+                await stream.aclose()
+                span.end()
+
+        return call
+
+    return wrap

@@ -10,10 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.controller.app import ControllerApp
+from services.controller.jobs.scale_down import run_scale_down
+from services.controller.jobs.store import Job
 from services.kvstore.app import KVStoreApp
 from services.router.app import RouterApp
 from services.worker.app import WorkerApp
-from shared.config import KVStoreSettings, RouterSettings, WorkerSettings, load_settings
+from shared.config import ControllerSettings, KVStoreSettings, RouterSettings, WorkerSettings, load_settings
 from tests.support.models import TINY_MODEL_NAME
 
 
@@ -91,6 +94,70 @@ async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> 
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield RunningRouter(app, f"http://127.0.0.1:{port}")
+    finally:
+        server.should_exit = True
+        await task
+        await app.stop()
+
+
+ADMIN = "admin-token-for-tests"
+OPERATOR = "operator-token-for-tests"
+VIEWER = "viewer-token-for-tests"
+
+
+def controller_settings(redis_url: str, **overrides: Any) -> ControllerSettings:
+    defaults: dict[str, Any] = {
+        "redis_url": redis_url,
+        "http_port": 0,
+        "admin_tokens": [f"{ADMIN}:admin", f"{OPERATOR}:operator", f"{VIEWER}:viewer"],
+        "reconcile_interval_s": 0.5,
+    }
+    return load_settings(ControllerSettings, **{**defaults, **overrides})
+
+
+@dataclass
+class RunningController:
+    app: ControllerApp
+    url: str
+
+    def headers(self, token: str = ADMIN) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"}
+
+
+def in_process_jobs(app_ref: list[ControllerApp]) -> Any:
+    """Run jobs as asyncio tasks in this process instead of a Celery worker."""
+    tasks: set[asyncio.Task[Any]] = set()
+
+    def submit(job: Job) -> None:
+        app = app_ref[0]
+        task = asyncio.create_task(
+            run_scale_down(job.id, app.jobs, app.registry, app.desired, app.actuator, app.settings.internal_token)
+        )
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    return submit
+
+
+@asynccontextmanager
+async def running_controller(
+    redis_url: str, celery: bool = False, **overrides: Any
+) -> AsyncIterator[RunningController]:
+    """The controller's API, reconcile loop and local launcher, in this process."""
+    holder: list[ControllerApp] = []
+    app = ControllerApp(controller_settings(redis_url, **overrides), None if celery else in_process_jobs(holder))
+    holder.append(app)
+    await app.start()
+    server = app.server(port=0)
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # pytest owns signals
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield RunningController(app, f"http://127.0.0.1:{port}")
     finally:
         server.should_exit = True
         await task

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from services.worker.engines.engine import BatchingEngine, EngineLimits, EngineObserver
-from services.worker.engines.reference.executor import HFTokenizer, ReferenceExecutor
 from services.worker.engines.sim.executor import FailureInjection, SimExecutor
+from services.worker.engines.tokenizer import HFTokenizer
 from shared.config.services import EngineKind, WorkerSettings
 from shared.errors import FailedPrecondition
 from shared.perfmodel import get_profile
@@ -19,6 +19,9 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
         max_waiting=settings.max_waiting,
     )
     if settings.engine is EngineKind.REFERENCE:
+        # PyTorch loads only for the reference engine: sim workers start in a fraction of the time.
+        from services.worker.engines.reference.executor import ReferenceExecutor
+
         if settings.model_path is None:
             raise FailedPrecondition(
                 "the reference engine needs SHOAL_WORKER_MODEL_PATH (a Hugging Face-format checkpoint folder; "

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.engines.base import KVBlock
-from services.worker.engines.detokenize import Detokenizer
 from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
 from services.worker.engines.reference.checkpoint import Checkpoint
 from services.worker.engines.reference.model import LayerWeights, MoEModel, run_local_experts
 from services.worker.engines.sampling import sample
 from services.worker.engines.scheduler import Item
+from services.worker.engines.tokenizer import HFTokenizer
 from shared.hashing import BlockHash
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,18 +50,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-class HFTokenizer(Detokenizer):
-    """Detokenizer over a checkpoint's tokenizer.json."""
-
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Actuators: how the controller changes the number of workers of a pool."""

@@ -1,0 +1,300 @@
+"""The admin REST API: models, pools, workers, scaling, jobs, cluster status.
+
+Every route needs a bearer token whose role allows it (viewer < operator <
+admin): reading needs viewer, operating on workers, scaling and jobs needs
+operator, changing models and pools needs admin. Missing or unknown tokens
+get 401, insufficient roles 403. Routes are thin: they validate, call the
+desired-state store, the registry or the job store, and return public models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.errors import NotFound, PermissionDenied, Unauthenticated
+from shared.httpapi import install_error_handlers
+from shared.rpc.worker_client import WorkerClient
+from shared.telemetry.metrics import render
+from shared.types.pools import ModelCreate, ModelPublic, ModelUpdate, PoolCreate, PoolPublic, PoolUpdate
+
+if TYPE_CHECKING:
+    from services.controller.app import ControllerApp
+
+
+class Role(enum.IntEnum):
+    VIEWER = 1
+    OPERATOR = 2
+    ADMIN = 3
+
+
+def _app(request: Request) -> ControllerApp:
+    app: ControllerApp = request.app.state.controller
+    return app
+
+
+def require(role: Role) -> Any:
+    async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Role:
+        presented = (authorization or "").removeprefix("Bearer ").strip()
+        granted: Role | None = None
+        for token, name in _app(request).tokens:
+            if presented and hmac.compare_digest(presented.encode(), token.encode()):
+                granted = Role[name.upper()]
+        if granted is None:
+            raise Unauthenticated("a valid bearer token is required (Authorization: Bearer <token>)")
+        if granted < role:
+            raise PermissionDenied(f"this needs the {role.name.lower()} role; the token has {granted.name.lower()}")
+        return granted
+
+    return Depends(check)
+
+
+Viewer = Annotated[Role, require(Role.VIEWER)]
+Operator = Annotated[Role, require(Role.OPERATOR)]
+Admin = Annotated[Role, require(Role.ADMIN)]
+Name = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
+JobId = Annotated[str, Path(min_length=1, max_length=200)]
+WorkerId = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+class ScaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int | None = Field(ge=0, le=10_000, description="Fixed replicas; null hands the pool back to its policy.")
+
+
+class WorkerPublic(BaseModel):
+    worker_id: str
+    address: str
+    pool: str
+    role: str
+    model: str
+    engine: str
+    gpu_type: str
+    cordoned: bool
+    draining: bool
+    running_requests: int
+    waiting_requests: int
+    kv_usage: float
+    decode_tokens_per_s: float
+    ttft_p90_s: float
+    tbt_p90_s: float
+
+
+def build_api(controller: ControllerApp) -> FastAPI:
+    api = FastAPI(
+        title="Shoal controller",
+        description="Admin API: models, pools, workers, scaling, jobs.",
+        version="1.0.0",
+        telemetry={"metrics": False, "logs": False, "operation_spans": False},
+    )
+    api.state.controller = controller
+    install_error_handlers(api)
+    v1 = APIRouter(prefix="/v1")
+
+    # -- models -----------------------------------------------------------------
+
+    @v1.get("/models")
+    async def list_models(request: Request, _: Viewer) -> list[ModelPublic]:
+        return await _app(request).desired.models()
+
+    @v1.post("/models", status_code=201)
+    async def create_model(body: ModelCreate, request: Request, _: Admin) -> ModelPublic:
+        return await _app(request).desired.create_model(body)
+
+    @v1.get("/models/{name}")
+    async def get_model(name: Name, request: Request, _: Viewer) -> ModelPublic:
+        return await _app(request).desired.model(name)
+
+    @v1.put("/models/{name}")
+    async def update_model(name: Name, body: ModelUpdate, request: Request, _: Admin) -> ModelPublic:
+        return await _app(request).desired.update_model(name, body)
+
+    @v1.delete("/models/{name}", status_code=204)
+    async def delete_model(name: Name, request: Request, _: Admin) -> Response:
+        await _app(request).desired.delete_model(name)
+        return Response(status_code=204)
+
+    # -- pools ------------------------------------------------------------------
+
+    @v1.get("/pools")
+    async def list_pools(request: Request, _: Viewer) -> list[PoolPublic]:
+        return await _app(request).desired.pools()
+
+    @v1.post("/pools", status_code=201)
+    async def create_pool(body: PoolCreate, request: Request, _: Admin) -> PoolPublic:
+        return await _app(request).desired.create_pool(body)
+
+    @v1.get("/pools/{name}")
+    async def get_pool(name: Name, request: Request, _: Viewer) -> PoolPublic:
+        return await _app(request).desired.pool(name)
+
+    @v1.patch("/pools/{name}")
+    async def update_pool(name: Name, body: PoolUpdate, request: Request, _: Admin) -> PoolPublic:
+        return await _app(request).desired.update_pool(name, body)
+
+    @v1.delete("/pools/{name}", status_code=204)
+    async def delete_pool(name: Name, request: Request, _: Admin) -> Response:
+        app = _app(request)
+        await app.desired.delete_pool(name)
+        await app.actuator.delete_pool(name)
+        return Response(status_code=204)
+
+    @v1.post("/pools/{name}/scale")
+    async def scale_pool(name: Name, body: ScaleRequest, request: Request, _: Operator) -> PoolPublic:
+        return await _app(request).desired.set_override(name, body.replicas)
+
+    # -- workers ----------------------------------------------------------------
+
+    async def _worker(app: ControllerApp, worker_id: str) -> Any:
+        record = await app.registry.get(worker_id)
+        if record is None:
+            raise NotFound(f"no worker {worker_id!r} in the registry", param="worker_id")
+        return record
+
+    @v1.get("/workers")
+    async def list_workers(request: Request, _: Viewer, pool: str | None = None) -> list[WorkerPublic]:
+        records = await _app(request).registry.list_workers()
+        return [
+            WorkerPublic(
+                worker_id=r.worker_id,
+                address=r.info.address,
+                pool=r.info.pool,
+                role=r.info.role.value,
+                model=r.info.model,
+                engine=r.info.engine.value,
+                gpu_type=r.info.gpu_type,
+                cordoned=r.cordoned,
+                draining=r.load.draining,
+                running_requests=r.load.running_requests,
+                waiting_requests=r.load.waiting_requests,
+                kv_usage=r.load.kv_usage,
+                decode_tokens_per_s=r.load.decode_tokens_per_s,
+                ttft_p90_s=r.load.ttft_p90_s,
+                tbt_p90_s=r.load.tbt_p90_s,
+            )
+            for r in records
+            if pool is None or r.info.pool == pool
+        ]
+
+    @v1.post("/workers/{worker_id}/cordon")
+    async def cordon(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:
+        app = _app(request)
+        await _worker(app, worker_id)
+        await app.registry.set_cordoned(worker_id, True)
+        return {"worker_id": worker_id, "cordoned": True}
+
+    @v1.post("/workers/{worker_id}/uncordon")
+    async def uncordon(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:
+        app = _app(request)
+        await _worker(app, worker_id)
+        await app.registry.set_cordoned(worker_id, False)
+        return {"worker_id": worker_id, "cordoned": False}
+
+    @v1.post("/workers/{worker_id}/drain")
+    async def drain(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:
+        """Stop admitting new requests; running ones finish. The worker stays up."""
+        app = _app(request)
+        record = await _worker(app, worker_id)
+        await app.registry.set_cordoned(worker_id, True)
+        client = WorkerClient(record.info.address, app.settings.internal_token)
+        try:
+            response = await client.drain(wait_s=0)
+        finally:
+            await client.close()
+        return {"worker_id": worker_id, "drained": response.drained, "running_requests": response.running_requests}
+
+    @v1.delete("/workers/{worker_id}", status_code=202)
+    async def remove_worker(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:
+        """Drain the worker, then stop it (a scale-down job); the pool's target drops by one."""
+        app = _app(request)
+        record = await _worker(app, worker_id)
+        job = await app.open_scale_down(record.info.pool, worker_id)
+        return job.model_dump(mode="json")
+
+    # -- scaling ----------------------------------------------------------------
+
+    @v1.get("/scaling")
+    async def scaling_status(request: Request, _: Viewer) -> dict[str, Any]:
+        app = _app(request)
+        return {
+            "paused": await app.desired.paused(),
+            "pools": [status.__dict__ for status in app.reconciler.last.values()],
+        }
+
+    @v1.get("/scaling/decisions")
+    async def decisions(request: Request, _: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:
+        from services.controller.reconcile import read_decisions
+
+        return await read_decisions(_app(request).redis, limit)
+
+    @v1.get("/scaling/dry-run")
+    async def dry_run(request: Request, _: Viewer) -> list[Any]:
+        statuses = await _app(request).reconciler.tick(act=False)
+        return [status.__dict__ for status in statuses]
+
+    @v1.post("/scaling/pause")
+    async def pause(request: Request, _: Operator) -> dict[str, bool]:
+        await _app(request).desired.set_paused(True)
+        return {"paused": True}
+
+    @v1.post("/scaling/resume")
+    async def resume(request: Request, _: Operator) -> dict[str, bool]:
+        await _app(request).desired.set_paused(False)
+        return {"paused": False}
+
+    # -- jobs -------------------------------------------------------------------
+
+    @v1.get("/jobs")
+    async def list_jobs(request: Request, _: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:
+        return [job.model_dump(mode="json") for job in await _app(request).jobs.list(limit)]
+
+    @v1.get("/jobs/{job_id}")
+    async def get_job(job_id: JobId, request: Request, _: Viewer) -> Any:
+        return (await _app(request).jobs.get(job_id)).model_dump(mode="json")
+
+    @v1.post("/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: JobId, request: Request, _: Operator) -> Any:
+        return (await _app(request).jobs.request_cancel(job_id)).model_dump(mode="json")
+
+    # -- cluster ----------------------------------------------------------------
+
+    @v1.get("/cluster")
+    async def cluster(request: Request, _: Viewer) -> dict[str, Any]:
+        app = _app(request)
+        pools, workers, jobs = await asyncio.gather(
+            app.desired.pools(), app.registry.list_workers(), app.jobs.list(1000)
+        )
+        return {
+            "models": [m.name for m in await app.desired.models()],
+            "pools": {
+                p.name: {
+                    "role": p.role.value,
+                    "workers": sum(1 for w in workers if w.info.pool == p.name),
+                    "desired": app.reconciler.last[p.name].desired if p.name in app.reconciler.last else None,
+                }
+                for p in pools
+            },
+            "workers": len(workers),
+            "jobs_running": sum(1 for j in jobs if not j.state.final),
+            "paused": await app.desired.paused(),
+        }
+
+    api.include_router(v1)
+
+    @api.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        body, content_type = render(_app(request).metrics_registry)
+        return Response(body, media_type=content_type)
+
+    return api

@@ -1,0 +1,144 @@
+"""The controller process: admin API, reconcile loop, local launcher.
+
+Long operations run as Celery jobs in a separate worker process
+(`python -m services.controller.jobs`); this process opens them and keeps
+their state. With the local actuator it also owns the worker processes it
+starts (the LocalLauncher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+import yaml
+from redis.exceptions import RedisError
+
+from services.controller.actuators.factory import make_actuator
+from services.controller.api.routes import build_api
+from services.controller.desired import DesiredState
+from services.controller.jobs.store import Job, JobStore
+from services.controller.launcher import LocalLauncher
+from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconciler
+from shared.config import ControllerSettings
+from shared.errors import AlreadyExists, FailedPrecondition
+from shared.state.redis import connect
+from shared.state.registry import WorkerRegistry
+from shared.telemetry.logging import get_logger
+from shared.telemetry.metrics import new_registry
+from shared.ticker import Ticker
+from shared.types.pools import ModelCreate, PoolCreate
+
+log = get_logger("shoal.controller")
+
+LAUNCH_INTERVAL_S = 0.5
+
+
+def celery_submit(settings: ControllerSettings) -> Callable[[Job], None]:
+    """Queue jobs for the Celery worker (imported here: tests may run jobs in-process instead)."""
+    from services.controller.jobs.celery_app import configure
+    from services.controller.jobs.tasks import TASKS
+
+    app = configure(settings)
+
+    def submit(job: Job) -> None:
+        app.send_task(TASKS[job.kind], args=[job.id])
+
+    return submit
+
+
+class ControllerApp:
+    def __init__(self, settings: ControllerSettings, submit: Callable[[Job], None] | None = None) -> None:
+        self.settings = settings
+        self.tokens = [tuple(item.rsplit(":", 1)) for item in settings.admin_tokens]
+        if not self.tokens:
+            raise FailedPrecondition(
+                "the controller needs SHOAL_CONTROLLER_ADMIN_TOKENS (token:role, e.g. $(openssl rand -hex 16):admin)"
+            )
+        self.redis = connect(settings.redis_url)
+        self.desired = DesiredState(self.redis)
+        self.registry = WorkerRegistry(self.redis)
+        self.jobs = JobStore(self.redis)
+        self.actuator = make_actuator(settings, self.redis)
+        # Local workers find the cluster where the controller does.
+        worker_env = {"SHOAL_REDIS_URL": settings.redis_url}
+        if settings.internal_token:
+            worker_env["SHOAL_INTERNAL_TOKEN"] = settings.internal_token
+        self.launcher = LocalLauncher(self.redis, worker_env) if settings.actuator == "local" else None
+        self.metrics_registry = new_registry()
+        self.reconciler = Reconciler(
+            self.redis,
+            self.actuator,
+            submit or celery_submit(settings),
+            ReconcileMetrics(self.metrics_registry),
+            cold_starts=self.launcher.cold_starts.get if self.launcher else lambda _pool: None,
+            job_stale_s=settings.job_stale_s,
+        )
+        self.api = build_api(self)
+        self._reconcile = Ticker("reconcile", settings.reconcile_interval_s, self._tick)
+        self._launch = Ticker("launcher", LAUNCH_INTERVAL_S, self.launcher.tick) if self.launcher else None
+        self.started_at = time.time()
+
+    async def _tick(self) -> None:
+        try:
+            await self.reconciler.tick()
+            await self.reconciler.flush_decisions()
+        except (RedisError, OSError) as exc:
+            log.warning("reconcile skipped: redis unreachable", error=str(exc))
+
+    async def open_scale_down(self, pool: str, worker_id: str) -> Job:
+        job, created = await self.jobs.create(
+            SCALE_DOWN, {"pool": pool, "worker_id": worker_id}, job_id=f"{SCALE_DOWN}-{worker_id}"
+        )
+        if created:
+            self.reconciler.submit(job)
+        return job
+
+    async def bootstrap(self, path: Path) -> None:
+        """Create the models and pools a YAML file lists, unless they exist."""
+        document = yaml.safe_load(await asyncio.to_thread(path.read_text)) or {}
+        for model in document.get("models", []):
+            with contextlib.suppress(AlreadyExists):
+                await self.desired.create_model(ModelCreate(**model))
+        for pool in document.get("pools", []):
+            with contextlib.suppress(AlreadyExists):
+                await self.desired.create_pool(PoolCreate(**pool))
+
+    async def start(self) -> None:
+        if self.settings.bootstrap:
+            await self.bootstrap(self.settings.bootstrap)
+        if self._launch is not None:
+            self._launch.start()
+        self._reconcile.start()
+        log.info("controller ready", actuator=self.actuator.name)
+
+    async def stop(self) -> None:
+        await self._reconcile.stop()
+        if self._launch is not None:
+            await self._launch.stop()
+        if self.launcher is not None:
+            await self.launcher.shutdown()
+        await self.redis.aclose()
+
+    def server(self, port: int | None = None) -> uvicorn.Server:
+        config = uvicorn.Config(
+            self.api,
+            host=self.settings.host,
+            port=self.settings.http_port if port is None else port,
+            loop="uvloop",
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+        )
+        return uvicorn.Server(config)
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await self.server().serve()
+        finally:
+            await self.stop()

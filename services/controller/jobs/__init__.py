@@ -1,0 +1,1 @@
+"""Long operations run by Celery workers: scale-down with drain (and, later, migrations)."""

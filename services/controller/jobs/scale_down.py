@@ -1,0 +1,77 @@
+"""The drain-first scale-down job: cordon, drain, stop, wait until gone.
+
+Phases are recorded in the job, so a retried task resumes where the last one
+stopped. No request is lost: the worker stops admitting (cordon in the
+registry, so routers stop sending; Drain, so the worker refuses strays),
+finishes every running request, and only then is stopped. Cancelling before
+the worker is stopped puts it back in service (uncordoned, admitting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from services.controller.actuators.base import Actuator
+from services.controller.desired import DesiredState
+from services.controller.jobs.store import Job, JobState, JobStore
+from shared.errors import NotFound, ShoalError
+from shared.rpc.worker_client import drain_blocking
+from shared.state.registry import WorkerRegistry
+from shared.telemetry.logging import get_logger
+
+log = get_logger("shoal.controller.jobs")
+
+DRAIN_STEP_S = 2.0
+GONE_TIMEOUT_S = 120.0
+
+
+async def run_scale_down(
+    job_id: str, jobs: JobStore, registry: WorkerRegistry, desired: DesiredState, actuator: Actuator, token: str | None
+) -> Job:
+    job = await jobs.get(job_id)
+    if job.state.final:
+        return job
+    worker_id = str(job.params["worker_id"])
+    job = await jobs.update(job, state=JobState.RUNNING, attempts=job.attempts + 1)
+    try:
+        pool = await desired.pool(str(job.params["pool"]))
+    except NotFound:
+        return await jobs.update(job, state=JobState.FAILED, message="the pool was deleted")
+    record = await registry.get(worker_id)
+    if job.phase in ("", "cordon"):
+        await registry.set_cordoned(worker_id, True)
+        job = await jobs.update(job, phase="drain", progress=0.1, message="cordoned: routers stop sending to it")
+    if job.phase == "drain":
+        while record is not None:
+            job = await jobs.update(job)
+            if job.cancel_requested:
+                await registry.set_cordoned(worker_id, False)
+                return await jobs.update(
+                    job, state=JobState.CANCELLED, message="cancelled before the worker stopped; it serves again"
+                )
+            try:
+                response = await asyncio.to_thread(drain_blocking, record.info.address, DRAIN_STEP_S, token)
+            except ShoalError as exc:
+                log.warning("drain call failed; the worker may be gone", worker_id=worker_id, error=exc.message)
+                record = await registry.get(worker_id)
+                continue
+            left = response.running_requests + response.waiting_requests
+            job = await jobs.update(job, progress=0.5, message=f"draining: {left} request(s) still running")
+            if response.drained:
+                break
+            record = await registry.get(worker_id)
+        job = await jobs.update(job, phase="remove", progress=0.7, message="drained")
+    if job.phase == "remove":
+        await actuator.remove(pool, worker_id)
+        job = await jobs.update(job, phase="wait-gone", progress=0.8, message="stopping the worker")
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while await registry.get(worker_id) is not None and time.monotonic() < deadline:
+        job = await jobs.update(job)
+        await asyncio.sleep(0.5)
+    if await registry.get(worker_id) is not None:
+        return await jobs.update(
+            job, state=JobState.FAILED, message="worker drained and told to stop, but still registered after 120 s"
+        )
+    await registry.set_cordoned(worker_id, False)
+    return await jobs.update(job, state=JobState.SUCCEEDED, progress=1.0, message="worker drained and stopped")

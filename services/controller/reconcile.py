@@ -1,0 +1,316 @@
+"""The reconcile loop: observe, decide (pure policies), act through jobs.
+
+Each tick builds, per pool, a snapshot of what is (ready workers from the
+registry, starting ones from the actuator, the work routers reported second by
+second) and asks the pool's scaling policy what should be. Then it acts:
+
+* more replicas: raise the actuator's target at once;
+* fewer: first cancel workers still starting, then open one drain-first
+  scale-down job per excess ready worker (least loaded first); the job drains
+  the worker and only then has the actuator stop it;
+* a manual override or the pause switch wins over the policy.
+
+Everything a tick does is derived from observed state, so ticks are
+idempotent and the loop survives its own restart and a Redis restart (the
+observed state comes back with the workers' next heartbeats). Every decision
+is recorded with its reason: in a capped Redis stream, in a status document
+per pool, and as metrics. Jobs whose worker died are resubmitted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.asyncio import Redis
+
+from services.controller.actuators.base import Actuator, InstanceState
+from services.controller.desired import DesiredState
+from services.controller.jobs.store import Job, JobState, JobStore
+from shared.policies.scaling import (
+    PolicyState,
+    PoolSnapshot,
+    ScalingDecision,
+    ScalingReason,
+    WorkerReport,
+    WorkSample,
+    make_policy,
+)
+from shared.state import schema
+from shared.state.registry import WorkerRegistry
+from shared.state.versioned import DocumentStore
+from shared.state.workstats import read_work
+from shared.telemetry.logging import get_logger
+from shared.types.pools import ModelPublic, PoolPublic
+from shared.types.workers import WorkerRecord
+
+log = get_logger("shoal.controller.reconcile")
+
+HISTORY_S = 300
+SCALE_DOWN = "scale-down"
+DEFAULT_COLD_START_S = 10.0
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    pool: str
+    at: float
+    ready: int
+    starting: int
+    draining: int
+    desired: int
+    reason: str
+    explanation: str
+    cold_start_s: float
+    prefill_capacity: float
+    decode_capacity: float
+    forecast_prefill_tps: float
+    forecast_decode_tps: float
+    acted: bool
+
+
+class ReconcileMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = Counter(
+            "shoal_controller_decisions", "Scaling decisions by pool and reason", ["pool", "reason"], registry=registry
+        )
+        self.desired = Gauge("shoal_controller_desired_replicas", "Replicas wanted", ["pool"], registry=registry)
+        self.ready = Gauge("shoal_controller_ready_replicas", "Workers serving", ["pool"], registry=registry)
+        self.starting = Gauge("shoal_controller_starting_replicas", "Workers starting", ["pool"], registry=registry)
+        self.jobs = Counter("shoal_controller_jobs", "Jobs opened by kind", ["kind"], registry=registry)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        redis: Redis,
+        actuator: Actuator,
+        submit: Callable[[Job], None],
+        metrics: ReconcileMetrics,
+        cold_starts: Callable[[str], float | None] = lambda _pool: None,
+        job_stale_s: float = 20.0,
+    ) -> None:
+        self.redis = redis
+        self.desired = DesiredState(redis)
+        self.registry = WorkerRegistry(redis)
+        self.jobs = JobStore(redis)
+        self.docs = DocumentStore(redis)
+        self.actuator = actuator
+        self.submit = submit
+        self.metrics = metrics
+        self.cold_starts = cold_starts
+        self.job_stale_s = job_stale_s
+        self.states: dict[str, PolicyState] = {}
+        self.history: defaultdict[str, deque[WorkSample]] = defaultdict(deque)
+        self.refused: defaultdict[str, deque[tuple[float, int]]] = defaultdict(deque)
+        self._last_work = "0-0"
+        self.last: dict[str, PoolStatus] = {}
+        self._pending_decisions: list[PoolStatus] = []
+
+    # -- observation --------------------------------------------------------------
+
+    async def _ingest_work(self, now: float) -> None:
+        entries, self._last_work = await read_work(self.redis, self._last_work)
+        for entry in entries:
+            second = float(int(entry.t))
+            for pool, work in entry.pools.items():
+                history = self.history[pool]
+                if history and history[-1].t == second:
+                    last = history.pop()
+                    work_sample = WorkSample(
+                        second,
+                        last.requests + work.requests,
+                        last.prefill_tokens + work.prefill_tokens,
+                        last.decode_tokens + work.decode_tokens,
+                    )
+                else:
+                    work_sample = WorkSample(second, work.requests, work.prefill_tokens, work.decode_tokens)
+                history.append(work_sample)
+            if entry.refused:
+                self.refused[entry.model].append((entry.t, entry.refused))
+        for history in self.history.values():
+            while history and history[0].t < now - HISTORY_S:
+                history.popleft()
+        for refused in self.refused.values():
+            while refused and refused[0][0] < now - HISTORY_S:
+                refused.popleft()
+
+    def _snapshot(
+        self, pool: PoolPublic, workers: list[WorkerRecord], starting: int, now: float, cold_start: float
+    ) -> PoolSnapshot:
+        recent_refusals = sum(n for t, n in self.refused.get(pool.model, ()) if t > now - 10)
+        return PoolSnapshot(
+            now=now,
+            role=pool.role.value,
+            min_replicas=pool.min_replicas,
+            max_replicas=pool.max_replicas,
+            ttft_slo_s=pool.slo.ttft_p90_s,
+            tbt_slo_s=pool.slo.tbt_p90_s,
+            prior_prefill_tps=pool.capacity.prefill_tokens_per_s,
+            prior_decode_tps=pool.capacity.decode_tokens_per_s,
+            ready=len(workers),
+            starting=starting,
+            cold_start_s=cold_start,
+            work=list(self.history.get(pool.name, ())),
+            workers=[
+                WorkerReport(
+                    running=w.load.running_requests,
+                    waiting=w.load.waiting_requests,
+                    max_running=w.info.max_running,
+                    prefill_tokens_per_s=w.load.prefill_tokens_per_s,
+                    decode_tokens_per_s=w.load.decode_tokens_per_s,
+                    ttft_p90_s=w.load.ttft_p90_s,
+                    tbt_p90_s=w.load.tbt_p90_s,
+                )
+                for w in workers
+            ],
+            refused=recent_refusals if pool.role.value != "prefill" else 0.0,
+        )
+
+    # -- the tick -------------------------------------------------------------------
+
+    async def tick(self, act: bool = True) -> list[PoolStatus]:
+        """One reconcile pass; with act=False (dry run) decide and report, but change nothing."""
+        now = time.time()
+        await self._ingest_work(now)
+        paused = await self.desired.paused()
+        workers = await self.registry.list_workers()
+        models = {m.name: m for m in await self.desired.models()}
+        open_jobs = [j for j in await self.jobs.list(limit=10_000) if not j.state.final]
+        removing = {j.params["worker_id"]: j for j in open_jobs if j.kind == SCALE_DOWN}
+        statuses: list[PoolStatus] = []
+        for pool in await self.desired.pools():
+            model = models.get(pool.model)
+            if model is None:
+                continue
+            instances = await self.actuator.instances(pool.name)
+            mine = [w for w in workers if w.info.pool == pool.name]
+            ready = [w for w in mine if w.schedulable and w.worker_id not in removing]
+            draining = len(mine) - len(ready)
+            registered = {w.worker_id for w in mine}
+            starting = sum(
+                1 for i in instances.instances if i.state is InstanceState.STARTING and i.worker_id not in registered
+            )
+            cold = self.cold_starts(pool.name) or DEFAULT_COLD_START_S
+            snapshot = self._snapshot(pool, ready, starting, now, cold)
+            decision = self._decide(pool, snapshot, paused, keep_state=act)
+            acted = False
+            if act and not paused:
+                acted = await self._act(pool, model, decision, snapshot, ready, removing)
+            statuses.append(self._status(pool, snapshot, decision, draining, cold, acted))
+            if act:
+                self._record(statuses[-1])
+        if act:
+            await self._resubmit_stale(open_jobs, now)
+        return statuses
+
+    def _decide(self, pool: PoolPublic, snapshot: PoolSnapshot, paused: bool, keep_state: bool) -> ScalingDecision:
+        state = self.states.get(pool.name, PolicyState())
+        if paused:
+            return ScalingDecision(snapshot.current, ScalingReason.PAUSED, "scaling is paused", state)
+        if pool.replicas_override is not None:
+            return ScalingDecision(
+                pool.replicas_override, ScalingReason.MANUAL, f"manual override: {pool.replicas_override}", state
+            )
+        policy = make_policy(pool.scaling.policy, pool.scaling.params)
+        decision = policy.decide(snapshot, state)
+        if keep_state:
+            self.states[pool.name] = decision.state
+        return decision
+
+    async def _act(
+        self,
+        pool: PoolPublic,
+        model: ModelPublic,
+        decision: ScalingDecision,
+        snapshot: PoolSnapshot,
+        ready: list[WorkerRecord],
+        removing: dict[str, Job],
+    ) -> bool:
+        target = decision.replicas
+        pending_removals = sum(
+            1 for j in removing.values() if j.params.get("pool") == pool.name and j.phase in ("", "cordon", "drain")
+        )
+        if target > snapshot.current:
+            await self.actuator.scale_to(pool, model, target + pending_removals)
+            return True
+        if target >= snapshot.current:
+            return False
+        if snapshot.starting:
+            # A scale-up no longer wanted: cancel what has not started serving.
+            await self.actuator.scale_to(pool, model, max(target, snapshot.ready) + pending_removals)
+        excess = snapshot.ready - target
+        victims = sorted(ready, key=lambda w: (w.load.running_requests + w.load.waiting_requests, w.worker_id))
+        for worker in victims[: max(0, excess)]:
+            job, created = await self.jobs.create(
+                SCALE_DOWN,
+                {"pool": pool.name, "worker_id": worker.worker_id},
+                job_id=f"{SCALE_DOWN}-{worker.worker_id}",
+            )
+            if created:
+                self.metrics.jobs.labels(SCALE_DOWN).inc()
+                self.submit(job)
+                log.info("scale-down job opened", pool=pool.name, worker_id=worker.worker_id, job_id=job.id)
+        return True
+
+    def _status(
+        self,
+        pool: PoolPublic,
+        snapshot: PoolSnapshot,
+        decision: ScalingDecision,
+        draining: int,
+        cold: float,
+        acted: bool,
+    ) -> PoolStatus:
+        state = decision.state
+        return PoolStatus(
+            pool=pool.name,
+            at=snapshot.now,
+            ready=snapshot.ready,
+            starting=snapshot.starting,
+            draining=draining,
+            desired=decision.replicas,
+            reason=decision.reason.value,
+            explanation=decision.explanation,
+            cold_start_s=cold,
+            prefill_capacity=state.prefill_capacity or pool.capacity.prefill_tokens_per_s,
+            decode_capacity=state.decode_capacity or pool.capacity.decode_tokens_per_s,
+            forecast_prefill_tps=decision.forecast_prefill_tps,
+            forecast_decode_tps=decision.forecast_decode_tps,
+            acted=acted,
+        )
+
+    def _record(self, status: PoolStatus) -> None:
+        self.metrics.decisions.labels(status.pool, status.reason).inc()
+        self.metrics.desired.labels(status.pool).set(status.desired)
+        self.metrics.ready.labels(status.pool).set(status.ready)
+        self.metrics.starting.labels(status.pool).set(status.starting)
+        previous = self.last.get(status.pool)
+        self.last[status.pool] = status
+        if previous is None or (previous.desired, previous.reason) != (status.desired, status.reason):
+            self._pending_decisions.append(status)
+
+    async def flush_decisions(self) -> None:
+        """Write changed decisions to the decision log (one entry per change, not per tick)."""
+        pending, self._pending_decisions = self._pending_decisions, []
+        for status in pending:
+            await self.redis.xadd(
+                schema.DECISIONS, {"data": json.dumps(asdict(status))}, maxlen=schema.DECISIONS_MAXLEN, approximate=True
+            )
+
+    async def _resubmit_stale(self, open_jobs: list[Job], now: float) -> None:
+        for job in open_jobs:
+            alive_at = max(job.heartbeat_at, job.updated_at)
+            if job.state is JobState.RUNNING and now - alive_at > self.job_stale_s:
+                log.warning("job stalled (its worker died?); resubmitting", job_id=job.id, phase=job.phase)
+                await self.jobs.update(job, state=JobState.PENDING, message="resubmitted after its worker stopped")
+                self.submit(job)
+
+
+async def read_decisions(redis: Redis, limit: int = 100) -> list[dict[str, object]]:
+    entries = await redis.xrevrange(schema.DECISIONS, count=limit)
+    return [json.loads(fields[b"data"]) for _id, fields in entries]

@@ -1,0 +1,317 @@
+"""Scaling policies: how many replicas each pool should have. Pure functions.
+
+A policy gets a `PoolSnapshot` (the pool's spec, its replicas, its workers'
+reports, the work routed to it second by second) and its own `PolicyState`
+from the previous tick, and returns a `ScalingDecision`: the replicas, the
+reason (an enum, exported as a metric), a human explanation and the next
+state. It reads no clock but `snapshot.now` and performs no I/O, so the
+controller and the simulator run it identically.
+
+Built-ins (SCALING_POLICIES):
+
+* `predictive` (default): forecasts each pool's token work over a horizon of
+  at least the measured cold start (Holt's linear trend over the per-second
+  work, never below the recent peak), divides by the capacity of one replica
+  *within the SLO* (learned online from saturated workers, starting from a
+  prior), and adds head-room. Prefill and decode pools are sized separately
+  from their own work, which sets the P:D ratio. Scale-ups act at once;
+  scale-downs wait until demand has stayed low for `down_delay_s`, respect a
+  cool-down and step down gradually, so the pool never flaps. An SLO breach
+  with queued requests adds a replica whatever the forecast says.
+* `reactive`: the queue length now (running + waiting) over a target per
+  replica: the common baseline, with no forecast.
+* `fixed`: a constant number (sizing for the peak).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ScalingReason(enum.StrEnum):
+    STEADY = "steady"
+    SCALE_UP_FORECAST = "scale-up-forecast"
+    SCALE_UP_SLO = "scale-up-slo"
+    SCALE_UP_QUEUE = "scale-up-queue"
+    SCALE_FROM_ZERO = "scale-from-zero"
+    SCALE_DOWN_DEMAND = "scale-down-demand"
+    SCALE_DOWN_IDLE = "scale-down-idle"
+    HOLD_HYSTERESIS = "hold-hysteresis"
+    HOLD_COOLDOWN = "hold-cooldown"
+    AT_MIN = "at-min-replicas"
+    AT_MAX = "at-max-replicas"
+    FIXED = "fixed"
+    MANUAL = "manual-override"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class WorkSample:
+    """Work routed to the pool during one second."""
+
+    t: float
+    requests: float = 0.0
+    prefill_tokens: float = 0.0
+    decode_tokens: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    running: int
+    waiting: int
+    max_running: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    ttft_p90_s: float
+    tbt_p90_s: float
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    now: float
+    role: str  # prefill | decode | mixed
+    min_replicas: int
+    max_replicas: int
+    ttft_slo_s: float
+    tbt_slo_s: float
+    prior_prefill_tps: float
+    prior_decode_tps: float
+    ready: int
+    starting: int
+    cold_start_s: float
+    work: Sequence[WorkSample] = ()
+    workers: Sequence[WorkerReport] = ()
+    # Requests refused for want of any worker (the demand of a pool at zero).
+    refused: float = 0.0
+
+    @property
+    def current(self) -> int:
+        return self.ready + self.starting
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    prefill_capacity: float | None = None
+    decode_capacity: float | None = None
+    last_change: float = -math.inf
+    low_since: float | None = None
+
+
+@dataclass(frozen=True)
+class ScalingDecision:
+    replicas: int
+    reason: ScalingReason
+    explanation: str
+    state: PolicyState = field(default_factory=PolicyState)
+    forecast_prefill_tps: float = 0.0
+    forecast_decode_tps: float = 0.0
+
+
+class ScalingPolicy(Protocol):
+    """Decides a pool's replicas once per reconcile tick (see module doc). Pure."""
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision: ...
+
+
+def _clamp(replicas: int, snapshot: PoolSnapshot) -> tuple[int, ScalingReason | None]:
+    if replicas < snapshot.min_replicas:
+        return snapshot.min_replicas, ScalingReason.AT_MIN
+    if replicas > snapshot.max_replicas:
+        return snapshot.max_replicas, ScalingReason.AT_MAX
+    return replicas, None
+
+
+def holt_forecast(series: Sequence[float], horizon: float, alpha: float = 0.5, beta: float = 0.2) -> float:
+    """Holt's linear exponential smoothing of a per-second series, `horizon` seconds ahead (>= 0)."""
+    if not series:
+        return 0.0
+    level, trend = series[0], 0.0
+    for value in series[1:]:
+        previous = level
+        level = alpha * value + (1 - alpha) * (level + trend)
+        trend = beta * (level - previous) + (1 - beta) * trend
+    return max(0.0, level + horizon * trend)
+
+
+class PredictiveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    window_s: float = Field(default=60.0, gt=0, description="Seconds of work history the forecast reads.")
+    peak_window_s: float = Field(default=10.0, gt=0, description="Never plan below the peak of this recent window.")
+    target_utilization: float = Field(default=0.7, gt=0, le=1, description="Share of SLO capacity to plan for.")
+    min_horizon_s: float = Field(default=5.0, ge=0, description="Forecast at least this far ahead.")
+    down_delay_s: float = Field(default=20.0, ge=0, description="Demand must stay low this long to scale down.")
+    down_cooldown_s: float = Field(default=20.0, ge=0, description="Seconds after any change before scaling down.")
+    max_step_down: int = Field(default=1, ge=1, description="Replicas removed per decision at most.")
+    learn_rate: float = Field(default=0.2, ge=0, le=1, description="Weight of a new capacity sample.")
+
+
+class PredictivePolicy:
+    Params = PredictiveParams
+
+    def __init__(self, params: PredictiveParams) -> None:
+        self.p = params
+
+    def _learn(self, snapshot: PoolSnapshot, state: PolicyState) -> PolicyState:
+        """Update per-replica capacity from workers that are saturated (their rate is capacity)."""
+        prefill = state.prefill_capacity or snapshot.prior_prefill_tps
+        decode = state.decode_capacity or snapshot.prior_decode_tps
+        rate = self.p.learn_rate
+        for report in snapshot.workers:
+            saturated = report.waiting > 0 or (report.max_running and report.running >= report.max_running)
+            if not saturated:
+                continue
+            within = report.ttft_p90_s <= snapshot.ttft_slo_s and report.tbt_p90_s <= snapshot.tbt_slo_s
+            for kind, observed in (("prefill", report.prefill_tokens_per_s), ("decode", report.decode_tokens_per_s)):
+                if observed <= 0:
+                    continue
+                estimate = prefill if kind == "prefill" else decode
+                # Within the SLO the observed rate is a floor of capacity; past it, a ceiling.
+                target = max(estimate, observed) if within else min(estimate, 0.9 * observed)
+                estimate += rate * (target - estimate)
+                if kind == "prefill":
+                    prefill = estimate
+                else:
+                    decode = estimate
+        return replace(state, prefill_capacity=prefill, decode_capacity=decode)
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        p = self.p
+        state = self._learn(snapshot, state)
+        assert state.prefill_capacity is not None and state.decode_capacity is not None
+        horizon = max(p.min_horizon_s, snapshot.cold_start_s)
+        recent = [w for w in snapshot.work if w.t > snapshot.now - p.window_s]
+        peak_from = snapshot.now - p.peak_window_s
+        forecasts: dict[str, float] = {}
+        for kind in ("prefill", "decode"):
+            series = [w.prefill_tokens if kind == "prefill" else w.decode_tokens for w in recent]
+            peak = max((v for w, v in zip(recent, series, strict=True) if w.t > peak_from), default=0.0)
+            forecasts[kind] = max(holt_forecast(series, horizon), peak)
+        need = 0.0
+        if snapshot.role != "decode":
+            need = max(need, forecasts["prefill"] / state.prefill_capacity)
+        if snapshot.role != "prefill":
+            need = max(need, forecasts["decode"] / state.decode_capacity)
+        wanted = math.ceil(need / p.target_utilization - 1e-9)
+        requests = sum(w.requests for w in recent if w.t > peak_from) + snapshot.refused
+        breach = any(
+            r.waiting > 0 and (r.ttft_p90_s > snapshot.ttft_slo_s or r.tbt_p90_s > snapshot.tbt_slo_s)
+            for r in snapshot.workers
+        )
+        current = snapshot.current
+        reason = ScalingReason.SCALE_UP_FORECAST
+        if breach and wanted <= current:
+            wanted, reason = current + 1, ScalingReason.SCALE_UP_SLO
+        if current == 0 and requests > 0 and wanted == 0:
+            wanted, reason = 1, ScalingReason.SCALE_FROM_ZERO
+        explanation = (
+            f"forecast prefill {forecasts['prefill']:.0f} tok/s / {state.prefill_capacity:.0f} per replica, "
+            f"decode {forecasts['decode']:.0f} tok/s / {state.decode_capacity:.0f} per replica, "
+            f"horizon {horizon:.0f}s, at {p.target_utilization:.0%} utilization -> {wanted}"
+        )
+        decision = self._apply(snapshot, state, wanted, reason, explanation, requests == 0)
+        return replace(decision, forecast_prefill_tps=forecasts["prefill"], forecast_decode_tps=forecasts["decode"])
+
+    def _apply(
+        self,
+        snapshot: PoolSnapshot,
+        state: PolicyState,
+        wanted: int,
+        up_reason: ScalingReason,
+        explanation: str,
+        idle: bool,
+    ) -> ScalingDecision:
+        p = self.p
+        now, current = snapshot.now, snapshot.current
+        wanted, bound = _clamp(wanted, snapshot)
+        if bound is not None:
+            explanation += f" (held to [{snapshot.min_replicas}, {snapshot.max_replicas}])"
+        if wanted > current:
+            return ScalingDecision(wanted, up_reason, explanation, replace(state, last_change=now, low_since=None))
+        if wanted == current:
+            return ScalingDecision(current, bound or ScalingReason.STEADY, explanation, replace(state, low_since=None))
+        low_since = state.low_since if state.low_since is not None else now
+        state = replace(state, low_since=low_since)
+        if now - low_since < p.down_delay_s:
+            return ScalingDecision(
+                current, ScalingReason.HOLD_HYSTERESIS, f"{explanation}; low for {now - low_since:.0f}s", state
+            )
+        if now - state.last_change < p.down_cooldown_s:
+            return ScalingDecision(current, ScalingReason.HOLD_COOLDOWN, f"{explanation}; cooling down", state)
+        target = max(wanted, current - p.max_step_down)
+        reason = ScalingReason.SCALE_DOWN_IDLE if idle else ScalingReason.SCALE_DOWN_DEMAND
+        return ScalingDecision(target, reason, explanation, replace(state, last_change=now, low_since=None))
+
+
+class ReactiveParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target_queue: float = Field(default=16.0, gt=0, description="Running + waiting requests per replica to aim for.")
+    down_cooldown_s: float = Field(default=20.0, ge=0, description="Seconds after any change before scaling down.")
+
+
+class ReactivePolicy:
+    Params = ReactiveParams
+
+    def __init__(self, params: ReactiveParams) -> None:
+        self.p = params
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        queue = sum(r.running + r.waiting for r in snapshot.workers) + snapshot.refused
+        wanted = math.ceil(queue / self.p.target_queue - 1e-9)
+        explanation = f"queue {queue:.0f} / {self.p.target_queue:g} per replica -> {wanted}"
+        wanted, bound = _clamp(wanted, snapshot)
+        now, current = snapshot.now, snapshot.current
+        if wanted > current:
+            return ScalingDecision(
+                wanted, bound or ScalingReason.SCALE_UP_QUEUE, explanation, replace(state, last_change=now)
+            )
+        if wanted < current and now - state.last_change >= self.p.down_cooldown_s:
+            return ScalingDecision(
+                wanted, bound or ScalingReason.SCALE_DOWN_DEMAND, explanation, replace(state, last_change=now)
+            )
+        reason = ScalingReason.HOLD_COOLDOWN if wanted < current else bound or ScalingReason.STEADY
+        return ScalingDecision(current, reason, explanation, state)
+
+
+class FixedParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replicas: int = Field(ge=0, le=10_000, description="The constant number of replicas.")
+
+
+class FixedPolicy:
+    Params = FixedParams
+
+    def __init__(self, params: FixedParams) -> None:
+        self.p = params
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        replicas, bound = _clamp(self.p.replicas, snapshot)
+        return ScalingDecision(replicas, bound or ScalingReason.FIXED, f"fixed at {self.p.replicas}", state)
+
+
+SCALING_POLICIES: Mapping[str, Any] = {
+    "predictive": PredictivePolicy,
+    "reactive": ReactivePolicy,
+    "fixed": FixedPolicy,
+}
+
+
+def make_policy(name: str, params: Mapping[str, Any]) -> ScalingPolicy:
+    """Build a policy by name, refusing unknown names and bad parameters with ValueError."""
+    cls = SCALING_POLICIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown scaling policy {name!r}; known: {', '.join(sorted(SCALING_POLICIES))}")
+    try:
+        return cls(cls.Params(**params))  # type: ignore[no-any-return]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"scaling policy {name!r}: {where}: {first['msg']}") from None

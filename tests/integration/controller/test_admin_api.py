@@ -1,0 +1,131 @@
+"""The admin API: roles, desired state, validation, workers, jobs (real Redis, real HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.config import EngineKind
+from tests.support.services import ADMIN, OPERATOR, VIEWER, RunningController, running_controller, running_worker
+
+pytestmark = pytest.mark.integration
+
+MODEL = {"name": "tiny", "path": "/models/tiny"}
+POOL = {"name": "decode", "model": "tiny", "role": "decode", "engine": "sim", "min_replicas": 0, "max_replicas": 0}
+
+
+async def call(front: RunningController, method: str, path: str, token: str = ADMIN, **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=front.url) as http:
+        return await http.request(method, path, headers=front.headers(token), **kw)
+
+
+async def test_tokens_and_roles(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        async with httpx.AsyncClient(base_url=front.url) as http:
+            anonymous = await http.get("/v1/pools")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["type"] == "authentication_error"
+        assert (await call(front, "GET", "/v1/pools", token="wrong")).status_code == 401
+        assert (await call(front, "GET", "/v1/pools", token=VIEWER)).status_code == 200
+        refused = await call(front, "POST", "/v1/models", token=OPERATOR, json=MODEL)
+        assert refused.status_code == 403 and "admin role" in refused.json()["error"]["message"]
+        assert (await call(front, "POST", "/v1/scaling/pause", token=VIEWER)).status_code == 403
+        assert (await call(front, "POST", "/v1/scaling/pause", token=OPERATOR)).json() == {"paused": True}
+
+
+async def test_models_and_pools_crud_with_versions(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        assert (await call(front, "POST", "/v1/models", json=MODEL)).status_code == 201
+        assert (await call(front, "POST", "/v1/models", json=MODEL)).status_code == 409
+        created = await call(front, "POST", "/v1/pools", json=POOL)
+        assert created.status_code == 201, created.text
+        assert created.json()["version"] == 1
+        patched = await call(front, "PATCH", "/v1/pools/decode", json={"max_replicas": 3, "slo": {"tbt_p90_s": 0.1}})
+        assert patched.json()["max_replicas"] == 3 and patched.json()["slo"]["tbt_p90_s"] == 0.1
+        assert patched.json()["version"] == 2
+        assert (await call(front, "DELETE", "/v1/models/tiny")).status_code == 409  # a pool serves it
+        scaled = await call(front, "POST", "/v1/pools/decode/scale", token=OPERATOR, json={"replicas": 2})
+        assert scaled.json()["replicas_override"] == 2
+        assert (await call(front, "DELETE", "/v1/pools/decode")).status_code == 204
+        assert (await call(front, "GET", "/v1/pools/decode", token=VIEWER)).status_code == 404
+        assert (await call(front, "DELETE", "/v1/models/tiny")).status_code == 204
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "fragment"),
+    [
+        ("/v1/pools", {**POOL, "name": "Bad_Name"}, "DNS label"),
+        ("/v1/pools", {**POOL, "name": "b", "min_replicas": 5, "max_replicas": 2}, "exceeds max_replicas"),
+        ("/v1/pools", {**POOL, "name": "b", "model": "missing"}, "no model named"),
+        ("/v1/pools", {**POOL, "name": "b", "scaling": {"policy": "magic"}}, "unknown scaling policy"),
+        ("/v1/pools", {**POOL, "name": "b", "scaling": {"policy": "fixed", "params": {}}}, "replicas"),
+        ("/v1/pools", {**POOL, "name": "b", "role": "chef"}, "role"),
+        ("/v1/pools", {**POOL, "name": "b", "extra": 1}, "extra"),
+        ("/v1/pools", POOL, "exists"),
+        ("/v1/pools/decode/scale", {"replicas": 99}, "outside the pool's bounds"),
+    ],
+    ids=["name", "bounds", "model", "policy", "params", "role", "extra", "duplicate", "override"],
+)
+async def test_bad_desired_state_gets_clear_4xx(redis_url: str, path: str, body: dict[str, Any], fragment: str) -> None:
+    async with running_controller(redis_url) as front:
+        await call(front, "POST", "/v1/models", json=MODEL)
+        await call(front, "POST", "/v1/pools", json={**POOL, "max_replicas": 2})
+        response = await call(front, "POST", path, json=body)
+        assert 400 <= response.status_code < 500, response.text
+        assert fragment in response.text
+
+
+async def test_workers_are_listed_cordoned_and_removed_by_a_drain_first_job(redis_url: str, tiny_model: Any) -> None:
+    async with running_controller(redis_url) as front:
+        await call(front, "POST", "/v1/models", json={"name": "shoal-tiny-moe"})
+        await call(front, "POST", "/v1/pools", json={**POOL, "model": "shoal-tiny-moe", "name": "default"})
+        async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, worker_id="w-1"):
+            listed = (await call(front, "GET", "/v1/workers", token=VIEWER)).json()
+            assert [w["worker_id"] for w in listed] == ["w-1"]
+            assert (await call(front, "POST", "/v1/workers/w-1/cordon", token=OPERATOR)).json()["cordoned"]
+            assert (await call(front, "GET", "/v1/workers", token=VIEWER)).json()[0]["cordoned"]
+            assert (await call(front, "POST", "/v1/workers/w-1/uncordon", token=OPERATOR)).status_code == 200
+            job = (await call(front, "DELETE", "/v1/workers/w-1", token=OPERATOR)).json()
+            for _ in range(100):
+                state = (await call(front, "GET", f"/v1/jobs/{job['id']}", token=VIEWER)).json()
+                if state["phase"] == "wait-gone":
+                    break
+                await asyncio.sleep(0.05)
+            assert state["phase"] == "wait-gone"  # drained; the (in-process) worker is ours to stop
+        assert (await call(front, "DELETE", "/v1/workers/nobody", token=OPERATOR)).status_code == 404
+        assert (await call(front, "POST", "/v1/jobs/nope/cancel", token=OPERATOR)).status_code == 404
+
+
+@pytest.mark.slow
+async def test_schemathesis_finds_no_server_errors(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        await call(front, "POST", "/v1/models", json=MODEL)
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                f"{front.url}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--max-examples",
+                "15",
+                "--seed",
+                "2",
+                "--header",
+                f"Authorization: Bearer {ADMIN}",
+                "--suppress-health-check",
+                "all",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=280,
+        )
+        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -1,0 +1,127 @@
+"""Scaling policies over hand-built snapshots (pure, no services)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from shared.policies.scaling import (
+    PolicyState,
+    PoolSnapshot,
+    ScalingReason,
+    WorkerReport,
+    WorkSample,
+    holt_forecast,
+    make_policy,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def snapshot(now: float = 100.0, ready: int = 1, decode_tps: float = 0.0, **kw: object) -> PoolSnapshot:
+    base = PoolSnapshot(
+        now=now,
+        role="decode",
+        min_replicas=0,
+        max_replicas=10,
+        ttft_slo_s=2.0,
+        tbt_slo_s=0.2,
+        prior_prefill_tps=1000.0,
+        prior_decode_tps=100.0,
+        ready=ready,
+        starting=0,
+        cold_start_s=5.0,
+        work=[
+            WorkSample(t, requests=decode_tps / 10, decode_tokens=decode_tps) for t in range(int(now) - 60, int(now))
+        ],
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_forecast_follows_a_trend() -> None:
+    rising = [float(t) for t in range(30)]
+    assert holt_forecast(rising, horizon=10) > 30
+    assert holt_forecast([5.0] * 20, horizon=10) == pytest.approx(5.0)
+    assert holt_forecast([], horizon=10) == 0.0
+
+
+def test_replicas_follow_demand_over_capacity() -> None:
+    policy = make_policy("predictive", {"target_utilization": 0.5})
+    decision = policy.decide(snapshot(decode_tps=300.0), PolicyState())
+    # 300 tok/s / 100 per replica / 0.5 utilization = 6 replicas, at once.
+    assert decision.replicas == 6
+    assert decision.reason is ScalingReason.SCALE_UP_FORECAST
+    assert "decode 300 tok/s" in decision.explanation
+
+
+def test_prefill_and_decode_pools_are_sized_from_their_own_work() -> None:
+    policy = make_policy("predictive", {"target_utilization": 1.0})
+    work = [WorkSample(t, requests=1, prefill_tokens=3000.0, decode_tokens=50.0) for t in range(40, 100)]
+    prefill = policy.decide(snapshot(role="prefill", work=work), PolicyState())
+    decode = policy.decide(snapshot(role="decode", work=work), PolicyState())
+    assert (prefill.replicas, decode.replicas) == (3, 1)
+
+
+def test_scale_down_waits_for_the_delay_and_steps_gradually() -> None:
+    policy = make_policy("predictive", {"down_delay_s": 20, "down_cooldown_s": 0, "max_step_down": 1})
+    state = PolicyState()
+    low = snapshot(decode_tps=0.0, ready=5, min_replicas=1)
+    held = policy.decide(low, state)
+    assert held.replicas == 5 and held.reason is ScalingReason.HOLD_HYSTERESIS
+    later = policy.decide(replace(low, now=low.now + 25), held.state)
+    assert later.replicas == 4 and later.reason is ScalingReason.SCALE_DOWN_IDLE
+
+
+def test_no_flapping_when_demand_hovers_at_a_boundary() -> None:
+    policy = make_policy("predictive", {"target_utilization": 1.0, "down_delay_s": 30, "down_cooldown_s": 30})
+    state = PolicyState()
+    replicas = 2
+    changes = 0
+    for second in range(200):
+        tps = 195.0 if second % 2 else 205.0  # around the 2-replica boundary
+        snap = snapshot(now=100.0 + second, ready=replicas, decode_tps=tps)
+        decision = policy.decide(snap, state)
+        changes += decision.replicas != replicas
+        replicas, state = decision.replicas, decision.state
+    assert changes <= 1
+
+
+def test_slo_breach_with_a_queue_adds_a_replica() -> None:
+    policy = make_policy("predictive", {})
+    hot = WorkerReport(running=8, waiting=5, max_running=8, prefill_tokens_per_s=0, decode_tokens_per_s=50,
+                       ttft_p90_s=9.0, tbt_p90_s=0.1)  # fmt: skip
+    decision = policy.decide(snapshot(decode_tps=10.0, ready=2, workers=[hot]), PolicyState())
+    assert decision.replicas == 3
+    assert decision.reason is ScalingReason.SCALE_UP_SLO
+    # Saturated and over the SLO: the learned capacity drops below the prior.
+    assert decision.state.decode_capacity is not None and decision.state.decode_capacity < 100.0
+
+
+def test_zero_traffic_scales_to_min_and_traffic_scales_from_zero() -> None:
+    policy = make_policy("predictive", {"down_delay_s": 0, "down_cooldown_s": 0, "max_step_down": 5})
+    idle = policy.decide(snapshot(decode_tps=0.0, ready=3, min_replicas=0), PolicyState())
+    assert idle.replicas == 0
+    revived = policy.decide(snapshot(decode_tps=0.0, ready=0, refused=3.0), PolicyState())
+    assert revived.replicas == 1 and revived.reason is ScalingReason.SCALE_FROM_ZERO
+
+
+def test_bounds_and_baselines() -> None:
+    assert make_policy("predictive", {}).decide(snapshot(decode_tps=10_000.0), PolicyState()).reason is (
+        ScalingReason.AT_MAX
+    )
+    assert make_policy("fixed", {"replicas": 3}).decide(snapshot(), PolicyState()).replicas == 3
+    worker = WorkerReport(running=20, waiting=12, max_running=32, prefill_tokens_per_s=0, decode_tokens_per_s=0,
+                          ttft_p90_s=0.1, tbt_p90_s=0.01)  # fmt: skip
+    reactive = make_policy("reactive", {"target_queue": 8}).decide(snapshot(workers=[worker]), PolicyState())
+    assert reactive.replicas == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [("magic", {}, "unknown scaling policy"), ("fixed", {}, "replicas"), ("predictive", {"bogus": 1}, "bogus")],
+    ids=["name", "missing", "extra"],
+)
+def test_bad_policy_specs_are_refused(name: str, params: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_policy(name, params)
