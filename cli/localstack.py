@@ -1,22 +1,29 @@
 """The whole platform as local processes: what `make run` starts (and e2e tests).
 
 Redis on a free port (unless SHOAL_REDIS_URL is set), the kvstore, the
-workers, then the router, each waited on until its health check answers.
-Public ports come from the usual variables (SHOAL_ROUTER_HTTP_PORT, ...) or
-the StackConfig; internal ones are picked free.
+controller's Celery worker, the controller (which starts the workers of its
+bootstrap pools through the local actuator), then the router, each waited on
+until its health check answers. Public ports come from the usual variables
+(SHOAL_ROUTER_HTTP_PORT, SHOAL_CONTROLLER_HTTP_PORT) or the StackConfig;
+internal ones are picked free. The admin token is SHOAL_ADMIN_TOKEN, or a
+fresh one that `make run` prints.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.supervisor import StartupError, Supervisor
@@ -56,8 +63,11 @@ def redis_ready(port: int) -> bool:
 class StackConfig:
     model_path: Path = DEFAULT_MODEL
     router_port: int = 8000
-    # (role, engine) of each worker to start.
+    controller_port: int = 8080
+    # (role, engine) of each worker; workers of one role form one pool.
     workers: list[tuple[str, str]] = field(default_factory=lambda: [("prefill", "reference"), ("decode", "reference")])
+    # How far each pool may grow above its initial size under load.
+    headroom: int = 0
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -66,7 +76,19 @@ class Endpoints:
     redis_url: str = ""
     kvstore: str = ""
     router: str = ""
+    controller: str = ""
+    admin_token: str = ""
     workers: dict[str, str] = field(default_factory=dict)
+
+
+def bootstrap_document(config: StackConfig, model_name: str, model_path: str) -> dict[str, Any]:
+    """The models and pools the controller creates at start: one pool per role."""
+    pools: dict[str, dict[str, Any]] = {}
+    for role, engine in config.workers:
+        pool = pools.setdefault(role, {"name": role, "model": model_name, "role": role, "engine": engine})
+        pool["min_replicas"] = pool.get("min_replicas", 0) + 1
+        pool["max_replicas"] = pool["min_replicas"] + config.headroom
+    return {"models": [{"name": model_name, "path": model_path}], "pools": list(pools.values())}
 
 
 class LocalStack:
@@ -81,6 +103,7 @@ class LocalStack:
         python = sys.executable
         env = {**os.environ, **self.config.env}
         model = str(self.config.model_path.resolve())
+        model_name = env.get("SHOAL_ROUTER_MODEL_NAME", "shoal-tiny-moe")
         if "SHOAL_REDIS_URL" not in env:
             port = free_port()
             self.supervisor.start("redis", redis_server_argv(port, self._data_dir), ready=lambda: redis_ready(port))
@@ -97,29 +120,22 @@ class LocalStack:
         )
         self.endpoints.kvstore = kvstore
 
-        # Workers on one host split its cores: two OpenMP teams spinning on the
-        # same cores make each other many times slower.
-        threads = str(max(1, (os.cpu_count() or 1) // max(1, len(self.config.workers))))
-        for index, (role, engine) in enumerate(self.config.workers):
-            port = free_port()
-            address = f"127.0.0.1:{port}"
-            worker_id = f"{role}-{index}"
-            self.supervisor.start(
-                f"worker-{worker_id}",
-                [python, "-m", "services.worker"],
-                {
-                    **env,
-                    "SHOAL_WORKER_MODEL_PATH": model,
-                    "SHOAL_WORKER_ENGINE": engine,
-                    "SHOAL_WORKER_ROLE": role,
-                    "SHOAL_WORKER_WORKER_ID": worker_id,
-                    "SHOAL_WORKER_POOL": role,
-                    "SHOAL_WORKER_GRPC_PORT": str(port),
-                    "SHOAL_WORKER_COMPUTE_THREADS": env.get("SHOAL_WORKER_COMPUTE_THREADS", threads),
-                },
-                ready=lambda address=address: grpc_ready(address, "shoal.v1.Worker"),  # type: ignore[misc]
-            )
-            self.endpoints.workers[worker_id] = address
+        # The controller owns the workers (local actuator): they start from the bootstrap pools.
+        token = env.get("SHOAL_ADMIN_TOKEN") or secrets.token_hex(16)
+        bootstrap = Path(self._data_dir) / "bootstrap.yaml"
+        bootstrap.write_text(yaml.safe_dump(bootstrap_document(self.config, model_name, model)))
+        controller_port = int(env.get("SHOAL_CONTROLLER_HTTP_PORT", self.config.controller_port))
+        controller = f"http://127.0.0.1:{controller_port}"
+        env["SHOAL_CONTROLLER_ADMIN_TOKENS"] = env.get("SHOAL_CONTROLLER_ADMIN_TOKENS", f"{token}:admin")
+        self.supervisor.start("celery", [python, "-m", "services.controller.jobs"], env)
+        self.supervisor.start(
+            "controller",
+            [python, "-m", "services.controller"],
+            {**env, "SHOAL_CONTROLLER_HTTP_PORT": str(controller_port), "SHOAL_CONTROLLER_BOOTSTRAP": str(bootstrap)},
+            ready=lambda: http_ready(f"{controller}/health"),
+        )
+        self.endpoints.controller, self.endpoints.admin_token = controller, token
+        self.endpoints.workers = self._wait_for_workers(controller, token, len(self.config.workers))
 
         router_port = int(env.get("SHOAL_ROUTER_HTTP_PORT", self.config.router_port))
         router = f"http://127.0.0.1:{router_port}"
@@ -137,14 +153,29 @@ class LocalStack:
         self.endpoints.router = router
         return self.endpoints
 
+    def _wait_for_workers(self, controller: str, token: str, count: int, timeout_s: float = 180.0) -> dict[str, str]:
+        """Worker id -> gRPC address, once the controller's workers have all registered."""
+        deadline = time.monotonic() + timeout_s
+        headers = {"authorization": f"Bearer {token}"}
+        while time.monotonic() < deadline:
+            self.supervisor.check_alive()
+            workers = httpx.get(f"{controller}/v1/workers", headers=headers, timeout=5).json()
+            if len(workers) >= count:
+                return {w["worker_id"]: w["address"] for w in workers}
+            time.sleep(0.5)
+        raise StartupError(f"the controller's {count} worker(s) did not register within {timeout_s:.0f}s")
+
 
 def run_local_stack(model_path: Path = DEFAULT_MODEL) -> int:
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     try:
-        endpoints = LocalStack(StackConfig(model_path=model_path), supervisor).start()
+        # The decode pool may grow by one worker under load: the autoscaler at work.
+        endpoints = LocalStack(StackConfig(model_path=model_path, headroom=1), supervisor).start()
         print(
             f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1   (try: curl {endpoints.router}/v1/models)\n"
+            f"  admin API    {endpoints.controller}/docs   token: {endpoints.admin_token}\n"
+            f"               (export SHOAL_ADMIN_TOKEN={endpoints.admin_token}; .venv/bin/shoal status)\n"
             f"  redis        {endpoints.redis_url}\n  kvstore      {endpoints.kvstore}\n"
             "Ctrl-C stops everything.\n",
             flush=True,

@@ -46,6 +46,14 @@ class Supervisor:
             time.sleep(0.2)
         return process
 
+    def check_alive(self) -> None:
+        """Raise StartupError if a started process has died (or a stop was asked for)."""
+        for process in self.processes:
+            if not process.alive():
+                raise StartupError(f"{process.name} exited with code {process.popen.returncode} while starting")
+        if self._stop.is_set():
+            raise StartupError("stopped while starting")
+
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
             self._stop.set()

@@ -17,7 +17,7 @@ from cli.localstack import Endpoints
 from cli.supervisor import Supervisor
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
-from tests.e2e.conftest import local_stack
+from tests.e2e.conftest import local_stack, worker_pid
 from tests.support.models import TINY_MODEL_NAME
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -55,7 +55,7 @@ async def test_pd_output_equals_colocated_through_processes(pd_stack: Endpoints,
         metrics = (await http.get("/metrics")).text
     assert response.status_code == 200
     assert 'shoal_router_pd_total{outcome="disaggregated"} 1.0' in metrics
-    decode = WorkerClient(pd_stack.workers["decode-1"])
+    decode = WorkerClient(next(a for w, a in pd_stack.workers.items() if w.startswith("decode-")))
     colocated = [
         t
         async for r in decode.generate(
@@ -82,7 +82,7 @@ def sim_stack(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
 
 
 async def test_a_killed_worker_process_is_resumed_mid_stream(sim_stack: tuple[Endpoints, Supervisor]) -> None:
-    endpoints, supervisor = sim_stack
+    endpoints, _ = sim_stack
     oai = AsyncOpenAI(base_url=f"{endpoints.router}/v1", api_key="x", max_retries=0)
     stream = await oai.completions.create(model=MODEL, prompt="a long story", max_tokens=80, stream=True)
     pieces = 0
@@ -97,8 +97,7 @@ async def test_a_killed_worker_process_is_resumed_mid_stream(sim_stack: tuple[En
                 busy = (await client.get_load()).running_requests
                 await client.close()
                 if busy:
-                    process = next(p for p in supervisor.processes if p.name == f"worker-{worker_id}")
-                    os.killpg(process.pid, signal.SIGKILL)
+                    os.killpg(worker_pid(worker_id), signal.SIGKILL)
                     break
     assert finish == "length"
     async with httpx.AsyncClient() as http:
