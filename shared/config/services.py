@@ -255,6 +255,10 @@ class ControllerSettings(CommonSettings):
         default=None, description="YAML of models and pools to create at start when they do not exist yet."
     )
     kubernetes_namespace: str = Field(default="default", description="Namespace of the worker Deployments.")
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="kubeconfig file for a controller outside the cluster. Unset: the pod's service account.",
+    )
     deployment_prefix: str = Field(
         default="shoal-worker-", description="Worker Deployment name = prefix + pool name (kubernetes actuator)."
     )

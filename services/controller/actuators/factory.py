@@ -13,5 +13,5 @@ def make_actuator(settings: ControllerSettings, redis: Redis) -> Actuator:
     if settings.actuator == "kubernetes":
         from services.controller.actuators.kubernetes import KubernetesActuator
 
-        return KubernetesActuator(settings.kubernetes_namespace, settings.deployment_prefix)
+        return KubernetesActuator(settings.kubernetes_namespace, settings.deployment_prefix, settings.kubeconfig)
     return LocalActuator(redis)

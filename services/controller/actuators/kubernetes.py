@@ -13,6 +13,7 @@ chart. The `kubernetes` client is synchronous, so calls run in a thread.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from services.controller.actuators.base import Instance, InstanceState, PoolInstances
@@ -27,15 +28,15 @@ POOL_LABEL = "shoal.io/pool"
 class KubernetesActuator:
     name = "kubernetes"
 
-    def __init__(self, namespace: str, deployment_prefix: str, api_client: Any | None = None) -> None:
+    def __init__(self, namespace: str, deployment_prefix: str, kubeconfig: Path | None = None) -> None:
         from kubernetes import client, config
 
-        if api_client is None:
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-            api_client = client.ApiClient()
+        configuration = client.Configuration()
+        if kubeconfig is not None:
+            config.load_kube_config(str(kubeconfig), client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            config.load_incluster_config(configuration)  # type: ignore[no-untyped-call]
+        api_client = client.ApiClient(configuration)
         self.namespace = namespace
         self.prefix = deployment_prefix
         self.apps = client.AppsV1Api(api_client)
