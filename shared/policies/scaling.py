@@ -233,7 +233,9 @@ class PredictivePolicy:
         if bound is not None:
             explanation += f" (held to [{snapshot.min_replicas}, {snapshot.max_replicas}])"
         if wanted > current:
-            return ScalingDecision(wanted, up_reason, explanation, replace(state, last_change=now, low_since=None))
+            # Raised only by the floor (a new pool, or one below its minimum): say so, not "forecast".
+            reason = ScalingReason.AT_MIN if bound is ScalingReason.AT_MIN else up_reason
+            return ScalingDecision(wanted, reason, explanation, replace(state, last_change=now, low_since=None))
         if wanted == current:
             return ScalingDecision(current, bound or ScalingReason.STEADY, explanation, replace(state, low_since=None))
         low_since = state.low_since if state.low_since is not None else now

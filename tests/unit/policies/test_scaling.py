@@ -107,9 +107,13 @@ def test_zero_traffic_scales_to_min_and_traffic_scales_from_zero() -> None:
 
 
 def test_bounds_and_baselines() -> None:
-    assert make_policy("predictive", {}).decide(snapshot(decode_tps=10_000.0), PolicyState()).reason is (
-        ScalingReason.AT_MAX
-    )
+    capped = make_policy("predictive", {}).decide(snapshot(decode_tps=10_000.0), PolicyState())
+    assert capped.replicas == 10 and capped.reason is ScalingReason.SCALE_UP_FORECAST
+    assert "held to [0, 10]" in capped.explanation
+    at_max = make_policy("predictive", {}).decide(snapshot(decode_tps=10_000.0, ready=10), PolicyState())
+    assert at_max.replicas == 10 and at_max.reason is ScalingReason.AT_MAX
+    new_pool = make_policy("predictive", {}).decide(snapshot(ready=0, min_replicas=2), PolicyState())
+    assert new_pool.replicas == 2 and new_pool.reason is ScalingReason.AT_MIN
     assert make_policy("fixed", {"replicas": 3}).decide(snapshot(), PolicyState()).replicas == 3
     worker = WorkerReport(running=20, waiting=12, max_running=32, prefill_tokens_per_s=0, decode_tokens_per_s=0,
                           ttft_p90_s=0.1, tbt_p90_s=0.01)  # fmt: skip
