@@ -83,6 +83,14 @@ clean: ## Remove the venv, caches, built models and tools
 bench-kvstore: $(STAMP) redis ## kvstore vs Redis vs memory copy: 256 KiB blocks, 1 and 4 clients
 	$(PY) -m benchmarks.bench_kvstore
 
+.PHONY: bench-engine
+bench-engine: $(STAMP) $(MODEL_DIR)/config.json ## Reference engine vs transformers (sequential and batched), tiny model
+	$(PY) -m benchmarks.bench_engine --model $(MODEL_DIR)
+
+.PHONY: calibrate-sim
+calibrate-sim: $(STAMP) $(MODEL_DIR)/config.json ## Fit the sim engine's cpu-reference step-time profile to this machine
+	$(PY) -m benchmarks.bench_engine --model $(MODEL_DIR) --calibrate
+
 .PHONY: bench-router
 bench-router: $(STAMP) redis $(MODEL_DIR)/config.json ## Router overhead vs direct, and prefix-aware vs round-robin routing
 	$(PY) -m benchmarks.bench_router $(MODEL_DIR)

@@ -12,12 +12,14 @@ number of requests decoding one token. The terms are the fixed cost of a step
 (compute-bound), the attention cost of a prompt chunk against its context,
 and the per-request and per-context-token cost of decoding (KV reads).
 
-The `sim` engine sleeps for this time and the trace-driven simulator advances
-its clock by it, so both are calibrated by the same numbers. The
-`cpu-reference` profile is fitted to the reference engine on a 2-core CPU
-(`python -m benchmarks.calibrate_sim` refits it); the GPU profiles are
-roofline estimates for a Mixtral-8x7B-class model (47B weights, 13B active,
-fp16) at tensor parallelism 2, documented in docs/simulator.md.
+The `sim` engine sleeps for this time, so it is calibrated by the same
+numbers. The `cpu-reference` profile is fitted to the reference engine
+serving the tiny model on a 2-core CPU: `make calibrate-sim` times every step
+under mixed prefill and decode work and fits the five terms by non-negative
+least squares (median step error 17% on the development VM, whose step times
+themselves jitter by about that much). The GPU profiles are rough roofline
+estimates for a Mixtral-8x7B-class model (47B weights, 13B active, fp16) at
+tensor parallelism 2, not measurements: use them for relative comparisons.
 """
 
 from __future__ import annotations
@@ -68,22 +70,21 @@ class PerfProfile:
 
 
 PROFILES: dict[str, PerfProfile] = {
-    # Fitted to the reference engine serving the tiny model on 2 CPU cores
-    # (benchmarks/calibrate_sim.py).
+    # Fitted to the reference engine serving the tiny model on 2 CPU cores (make calibrate-sim).
     "cpu-reference": PerfProfile(
         name="cpu-reference",
-        overhead_s=0.012,
-        prefill_token_s=9.0e-5,
-        prefill_attn_s=2.0e-9,
-        decode_seq_s=4.5e-4,
-        decode_ctx_s=1.5e-6,
+        overhead_s=0.0099,
+        prefill_token_s=1.09e-4,
+        prefill_attn_s=1.44e-7,
+        decode_seq_s=4.32e-4,
+        decode_ctx_s=3.33e-6,
         kv_bytes_per_token=4096,
         kv_capacity_bytes=256 * 2**20,
         cold_start_s=3.0,
         kv_transfer_bytes_per_s=1.0e9,
         cost_per_hour=0.10,
     ),
-    # Roofline, Mixtral-8x7B class, 2 GPUs per replica (see docs/simulator.md).
+    # Roofline estimates, Mixtral-8x7B class, 2 GPUs per replica (not measured here).
     "h100": PerfProfile(
         name="h100",
         overhead_s=0.012,
