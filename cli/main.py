@@ -23,6 +23,18 @@ def run(
     raise typer.Exit(run_local_stack(model))
 
 
+@app.command()
+def probe(
+    target: str = typer.Argument(..., help="http(s)://host:port/path (expects 200) or host:port (gRPC health)."),
+    service: str = typer.Option("", help="gRPC health service name (empty: the whole server)."),
+) -> None:
+    """Exit 0 when a service is healthy, 1 when not: container and compose health checks."""
+    from cli.localstack import grpc_ready, http_ready
+
+    healthy = http_ready(target) if target.startswith(("http://", "https://")) else grpc_ready(target, service)
+    raise typer.Exit(0 if healthy else 1)
+
+
 @app.command("tiny-model")
 def tiny_model(out: Path = typer.Argument(Path(".cache/models/shoal-tiny-moe")), force: bool = False) -> None:
     """Build the tiny random-weight test checkpoint (no downloads)."""

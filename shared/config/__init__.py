@@ -2,6 +2,7 @@
 
 from shared.config.base import CommonSettings, Environment, LogFormat, SettingsError, env_name, load_settings
 from shared.config.services import (
+    SERVICE_SETTINGS,
     ControllerSettings,
     EngineKind,
     GrpcServiceSettings,
@@ -9,9 +10,11 @@ from shared.config.services import (
     RouterSettings,
     WorkerRole,
     WorkerSettings,
+    env_names,
 )
 
 __all__ = [
+    "SERVICE_SETTINGS",
     "CommonSettings",
     "ControllerSettings",
     "EngineKind",
@@ -24,5 +27,6 @@ __all__ = [
     "WorkerRole",
     "WorkerSettings",
     "env_name",
+    "env_names",
     "load_settings",
 ]

@@ -18,7 +18,7 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from shared.config.base import CommonSettings
+from shared.config.base import CommonSettings, env_name
 from shared.policies.eviction import POLICIES
 from shared.policies.routing import PRESETS
 
@@ -298,3 +298,18 @@ class ControllerSettings(CommonSettings):
                     "each token must be written token:role with role viewer, operator or admin (e.g. s3cr3t:admin)"
                 )
         return value
+
+
+# Which settings class each runnable module reads: deployment files are checked against it.
+SERVICE_SETTINGS: dict[str, type[CommonSettings]] = {
+    "services.worker": WorkerSettings,
+    "services.kvstore": KVStoreSettings,
+    "services.router": RouterSettings,
+    "services.controller": ControllerSettings,
+    "services.controller.jobs": ControllerSettings,
+}
+
+
+def env_names(cls: type[CommonSettings]) -> set[str]:
+    """Every environment variable `cls` reads."""
+    return {env_name(cls, field) for field in cls.model_fields}

@@ -1,0 +1,107 @@
+{{/* Names, labels and the environment every Shoal container shares. */}}
+
+{{- define "shoal.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shoal.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "router") */}}
+{{- define "shoal.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "shoal.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "shoal.secretName" -}}
+{{- .Values.secrets.existingSecret | default (printf "%s-tokens" (include "shoal.fullname" .)) -}}
+{{- end -}}
+
+{{- define "shoal.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (printf "%s-controller" (include "shoal.fullname" .)) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name | default "default" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shoal.workerPrefix" -}}
+{{- printf "%s-worker-" (include "shoal.fullname" .) -}}
+{{- end -}}
+
+{{- define "shoal.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s-redis:6379/0" (include "shoal.fullname" .) -}}
+{{- else -}}
+{{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Environment of every Shoal container: cluster state, telemetry, the internal token. */}}
+{{- define "shoal.commonEnv" -}}
+- name: SHOAL_ENV
+  value: prod
+- name: SHOAL_REDIS_URL
+  value: {{ include "shoal.redisUrl" . | quote }}
+- name: SHOAL_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+- name: SHOAL_LOG_FORMAT
+  value: json
+{{- with .Values.otlpEndpoint }}
+- name: SHOAL_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+- name: SHOAL_INTERNAL_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shoal.secretName" . }}
+      key: internal-token
+{{- end -}}
+
+{{/* The controller's settings, shared by the controller and its Celery worker. */}}
+{{- define "shoal.controllerEnv" -}}
+{{ include "shoal.commonEnv" . }}
+- name: SHOAL_CONTROLLER_HOST
+  value: 0.0.0.0
+- name: SHOAL_CONTROLLER_HTTP_PORT
+  value: "8080"
+- name: SHOAL_CONTROLLER_ADMIN_TOKENS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shoal.secretName" . }}
+      key: admin-tokens
+- name: SHOAL_CONTROLLER_ACTUATOR
+  value: kubernetes
+- name: SHOAL_CONTROLLER_KUBERNETES_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
+- name: SHOAL_CONTROLLER_DEPLOYMENT_PREFIX
+  value: {{ include "shoal.workerPrefix" . | quote }}
+- name: SHOAL_CONTROLLER_RECONCILE_INTERVAL_S
+  value: {{ .Values.controller.reconcileIntervalS | quote }}
+- name: SHOAL_CONTROLLER_BOOTSTRAP
+  value: /etc/shoal/bootstrap.yaml
+{{- end -}}
+
+{{/* Pod fields every Shoal pod shares. Only the controller and Celery pods get the actuator's account. */}}
+{{- define "shoal.podDefaults" -}}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,90 @@
+"""docker-compose.yml checked against the services it runs, so it cannot drift.
+
+No Docker engine runs here: the file is parsed and every service's command,
+environment, ports, health checks and dependencies are checked against the
+settings classes the services really read (values included).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cli.localstack import StackConfig
+from shared.config import SERVICE_SETTINGS, env_names, load_settings
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+SHOAL = {name: spec for name, spec in SERVICES.items() if spec.get("command", [""])[0] in SERVICE_SETTINGS}
+
+
+def environment(spec: dict[str, Any]) -> dict[str, str]:
+    """The service's environment with ${VAR:-default} resolved to its default."""
+    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in spec.get("environment", {}).items()}
+
+
+def test_every_shoal_service_runs_a_real_module() -> None:
+    assert set(SHOAL) >= {"router", "controller", "celery", "kvstore", "worker-prefill", "worker-decode"}
+    for spec in SHOAL.values():
+        assert importlib.util.find_spec(spec["command"][0]) is not None
+
+
+@pytest.mark.parametrize("name", sorted(SHOAL))
+def test_environment_names_and_values_are_what_the_service_reads(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = SERVICE_SETTINGS[SHOAL[name]["command"][0]]
+    env = environment(SHOAL[name])
+    unknown = {key for key in env if key.startswith("SHOAL_")} - env_names(cls)
+    assert not unknown, f"{name} sets variables {cls.__name__} does not read: {unknown}"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    load_settings(cls)  # raises with the variable and the fix when a value is invalid
+
+
+def test_ports_match_make_run_and_the_health_checks() -> None:
+    defaults = StackConfig()
+    router, controller = environment(SERVICES["router"]), environment(SERVICES["controller"])
+    assert SERVICES["router"]["ports"] == [f"{defaults.router_port}:{router['SHOAL_ROUTER_HTTP_PORT']}"]
+    assert SERVICES["controller"]["ports"] == [f"{defaults.controller_port}:{controller['SHOAL_CONTROLLER_HTTP_PORT']}"]
+    for name, spec in SHOAL.items():
+        env = environment(spec)
+        probe = spec.get("healthcheck", {}).get("test", [])
+        ports = [v for k, v in env.items() if k.endswith(("_GRPC_PORT", "_HTTP_PORT"))]
+        if probe:
+            assert any(f":{port}" in probe[3] for port in ports), f"{name}'s health check probes another port"
+
+
+def test_addresses_point_at_services_that_listen_there() -> None:
+    host, port = environment(SERVICES["router"])["SHOAL_ROUTER_KVSTORE_ADDRESS"].split(":")
+    assert environment(SERVICES[host])["SHOAL_KVSTORE_GRPC_PORT"] == port
+    for name, spec in SHOAL.items():
+        env = environment(spec)
+        advertised = [v for k, v in env.items() if k.endswith("_ADVERTISE_HOST")]
+        assert advertised in ([], [name]), f"{name} advertises {advertised}, not its own service name"
+        assert env["SHOAL_REDIS_URL"].startswith("redis://redis:")
+
+
+def test_dependencies_exist_and_wait_for_health() -> None:
+    for name, spec in SERVICES.items():
+        for dependency, condition in spec.get("depends_on", {}).items():
+            assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in SERVICES[dependency], f"{dependency} has no health check to wait on"
+
+
+def test_the_charts_values_schema_is_generated_from_the_current_settings() -> None:
+    generated = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/helm/schema.py")], check=True, capture_output=True, text=True
+    ).stdout
+    committed = (ROOT / "deploy/helm/shoal/values.schema.json").read_text()
+    assert json.loads(generated) == json.loads(committed), "stale values.schema.json: run `make helm-schema`"
