@@ -116,6 +116,10 @@ calibrate-sim: $(STAMP) $(MODEL_DIR)/config.json ## Fit the sim engine's cpu-ref
 bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs peak-sized vs reactive scaling on the Azure code trace
 	$(PY) -m benchmarks.bench_autoscale $(TRACES)/azure_llm_2023_code.csv $(MODEL_DIR)
 
+.PHONY: bench-experts
+bench-experts: $(STAMP) ## Expert placement: migration-aware vs EPLB-style packing (58x256, 32 ranks)
+	$(PY) -m benchmarks.bench_experts
+
 .PHONY: bench-router
 bench-router: $(STAMP) redis $(MODEL_DIR)/config.json ## Router overhead vs direct, and prefix-aware vs round-robin routing
 	$(PY) -m benchmarks.bench_router $(MODEL_DIR)

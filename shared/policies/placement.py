@@ -1,0 +1,238 @@
+"""Expert placement policies: which experts each rank holds, per MoE layer. Pure functions.
+
+A placement is, per layer, the expert held in each physical slot
+(`slots[layer, rank * slots_per_rank + i]`); an expert's tokens are spread
+evenly over its copies, so a rank's load is the sum over its slots of
+load[expert] / copies[expert]. Balance is max rank load / mean rank load
+(1.0 is perfect). A move is one expert copy that must be loaded on a rank
+that did not hold it before (the bytes a migration transfers).
+
+* `eplb` (baseline): what DeepSeek's EPLB does, ignoring the current
+  placement: give the spare slots to the experts with the highest load per
+  copy, then pack copies heaviest first onto the least loaded node, and
+  within each node onto the least loaded rank.
+* `migration-aware` (default): the same copy counts, but start from the
+  current placement: drop surplus copies from the most loaded ranks, put new
+  copies on the least loaded ranks with free slots, then swap copies between
+  the most loaded rank and the others while a swap lowers the maximum by at
+  least `min_gain_per_move` per copy moved, and stop once within
+  `tolerance` of the balance a from-scratch packing reaches. A layer whose
+  balance would improve by less than `skip_below` keeps its placement.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Topology:
+    ranks: int
+    nodes: int
+    slots_per_rank: int
+
+    def __post_init__(self) -> None:
+        if self.ranks <= 0 or self.nodes <= 0 or self.slots_per_rank <= 0:
+            raise ValueError("ranks, nodes and slots_per_rank must be positive")
+        if self.ranks % self.nodes:
+            raise ValueError(f"{self.ranks} ranks do not split evenly over {self.nodes} nodes")
+
+    @property
+    def slots(self) -> int:
+        return self.ranks * self.slots_per_rank
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    slots: np.ndarray  # [layers, ranks * slots_per_rank] expert ids
+    balance: np.ndarray  # [layers] max/mean rank load
+    moves: int  # expert copies loaded on a rank that did not hold them
+    skipped_layers: list[int] = field(default_factory=list)
+
+
+def copy_counts(load: np.ndarray, slots: int) -> np.ndarray:
+    """Copies per expert for one layer: one each, spare slots to the highest load per copy."""
+    experts = len(load)
+    if slots < experts:
+        raise ValueError(f"{slots} slots cannot hold {experts} experts")
+    counts = np.ones(experts, dtype=np.int64)
+    heap = [(-float(w), e) for e, w in enumerate(load)]
+    heapq.heapify(heap)
+    for _ in range(slots - experts):
+        _, e = heapq.heappop(heap)
+        counts[e] += 1
+        heapq.heappush(heap, (-float(load[e]) / counts[e], e))
+    return counts
+
+
+def rank_loads(layer_slots: np.ndarray, load: np.ndarray, topo: Topology) -> np.ndarray:
+    counts = np.bincount(layer_slots, minlength=len(load))
+    per_copy = load / np.maximum(counts, 1)
+    return np.asarray(per_copy[layer_slots].reshape(topo.ranks, topo.slots_per_rank).sum(axis=1))
+
+
+def balance_of(layer_slots: np.ndarray, load: np.ndarray, topo: Topology) -> float:
+    loads = rank_loads(layer_slots, load, topo)
+    mean = loads.mean()
+    return float(loads.max() / mean) if mean > 0 else 1.0
+
+
+def lower_bound(load: np.ndarray, topo: Topology) -> float:
+    """A lower bound on any packing's balance for one layer: the heaviest copy, or the mean."""
+    counts = copy_counts(load, topo.slots)
+    per_rank = load.sum() / topo.ranks
+    return float(max((load / counts).max(), per_rank) / per_rank) if per_rank > 0 else 1.0
+
+
+def count_moves(old: np.ndarray, new: np.ndarray, topo: Topology) -> int:
+    """Copies in `new` that their rank did not hold in `old` (multisets per rank, every layer)."""
+    moves = 0
+    for old_layer, new_layer in zip(old, new, strict=True):
+        for rank in range(topo.ranks):
+            span = slice(rank * topo.slots_per_rank, (rank + 1) * topo.slots_per_rank)
+            before = np.bincount(old_layer[span], minlength=1)
+            after = np.bincount(new_layer[span], minlength=1)
+            size = max(len(before), len(after))
+            moves += int(
+                np.maximum(np.pad(after, (0, size - len(after))) - np.pad(before, (0, size - len(before))), 0).sum()
+            )
+    return moves
+
+
+class PlacementPolicy(Protocol):
+    name: str
+
+    def place(self, load: np.ndarray, current: np.ndarray, topo: Topology) -> PlacementResult:
+        """New placement for `load` [layers, experts] given `current` [layers, slots]."""
+
+
+def _pack(items: list[tuple[float, int]], bins: int, capacity: int) -> list[list[int]]:
+    """Heaviest item first onto the least loaded bin with room. Items: (weight, id)."""
+    content: list[list[int]] = [[] for _ in range(bins)]
+    heap = [(0.0, b) for b in range(bins)]
+    for weight, item in sorted(items, key=lambda x: -x[0]):
+        total, b = heapq.heappop(heap)
+        content[b].append(item)
+        if len(content[b]) < capacity:  # a full bin leaves the heap
+            heapq.heappush(heap, (total + weight, b))
+    return content
+
+
+class EPLBPolicy:
+    """Baseline: a balanced packing from scratch (node level, then rank level)."""
+
+    name = "eplb"
+
+    def place(self, load: np.ndarray, current: np.ndarray, topo: Topology) -> PlacementResult:
+        out = np.empty((load.shape[0], topo.slots), dtype=np.int64)
+        per_node = topo.ranks // topo.nodes
+        for layer, layer_load in enumerate(load):
+            counts = copy_counts(layer_load, topo.slots)
+            copies = [(float(layer_load[e]) / counts[e], e) for e in range(len(layer_load)) for _ in range(counts[e])]
+            nodes = _pack(copies, topo.nodes, per_node * topo.slots_per_rank)
+            weight = {e: float(layer_load[e]) / counts[e] for e in range(len(layer_load))}
+            for node, node_copies in enumerate(nodes):
+                ranks = _pack([(weight[e], e) for e in node_copies], per_node, topo.slots_per_rank)
+                for offset, rank_copies in enumerate(ranks):
+                    rank = node * per_node + offset
+                    out[layer, rank * topo.slots_per_rank : (rank + 1) * topo.slots_per_rank] = rank_copies
+        return _result(out, load, current, topo)
+
+
+@dataclass
+class MigrationAwarePolicy:
+    """Default: rebalance from the current placement, moving few copies (see the module doc)."""
+
+    tolerance: float = 0.01  # stop within this of the from-scratch balance
+    min_gain_per_move: float = 0.0005  # of the mean rank load, per copy moved
+    skip_below: float = 0.02  # skip a layer whose balance would improve by less
+    name: str = "migration-aware"
+
+    def place(self, load: np.ndarray, current: np.ndarray, topo: Topology) -> PlacementResult:
+        out = current.copy()
+        skipped = []
+        for layer, layer_load in enumerate(load):
+            target = lower_bound(layer_load, topo)
+            complete = len(np.unique(current[layer])) == len(layer_load)  # a new layout, or a new expert
+            if complete and balance_of(current[layer], layer_load, topo) - target < self.skip_below:
+                skipped.append(layer)
+                continue
+            out[layer] = self._rebalance(current[layer], layer_load, topo, target)
+        return _result(out, load, current, topo, skipped)
+
+    def _rebalance(self, slots: np.ndarray, load: np.ndarray, topo: Topology, target: float) -> np.ndarray:
+        s = topo.slots_per_rank
+        counts = copy_counts(load, topo.slots)
+        grid = slots.reshape(topo.ranks, s).copy()
+        have = np.bincount(grid.ravel(), minlength=len(load))
+        weight = load / counts
+        loads = np.array([weight[row].sum() for row in grid])
+        # 1. Drop surplus copies, from the most loaded ranks first, and a rank's second copy of an expert.
+        free: list[tuple[int, int]] = []
+        for r in range(topo.ranks):
+            seen: set[int] = set()
+            for i, e in enumerate(grid[r].tolist()):
+                if e in seen:
+                    grid[r, i] = -1
+                    loads[r] -= weight[e]
+                    have[e] -= 1
+                    free.append((r, i))
+                seen.add(e)
+        for e in np.nonzero(have > counts)[0]:
+            for _ in range(int(have[e] - counts[e])):
+                holders = [r for r in range(topo.ranks) if e in grid[r]]
+                r = max(holders, key=lambda h: loads[h])
+                i = int(np.nonzero(grid[r] == e)[0][0])
+                grid[r, i] = -1
+                loads[r] -= weight[e]
+                free.append((r, i))
+        # 2. New copies, heaviest first, onto the least loaded rank with a free slot (not holding it yet).
+        missing = [e for e in np.nonzero(counts > have)[0] for _ in range(int(counts[e] - have[e]))]
+        for e in sorted(missing, key=lambda x: -weight[x]):
+            options = [k for k, (r, _) in enumerate(free) if e not in grid[r]] or list(range(len(free)))
+            k = min(options, key=lambda j: loads[free[j][0]])
+            r, i = free.pop(k)
+            grid[r, i] = e
+            loads[r] += weight[e]
+        # 3. Swaps between the most loaded rank and any other, while each pays for its two moves.
+        mean = loads.mean()
+        w = weight[grid]  # [ranks, s]
+        for _ in range(topo.ranks * s):
+            if loads.max() / mean <= target * (1 + self.tolerance):
+                break
+            hot = int(loads.argmax())
+            # new max of the pair after swapping slot a of `hot` with slot b of rank r: [r, a, b]
+            delta = w[hot][None, :, None] - w[:, None, :]
+            pair_max = np.maximum(loads[hot] - delta, loads[:, None, None] + delta)
+            # No rank may end up holding two copies of one expert.
+            a_there = (grid[:, :, None] == grid[hot][None, None, :]).any(axis=1)[:, :, None]
+            b_here = np.isin(grid, grid[hot])[:, None, :]
+            pair_max[a_there | b_here | (delta <= 0)] = np.inf
+            pair_max[hot] = np.inf
+            r, a, b = (int(i) for i in np.unravel_index(int(pair_max.argmin()), pair_max.shape))
+            gain = loads[hot] - pair_max[r, a, b]
+            if not np.isfinite(pair_max[r, a, b]) or gain < 2 * self.min_gain_per_move * mean:
+                break
+            d = delta[r, a, b]
+            loads[hot] -= d
+            loads[r] += d
+            grid[hot, a], grid[r, b] = grid[r, b], grid[hot, a]
+            w[hot, a], w[r, b] = w[r, b], w[hot, a]
+        return grid.ravel()
+
+
+def _result(
+    out: np.ndarray, load: np.ndarray, current: np.ndarray, topo: Topology, skipped: list[int] | None = None
+) -> PlacementResult:
+    balance = np.array([balance_of(out[layer], load[layer], topo) for layer in range(len(load))])
+    return PlacementResult(out, balance, count_moves(current, out, topo), skipped or [])
+
+
+PLACEMENT_POLICIES: dict[str, type[EPLBPolicy] | type[MigrationAwarePolicy]] = {
+    "eplb": EPLBPolicy,
+    "migration-aware": MigrationAwarePolicy,
+}

@@ -1,0 +1,75 @@
+"""Expert placement policies over synthetic loads (pure, no services)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.policies.placement import (
+    EPLBPolicy,
+    MigrationAwarePolicy,
+    Topology,
+    balance_of,
+    copy_counts,
+    count_moves,
+    lower_bound,
+)
+
+pytestmark = pytest.mark.unit
+
+TOPO = Topology(ranks=8, nodes=2, slots_per_rank=5)  # 40 slots for 32 experts: 8 spare copies
+
+
+def zipf(rng: np.random.Generator, layers: int = 6, experts: int = 32) -> np.ndarray:
+    weights = np.arange(1, experts + 1, dtype=float) ** -1.1
+    return np.stack([1000 * weights[rng.permutation(experts)] for _ in range(layers)])
+
+
+def test_spare_slots_go_to_the_heaviest_load_per_copy() -> None:
+    counts = copy_counts(np.array([100.0, 10.0, 10.0, 1.0]), slots=7)
+    assert counts.tolist() == [4, 1, 1, 1]
+    with pytest.raises(ValueError, match="cannot hold"):
+        copy_counts(np.ones(5), slots=4)
+
+
+def test_both_policies_place_every_copy_and_balance_a_skewed_load() -> None:
+    load = zipf(np.random.default_rng(1))
+    empty = np.zeros((len(load), TOPO.slots), dtype=np.int64)
+    for policy in (EPLBPolicy(), MigrationAwarePolicy()):
+        result = policy.place(load, empty, TOPO)
+        for layer, layer_load in enumerate(load):
+            placed = np.bincount(result.slots[layer], minlength=len(layer_load))
+            assert placed.tolist() == copy_counts(layer_load, TOPO.slots).tolist()
+            assert result.balance[layer] <= lower_bound(layer_load, TOPO) * 1.15
+
+
+def test_an_unchanged_balanced_placement_is_left_alone() -> None:
+    load = zipf(np.random.default_rng(2))
+    current = EPLBPolicy().place(load, np.zeros((len(load), TOPO.slots), dtype=np.int64), TOPO).slots
+    result = MigrationAwarePolicy(skip_below=0.05).place(load, current, TOPO)
+    assert result.moves == 0 and (result.slots == current).all()
+    assert result.skipped_layers == list(range(len(load)))
+
+
+def test_after_drift_it_rebalances_as_well_as_from_scratch_moving_far_less() -> None:
+    rng = np.random.default_rng(3)
+    before = zipf(rng)
+    after = 0.85 * before + 0.15 * zipf(rng)
+    current = EPLBPolicy().place(before, np.zeros((len(before), TOPO.slots), dtype=np.int64), TOPO).slots
+    baseline = EPLBPolicy().place(after, current, TOPO)
+    ours = MigrationAwarePolicy().place(after, current, TOPO)
+    assert ours.balance.mean() <= baseline.balance.mean() * 1.02
+    assert ours.moves < baseline.moves / 2
+    assert ours.moves == count_moves(current, ours.slots, TOPO)
+    kept = np.mean([balance_of(current[i], after[i], TOPO) for i in range(len(after))])
+    assert ours.balance.mean() < kept
+    for layer in ours.slots:  # no rank holds two copies of one expert
+        for rank in layer.reshape(TOPO.ranks, TOPO.slots_per_rank):
+            assert len(set(rank.tolist())) == TOPO.slots_per_rank
+
+
+def test_bad_topologies_are_refused() -> None:
+    with pytest.raises(ValueError, match="split evenly"):
+        Topology(ranks=6, nodes=4, slots_per_rank=2)
+    with pytest.raises(ValueError, match="positive"):
+        Topology(ranks=0, nodes=1, slots_per_rank=2)
