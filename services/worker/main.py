@@ -6,6 +6,7 @@ import asyncio
 import sys
 
 from services.worker.app import WorkerApp
+from services.worker.engines.factory import run_follower
 from shared.config import EngineKind, SettingsError, WorkerSettings, load_settings
 from shared.telemetry import setup_telemetry
 
@@ -26,6 +27,9 @@ def main() -> None:
     # can wait that long when the engine runs Python (the sim engine does).
     sys.setswitchinterval(0.0005)
     setup_telemetry("worker", settings)
+    if settings.ep_rank > 0:
+        run_follower(settings)  # rank 0 is the worker the cluster sees; this one computes beside it
+        return
     asyncio.run(WorkerApp(settings).run())
 
 

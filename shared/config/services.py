@@ -95,6 +95,13 @@ class WorkerSettings(GrpcServiceSettings):
         ge=0,
         description="CPU threads of the engine's math (0: every core). Give each worker on a host its share.",
     )
+    ep_size: int = Field(
+        default=1, ge=1, le=1024, description="Ranks (processes) one model instance spans: expert parallelism."
+    )
+    ep_rank: int = Field(default=0, ge=0, description="This process's rank; rank 0 serves, the others follow it.")
+    ep_master: str = Field(
+        default="127.0.0.1:29511", description="host:port where the ranks of one instance meet (rank 0's host)."
+    )
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_bytes: int = Field(default=256 * 2**20, ge=2**20, description="Bytes preallocated for the paged KV cache.")
     max_running: int = Field(default=128, ge=1, description="Most requests decoded together in one step.")
@@ -130,6 +137,14 @@ class WorkerSettings(GrpcServiceSettings):
         if value not in {"float32", "bfloat16", "float16"}:
             raise ValueError("must be float32, bfloat16 or float16")
         return value
+
+    @model_validator(mode="after")
+    def _rank_in_group(self) -> WorkerSettings:
+        if self.ep_rank >= self.ep_size:
+            raise ValueError(f"ep_rank ({self.ep_rank}) must be below ep_size ({self.ep_size})")
+        if self.ep_size > 1 and self.engine is not EngineKind.REFERENCE:
+            raise ValueError("expert parallelism (ep_size > 1) needs the reference engine")
+        return self
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeat(self) -> WorkerSettings:

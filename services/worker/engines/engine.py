@@ -89,6 +89,9 @@ class Executor(Protocol):
     def map_version(self) -> int:
         """Version of the expert map the executor serves with."""
 
+    def close(self) -> None:
+        """Release what the executor holds beyond memory (e.g. the ranks it leads). Engine thread, last."""
+
 
 @dataclass
 class EngineLimits:
@@ -326,6 +329,7 @@ class BatchingEngine:
                 if seq.state is not State.FINISHED:
                     self.scheduler.finish(seq, Finish.ABORT)
                     self._deliver([(seq, self._final_output(seq))])
+            self.executor.close()
 
     def _next_step(self) -> bool:
         scheduler = self.scheduler

@@ -2,12 +2,54 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from services.worker.engines.engine import BatchingEngine, EngineLimits, EngineObserver
 from services.worker.engines.sim.executor import FailureInjection, SimExecutor
 from services.worker.engines.tokenizer import HFTokenizer
 from shared.config.services import EngineKind, WorkerSettings
 from shared.errors import FailedPrecondition
 from shared.perfmodel import get_profile
+
+if TYPE_CHECKING:
+    from services.worker.engines.reference.parallel import ExpertParallelExecutor
+
+
+def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor:
+    """Join this instance's process group and build this rank's executor (reference engine only)."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from services.worker.engines.reference.parallel import ExpertParallelExecutor
+
+    assert settings.model_path is not None
+    backend = "nccl" if settings.device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{settings.ep_master}",
+        rank=settings.ep_rank,
+        world_size=settings.ep_size,
+        timeout=timedelta(minutes=10),  # the first rank may wait for the others to load their weights
+    )
+    return ExpertParallelExecutor(
+        settings.model_path,
+        settings.model_name,
+        settings.ep_rank,
+        settings.ep_size,
+        device=settings.device,
+        dtype=settings.dtype,
+        compute_threads=settings.compute_threads,
+    )
+
+
+def run_follower(settings: WorkerSettings) -> None:
+    """A rank > 0: run the leader's steps until it stops. It serves nothing and registers nowhere."""
+    executor = expert_parallel_executor(settings)
+    executor.load()
+    executor.allocate_kv(settings.kv_cache_bytes, settings.block_size)
+    executor.follow()
 
 
 def build_engine(settings: WorkerSettings, observer: EngineObserver | None = None) -> BatchingEngine:
@@ -27,8 +69,12 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
                 "the reference engine needs SHOAL_WORKER_MODEL_PATH (a Hugging Face-format checkpoint folder; "
                 "`make tiny-model` builds one)"
             )
-        executor = ReferenceExecutor(
-            settings.model_path, settings.model_name, settings.device, settings.dtype, settings.compute_threads
+        executor = (
+            expert_parallel_executor(settings)
+            if settings.ep_size > 1
+            else ReferenceExecutor(
+                settings.model_path, settings.model_name, settings.device, settings.dtype, settings.compute_threads
+            )
         )
         return BatchingEngine(executor, limits, observer)
     tokenizer = HFTokenizer(settings.model_path) if settings.model_path else None

@@ -90,6 +90,8 @@ class ReferenceExecutor:
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
         self.expert_runner: ExpertRunner = self._local_experts
+        # Experts this process holds per layer (None: all); expert parallelism sets it.
+        self.experts_of_layer: dict[int, list[int]] | None = None
         self.compute_threads = compute_threads if compute_threads > 0 else _default_threads(self.device)
         self._gather_buffers = [torch.empty(0), torch.empty(0)]
         self._map_version = 0
@@ -102,7 +104,7 @@ class ReferenceExecutor:
         # process make each other several times slower.
         torch.set_num_threads(self.compute_threads)
         with torch.inference_mode():
-            self.model = MoEModel(self.checkpoint, self.dtype, self.device)
+            self.model = MoEModel(self.checkpoint, self.dtype, self.device, self.experts_of_layer)
 
     def allocate_kv(self, kv_cache_bytes: int, block_size: int) -> int:
         config = self.config
@@ -124,6 +126,9 @@ class ReferenceExecutor:
 
     def map_version(self) -> int:
         return self._map_version
+
+    def close(self) -> None:
+        pass  # nothing beyond memory
 
     # -- KV blocks ------------------------------------------------------------
 

@@ -9,7 +9,7 @@ copies while serving (live migration).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -66,7 +66,7 @@ class MoEModel:
         ckpt: Checkpoint,
         dtype: torch.dtype,
         device: torch.device,
-        experts_of_layer: dict[int, Iterable[int]] | None = None,
+        experts_of_layer: Mapping[int, Iterable[int]] | None = None,
     ) -> None:
         """Load every weight; `experts_of_layer` limits which experts each layer holds."""
         config = ckpt.config

@@ -102,6 +102,9 @@ class SimExecutor:
     def map_version(self) -> int:
         return 0
 
+    def close(self) -> None:
+        pass  # nothing beyond memory
+
     def read_block(self, block_id: int, block_hash: BlockHash) -> KVBlock:
         assert self.geometry is not None
         size = self.geometry.payload_bytes

@@ -1,0 +1,137 @@
+"""Expert parallelism: one model over 2 ranks (processes, gloo) gives the single-process tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import multiprocessing
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.worker.engines.engine import BatchingEngine
+from services.worker.engines.reference.parallel import ExpertMap, ExpertParallelExecutor
+from shared.processes import free_port, spawn, wait_for_port
+from shared.rpc.shoal.v1 import common_pb2, worker_pb2
+from shared.rpc.worker_client import WorkerClient
+from tests.support.engines import collect, limits, prompts, reference_engine, request
+from tests.support.models import TINY_MODEL_NAME
+
+pytestmark = pytest.mark.integration
+
+WORLD = 2
+PROMPTS = prompts(6, [5, 40, 130])
+TOKENS = 24
+
+
+async def greedy(engine: BatchingEngine) -> list[list[int]]:
+    await engine.start()
+    try:
+        results = await asyncio.gather(*(collect(engine, request(f"r{i}", p, TOKENS)) for i, p in enumerate(PROMPTS)))
+    finally:
+        await engine.stop()
+    return [r.tokens for r in results]
+
+
+def rank_main(rank: int, port: int, model: str, expert_map: ExpertMap | None, out: Any) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
+    )
+    executor = ExpertParallelExecutor(
+        Path(model), TINY_MODEL_NAME, rank, WORLD, expert_map, device="cpu", compute_threads=1
+    )
+    try:
+        if rank == 0:
+            out.put(asyncio.run(greedy(BatchingEngine(executor, limits()))))  # stopping it stops the followers
+        else:
+            executor.load()
+            executor.allocate_kv(limits().kv_cache_bytes, limits().block_size)
+            executor.follow()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_expert_parallel(model: Path, expert_map: ExpertMap | None) -> list[list[int]]:
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=rank_main, args=(r, port, str(model), expert_map, out)) for r in range(WORLD)]
+    for process in ranks:
+        process.start()
+    try:
+        tokens: list[list[int]] = out.get(timeout=180)
+    finally:
+        for process in ranks:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    assert all(p.exitcode == 0 for p in ranks), [p.exitcode for p in ranks]
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_model: Path) -> list[list[int]]:
+    return asyncio.run(greedy(reference_engine(tiny_model)))
+
+
+def test_two_ranks_give_the_single_process_tokens(tiny_model: Path, single_process: list[list[int]]) -> None:
+    assert run_expert_parallel(tiny_model, None) == single_process
+
+
+def test_replicated_hot_experts_share_tokens_and_keep_the_output(
+    tiny_model: Path, single_process: list[list[int]]
+) -> None:
+    layers = ExpertMap.round_robin(4, 8, WORLD).holders
+    # Experts 0 and 1 on both ranks in every layer: their tokens split between the copies.
+    replicated = ExpertMap(tuple(((0, 1), (0, 1), *experts[2:]) for experts in layers), version=1)
+    assert run_expert_parallel(tiny_model, replicated) == single_process
+
+
+def test_a_map_that_loses_an_expert_is_refused() -> None:
+    with pytest.raises(ValueError, match="holders"):
+        ExpertMap(((((),) * 8),)).validate(WORLD)
+
+
+def test_a_two_rank_worker_service_serves_the_same_tokens(
+    tiny_model: Path, single_process: list[list[int]], redis_url: str
+) -> None:
+    port, master = free_port(), free_port()
+    env = {
+        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_WORKER_MODEL_PATH": str(tiny_model),
+        "SHOAL_WORKER_ENGINE": "reference",
+        "SHOAL_WORKER_DEVICE": "cpu",
+        "SHOAL_WORKER_COMPUTE_THREADS": "1",
+        "SHOAL_WORKER_EP_SIZE": str(WORLD),
+        "SHOAL_WORKER_EP_MASTER": f"127.0.0.1:{master}",
+        "SHOAL_WORKER_GRPC_PORT": str(port),
+        "SHOAL_LOG_LEVEL": "WARNING",
+    }
+    argv = [sys.executable, "-m", "services.worker"]
+    ranks = [spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO()) for r in range(WORLD)]
+    try:
+        wait_for_port("127.0.0.1", port, 120, ranks[0])
+
+        async def generate() -> list[int]:
+            client = WorkerClient(f"127.0.0.1:{port}")
+            sampling = common_pb2.SamplingParams(max_tokens=TOKENS, ignore_eos=True)
+            message = worker_pb2.GenerateRequest(
+                request_id="ep", model=TINY_MODEL_NAME, prompt_token_ids=PROMPTS[1], sampling=sampling
+            )
+            try:
+                return [t async for r in client.generate(message, timeout_s=120) for t in r.token_ids]
+            finally:
+                await client.close()
+
+        assert asyncio.run(generate()) == single_process[1]
+        assert ranks[1].alive()  # the follower serves nothing itself but stays with its leader
+        ranks[0].terminate(grace_s=20)
+        assert ranks[1].popen.wait(timeout=30) == 0, "the follower stops by itself, cleanly, with its leader"
+    finally:
+        for rank in ranks:
+            rank.terminate(grace_s=5)
