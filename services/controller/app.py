@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from services.controller.actuators.factory import make_actuator
 from services.controller.api.routes import build_api
 from services.controller.desired import DesiredState
+from services.controller.jobs.migrate import MIGRATE
 from services.controller.jobs.store import Job, JobStore
 from services.controller.launcher import LocalLauncher
 from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconciler
@@ -96,6 +97,16 @@ class ControllerApp:
         )
         if created:
             self.reconciler.submit(job)
+        return job
+
+    async def open_migration(self, worker_id: str, address: str, plan: dict[str, object]) -> Job:
+        """A live expert migration job for one instance (one at a time: the id is per instance)."""
+        job, created = await self.jobs.create(
+            MIGRATE, {"worker_id": worker_id, "address": address, "plan": plan}, job_id=f"{MIGRATE}-{worker_id}"
+        )
+        if not created:
+            raise FailedPrecondition(f"migration {job.id} is still {job.state.value}; one at a time", job_id=job.id)
+        self.reconciler.submit(job)
         return job
 
     async def bootstrap(self, path: Path) -> None:

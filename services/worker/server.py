@@ -20,6 +20,7 @@ from typing import TypeAlias
 from grpc import aio
 
 from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock, Sampling, TokenOutput
+from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
 from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
@@ -237,7 +238,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.window_s < 0:
             raise InvalidArgument("window_s must not be negative", param="window_s")
         stats = self.engine.expert_load(request.window_s)
-        return worker_pb2.ExpertStatsResponse(
+        response = worker_pb2.ExpertStatsResponse(
             window_s=stats.window_s,
             num_experts=len(stats.counts[0]) if stats.counts else 0,
             layers=[
@@ -245,23 +246,59 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ],
             expert_map_version=stats.map_version,
         )
+        served = self.engine.expert_map()
+        if served is not None:
+            ranks, current = served
+            width, slots = current.to_slots(ranks)
+            response.expert_map.CopyFrom(
+                common_pb2.ExpertMap(
+                    version=current.version,
+                    num_ranks=ranks,
+                    slots_per_rank=width,
+                    layers=[common_pb2.LayerPlacement(layer=i, slot_experts=s) for i, s in enumerate(slots)],
+                )
+            )
+        return response
 
-    # Live expert migration arrives with expert parallelism (the experts issue);
-    # until then a worker holds every expert and refuses map changes clearly.
+    # Live expert migration: each call runs between two engine steps on every rank.
     async def StageExperts(
         self, request: worker_pb2.StageExpertsRequest, context: Context
     ) -> worker_pb2.StageExpertsResponse:
-        raise FailedPrecondition("this worker holds every expert; it has no expert map to change")
+        if request.source == worker_pb2.WEIGHT_SOURCE_PEER:
+            raise InvalidArgument("copying experts from a peer rank is not supported yet; use the checkpoint source")
+        target = self._target_map(request.target)
+        copies, size = await self.engine.stage_experts(request.migration_id, target, list(request.layers))
+        return worker_pb2.StageExpertsResponse(staged_copies=copies, staged_bytes=size)
 
     async def CommitExpertMap(
         self, request: worker_pb2.CommitExpertMapRequest, context: Context
     ) -> worker_pb2.CommitExpertMapResponse:
-        raise FailedPrecondition("this worker holds every expert; it has no expert map to change")
+        stall = await self.engine.commit_expert_map(request.migration_id, request.version)
+        return worker_pb2.CommitExpertMapResponse(version=request.version, stall_s=stall)
 
     async def ReleaseExperts(
         self, request: worker_pb2.ReleaseExpertsRequest, context: Context
     ) -> worker_pb2.ReleaseExpertsResponse:
-        raise FailedPrecondition("this worker holds every expert; it has no expert map to change")
+        copies, size = await self.engine.release_experts(request.migration_id, request.discard_staged)
+        return worker_pb2.ReleaseExpertsResponse(released_copies=copies, released_bytes=size)
+
+    def _target_map(self, wire: common_pb2.ExpertMap) -> ExpertMap:
+        served = self.engine.expert_map()
+        if served is None:
+            raise FailedPrecondition(
+                "this worker holds every expert itself (no expert parallelism); it has no expert map to change"
+            )
+        ranks, current = served
+        if wire.num_ranks != ranks or wire.slots_per_rank == 0:
+            raise InvalidArgument(f"the target map must span this instance's {ranks} ranks", param="target")
+        layers = sorted(wire.layers, key=lambda layer: layer.layer)
+        if [layer.layer for layer in layers] != list(range(len(current.holders))):
+            raise InvalidArgument(f"the target map must list layers 0..{len(current.holders) - 1}", param="target")
+        experts = len(current.holders[0])
+        if any(e >= experts for layer in layers for e in layer.slot_experts):
+            raise InvalidArgument(f"expert ids must be below {experts}", param="target")
+        slots = [list(layer.slot_experts) for layer in layers]
+        return ExpertMap.from_slots(wire.version, ranks, wire.slots_per_rank, slots, experts)
 
 
 def _usage(output: TokenOutput) -> common_pb2.Usage:

@@ -9,6 +9,7 @@ worker.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -21,6 +22,7 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from shared.types.kv import KVBlock
 
 MAX_BLOCK_BYTES = 256 * 2**20
+MIGRATION_TIMEOUT_S = 300.0
 
 
 class WorkerClient:
@@ -88,31 +90,39 @@ class WorkerClient:
             raise self._error(exc) from None
         return blocks
 
-    async def get_load(self) -> common_pb2.LoadReport:
+    async def _unary(self, method: str, request: Any, timeout_s: float = CONTROL_TIMEOUT_S) -> Any:
         try:
-            report: common_pb2.LoadReport = await self.stub.GetLoad(
-                worker_pb2.GetLoadRequest(), timeout=CONTROL_TIMEOUT_S
-            )
+            return await getattr(self.stub, method)(request, timeout=timeout_s)
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+
+    async def get_load(self) -> common_pb2.LoadReport:
+        report: common_pb2.LoadReport = await self._unary("GetLoad", worker_pb2.GetLoadRequest())
         return report
 
     async def drain(self, wait_s: float = 0.0) -> worker_pb2.DrainResponse:
-        try:
-            response: worker_pb2.DrainResponse = await self.stub.Drain(
-                worker_pb2.DrainRequest(wait_s=wait_s), timeout=wait_s + CONTROL_TIMEOUT_S
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        request = worker_pb2.DrainRequest(wait_s=wait_s)
+        response: worker_pb2.DrainResponse = await self._unary("Drain", request, wait_s + CONTROL_TIMEOUT_S)
         return response
 
     async def expert_stats(self, window_s: float = 0.0) -> worker_pb2.ExpertStatsResponse:
-        try:
-            response: worker_pb2.ExpertStatsResponse = await self.stub.ExpertStats(
-                worker_pb2.ExpertStatsRequest(window_s=window_s), timeout=CONTROL_TIMEOUT_S
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        request = worker_pb2.ExpertStatsRequest(window_s=window_s)
+        response: worker_pb2.ExpertStatsResponse = await self._unary("ExpertStats", request)
+        return response
+
+    async def stage_experts(self, request: worker_pb2.StageExpertsRequest) -> worker_pb2.StageExpertsResponse:
+        # Loading weights from disk can take a while for big experts.
+        response: worker_pb2.StageExpertsResponse = await self._unary("StageExperts", request, MIGRATION_TIMEOUT_S)
+        return response
+
+    async def commit_expert_map(self, migration_id: str, version: int) -> worker_pb2.CommitExpertMapResponse:
+        request = worker_pb2.CommitExpertMapRequest(migration_id=migration_id, version=version)
+        response: worker_pb2.CommitExpertMapResponse = await self._unary("CommitExpertMap", request)
+        return response
+
+    async def release_experts(self, migration_id: str, discard_staged: bool) -> worker_pb2.ReleaseExpertsResponse:
+        request = worker_pb2.ReleaseExpertsRequest(migration_id=migration_id, discard_staged=discard_staged)
+        response: worker_pb2.ReleaseExpertsResponse = await self._unary("ReleaseExperts", request)
         return response
 
 

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import io
+import sys
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from services.controller.app import ControllerApp
+from services.controller.jobs.migrate import MIGRATE, run_migration
 from services.controller.jobs.scale_down import run_scale_down
 from services.controller.jobs.store import Job
 from services.kvstore.app import KVStoreApp
 from services.router.app import RouterApp
 from services.worker.app import WorkerApp
 from shared.config import ControllerSettings, KVStoreSettings, RouterSettings, WorkerSettings, load_settings
+from shared.processes import ManagedProcess, free_port, spawn, wait_for_port
 from tests.support.models import TINY_MODEL_NAME
 
 
@@ -130,8 +134,11 @@ def in_process_jobs(app_ref: list[ControllerApp]) -> Any:
 
     def submit(job: Job) -> None:
         app = app_ref[0]
+        token = app.settings.internal_token
         task = asyncio.create_task(
-            run_scale_down(job.id, app.jobs, app.registry, app.desired, app.actuator, app.settings.internal_token)
+            run_migration(job.id, app.jobs, str(job.params["address"]), token)
+            if job.kind == MIGRATE
+            else run_scale_down(job.id, app.jobs, app.registry, app.desired, app.actuator, token)
         )
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -162,3 +169,33 @@ async def running_controller(
         server.should_exit = True
         await task
         await app.stop()
+
+
+@contextlib.contextmanager
+def ep_worker_processes(
+    redis_url: str, model_path: Path, ranks: int, worker_id: str = "ep-worker"
+) -> Iterator[tuple[str, list[ManagedProcess]]]:
+    """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes)."""
+    port, master = free_port(), free_port()
+    env = {
+        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_WORKER_WORKER_ID": worker_id,
+        "SHOAL_WORKER_MODEL_PATH": str(model_path),
+        "SHOAL_WORKER_ENGINE": "reference",
+        "SHOAL_WORKER_DEVICE": "cpu",
+        "SHOAL_WORKER_COMPUTE_THREADS": "1",
+        "SHOAL_WORKER_EP_SIZE": str(ranks),
+        "SHOAL_WORKER_EP_MASTER": f"127.0.0.1:{master}",
+        "SHOAL_WORKER_GRPC_PORT": str(port),
+        "SHOAL_LOG_LEVEL": "WARNING",
+    }
+    argv = [sys.executable, "-m", "services.worker"]
+    processes = [
+        spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO()) for r in range(ranks)
+    ]
+    try:
+        wait_for_port("127.0.0.1", port, 120, processes[0])
+        yield f"127.0.0.1:{port}", processes
+    finally:
+        for process in processes:
+            process.terminate(grace_s=20)

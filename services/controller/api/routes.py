@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hmac
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import Response
@@ -67,6 +67,15 @@ class ScaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     replicas: int | None = Field(ge=0, le=10_000, description="Fixed replicas; null hands the pool back to its policy.")
+
+
+class RebalanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(default=False, description="Plan only: report the new placement, change nothing.")
+    policy: Literal["migration-aware", "eplb"] = Field(
+        default="migration-aware", description="Placement policy (shared/policies/placement.py)."
+    )
 
 
 class WorkerPublic(BaseModel):
@@ -196,6 +205,56 @@ def build_api(controller: ControllerApp) -> FastAPI:
         await _worker(app, worker_id)
         await app.registry.set_cordoned(worker_id, False)
         return {"worker_id": worker_id, "cordoned": False}
+
+    # -- experts ----------------------------------------------------------------
+
+    async def _expert_stats(app: ControllerApp, worker_id: str) -> tuple[str, Any]:
+        record = await _worker(app, worker_id)
+        client = WorkerClient(record.info.address, app.settings.internal_token)
+        try:
+            return record.info.address, await client.expert_stats()
+        finally:
+            await client.close()
+
+    @v1.get("/workers/{worker_id}/experts")
+    async def experts(worker_id: WorkerId, request: Request, _: Viewer) -> dict[str, Any]:
+        """The instance's expert map, and routed tokens per rank per layer with their balance (max / mean)."""
+        stats = (await _expert_stats(_app(request), worker_id))[1]
+        wire = stats.expert_map
+        layers = [list(layer.tokens) for layer in sorted(stats.layers, key=lambda layer: layer.layer)]
+        if not wire.num_ranks:
+            return {"expert_parallel": False, "num_experts": stats.num_experts, "expert_tokens": layers}
+        per_rank = []
+        for layer, slots in zip(layers, sorted(wire.layers, key=lambda layer: layer.layer), strict=True):
+            copies = [list(slots.slot_experts).count(e) for e in range(len(layer))]
+            ranks = [0.0] * wire.num_ranks
+            for slot, expert in enumerate(slots.slot_experts):
+                ranks[slot // wire.slots_per_rank] += layer[expert] / max(1, copies[expert])
+            per_rank.append(ranks)
+        return {
+            "expert_parallel": True,
+            "version": wire.version,
+            "num_ranks": wire.num_ranks,
+            "slots_per_rank": wire.slots_per_rank,
+            "slots": [list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)],
+            "expert_tokens": layers,
+            "rank_tokens": per_rank,
+            "balance": [max(r) / (sum(r) / len(r)) if sum(r) else 1.0 for r in per_rank],
+        }
+
+    @v1.post("/workers/{worker_id}/experts/rebalance")
+    async def rebalance(worker_id: WorkerId, body: RebalanceRequest, request: Request, _: Operator) -> dict[str, Any]:
+        """Plan a new expert placement from the recent loads; unless a dry run, migrate to it live (a job)."""
+        from services.controller.jobs.migrate import plan_from_stats
+
+        app = _app(request)
+        address, stats = await _expert_stats(app, worker_id)
+        plan = plan_from_stats(stats, body.policy)
+        summary = {k: v for k, v in plan.items() if k != "slots"}
+        if body.dry_run or plan["moves"] == 0:
+            return {"plan": summary, "slots": plan["slots"], "job": None}
+        job = await app.open_migration(worker_id, address, plan)
+        return {"plan": summary, "slots": plan["slots"], "job": job.model_dump(mode="json")}
 
     @v1.post("/workers/{worker_id}/drain")
     async def drain(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.worker.engines.experts import ExpertMap
 from shared.hashing import BlockHash
 from shared.types.kv import KVBlock
 from shared.types.workers import WorkerLoad
@@ -133,3 +134,15 @@ class Engine(Protocol):
 
     def cached_hashes(self) -> list[BlockHash]:
         """Every block hash in the prefix cache now (for event-stream snapshots)."""
+
+    def expert_map(self) -> tuple[int, ExpertMap] | None:
+        """(ranks, map) of an expert-parallel instance; None when one process holds every expert."""
+
+    async def stage_experts(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]:
+        """Load the copies the target map adds, beside the served ones: (copies, bytes) over all ranks."""
+
+    async def commit_expert_map(self, migration_id: str, version: int) -> float:
+        """Switch every rank to the staged map at one step boundary; returns the stall in seconds."""
+
+    async def release_experts(self, migration_id: str, discard_staged: bool) -> tuple[int, int]:
+        """Free copies no longer mapped, or discard an uncommitted migration's staged ones."""

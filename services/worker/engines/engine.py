@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -32,9 +32,10 @@ from services.worker.engines.base import (
 )
 from services.worker.engines.blocks import BlockManager
 from services.worker.engines.detokenize import Detokenizer, OutputText
+from services.worker.engines.experts import ExpertMap
 from services.worker.engines.scheduler import Item, Scheduler, SchedulerConfig, Sequence, State
 from services.worker.engines.stats import ExpertLoadWindow, QuantileWindow, RateWindow
-from shared.errors import InvalidArgument, Overloaded, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
 from shared.hashing import BlockHash, BlockHasher
 from shared.telemetry.logging import get_logger
 from shared.types.workers import WorkerLoad
@@ -91,6 +92,20 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Release what the executor holds beyond memory (e.g. the ranks it leads). Engine thread, last."""
+
+
+@runtime_checkable
+class MigratableExecutor(Protocol):
+    """An executor spread over ranks whose expert map can change live (reference/parallel.py)."""
+
+    world_size: int
+    expert_map: ExpertMap
+
+    def stage(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]: ...
+
+    def commit(self, migration_id: str, version: int) -> None: ...
+
+    def release(self, migration_id: str, discard_staged: bool) -> tuple[int, int]: ...
 
 
 @dataclass
@@ -247,6 +262,41 @@ class BatchingEngine:
             self._calls.append((fn, future))
             self._cv.notify()
         return future
+
+    # -- live expert migration (between steps, on every rank) -------------------
+
+    def _migratable(self) -> MigratableExecutor:
+        if not isinstance(self.executor, MigratableExecutor):
+            raise FailedPrecondition(
+                "this worker holds every expert itself (no expert parallelism); it has no expert map to change"
+            )
+        return self.executor
+
+    def expert_map(self) -> tuple[int, ExpertMap] | None:
+        """(ranks, the map served now) of an expert-parallel instance; None otherwise."""
+        executor = self.executor
+        return (executor.world_size, executor.expert_map) if isinstance(executor, MigratableExecutor) else None
+
+    async def stage_experts(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]:
+        executor = self._migratable()
+        return await asyncio.wrap_future(self.call_between_steps(lambda: executor.stage(migration_id, target, layers)))
+
+    async def commit_expert_map(self, migration_id: str, version: int) -> float:
+        """Switch the map; returns how long serving stood still for it (seconds)."""
+        executor = self._migratable()
+
+        def commit() -> float:
+            started = time.perf_counter()
+            executor.commit(migration_id, version)
+            return time.perf_counter() - started
+
+        return await asyncio.wrap_future(self.call_between_steps(commit))
+
+    async def release_experts(self, migration_id: str, discard_staged: bool) -> tuple[int, int]:
+        executor = self._migratable()
+        return await asyncio.wrap_future(
+            self.call_between_steps(lambda: executor.release(migration_id, discard_staged))
+        )
 
     async def export_kv(self, hashes: list[BlockHash]) -> list[KVBlock]:
         def read() -> list[KVBlock]:

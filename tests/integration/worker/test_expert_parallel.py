@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import multiprocessing
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,12 +11,15 @@ from typing import Any
 import pytest
 
 from services.worker.engines.engine import BatchingEngine
-from services.worker.engines.reference.parallel import ExpertMap, ExpertParallelExecutor
-from shared.processes import free_port, spawn, wait_for_port
+from services.worker.engines.experts import ExpertMap
+from services.worker.engines.reference.parallel import ExpertParallelExecutor
+from shared.errors import InvalidArgument
+from shared.processes import free_port
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.engines import collect, limits, prompts, reference_engine, request
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.services import ep_worker_processes
 
 pytestmark = pytest.mark.integration
 
@@ -93,32 +94,17 @@ def test_replicated_hot_experts_share_tokens_and_keep_the_output(
 
 
 def test_a_map_that_loses_an_expert_is_refused() -> None:
-    with pytest.raises(ValueError, match="holders"):
+    with pytest.raises(InvalidArgument, match="holders"):
         ExpertMap(((((),) * 8),)).validate(WORLD)
 
 
 def test_a_two_rank_worker_service_serves_the_same_tokens(
     tiny_model: Path, single_process: list[list[int]], redis_url: str
 ) -> None:
-    port, master = free_port(), free_port()
-    env = {
-        "SHOAL_REDIS_URL": redis_url,
-        "SHOAL_WORKER_MODEL_PATH": str(tiny_model),
-        "SHOAL_WORKER_ENGINE": "reference",
-        "SHOAL_WORKER_DEVICE": "cpu",
-        "SHOAL_WORKER_COMPUTE_THREADS": "1",
-        "SHOAL_WORKER_EP_SIZE": str(WORLD),
-        "SHOAL_WORKER_EP_MASTER": f"127.0.0.1:{master}",
-        "SHOAL_WORKER_GRPC_PORT": str(port),
-        "SHOAL_LOG_LEVEL": "WARNING",
-    }
-    argv = [sys.executable, "-m", "services.worker"]
-    ranks = [spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO()) for r in range(WORLD)]
-    try:
-        wait_for_port("127.0.0.1", port, 120, ranks[0])
+    with ep_worker_processes(redis_url, tiny_model, WORLD) as (address, ranks):
 
         async def generate() -> list[int]:
-            client = WorkerClient(f"127.0.0.1:{port}")
+            client = WorkerClient(address)
             sampling = common_pb2.SamplingParams(max_tokens=TOKENS, ignore_eos=True)
             message = worker_pb2.GenerateRequest(
                 request_id="ep", model=TINY_MODEL_NAME, prompt_token_ids=PROMPTS[1], sampling=sampling
@@ -132,6 +118,3 @@ def test_a_two_rank_worker_service_serves_the_same_tokens(
         assert ranks[1].alive()  # the follower serves nothing itself but stays with its leader
         ranks[0].terminate(grace_s=20)
         assert ranks[1].popen.wait(timeout=30) == 0, "the follower stops by itself, cleanly, with its leader"
-    finally:
-        for rank in ranks:
-            rank.terminate(grace_s=5)

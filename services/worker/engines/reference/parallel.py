@@ -14,10 +14,21 @@ serves gRPC. Before each step it broadcasts the step's plan (token ids,
 positions, block tables) so the followers run the same forward pass; KV
 blocks imported on the leader are broadcast too, so every rank's cache stays
 identical. Followers run `follow()` until the leader sends `stop`.
+
+Live migration changes the map in three steps, each run between two engine
+steps on every rank (the leader broadcasts it like a step): `stage` loads
+the copies a rank gains under the target map beside the ones it serves with
+(a few layers per call, so no pause is long); `commit` switches every rank to
+the target map at the same step boundary; `release` frees the copies the new
+map no longer uses, or, before a commit, discards the staged ones (rollback).
+One migration at a time. Outcomes every rank must agree on (all staged?) are
+agreed by an all-reduce, so no rank ever waits on a collective the others
+skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -27,36 +38,11 @@ import torch.distributed as dist
 
 from services.worker.engines.base import KVBlock
 from services.worker.engines.engine import StepResult
+from services.worker.engines.experts import ExpertMap
 from services.worker.engines.reference.executor import ReferenceExecutor
-from services.worker.engines.reference.model import LayerWeights
+from services.worker.engines.reference.model import ExpertWeights, LayerWeights, load_expert
 from services.worker.engines.scheduler import Item, Sequence
-
-
-@dataclass(frozen=True)
-class ExpertMap:
-    """Which ranks hold each expert of each layer (holders[layer][expert]), with a version."""
-
-    holders: tuple[tuple[tuple[int, ...], ...], ...]
-    version: int = 0
-
-    @classmethod
-    def round_robin(cls, layers: int, experts: int, ranks: int) -> ExpertMap:
-        """Expert e on rank e % ranks, in every layer."""
-        return cls(tuple(tuple((e % ranks,) for e in range(experts)) for _ in range(layers)))
-
-    def held_by(self, rank: int) -> dict[int, list[int]]:
-        """Layer -> experts this rank holds."""
-        return {
-            layer: [e for e, ranks in enumerate(experts) if rank in ranks] for layer, experts in enumerate(self.holders)
-        }
-
-    def validate(self, ranks: int) -> None:
-        for layer, experts in enumerate(self.holders):
-            for expert, holders in enumerate(experts):
-                if not holders or any(not 0 <= r < ranks for r in holders) or len(set(holders)) != len(holders):
-                    raise ValueError(
-                        f"layer {layer} expert {expert}: holders {holders} are not distinct ranks < {ranks}"
-                    )
+from shared.errors import FailedPrecondition, InvalidArgument
 
 
 @dataclass
@@ -85,6 +71,8 @@ class ExpertParallelRunner:
         # Experts in ascending order, like the single-process loop, so partial sums round the same way.
         for expert in sorted(layer.experts):
             copies = holders[expert]
+            if self.rank not in copies:
+                continue  # a copy kept only until the release after a migration: the map says it is not ours
             rows, slot = (ids == expert).nonzero(as_tuple=True)
             if len(copies) > 1:
                 mine = (token[rows] % len(copies)) == copies.index(self.rank)
@@ -93,6 +81,13 @@ class ExpertParallelRunner:
                 out.index_add_(0, rows, layer.experts[expert](x[rows]) * weights[rows, slot, None])
         dist.all_reduce(out)
         return out, counts
+
+
+def _agree_max(value: int) -> int:
+    """The largest `value` over all ranks (every rank calls this at the same point)."""
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor[0])
 
 
 class ExpertParallelExecutor(ReferenceExecutor):
@@ -112,8 +107,12 @@ class ExpertParallelExecutor(ReferenceExecutor):
         self.expert_map = expert_map or ExpertMap.round_robin(self.num_layers, self.num_experts, world_size)
         self.expert_map.validate(world_size)
         self.experts_of_layer = self.expert_map.held_by(rank)
-        self.expert_runner = ExpertParallelRunner(rank, self.expert_map, self.num_experts)
+        self.runner = ExpertParallelRunner(rank, self.expert_map, self.num_experts)
+        self.expert_runner = self.runner
         self._map_version = self.expert_map.version
+        self._migration: str | None = None
+        self._target: ExpertMap | None = None
+        self._staged: dict[tuple[int, int], ExpertWeights] = {}
 
     # -- leader ---------------------------------------------------------------
 
@@ -131,6 +130,86 @@ class ExpertParallelExecutor(ReferenceExecutor):
         """Tell the followers to stop (the engine calls this as it stops)."""
         dist.broadcast_object_list([("stop", None)], src=0)
 
+    # -- live migration (leader side: validate, broadcast, run) ---------------
+
+    def stage(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]:
+        """Load the copies each rank gains under `target` in `layers` (all if empty): (copies, bytes), all ranks."""
+        if self._migration not in (None, migration_id):
+            raise FailedPrecondition(f"migration {self._migration} is in flight; one at a time")
+        if target.version <= self.expert_map.version:
+            raise InvalidArgument(f"target map version {target.version} is not newer than {self.expert_map.version}")
+        if len(target.holders) != self.num_layers or any(len(e) != self.num_experts for e in target.holders):
+            raise InvalidArgument(f"the target map must cover {self.num_layers} layers x {self.num_experts} experts")
+        target.validate(self.world_size)
+        if any(layer >= self.num_layers for layer in layers):
+            raise InvalidArgument(f"layers must be below {self.num_layers}")
+        return self._collective("stage", (migration_id, target, layers or list(range(self.num_layers))))
+
+    def commit(self, migration_id: str, version: int) -> None:
+        """Switch every rank to the staged target map, between two steps."""
+        if self._migration != migration_id or self._target is None or self._target.version != version:
+            raise FailedPrecondition(f"no staged migration {migration_id!r} to map version {version}")
+        self._collective("commit", None)
+
+    def release(self, migration_id: str, discard_staged: bool) -> tuple[int, int]:
+        """Free copies the committed map no longer uses, or (discard_staged) roll an uncommitted migration back."""
+        if self._migration not in (None, migration_id):
+            raise FailedPrecondition(f"migration {self._migration} is in flight, not {migration_id!r}")
+        if discard_staged and self._target is None:
+            raise FailedPrecondition("nothing staged to discard: the migration is committed or unknown")
+        return self._collective("release", discard_staged)
+
+    def _collective(self, kind: str, body: Any) -> tuple[int, int]:
+        dist.broadcast_object_list([(kind, body)], src=0)
+        return self._apply(kind, body)
+
+    # -- live migration (every rank) ------------------------------------------
+
+    def _apply(self, kind: str, body: Any) -> tuple[int, int]:
+        copies = size = 0
+        model = self.model
+        assert model is not None
+        if kind == "stage":
+            self._migration, self._target, layers = body
+            assert self._target is not None
+            for layer in layers:
+                for expert, holders in enumerate(self._target.holders[layer]):
+                    if self.rank in holders and expert not in model.layers[layer].experts:
+                        if (layer, expert) not in self._staged:
+                            weights = load_expert(self.checkpoint, layer, expert, self.dtype, self.device)
+                            self._staged[layer, expert] = weights
+                        copies, size = copies + 1, size + self._staged[layer, expert].nbytes
+        elif kind == "commit":
+            assert self._target is not None
+            missing = sum(
+                1
+                for layer, experts in enumerate(self._target.holders)
+                for expert, holders in enumerate(experts)
+                if self.rank in holders and expert not in model.layers[layer].experts
+                and (layer, expert) not in self._staged
+            )  # fmt: skip
+            if _agree_max(missing):
+                raise FailedPrecondition("stage every layer before committing")
+            for (layer, expert), weights in self._staged.items():
+                model.layers[layer].experts[expert] = weights
+            self.expert_map = self.runner.map = self._target
+            self._map_version = self._target.version
+            self._target, self._staged = None, {}
+        elif kind == "release":
+            if body:  # rollback: the staged copies go, the served map stays
+                copies = len(self._staged)
+                size = sum(w.nbytes for w in self._staged.values())
+                self._staged, self._target = {}, None
+            else:
+                for layer, experts in enumerate(self.expert_map.holders):
+                    held = model.layers[layer].experts
+                    for expert in [e for e in held if self.rank not in experts[e]]:
+                        copies, size = copies + 1, size + held.pop(expert).nbytes
+            self._migration = None
+        totals = torch.tensor([copies, size], dtype=torch.int64)
+        dist.all_reduce(totals)
+        return int(totals[0]), int(totals[1])
+
     # -- followers ------------------------------------------------------------
 
     def follow(self) -> None:
@@ -143,6 +222,10 @@ class ExpertParallelExecutor(ReferenceExecutor):
                 return
             if kind == "write":
                 super().write_block(*body)
+                continue
+            if kind in ("stage", "commit", "release"):
+                with contextlib.suppress(FailedPrecondition):  # every rank agreed to refuse; the leader reports it
+                    self._apply(kind, body)
                 continue
             items = []
             for tokens, start, length, sample, block_ids in body:

@@ -472,11 +472,16 @@ class ExpertStatsResponse(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
     EXPERT_MAP_VERSION_FIELD_NUMBER: _builtins.int
+    EXPERT_MAP_FIELD_NUMBER: _builtins.int
     window_s: _builtins.float
     num_experts: _builtins.int
     expert_map_version: _builtins.int
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerExpertLoad]: ...
+    @_builtins.property
+    def expert_map(self) -> _common_pb2.ExpertMap:
+        """The map served now, when the model spans several ranks (absent otherwise)."""
+
     def __init__(
         self,
         *,
@@ -484,10 +489,11 @@ class ExpertStatsResponse(_message.Message):
         num_experts: _builtins.int = ...,
         layers: _abc.Iterable[Global___LayerExpertLoad] | None = ...,
         expert_map_version: _builtins.int = ...,
+        expert_map: _common_pb2.ExpertMap | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expert_map", b"expert_map"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expert_map_version", b"expert_map_version", "layers", b"layers", "num_experts", b"num_experts", "window_s", b"window_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expert_map", b"expert_map", "expert_map_version", b"expert_map_version", "layers", b"layers", "num_experts", b"num_experts", "window_s", b"window_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

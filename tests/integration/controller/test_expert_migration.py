@@ -1,0 +1,166 @@
+"""Live expert migration on a 2-rank worker (real processes, gloo), driven by the controller's job.
+
+Greedy requests run the whole time; every one must finish with the tokens a
+single-process engine gives, before, during and after the switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.controller.jobs.migrate import MIGRATE, migrate_with
+from services.controller.jobs.store import JobStore
+from shared.errors import Unavailable
+from shared.rpc.shoal.v1 import common_pb2, worker_pb2
+from shared.rpc.worker_client import WorkerClient
+from tests.support.engines import collect, prompts, reference_engine, request
+from tests.support.models import TINY_MODEL_NAME
+from tests.support.services import OPERATOR, VIEWER, RunningController, ep_worker_processes, running_controller
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PROMPTS = prompts(4, [12, 70])
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model: Path) -> list[list[int]]:
+    async def run() -> list[list[int]]:
+        engine = reference_engine(tiny_model)
+        await engine.start()
+        try:
+            return [(await collect(engine, request(f"e{i}", p, TOKENS))).tokens for i, p in enumerate(PROMPTS)]
+        finally:
+            await engine.stop()
+
+    return asyncio.run(run())
+
+
+async def greedy(client: WorkerClient, index: int, tag: str) -> list[int]:
+    message = worker_pb2.GenerateRequest(
+        request_id=f"{tag}-{index}",
+        model=TINY_MODEL_NAME,
+        prompt_token_ids=PROMPTS[index],
+        sampling=common_pb2.SamplingParams(max_tokens=TOKENS, ignore_eos=True),
+    )
+    return [t async for r in client.generate(message, timeout_s=120) for t in r.token_ids]
+
+
+class Load:
+    """Greedy requests back to back from a few clients until stopped (bounded in count)."""
+
+    def __init__(self, client: WorkerClient, expected: list[list[int]], clients: int = 3, limit: int = 400) -> None:
+        self.client, self.expected, self.limit = client, expected, limit
+        self.results: list[bool] = []
+        self.errors: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._run(c)) for c in range(clients)]
+
+    async def _run(self, client_index: int) -> None:
+        n = 0
+        while not self._stop.is_set() and len(self.results) < self.limit:
+            index = (client_index + n) % len(PROMPTS)
+            try:
+                self.results.append(await greedy(self.client, index, f"load{client_index}-{n}") == self.expected[index])
+            except Exception as exc:  # any failure is what the test counts
+                self.errors.append(repr(exc))
+            n += 1
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+
+def swapped_plan(stats: worker_pb2.ExpertStatsResponse) -> dict[str, Any]:
+    """A target map that moves experts 0 and 1 to each other's rank in every layer."""
+    wire = stats.expert_map
+    slots = []
+    for layer in sorted(wire.layers, key=lambda layer: layer.layer):
+        layer_slots = list(layer.slot_experts)
+        a, b = layer_slots.index(0), layer_slots.index(1)
+        layer_slots[a], layer_slots[b] = 1, 0
+        slots.append(layer_slots)
+    return {
+        "version": wire.version + 1,
+        "num_ranks": wire.num_ranks,
+        "slots_per_rank": wire.slots_per_rank,
+        "slots": slots,
+        "moves": 2 * len(slots),
+    }
+
+
+async def wait_job(front: RunningController, job_id: str, timeout_s: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=front.url, headers=front.headers(VIEWER)) as http:
+        while time.monotonic() < deadline:
+            job: dict[str, Any] = (await http.get(f"/v1/jobs/{job_id}")).json()
+            if job["state"] not in ("pending", "running"):
+                return job
+            await asyncio.sleep(0.1)
+    raise TimeoutError(job_id)
+
+
+async def test_a_migration_under_load_loses_nothing_and_changes_no_output(
+    redis_url: str, tiny_model: Path, expected: list[list[int]]
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-0") as (address, _):
+        async with running_controller(redis_url) as front:
+            client = WorkerClient(address)
+            try:
+                before = await client.expert_stats()
+                assert before.expert_map.num_ranks == 2
+                async with httpx.AsyncClient(base_url=front.url, headers=front.headers(OPERATOR)) as http:
+                    view = (await http.get("/v1/workers/ep-0/experts")).json()
+                    assert view["expert_parallel"] and view["version"] == before.expert_map.version
+                    dry = (await http.post("/v1/workers/ep-0/experts/rebalance", json={"dry_run": True})).json()
+                    assert dry["job"] is None and "balance_before" in dry["plan"]
+                load = Load(client, expected)
+                await asyncio.sleep(1.0)  # serving before the migration
+                job = await front.app.open_migration("ep-0", address, swapped_plan(before))
+                final = await wait_job(front, job.id)
+                await asyncio.sleep(1.0)  # and after it
+                await load.stop()
+                assert final["state"] == "succeeded", final
+                assert final["result"]["released_copies"] == 2 * len(before.layers)
+                after = await client.expert_stats()
+                assert after.expert_map.version == before.expert_map.version + 1
+                assert load.errors == [], load.errors
+                assert len(load.results) > 10 and all(load.results), f"{load.results.count(False)} outputs changed"
+            finally:
+                await client.close()
+
+
+class FailingCommit(WorkerClient):
+    """Injected failure: the commit call never reaches the worker (its network dropped)."""
+
+    async def commit_expert_map(self, migration_id: str, version: int) -> worker_pb2.CommitExpertMapResponse:
+        raise Unavailable("injected: connection to the worker lost before the commit")
+
+
+async def test_a_failure_between_stage_and_commit_rolls_back(
+    redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-1") as (address, _):
+        client = WorkerClient(address)
+        failing = FailingCommit(address)
+        try:
+            before = await client.expert_stats()
+            jobs = JobStore(redis)
+            job, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
+            final = await migrate_with(job, jobs, failing)
+            assert final.state.value == "rolled-back" and "injected" in final.message
+            after = await client.expert_stats()
+            assert after.expert_map == before.expert_map  # the old map still serves
+            assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
+            # The worker's migration slot is free again: a new migration goes through.
+            retry, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
+            assert (await migrate_with(retry, jobs, client)).state.value == "succeeded"
+        finally:
+            await client.close()
+            await failing.close()
