@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -179,6 +180,61 @@ def _follow(admin: Admin, job_id: str, poll_s: float = 0.5) -> None:
         raise typer.Exit(1)
 
 
+def experts(
+    worker_id: str = typer.Argument(..., help="Worker id (the instance's rank 0)."),
+    url: str = Url,
+    token: str = Token,
+    heatmap: Path | None = typer.Option(None, help="Also write a PNG heatmap of tokens per rank per layer here."),
+) -> None:
+    """An expert-parallel instance's map: tokens per rank per layer, and balance (max / mean)."""
+    view = Admin(url, token).call("GET", f"/v1/workers/{worker_id}/experts")
+    if not view["expert_parallel"]:
+        console.print(f"{worker_id} holds every expert itself (no expert parallelism)")
+        return
+    ranks = [f"rank {r}" for r in range(view["num_ranks"])]
+    rows = [
+        [layer, f"{view['balance'][layer]:.3f}", *(f"{t:.0f}" for t in tokens)]
+        for layer, tokens in enumerate(view["rank_tokens"])
+    ]
+    _table(f"{worker_id}: expert map v{view['version']}", ["layer", "balance", *ranks], rows)
+    if heatmap is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        figure, axes = plt.subplots(figsize=(1.2 + 0.6 * len(ranks), 1.0 + 0.3 * len(rows)))
+        image = axes.imshow(view["rank_tokens"], aspect="auto", cmap="viridis")
+        axes.set_xlabel("rank")
+        axes.set_ylabel("layer")
+        axes.set_title(f"{worker_id}: routed tokens, map v{view['version']}")
+        figure.colorbar(image, ax=axes)
+        figure.savefig(heatmap, dpi=120, bbox_inches="tight")
+        plt.close(figure)
+        console.print(f"heatmap written to {heatmap}")
+
+
+def rebalance(
+    worker_id: str = typer.Argument(..., help="Worker id (the instance's rank 0)."),
+    url: str = Url,
+    token: str = Token,
+    dry_run: bool = typer.Option(False, help="Plan only; move nothing."),
+    policy: str = typer.Option("migration-aware", help="migration-aware or eplb."),
+) -> None:
+    """Plan a new expert placement from recent loads and migrate to it live, with a progress bar."""
+    admin = Admin(url, token)
+    answer = admin.call(
+        "POST", f"/v1/workers/{worker_id}/experts/rebalance", json={"dry_run": dry_run, "policy": policy}
+    )
+    plan = answer["plan"]
+    console.print(
+        f"plan: balance {plan['balance_before']:.3f} -> {plan['balance_after']:.3f}, "
+        f"{plan['moves']} expert copies to move (map v{plan['version']})"
+    )
+    if answer["job"] is not None:
+        _follow(admin, answer["job"]["id"])
+
+
 def decisions(url: str = Url, token: str = Token, limit: int = 20) -> None:
     """The scaling decisions log: what changed, and why."""
     rows = [
@@ -188,4 +244,15 @@ def decisions(url: str = Url, token: str = Token, limit: int = 20) -> None:
     _table("scaling decisions", ["at", "pool", "ready", "desired", "reason", "explanation"], rows)
 
 
-COMMANDS: list[Callable[..., None]] = [status, pools, workers, scale, drain, remove, jobs, decisions]
+COMMANDS: list[Callable[..., None]] = [
+    status,
+    pools,
+    workers,
+    scale,
+    drain,
+    remove,
+    jobs,
+    decisions,
+    experts,
+    rebalance,
+]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -50,6 +50,24 @@ class WorkerMetrics(EngineObserver):
             "shoal_worker_kv_imports",
             "P/D KV imports by result (imported, fallback)",
             ["result"],
+            registry=registry,
+        )
+        self.expert_bytes = Counter(
+            "shoal_worker_expert_bytes",
+            "Expert weight bytes moved by live migration (staged, released, discarded), all ranks",
+            ["action"],
+            registry=registry,
+        )
+        self.expert_commit_stall = Histogram(
+            "shoal_worker_expert_commit_stall_seconds",
+            "Serving pause while every rank switched expert maps",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.expert_balance = Gauge(
+            "shoal_worker_expert_balance",
+            "Max / mean routed tokens per rank over the stats window, per MoE layer (1 is perfect)",
+            ["layer"],
             registry=registry,
         )
 

@@ -23,6 +23,7 @@ from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock,
 from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
+from shared.policies.placement import Topology, layer_report
 from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
@@ -258,6 +259,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     layers=[common_pb2.LayerPlacement(layer=i, slot_experts=s) for i, s in enumerate(slots)],
                 )
             )
+            topo = Topology(ranks=ranks, nodes=1, slots_per_rank=width)
+            _, balance = layer_report(slots, [[float(t) for t in c] for c in stats.counts], topo)
+            for layer, value in enumerate(balance):
+                self.metrics.expert_balance.labels(str(layer)).set(value)
         return response
 
     # Live expert migration: each call runs between two engine steps on every rank.
@@ -268,18 +273,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise InvalidArgument("copying experts from a peer rank is not supported yet; use the checkpoint source")
         target = self._target_map(request.target)
         copies, size = await self.engine.stage_experts(request.migration_id, target, list(request.layers))
+        self.metrics.expert_bytes.labels("staged").inc(size)
         return worker_pb2.StageExpertsResponse(staged_copies=copies, staged_bytes=size)
 
     async def CommitExpertMap(
         self, request: worker_pb2.CommitExpertMapRequest, context: Context
     ) -> worker_pb2.CommitExpertMapResponse:
         stall = await self.engine.commit_expert_map(request.migration_id, request.version)
+        self.metrics.expert_commit_stall.observe(stall)
         return worker_pb2.CommitExpertMapResponse(version=request.version, stall_s=stall)
 
     async def ReleaseExperts(
         self, request: worker_pb2.ReleaseExpertsRequest, context: Context
     ) -> worker_pb2.ReleaseExpertsResponse:
         copies, size = await self.engine.release_experts(request.migration_id, request.discard_staged)
+        self.metrics.expert_bytes.labels("discarded" if request.discard_staged else "released").inc(size)
         return worker_pb2.ReleaseExpertsResponse(released_copies=copies, released_bytes=size)
 
     def _target_map(self, wire: common_pb2.ExpertMap) -> ExpertMap:

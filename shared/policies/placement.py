@@ -81,6 +81,14 @@ def balance_of(layer_slots: np.ndarray, load: np.ndarray, topo: Topology) -> flo
     return float(loads.max() / mean) if mean > 0 else 1.0
 
 
+def layer_report(
+    slots: list[list[int]], loads: list[list[float]], topo: Topology
+) -> tuple[list[list[float]], list[float]]:
+    """Per layer: routed tokens per rank, and balance (max / mean; 1.0 for an idle layer)."""
+    pairs = [(np.array(s), np.array(w, dtype=float)) for s, w in zip(slots, loads, strict=True)]
+    return [rank_loads(s, w, topo).tolist() for s, w in pairs], [balance_of(s, w, topo) for s, w in pairs]
+
+
 def lower_bound(load: np.ndarray, topo: Topology) -> float:
     """A lower bound on any packing's balance for one layer: the heaviest copy, or the mean."""
     counts = copy_counts(load, topo.slots)

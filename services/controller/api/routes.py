@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import NotFound, PermissionDenied, Unauthenticated
 from shared.httpapi import install_error_handlers
+from shared.policies.placement import Topology, layer_report
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.metrics import render
 from shared.types.pools import ModelCreate, ModelPublic, ModelUpdate, PoolCreate, PoolPublic, PoolUpdate
@@ -224,22 +225,18 @@ def build_api(controller: ControllerApp) -> FastAPI:
         layers = [list(layer.tokens) for layer in sorted(stats.layers, key=lambda layer: layer.layer)]
         if not wire.num_ranks:
             return {"expert_parallel": False, "num_experts": stats.num_experts, "expert_tokens": layers}
-        per_rank = []
-        for layer, slots in zip(layers, sorted(wire.layers, key=lambda layer: layer.layer), strict=True):
-            copies = [list(slots.slot_experts).count(e) for e in range(len(layer))]
-            ranks = [0.0] * wire.num_ranks
-            for slot, expert in enumerate(slots.slot_experts):
-                ranks[slot // wire.slots_per_rank] += layer[expert] / max(1, copies[expert])
-            per_rank.append(ranks)
+        slots = [list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)]
+        topo = Topology(ranks=wire.num_ranks, nodes=1, slots_per_rank=wire.slots_per_rank)
+        per_rank, balance = layer_report(slots, [[float(t) for t in layer] for layer in layers], topo)
         return {
             "expert_parallel": True,
             "version": wire.version,
             "num_ranks": wire.num_ranks,
             "slots_per_rank": wire.slots_per_rank,
-            "slots": [list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)],
+            "slots": slots,
             "expert_tokens": layers,
             "rank_tokens": per_rank,
-            "balance": [max(r) / (sum(r) / len(r)) if sum(r) else 1.0 for r in per_rank],
+            "balance": balance,
         }
 
     @v1.post("/workers/{worker_id}/experts/rebalance")

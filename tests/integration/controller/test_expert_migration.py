@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from cli.main import app
 from services.controller.jobs.migrate import MIGRATE, migrate_with
 from services.controller.jobs.store import JobStore
 from shared.errors import Unavailable
@@ -107,7 +109,7 @@ async def wait_job(front: RunningController, job_id: str, timeout_s: float = 120
 
 
 async def test_a_migration_under_load_loses_nothing_and_changes_no_output(
-    redis_url: str, tiny_model: Path, expected: list[list[int]]
+    redis_url: str, tiny_model: Path, expected: list[list[int]], tmp_path: Path
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-0") as (address, _):
         async with running_controller(redis_url) as front:
@@ -130,6 +132,15 @@ async def test_a_migration_under_load_loses_nothing_and_changes_no_output(
                 assert final["result"]["released_copies"] == 2 * len(before.layers)
                 after = await client.expert_stats()
                 assert after.expert_map.version == before.expert_map.version + 1
+                env = {"SHOAL_CONTROLLER_URL": front.url, "SHOAL_ADMIN_TOKEN": OPERATOR, "COLUMNS": "200"}
+                png = tmp_path / "heatmap.png"
+                shown = await asyncio.to_thread(
+                    CliRunner().invoke, app, ["experts", "ep-0", "--heatmap", str(png)], env=env
+                )
+                assert shown.exit_code == 0 and f"map v{after.expert_map.version}" in shown.output
+                assert png.read_bytes().startswith(b"\x89PNG")
+                planned = await asyncio.to_thread(CliRunner().invoke, app, ["rebalance", "ep-0", "--dry-run"], env=env)
+                assert planned.exit_code == 0 and "expert copies to move" in planned.output
                 assert load.errors == [], load.errors
                 assert len(load.results) > 10 and all(load.results), f"{load.results.count(False)} outputs changed"
             finally:
