@@ -117,8 +117,8 @@ bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs peak-s
 	$(PY) -m benchmarks.bench_autoscale $(TRACES)/azure_llm_2023_code.csv $(MODEL_DIR)
 
 .PHONY: bench-experts
-bench-experts: $(STAMP) ## Expert placement: migration-aware vs EPLB-style packing (58x256, 32 ranks)
-	$(PY) -m benchmarks.bench_experts
+bench-experts: $(STAMP) redis $(MODEL_DIR)/config.json ## Expert placement vs EPLB-style packing; TBT during live migration
+	$(PY) -m benchmarks.bench_experts $(MODEL_DIR)
 
 .PHONY: bench-router
 bench-router: $(STAMP) redis $(MODEL_DIR)/config.json ## Router overhead vs direct, and prefix-aware vs round-robin routing
