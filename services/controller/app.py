@@ -69,7 +69,9 @@ class ControllerApp:
         worker_env = {"SHOAL_REDIS_URL": settings.redis_url}
         if settings.internal_token:
             worker_env["SHOAL_INTERNAL_TOKEN"] = settings.internal_token
-        self.launcher = LocalLauncher(self.redis, worker_env) if settings.actuator == "local" else None
+        self.launcher = (
+            LocalLauncher(self.redis, worker_env, settings.local_max_workers) if settings.actuator == "local" else None
+        )
         self.metrics_registry = new_registry()
         self.reconciler = Reconciler(
             self.redis,

@@ -4,7 +4,8 @@ Every half second it makes each pool's worker processes match the pool's
 launch document: workers named in `remove` are stopped (SIGTERM: they
 finish what they run, deregister and exit); extra workers beyond the target
 are stopped, those still starting first (a cancelled scale-up); missing ones
-are started, which also replaces a worker that crashed. It publishes each
+are started, which also replaces a worker that crashed, up to the host's
+`max_workers` processes in all. It publishes each
 pool's instances (starting until the worker is in the registry) and the
 measured cold start (launch to registration). Workers die with the
 controller (see shared/processes.py).
@@ -48,14 +49,20 @@ class _Pool:
 
 
 class LocalLauncher:
-    def __init__(self, redis: Redis, base_env: dict[str, str] | None = None) -> None:
+    def __init__(self, redis: Redis, base_env: dict[str, str] | None = None, max_workers: int = 8) -> None:
         self.docs = DocumentStore(redis)
+        self.max_workers = max_workers
         self.registry = WorkerRegistry(redis)
         self.base_env = base_env or {}
         self._pools: dict[str, _Pool] = {}
         self.cold_starts: dict[str, float] = {}
         self._stopping: set[asyncio.Task[int]] = set()
         self._threads = 1
+
+    @property
+    def processes(self) -> int:
+        """Worker processes alive now, stopping ones included."""
+        return sum(len(p.workers) for p in self._pools.values())
 
     async def tick(self) -> None:
         registered = {r.worker_id for r in await self.registry.list_workers()}
@@ -93,7 +100,12 @@ class LocalLauncher:
             : max(0, len(active) - target)
         ]:
             self._stop(extra)
-        for _ in range(target - len(active)):
+        wanted = target - len(active)
+        # A host has room for so many processes, whatever the pools ask (a stopping one still holds memory).
+        room = self.max_workers - self.processes
+        if wanted > room:
+            log.warning("host full: pool waits for room", pool=pool, wanted=wanted, room=max(0, room))
+        for _ in range(min(wanted, room)):
             self._start(pool, doc.get("spec", {}), state)
         await self.docs.put(
             status_doc(pool),

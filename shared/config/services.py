@@ -280,6 +280,11 @@ class ControllerSettings(CommonSettings):
     job_stale_s: float = Field(
         default=20.0, gt=0, description="A running job silent this long is resubmitted (its Celery worker died)."
     )
+    local_max_workers: int = Field(
+        default=8,
+        ge=0,
+        description="local actuator: most worker processes on this host; pools asking for more wait for room.",
+    )
 
     @field_validator("actuator")
     @classmethod

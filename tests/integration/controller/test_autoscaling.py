@@ -97,3 +97,14 @@ async def _at_least(front: RunningController, count: int) -> bool:
 
 async def _at_most(front: RunningController, count: int) -> bool:
     return await ready_workers(front, "decode") <= count
+
+
+async def test_the_local_actuator_never_runs_more_processes_than_the_host_allows(
+    redis_url: str, tiny_model: Path
+) -> None:
+    async with running_controller(redis_url, local_max_workers=2) as front:
+        await setup_pool(front, tiny_model, min_replicas=5, max_replicas=5)
+        assert await wait_for(lambda: _at_least(front, 2), 60)
+        await asyncio.sleep(2)  # several launcher ticks later, still only what fits
+        assert await ready_workers(front, "decode") == 2
+        assert front.app.launcher is not None and front.app.launcher.processes == 2
