@@ -50,6 +50,6 @@ class ExpertMap:
         for layer, experts in enumerate(self.holders):
             for expert, holders in enumerate(experts):
                 if not holders or any(not 0 <= r < ranks for r in holders) or len(set(holders)) != len(holders):
-                    raise ValueError(
+                    raise InvalidArgument(
                         f"layer {layer} expert {expert}: holders {holders} are not distinct ranks < {ranks}"
                     )

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from services.controller.jobs.migrate import MIGRATE, migrate_with
 from services.controller.jobs.store import JobStore
-from shared.errors import Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.engines import collect, prompts, reference_engine, request
@@ -147,6 +147,33 @@ async def test_a_migration_under_load_loses_nothing_and_changes_no_output(
                 await client.close()
 
 
+async def refuses_bad_migrations(client: WorkerClient, before: worker_pb2.ExpertStatsResponse) -> None:
+    """Malformed or out-of-order migration calls get a clear status and change nothing."""
+    plan = swapped_plan(before)
+    target = common_pb2.ExpertMap(version=plan["version"], num_ranks=2, slots_per_rank=plan["slots_per_rank"])
+    for i, slots in enumerate(plan["slots"]):
+        target.layers.add(layer=i, slot_experts=slots)
+    cases: list[tuple[worker_pb2.StageExpertsRequest, type[Exception], str]] = []
+    wrong_ranks = common_pb2.ExpertMap(version=plan["version"], num_ranks=3, slots_per_rank=4)
+    cases.append((worker_pb2.StageExpertsRequest(migration_id="x", target=wrong_ranks), InvalidArgument, "ranks"))
+    lost = common_pb2.ExpertMap()
+    lost.CopyFrom(target)
+    lost.layers[0].slot_experts[:] = [0] * len(lost.layers[0].slot_experts)  # every other expert of layer 0 gone
+    cases.append((worker_pb2.StageExpertsRequest(migration_id="x", target=lost), InvalidArgument, "holders"))
+    stale = common_pb2.ExpertMap()
+    stale.CopyFrom(target)
+    stale.version = before.expert_map.version
+    cases.append((worker_pb2.StageExpertsRequest(migration_id="x", target=stale), InvalidArgument, "newer"))
+    peer = worker_pb2.StageExpertsRequest(migration_id="x", target=target, source=worker_pb2.WEIGHT_SOURCE_PEER)
+    cases.append((peer, InvalidArgument, "peer"))
+    for message, error, fragment in cases:
+        with pytest.raises(error, match=fragment):
+            await client.stage_experts(message)
+    with pytest.raises(FailedPrecondition, match="no staged migration"):
+        await client.commit_expert_map("never-staged", plan["version"])
+    assert (await client.expert_stats()).expert_map == before.expert_map
+
+
 class FailingCommit(WorkerClient):
     """Injected failure: the commit call never reaches the worker (its network dropped)."""
 
@@ -169,6 +196,7 @@ async def test_a_failure_between_stage_and_commit_rolls_back(
             after = await client.expert_stats()
             assert after.expert_map == before.expert_map  # the old map still serves
             assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
+            await refuses_bad_migrations(client, before)
             # The worker's migration slot is free again: a new migration goes through.
             retry, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
             assert (await migrate_with(retry, jobs, client)).state.value == "succeeded"

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
 from shared.config import EngineKind, WorkerRole
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.hashing import BlockHasher
 from shared.rpc.client import open_channel
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
@@ -288,3 +288,18 @@ async def test_prefill_to_kvstore_then_decode_from_it_equals_colocated(redis_url
         assert responses[-1].usage.cached_prompt_tokens == 48
         await prefill_client.close()
         await decode_client.close()
+
+
+async def test_a_single_process_worker_refuses_expert_migration_clearly(redis_url: str, tiny_model: Path) -> None:
+    async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=100) as app:
+        client = WorkerClient(app.address)
+        try:
+            stats = await client.expert_stats()
+            assert not stats.expert_map.num_ranks  # no map: one process holds every expert
+            target = common_pb2.ExpertMap(version=1, num_ranks=2, slots_per_rank=4)
+            with pytest.raises(FailedPrecondition, match="holds every expert"):
+                await client.stage_experts(worker_pb2.StageExpertsRequest(migration_id="m", target=target))
+            with pytest.raises(FailedPrecondition, match="holds every expert"):
+                await client.release_experts("m", discard_staged=True)
+        finally:
+            await client.close()
