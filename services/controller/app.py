@@ -27,6 +27,7 @@ from services.controller.launcher import LocalLauncher
 from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconciler
 from shared.config import ControllerSettings
 from shared.errors import AlreadyExists, FailedPrecondition
+from shared.httpapi import http_server
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
@@ -138,16 +139,8 @@ class ControllerApp:
         await self.redis.aclose()
 
     def server(self, port: int | None = None) -> uvicorn.Server:
-        config = uvicorn.Config(
-            self.api,
-            host=self.settings.host,
-            port=self.settings.http_port if port is None else port,
-            loop="uvloop",
-            http="httptools",
-            log_level="warning",
-            access_log=False,
-        )
-        return uvicorn.Server(config)
+        port = self.settings.http_port if port is None else port
+        return http_server(self.api, self.settings.host, port)
 
     async def run(self) -> None:
         await self.start()

@@ -25,6 +25,7 @@ from services.router.prompts import PromptBuilder
 from shared.config.services import RouterSettings
 from shared.errors import FailedPrecondition
 from shared.hashing import BlockHasher
+from shared.httpapi import http_server
 from shared.kvindex import KVIndex
 from shared.policies.routing import PDPolicy, Router, load_config
 from shared.rpc.pool import ClientPool
@@ -127,17 +128,8 @@ class RouterApp:
         await self.events_redis.aclose()
 
     def server(self, port: int | None = None) -> uvicorn.Server:
-        config = uvicorn.Config(
-            self.api,
-            host=self.settings.host,
-            port=self.settings.http_port if port is None else port,
-            loop="uvloop",
-            http="httptools",
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=int(self.settings.request_timeout_s),
-        )
-        return uvicorn.Server(config)
+        port = self.settings.http_port if port is None else port
+        return http_server(self.api, self.settings.host, port, int(self.settings.request_timeout_s))
 
     async def run(self) -> None:
         await self.start()

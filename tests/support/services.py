@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from services.controller.app import ControllerApp
 from services.controller.jobs.migrate import MIGRATE, run_migration
 from services.controller.jobs.scale_down import run_scale_down
@@ -84,11 +86,8 @@ class RunningRouter:
 
 
 @asynccontextmanager
-async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> AsyncIterator[RunningRouter]:
-    """A router serving HTTP on a free loopback port, in this process."""
-    app = RouterApp(router_settings(redis_url, model_path, **overrides))
-    await app.start()
-    server = app.server(port=0)
+async def serving(server: uvicorn.Server) -> AsyncIterator[str]:
+    """Run a uvicorn server (port 0: a free one) in this loop; yields its base URL."""
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # pytest owns signals
     task = asyncio.create_task(server.serve())
     while not server.started:
@@ -97,10 +96,21 @@ async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> 
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield RunningRouter(app, f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         await task
+
+
+@asynccontextmanager
+async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> AsyncIterator[RunningRouter]:
+    """A router serving HTTP on a free loopback port, in this process."""
+    app = RouterApp(router_settings(redis_url, model_path, **overrides))
+    await app.start()
+    try:
+        async with serving(app.server(port=0)) as url:
+            yield RunningRouter(app, url)
+    finally:
         await app.stop()
 
 
@@ -155,19 +165,10 @@ async def running_controller(
     app = ControllerApp(controller_settings(redis_url, **overrides), None if celery else in_process_jobs(holder))
     holder.append(app)
     await app.start()
-    server = app.server(port=0)
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]  # pytest owns signals
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield RunningController(app, f"http://127.0.0.1:{port}")
+        async with serving(app.server(port=0)) as url:
+            yield RunningController(app, url)
     finally:
-        server.should_exit = True
-        await task
         await app.stop()
 
 

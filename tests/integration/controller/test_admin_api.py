@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from typing import Any
 
 import httpx
 import pytest
 
 from shared.config import EngineKind
+from tests.support.fuzz import assert_no_server_errors
 from tests.support.services import ADMIN, OPERATOR, VIEWER, RunningController, running_controller, running_worker
 
 pytestmark = pytest.mark.integration
@@ -105,27 +104,4 @@ async def test_workers_are_listed_cordoned_and_removed_by_a_drain_first_job(redi
 async def test_schemathesis_finds_no_server_errors(redis_url: str) -> None:
     async with running_controller(redis_url, local_max_workers=0) as front:  # fuzzed pools start no process
         await call(front, "POST", "/v1/models", json=MODEL)
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "schemathesis.cli",
-                "run",
-                f"{front.url}/openapi.json",
-                "--checks",
-                "not_a_server_error",
-                "--max-examples",
-                "15",
-                "--seed",
-                "2",
-                "--header",
-                f"Authorization: Bearer {ADMIN}",
-                "--suppress-health-check",
-                "all",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=280,
-        )
-        assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+        await assert_no_server_errors(front.url, 15, 2, "--header", f"Authorization: Bearer {ADMIN}")

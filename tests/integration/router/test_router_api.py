@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -17,6 +15,7 @@ from openai import AsyncOpenAI
 
 from services.worker.app import WorkerApp
 from shared.config import EngineKind, WorkerRole
+from tests.support.fuzz import assert_no_server_errors
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningRouter, running_kvstore, running_router, running_worker
 
@@ -278,30 +277,7 @@ async def test_a_client_that_disconnects_aborts_its_request(redis_url: str, tiny
 @pytest.mark.slow
 async def test_schemathesis_finds_no_server_errors(redis_url: str, tiny_model: Path) -> None:
     async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "schemathesis.cli",
-                "run",
-                f"{front.url}/openapi.json",
-                "--checks",
-                "not_a_server_error",
-                "--max-examples",
-                "40",
-                "--seed",
-                "1",
-                "--request-timeout",
-                "30",
-                "--suppress-health-check",
-                "all",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=280,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+        await assert_no_server_errors(front.url, 40, 1, "--request-timeout", "30")
 
 
 async def test_one_trace_spans_router_prefill_kvstore_and_decode(redis_url: str, tiny_model: Path) -> None:
