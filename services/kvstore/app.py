@@ -7,9 +7,6 @@ stored and served; only the index events wait (followers resync later).
 from __future__ import annotations
 
 import os
-import time
-
-from redis.exceptions import RedisError
 
 from services.kvstore.arena import Arena
 from services.kvstore.local import LocalEndpoint
@@ -31,7 +28,6 @@ log = get_logger("shoal.kvstore")
 
 SERVICE_NAME = "shoal.v1.KVStore"
 EVENT_INTERVAL_S = 0.1
-SNAPSHOT_INTERVAL_S = 2.0
 
 
 class KVStoreApp:
@@ -55,7 +51,6 @@ class KVStoreApp:
         self.redis = connect(settings.redis_url)
         self.publisher = KVEventPublisher(self.redis, settings.store_id)
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
-        self._last_snapshot = 0.0
         self.server: GrpcServer | None = None
         self.metrics_port = 0
 
@@ -81,14 +76,7 @@ class KVStoreApp:
         log.info("kvstore serving", address=self.address, memory_bytes=settings.memory_bytes)
 
     async def _publish_events(self) -> None:
-        try:
-            await self.publisher.publish(self.store.drain_events())
-            now = time.monotonic()
-            if now - self._last_snapshot >= SNAPSHOT_INTERVAL_S:
-                await self.publisher.snapshot(self.store.stored_hashes())
-                self._last_snapshot = now
-        except (RedisError, OSError) as exc:
-            log.warning("kv event publish failed", error=str(exc))
+        await self.publisher.tick(self.store.drain_events(), self.store.stored_hashes)
 
     async def _close(self) -> None:
         await self._events.stop()

@@ -33,7 +33,6 @@ log = get_logger("shoal.worker")
 
 SERVICE_NAME = "shoal.v1.Worker"
 EVENT_INTERVAL_S = 0.1
-SNAPSHOT_INTERVAL_S = 2.0
 
 
 class WorkerApp:
@@ -51,7 +50,6 @@ class WorkerApp:
         self.heartbeat: Heartbeat | None = None
         self.metrics_port = 0
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
-        self._last_snapshot = 0.0
 
     @property
     def address(self) -> str:
@@ -92,15 +90,7 @@ class WorkerApp:
         log.info("worker serving", worker_id=settings.worker_id, address=self.address, role=settings.role.value)
 
     async def _publish_events(self) -> None:
-        try:
-            await self.publisher.publish(self.engine.drain_kv_events())
-            now = time.monotonic()
-            if now - self._last_snapshot >= SNAPSHOT_INTERVAL_S:
-                await self.publisher.snapshot(self.engine.cached_hashes())
-                self._last_snapshot = now
-        except (RedisError, OSError) as exc:
-            # Followers detect the lost batch by its sequence gap and resync.
-            log.warning("kv event publish failed", error=str(exc))
+        await self.publisher.tick(self.engine.drain_kv_events(), self.engine.cached_hashes)
 
     async def drain_and_stop(self) -> None:
         """The shutdown hook: drain, deregister, retract blocks."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +37,7 @@ log = get_logger("shoal.state.kvevents")
 ADD = "add"
 REMOVE = "remove"
 _OPS = {ADD: b"a", REMOVE: b"r"}
+SNAPSHOT_INTERVAL_S = 2.0
 
 
 def _split(blob: bytes) -> list[BlockHash]:
@@ -63,6 +64,27 @@ class KVEventPublisher:
         self.epoch = uuid.uuid4().hex[:12]
         self.seq = 0
         self.maxlen = maxlen
+        self._last_snapshot = 0.0
+
+    async def tick(
+        self,
+        events: list[tuple[str, BlockHash]],
+        held: Callable[[], Iterable[BlockHash]],
+        snapshot_interval_s: float = SNAPSHOT_INTERVAL_S,
+    ) -> None:
+        """One round of a publisher's loop: the new events, and a snapshot of `held()` every interval.
+
+        A Redis failure is logged, not raised: followers detect the lost batch
+        by its sequence gap and resynchronise from the next snapshot.
+        """
+        try:
+            await self.publish(events)
+            now = time.monotonic()
+            if now - self._last_snapshot >= snapshot_interval_s:
+                await self.snapshot(held())
+                self._last_snapshot = now
+        except (RedisError, OSError) as exc:
+            log.warning("kv event publish failed", publisher=self.publisher, error=str(exc))
 
     async def publish(self, events: list[tuple[str, BlockHash]]) -> None:
         """Append one batch (order kept). Raises RedisError if Redis is down."""
