@@ -49,7 +49,7 @@ proto: $(STAMP) ## Regenerate the gRPC stubs from protos/
 lint: $(STAMP) ## ruff, mypy and the import contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services cli tests benchmarks protos/generate.py deploy/get_helm.py deploy/validate_chart.py deploy/helm/schema.py
+	$(VENV)/bin/mypy shared services cli simulator tests benchmarks protos/generate.py deploy/get_helm.py deploy/validate_chart.py deploy/helm/schema.py
 	$(VENV)/bin/lint-imports
 
 .PHONY: format

@@ -31,6 +31,7 @@ import io
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ import orjson
 from cli.localstack import Endpoints, LocalStack, StackConfig
 from cli.supervisor import Supervisor
 from shared.processes import free_port
+from simulator.workload import Request
 
 MODEL = "shoal-tiny-moe"
 WINDOW_S = (2400.0, 3440.0)  # trace seconds replayed
@@ -57,14 +59,7 @@ TBT_SLO_S = 0.1
 SETTLE_S = 10.0
 
 
-@dataclass(frozen=True)
-class Arrival:
-    at: float  # seconds after the replay starts (compressed)
-    prompt_tokens: int
-    output_tokens: int
-
-
-def load_trace(path: Path) -> list[Arrival]:
+def load_trace(path: Path) -> list[Request]:
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     start = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
@@ -74,7 +69,7 @@ def load_trace(path: Path) -> list[Arrival]:
         if not WINDOW_S[0] <= offset < WINDOW_S[1] or index % THIN:
             continue
         arrivals.append(
-            Arrival(
+            Request(
                 (offset - WINDOW_S[0]) / COMPRESSION,
                 max(1, min(MAX_CONTEXT, int(row["ContextTokens"]))),
                 max(1, min(MAX_OUTPUT, int(row["GeneratedTokens"]))),
@@ -139,7 +134,7 @@ def pool_spec(name: str, cold_start_s: float) -> dict[str, Any]:
     }
 
 
-async def one_request(http: aiohttp.ClientSession, url: str, arrival: Arrival, index: int) -> Outcome:
+async def one_request(http: aiohttp.ClientSession, url: str, arrival: Request, index: int) -> Outcome:
     # Distinct leading tokens: the Azure trace carries no prefix information, so no request reuses another's.
     prompt = [16 + (index * 31 + i * 7) % 240 for i in range(arrival.prompt_tokens)]
     body = orjson.dumps(
@@ -164,7 +159,7 @@ async def one_request(http: aiohttp.ClientSession, url: str, arrival: Arrival, i
     return Outcome(True, stamps[0] - started, float(gaps.mean()) if len(gaps) else 0.0)
 
 
-async def replay(endpoints: Endpoints, arrivals: list[Arrival], result: RunResult) -> None:
+async def replay(endpoints: Endpoints, arrivals: Sequence[Request], result: RunResult) -> None:
     headers = {"authorization": f"Bearer {endpoints.admin_token}"}
     done = asyncio.Event()
 
@@ -203,7 +198,12 @@ async def ready_workers(endpoints: Endpoints, count: int, timeout_s: float = 60)
     raise TimeoutError(f"{count} worker(s) were not serving within {timeout_s:.0f}s")
 
 
-def run_policy(name: str, model: Path, arrivals: list[Arrival], cold_start_s: float) -> RunResult:
+def run_policy(name: str, model: Path, arrivals: Sequence[Request], cold_start_s: float) -> RunResult:
+    return run_pool(name, pool_spec(name, cold_start_s), model, arrivals)
+
+
+def run_pool(name: str, spec: dict[str, Any], model: Path, arrivals: Sequence[Request]) -> RunResult:
+    """Replay arrivals open-loop against a fresh local stack whose one pool is `spec` (a PoolCreate body)."""
     supervisor = Supervisor(grace_s=5)
     config = StackConfig(
         model_path=model,
@@ -217,7 +217,6 @@ def run_policy(name: str, model: Path, arrivals: list[Arrival], cold_start_s: fl
         endpoints = LocalStack(config, supervisor).start()  # its bootstrap declares the model; the pool is ours
         headers = {"authorization": f"Bearer {endpoints.admin_token}"}
         with httpx.Client(base_url=endpoints.controller, headers=headers) as admin:
-            spec = pool_spec(name, cold_start_s)
             admin.post("/v1/pools", json=spec).raise_for_status()
         asyncio.run(ready_workers(endpoints, spec["min_replicas"]))
         result = RunResult(name)

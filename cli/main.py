@@ -7,10 +7,12 @@ from pathlib import Path
 import typer
 
 from cli.admin import COMMANDS
+from cli.sim import sim
 
 app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
 for command in COMMANDS:
     app.command()(command)
+app.command()(sim)
 
 
 @app.command()

@@ -161,9 +161,12 @@ class OverloadFilter:
         self.params = params
 
     def filter(self, request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
-        p = self.params
+        max_queue, max_kv = self.params.max_queue, self.params.max_kv_usage
         return [
-            w for w in workers if w.queue < min(p.max_queue, w.capacity or p.max_queue) and w.kv_usage < p.max_kv_usage
+            w
+            for w in workers
+            if w.running + w.waiting < (w.capacity if 0 < w.capacity < max_queue else max_queue)
+            and w.kv_usage < max_kv
         ]
 
 
@@ -180,11 +183,12 @@ class QueueScorer:
         self.params = params
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
-        queues = [w.queue for w in workers]
+        queues = [w.running + w.waiting for w in workers]
         low, high = min(queues, default=0), max(queues, default=0)
         if high == low:
-            return {w.worker_id: 1.0 for w in workers}
-        return {w.worker_id: (high - w.queue) / (high - low) for w in workers}
+            return dict.fromkeys((w.worker_id for w in workers), 1.0)
+        span = high - low
+        return {w.worker_id: (high - q) / span for w, q in zip(workers, queues, strict=True)}
 
 
 class KVUsageScorer:
@@ -210,9 +214,10 @@ class PrefixScorer:
         self.params = params
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
-        if request.prompt_blocks == 0:
-            return {w.worker_id: 0.0 for w in workers}
-        return {w.worker_id: min(1.0, w.cached_blocks / request.prompt_blocks) for w in workers}
+        blocks = request.prompt_blocks
+        if blocks == 0:
+            return dict.fromkeys((w.worker_id for w in workers), 0.0)
+        return {w.worker_id: min(1.0, w.cached_blocks / blocks) if w.cached_blocks else 0.0 for w in workers}
 
 
 class SessionScorer:
@@ -229,8 +234,11 @@ class SessionScorer:
         self.params = params
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
+        scores = dict.fromkeys((w.worker_id for w in workers), 0.0)
         target = request.session_worker
-        return {w.worker_id: 1.0 if target and w.worker_id == target else 0.0 for w in workers}
+        if target in scores:
+            scores[target] = 1.0
+        return scores
 
 
 # -- pickers ------------------------------------------------------------------
@@ -383,10 +391,11 @@ class Router:
                 reason = Reason.ALL_OVERLOADED if isinstance(flt, OverloadFilter) and candidates else Reason.NO_WORKER
                 return Decision(None, reason)
             candidates = kept
-        totals = {w.worker_id: 0.0 for w in candidates}
+        totals = dict.fromkeys((w.worker_id for w in candidates), 0.0)
         for scorer, weight in self.scorers:
             for worker_id, value in scorer.score(request, candidates).items():
-                totals[worker_id] += weight * value
+                if value:
+                    totals[worker_id] += weight * value
         decision = self.picker.pick(request, candidates, totals)
         if (
             decision.ok

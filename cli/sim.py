@@ -1,0 +1,118 @@
+"""`shoal sim`: replay a trace (or a synthetic workload) through the simulated cluster."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+
+from simulator.cluster import simulate
+from simulator.config import load_config
+from simulator.report import measure, plot, table
+from simulator.workload import FORMATS, SyntheticSpec, Workload, load_trace, reshape, synthetic
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "simulator" / "examples"
+POLICY_KINDS = ("routing", "scaling")
+
+
+def _synthetic(text: str) -> Workload:
+    """`key=value,...` over SyntheticSpec's fields."""
+    values: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"--synthetic: expected key=value, got {part!r}")
+        values[key.strip()] = value.strip()
+    try:
+        return synthetic(SyntheticSpec.model_validate(values))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"--synthetic: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def _policies(items: list[str]) -> dict[str, str]:
+    chosen = {}
+    for item in items:
+        kind, sep, name = item.partition("=")
+        if not sep or kind not in POLICY_KINDS or not name:
+            raise ValueError(f"--policy {item!r}: expected routing=<preset> or scaling=<policy>")
+        chosen[kind] = name
+    return chosen
+
+
+def _apply_policies(document: dict[str, Any], chosen: dict[str, str]) -> None:
+    if "routing" in chosen:
+        document["routing"] = {"preset": chosen["routing"]}
+    if "scaling" in chosen:
+        for pool in document.get("pools", []):
+            # `fixed` alone means provisioned for the peak: the pool's max_replicas.
+            params = {"replicas": pool.get("max_replicas", 4)} if chosen["scaling"] == "fixed" else {}
+            pool["scaling"] = {"policy": chosen["scaling"], "params": params}
+
+
+def sim(
+    trace: Path | None = typer.Option(None, help="Trace file, read by path (see --format)."),
+    format: str = typer.Option("mooncake", help=f"Trace format: {', '.join(FORMATS)}."),
+    synthetic_spec: str = typer.Option(
+        "", "--synthetic", help="Instead of a trace: key=value,... e.g. rate_rps=20,duration_s=300,prompt_mean=2048."
+    ),
+    cluster: Path = typer.Option(
+        EXAMPLES / "colocated.yaml", help="Models and pools (the controller's bootstrap YAML)."
+    ),
+    routing: Path | None = typer.Option(None, help="Routing document (the router's SHOAL_ROUTER_ROUTING_CONFIG)."),
+    policy: list[str] = typer.Option(
+        [],
+        help="Override a policy: routing=<preset> (e.g. prefix-aware) or scaling=<policy> (fixed = at max_replicas).",
+    ),
+    model: str | None = typer.Option(None, help="Model whose pools serve the workload (default: the first)."),
+    time_scale: float = typer.Option(1.0, help="Replay this many times faster (same requests)."),
+    rate_scale: float = typer.Option(1.0, help="Keep (<1) or copy (>1) requests to change the rate."),
+    start: float = typer.Option(0.0, help="Skip the trace's first seconds."),
+    duration: float | None = typer.Option(None, help="Seconds of trace to replay (before time scaling)."),
+    limit: int | None = typer.Option(None, help="At most this many requests."),
+    max_prompt: int | None = typer.Option(None, help="Clip prompts to this many tokens."),
+    max_output: int | None = typer.Option(None, help="Clip outputs to this many tokens."),
+    ttft_slo: float | None = typer.Option(None, help="TTFT SLO in seconds (default: each pool's)."),
+    tbt_slo: float | None = typer.Option(None, help="TBT SLO in seconds (default: each pool's)."),
+    cold: bool = typer.Option(False, help="Start with no replica ready (each pays its cold start)."),
+    out: Path = typer.Option(Path("sim-out"), help="Folder for the plot and the metrics JSON."),
+) -> None:
+    """Simulate the cluster on a trace with the live policies; print a table, write a plot."""
+    try:
+        if synthetic_spec:
+            workload = _synthetic(synthetic_spec)
+        elif trace is not None:
+            workload = load_trace(trace, format)
+        else:
+            raise ValueError("give --trace PATH (with --format) or --synthetic key=value,...")
+        workload = reshape(
+            workload,
+            time_scale=time_scale,
+            rate_scale=rate_scale,
+            start_s=start,
+            duration_s=duration,
+            limit=limit,
+            max_prompt=max_prompt,
+            max_output=max_output,
+        )
+        if not workload.requests:
+            raise ValueError("the workload is empty after --start/--duration/--limit")
+        config = load_config(cluster, routing, mutate=lambda doc: _apply_policies(doc, _policies(policy)))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"simulating {len(workload.requests)} requests from {workload.name} over {workload.span_s:.0f} s")
+    result = simulate(config, workload, model, warm=not cold)
+    metrics = measure(result, ttft_slo, tbt_slo)
+    typer.echo(table({workload.name: metrics}))
+    for event in result.scaling_events[:20]:
+        typer.echo(f"  t={event.t:8.1f}s {event.pool}: {event.before} -> {event.after} ({event.reason})")
+    if len(result.scaling_events) > 20:
+        typer.echo(f"  ... {len(result.scaling_events) - 20} more scaling events")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(asdict(metrics), indent=2))
+    typer.echo(f"plot: {plot({workload.name: result}, out / 'sim.png')}")

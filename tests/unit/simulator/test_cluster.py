@@ -1,0 +1,153 @@
+"""The simulated cluster: engine timing, routing, P/D, scaling, and the segment arithmetic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shared.perfmodel import PROFILES
+from simulator.cluster import Simulation, simulate
+from simulator.config import parse_config
+from simulator.report import measure
+from simulator.workload import Request, SyntheticSpec, Workload, synthetic
+
+
+def pool(name: str = "mixed", **fields: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "model": "m",
+        "engine": "sim",
+        "gpu_type": "cpu",
+        "min_replicas": 2,
+        "max_replicas": 2,
+        "scaling": {"policy": "fixed", "params": {"replicas": 2}},
+        "worker_env": {"SIM_PROFILE": "cpu-reference"},
+    }
+    spec.update(fields)
+    return spec
+
+
+def config(*pools: dict[str, Any], preset: str = "default", **extra: Any) -> Any:
+    return parse_config(
+        {"models": [{"name": "m"}], "pools": list(pools or [pool()]), "routing": {"preset": preset}, **extra}
+    )
+
+
+def shared_prefix_load(
+    seed: int = 1, rate: float = 6.0, duration: float = 20.0, groups: int = 4, prefix: int = 512
+) -> Workload:
+    return synthetic(
+        SyntheticSpec(
+            rate_rps=rate,
+            duration_s=duration,
+            prompt_mean=300,
+            output_mean=40,
+            prefix_groups=groups,
+            prefix_tokens=prefix,
+            block_size=64,
+            seed=seed,
+        )
+    )
+
+
+def test_one_request_alone_takes_what_the_performance_model_says() -> None:
+    profile = PROFILES["cpu-reference"]
+    workload = Workload("one", [Request(0.0, 100, 10)], block_size=16)
+    result = simulate(
+        config(pool(min_replicas=1, max_replicas=1, scaling={"policy": "fixed", "params": {"replicas": 1}})), workload
+    )
+    job = result.jobs[0]
+    prefill = profile.step_time(100, 100 * 101 // 2, 0, 0)
+    decode = sum(profile.step_time(0, 0, 1, 101 + i) for i in range(9))
+    assert job.ttft == pytest.approx(prefill)
+    assert job.finished_at == pytest.approx(prefill + decode)
+
+
+def test_long_prompts_are_chunked_under_the_step_budget() -> None:
+    profile = PROFILES["cpu-reference"]
+    env = {"SIM_PROFILE": "cpu-reference", "MAX_BATCH_TOKENS": "256"}
+    one = pool(min_replicas=1, max_replicas=1, scaling={"policy": "fixed", "params": {"replicas": 1}}, worker_env=env)
+    result = simulate(config(one), Workload("one", [Request(0.0, 600, 1)], block_size=16))
+    # 256 + 256 + 88 tokens, each chunk attending to what came before it.
+    chunks = [(256, 0), (256, 256), (88, 512)]
+    expected = sum(profile.step_time(n, n * start + n * (n + 1) // 2, 0, 0) for n, start in chunks)
+    assert result.jobs[0].ttft == pytest.approx(expected)
+
+
+def test_segments_match_stepping_one_engine_step_at_a_time() -> None:
+    workload = shared_prefix_load()
+    fast = Simulation(config(), workload).run()
+    slow = Simulation(config(), workload, max_steps_per_segment=1).run()
+    for a, b in zip(fast.jobs, slow.jobs, strict=True):
+        assert (a.worker, a.cached_tokens) == (b.worker, b.cached_tokens)
+        assert a.first_token_at == pytest.approx(b.first_token_at, rel=1e-9, abs=1e-9)
+        assert a.finished_at == pytest.approx(b.finished_at, rel=1e-9, abs=1e-9)
+
+
+def test_every_request_finishes_under_overload() -> None:
+    # run() itself refuses to end with a request unfinished or KV still reserved.
+    workload = shared_prefix_load(rate=20)
+    result = Simulation(config(), workload).run()
+    assert all(j.finished_at is not None and not j.refused for j in result.jobs)
+    assert all(j.finished_at >= j.first_token_at >= j.arrived for j in result.jobs)  # type: ignore[operator]
+    metrics = measure(result)
+    assert metrics.served == len(workload.requests) and metrics.refused == 0
+    assert metrics.ttft_s[2] > 1.0  # overloaded: requests queued
+
+
+def test_prefix_aware_routing_finds_more_cached_prefixes_than_round_robin() -> None:
+    # 64 prefixes of 32 blocks: more than one worker's cache (1024 blocks), a quarter of them fits.
+    workload = shared_prefix_load(rate=4, duration=60, groups=64, prefix=2048)
+    four = pool(min_replicas=4, max_replicas=4, scaling={"policy": "fixed", "params": {"replicas": 4}})
+    prefix = measure(simulate(config(four, preset="prefix-aware"), workload))
+    rr = measure(simulate(config(four, preset="round-robin"), workload))
+    assert prefix.prefix_hit_rate > rr.prefix_hit_rate + 0.05
+    assert prefix.ttft_s[0] < rr.ttft_s[0]
+
+
+def test_long_prompts_go_through_the_prefill_pool_and_short_ones_do_not() -> None:
+    one = {"min_replicas": 1, "max_replicas": 1, "scaling": {"policy": "fixed", "params": {"replicas": 1}}}
+    cfg = config(
+        pool("prefill", role="prefill", **one), pool("decode", role="decode", **one), pd_min_uncached_tokens=256
+    )
+    workload = Workload("pd", [Request(0.0, 1000, 20), Request(5.0, 100, 20)], block_size=16)
+    result = simulate(cfg, workload)
+    long, short = result.jobs
+    assert result.worker_pools[long.prefill_worker] == "prefill"
+    assert result.worker_pools[long.worker] == "decode"
+    assert short.prefill_worker == "" and result.worker_pools[short.worker] == "decode"
+    assert result.kv_transfer_s == pytest.approx(PROFILES["cpu-reference"].kv_transfer_time(1000))
+    # The decode side imported the prompt's full blocks: it computed at most a block and the first token.
+    assert long.finished_at is not None and long.first_token_at is not None
+    assert long.finished_at > long.first_token_at + result.kv_transfer_s
+
+
+def test_a_request_larger_than_any_worker_is_refused_not_lost() -> None:
+    capacity = PROFILES["cpu-reference"].kv_capacity_tokens
+    workload = Workload("big", [Request(0.0, capacity, 10), Request(0.1, 50, 5)], block_size=16)
+    result = simulate(config(), workload)
+    big, small = result.jobs
+    assert big.refused and not small.refused and small.finished_at is not None
+    assert measure(result).refused == 1
+
+
+def test_the_autoscaler_follows_a_load_step_and_costs_less_than_the_peak() -> None:
+    quiet = synthetic(SyntheticSpec(rate_rps=1, duration_s=40, prompt_mean=200, output_mean=30, seed=2))
+    burst = synthetic(SyntheticSpec(rate_rps=30, duration_s=30, prompt_mean=200, output_mean=30, seed=3))
+    requests = quiet.requests + [Request(r.at + 40, r.prompt_tokens, r.output_tokens) for r in burst.requests]
+    requests += [Request(r.at + 70, r.prompt_tokens, r.output_tokens) for r in quiet.requests]
+    workload = Workload("step", sorted(requests, key=lambda r: r.at), block_size=16)
+    env = {"SIM_PROFILE": "cpu-reference", "SIM_STARTUP_DELAY_S": "3"}
+    params = {"down_delay_s": 10, "down_cooldown_s": 5, "min_horizon_s": 3}
+    scaled = pool(min_replicas=1, max_replicas=6, worker_env=env, scaling={"policy": "predictive", "params": params})
+    peak = pool(min_replicas=6, max_replicas=6, worker_env=env, scaling={"policy": "fixed", "params": {"replicas": 6}})
+    auto = simulate(config(scaled), workload)
+    fixed = simulate(config(peak), workload)
+    ups = [e for e in auto.scaling_events if e.after > e.before and e.t > 40]
+    downs = [e for e in auto.scaling_events if e.after < e.before]
+    assert ups and ups[0].t < 50 and ups[0].reason.startswith("scale-up")
+    assert downs and downs[-1].t > 70
+    assert max(r.replicas["mixed"] for r in auto.timeline) > 1
+    assert measure(auto).cost < measure(fixed).cost
+    assert all(j.finished_at is not None for j in auto.jobs)
