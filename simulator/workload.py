@@ -199,11 +199,16 @@ def reshape(
 
 
 class SyntheticSpec(BaseModel):
-    """A Poisson workload with log-normal lengths; optionally groups of requests sharing a prompt prefix."""
+    """A Poisson workload with log-normal lengths; optionally a rate that swings like a day, and
+    groups of requests sharing a prompt prefix."""
 
     model_config = ConfigDict(extra="forbid")
 
     rate_rps: float = Field(default=10.0, gt=0, le=1e6)
+    peak_rps: float | None = Field(
+        default=None, gt=0, le=1e6, description="With period_s: the rate swings from rate_rps up to this and back."
+    )
+    period_s: float = Field(default=3600.0, gt=0, description="Seconds of one low-high-low swing (a compressed day).")
     duration_s: float = Field(default=60.0, gt=0, le=1e7)
     prompt_mean: int = Field(default=1024, ge=1, le=1_000_000)
     output_mean: int = Field(default=128, ge=1, le=100_000)
@@ -218,8 +223,15 @@ def synthetic(spec: SyntheticSpec) -> Workload:
     rng = random.Random(spec.seed)
     mu = -(spec.sigma**2) / 2  # so that the log-normal factor has mean 1
     requests = []
-    t = rng.expovariate(spec.rate_rps)
+    top = max(spec.rate_rps, spec.peak_rps or 0.0)
+    t = rng.expovariate(top)
     while t < spec.duration_s:
+        if spec.peak_rps is not None:
+            # A non-homogeneous Poisson process by thinning: keep an arrival with probability rate(t) / top.
+            swing = (1 - math.cos(2 * math.pi * t / spec.period_s)) / 2
+            if rng.random() * top > spec.rate_rps + (spec.peak_rps - spec.rate_rps) * swing:
+                t += rng.expovariate(top)
+                continue
         prompt = max(1, round(spec.prompt_mean * rng.lognormvariate(mu, spec.sigma)))
         output = max(1, round(spec.output_mean * rng.lognormvariate(mu, spec.sigma)))
         hashes: tuple[BlockHash, ...] = ()
@@ -230,5 +242,5 @@ def synthetic(spec: SyntheticSpec) -> Workload:
             hashes = tuple(_hash(group, -1 - b) for b in range(spec.prefix_tokens // spec.block_size))
             session = f"group-{group}"
         requests.append(Request(t, prompt, output, hashes, session))
-        t += rng.expovariate(spec.rate_rps)
+        t += rng.expovariate(top)
     return Workload("synthetic", requests, spec.block_size)

@@ -10,8 +10,8 @@ controller and the simulator run it identically.
 Built-ins (SCALING_POLICIES):
 
 * `predictive` (default): forecasts each pool's token work over a horizon of
-  at least the measured cold start (Holt's linear trend over the per-second
-  work, never below the recent peak), divides by the capacity of one replica
+  at least the measured cold start (Holt's damped trend over the per-second
+  work, optionally smoothed, never below the recent peak), divides by the capacity of one replica
   *within the SLO* (learned online from saturated workers, starting from a
   prior), and adds head-room. Prefill and decode pools are sized separately
   from their own work, which sets the P:D ratio. Scale-ups act at once;
@@ -26,6 +26,7 @@ Built-ins (SCALING_POLICIES):
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -127,8 +128,15 @@ def _clamp(replicas: int, snapshot: PoolSnapshot) -> tuple[int, ScalingReason | 
     return replicas, None
 
 
-def holt_forecast(series: Sequence[float], horizon: float, alpha: float = 0.5, beta: float = 0.2) -> float:
-    """Holt's linear exponential smoothing of a per-second series, `horizon` seconds ahead (>= 0)."""
+def holt_forecast(
+    series: Sequence[float], horizon: float, alpha: float = 0.5, beta: float = 0.2, damping: float = 1.0
+) -> float:
+    """Holt's linear exponential smoothing of a per-second series, `horizon` seconds ahead (>= 0).
+
+    With `damping` < 1 the trend fades (Gardner's damped trend): at most
+    damping / (1 - damping) seconds of it are added however far the horizon,
+    so a burst's first seconds are not extrapolated across a long cold start.
+    """
     if not series:
         return 0.0
     level, trend = series[0], 0.0
@@ -136,7 +144,26 @@ def holt_forecast(series: Sequence[float], horizon: float, alpha: float = 0.5, b
         previous = level
         level = alpha * value + (1 - alpha) * (level + trend)
         trend = beta * (level - previous) + (1 - beta) * trend
-    return max(0.0, level + horizon * trend)
+    steps = horizon if damping >= 1 else damping * (1 - damping**horizon) / (1 - damping)
+    return max(0.0, level + steps * trend)
+
+
+def per_second(work: Sequence[WorkSample], kind: str, start: float, now: float, smooth_s: float = 1.0) -> list[float]:
+    """Token work of each whole second in [start, now), zeros where nothing was recorded, as a trailing
+    mean over `smooth_s` seconds. The last second is left out: its work may not all be reported yet."""
+    first, last = math.floor(start) + 1, math.floor(now) - 1
+    if last < first:
+        return []
+    dense = [0.0] * (last - first + 1)
+    for sample in work:
+        index = int(sample.t) - first
+        if 0 <= index < len(dense):
+            dense[index] += sample.prefill_tokens if kind == "prefill" else sample.decode_tokens
+    width = max(1, int(smooth_s))
+    if width == 1:
+        return dense
+    sums = [0.0, *itertools.accumulate(dense)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - width)]) / min(width, i + 1) for i in range(len(dense))]
 
 
 class PredictiveParams(BaseModel):
@@ -150,6 +177,15 @@ class PredictiveParams(BaseModel):
     down_cooldown_s: float = Field(default=20.0, ge=0, description="Seconds after any change before scaling down.")
     max_step_down: int = Field(default=1, ge=1, description="Replicas removed per decision at most.")
     learn_rate: float = Field(default=0.2, ge=0, le=1, description="Weight of a new capacity sample.")
+    trend_damping: float = Field(
+        default=0.9, gt=0, le=1, description="Fade of the forecast trend per second ahead (1: linear, undamped)."
+    )
+    smooth_s: float = Field(
+        default=1.0,
+        ge=1,
+        le=600,
+        description="Average the per-second work over this many seconds first (heavy-tailed prompts: 5-30).",
+    )
 
 
 class PredictivePolicy:
@@ -167,13 +203,24 @@ class PredictivePolicy:
             saturated = report.waiting > 0 or (report.max_running and report.running >= report.max_running)
             if not saturated:
                 continue
-            within = report.ttft_p90_s <= snapshot.ttft_slo_s and report.tbt_p90_s <= snapshot.tbt_slo_s
+            ttft_ok = report.ttft_p90_s <= snapshot.ttft_slo_s
+            tbt_ok = report.tbt_p90_s <= snapshot.tbt_slo_s
+            slots_full = bool(report.max_running) and report.running >= report.max_running
+            # Which phase a breach blames: slow tokens, or a queue behind full decode slots,
+            # is decode's; a queue with free slots waits on prefill (a long prompt ahead).
+            blamed = {"prefill": not ttft_ok and not slots_full, "decode": not tbt_ok or (not ttft_ok and slots_full)}
             for kind, observed in (("prefill", report.prefill_tokens_per_s), ("decode", report.decode_tokens_per_s)):
                 if observed <= 0:
                     continue
                 estimate = prefill if kind == "prefill" else decode
-                # Within the SLO the observed rate is a floor of capacity; past it, a ceiling.
-                target = max(estimate, observed) if within else min(estimate, 0.9 * observed)
+                # Within the SLO the observed rate is a floor of capacity; past it, a ceiling
+                # of the blamed phase's. The other phase's rate then says nothing.
+                if ttft_ok and tbt_ok:
+                    target = max(estimate, observed)
+                elif blamed[kind]:
+                    target = min(estimate, 0.9 * observed)
+                else:
+                    continue
                 estimate += rate * (target - estimate)
                 if kind == "prefill":
                     prefill = estimate
@@ -186,13 +233,15 @@ class PredictivePolicy:
         state = self._learn(snapshot, state)
         assert state.prefill_capacity is not None and state.decode_capacity is not None
         horizon = max(p.min_horizon_s, snapshot.cold_start_s)
-        recent = [w for w in snapshot.work if w.t > snapshot.now - p.window_s]
+        span = max(p.window_s, p.peak_window_s)
+        recent = [w for w in snapshot.work if w.t > snapshot.now - span]
         peak_from = snapshot.now - p.peak_window_s
         forecasts: dict[str, float] = {}
         for kind in ("prefill", "decode"):
-            series = [w.prefill_tokens if kind == "prefill" else w.decode_tokens for w in recent]
-            peak = max((v for w, v in zip(recent, series, strict=True) if w.t > peak_from), default=0.0)
-            forecasts[kind] = max(holt_forecast(series, horizon), peak)
+            series = per_second(recent, kind, snapshot.now - span, snapshot.now, p.smooth_s)
+            peak = max(series[-max(1, int(p.peak_window_s)) :], default=0.0)
+            trend = holt_forecast(series[-max(1, int(p.window_s)) :], horizon, damping=p.trend_damping)
+            forecasts[kind] = max(trend, peak)
         need = 0.0
         if snapshot.role != "decode":
             need = max(need, forecasts["prefill"] / state.prefill_capacity)
@@ -206,7 +255,9 @@ class PredictivePolicy:
         )
         current = snapshot.current
         reason = ScalingReason.SCALE_UP_FORECAST
-        if breach and wanted <= current:
+        # Replicas still starting are the remedy already on its way: adding one per tick
+        # until they are up would ratchet to max_replicas during every long cold start.
+        if breach and wanted <= current and snapshot.starting == 0:
             wanted, reason = current + 1, ScalingReason.SCALE_UP_SLO
         if current == 0 and requests > 0 and wanted == 0:
             wanted, reason = 1, ScalingReason.SCALE_FROM_ZERO

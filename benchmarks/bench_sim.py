@@ -1,0 +1,243 @@
+"""The simulator's benchmarks, each a table (and a plot) from one run, plus its speed and an honesty check.
+
+1. Speed: 100,000 synthetic requests on 64 fixed H100 replicas.
+2. Colocated vs prefill/decode disaggregation at 8 replicas on long prompts
+   (8k-token prompts, 256-token outputs, TTFT <= 2 s, TBT <= 30 ms): goodput
+   as DistServe defines it, the highest request rate served with >= 90% SLO
+   attainment (bisection over the rate), per replica; P/D at its best split.
+   The prefill pool runs 8k-token steps (it has no decode to protect), the
+   colocated pool 2k-token chunks (chunked prefill keeps its TBT low).
+3. The autoscaler (predictive, 15 s smoothing) vs fixed provisioning at equal
+   SLO attainment: the cost of the cheapest fixed replica count that attains
+   at least the autoscaler's SLO attainment. On a synthetic day (2 -> 60 -> 2
+   requests/s over an hour) and on the Azure 2023 code trace at 4x its rate.
+4. Routing on the Mooncake trace, 8 H100 replicas: prefix-aware vs load-only
+   (least-load) vs round-robin: prefix-cache hit rate and TTFT.
+5. Honesty: a two-minute slice of the Azure trace replayed on the live local
+   stack (router, controller, two `sim` workers) and in the simulator with the
+   same pool spec: TTFT and throughput side by side.
+
+Run: make bench-sim. Last line:
+bench-sim: sim_requests_per_s=<x> pd_goodput_per_gpu_ratio=<ratio> autoscale_cost_vs_peak=<ratio> prefix_hit=<x>
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulator.cluster import SimResult, simulate
+from simulator.config import SimConfig, parse_config
+from simulator.report import Metrics, measure, plot, table
+from simulator.workload import SyntheticSpec, Workload, load_trace, reshape, synthetic
+
+MODEL = "shoal-tiny-moe"
+GPUS = 8
+PD_SLO = {"ttft_p90_s": 2.0, "tbt_p90_s": 0.03}
+SLO = {"ttft_p90_s": 2.0, "tbt_p90_s": 0.1}
+CAPACITY = {"prefill_tokens_per_s": 40_000, "decode_tokens_per_s": 3_000}
+AUTOSCALER = {"policy": "predictive", "params": {"smooth_s": 15}}
+
+
+def pool(name: str, replicas: int, role: str = "mixed", **fields: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "model": MODEL,
+        "role": role,
+        "engine": "sim",
+        "gpu_type": "h100",
+        "min_replicas": replicas,
+        "max_replicas": replicas,
+        "slo": SLO,
+        "capacity": CAPACITY,
+        "scaling": {"policy": "fixed", "params": {"replicas": replicas}},
+    }
+    spec.update(fields)
+    return spec
+
+
+def cluster(*pools: dict[str, Any], preset: str = "default") -> SimConfig:
+    return parse_config({"models": [{"name": MODEL}], "pools": list(pools), "routing": {"preset": preset}})
+
+
+# -- 1. speed -------------------------------------------------------------------------
+
+
+def bench_speed() -> Metrics:
+    spec = SyntheticSpec(rate_rps=600, duration_s=200, prompt_mean=1024, output_mean=128, prefix_groups=50)
+    workload = reshape(synthetic(spec.model_copy(update={"prefix_tokens": 1024})), limit=100_000)
+    metrics = measure(simulate(cluster(pool("mixed", 64)), workload))
+    print(f"\n1. speed: {metrics.requests} requests on 64 replicas, {metrics.span_s:.0f} simulated seconds")
+    print(table({"64 x h100": metrics}))
+    return metrics
+
+
+# -- 2. colocated vs P/D ----------------------------------------------------------------
+
+
+def long_prompts(rate: float) -> Workload:
+    return synthetic(SyntheticSpec(rate_rps=rate, duration_s=240, prompt_mean=8192, output_mean=256, sigma=0.5, seed=7))
+
+
+def colocated() -> SimConfig:
+    return cluster(pool("mixed", GPUS, slo=PD_SLO))
+
+
+def disaggregated(prefill: int) -> SimConfig:
+    return cluster(
+        pool("prefill", prefill, role="prefill", slo=PD_SLO, worker_env={"MAX_BATCH_TOKENS": "8192"}),
+        pool("decode", GPUS - prefill, role="decode", slo=PD_SLO),
+    )
+
+
+def max_goodput_rate(config: SimConfig, low: float = 1.0, high: float = 64.0, steps: int = 7) -> float:
+    """Highest rate (requests/s) served with >= 90% SLO attainment: bisection (attainment falls with rate)."""
+
+    def attains(rate: float) -> bool:
+        return measure(simulate(config, long_prompts(rate))).slo_attainment >= 0.9
+
+    if not attains(low):
+        return 0.0
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if attains(middle) else (low, middle)
+    return low
+
+
+def bench_pd(out: Path) -> float:
+    rates = {"colocated 8": max_goodput_rate(colocated())}
+    for prefill in (2, 3, 4, 5):
+        rates[f"P/D {prefill}:{GPUS - prefill}"] = max_goodput_rate(disaggregated(prefill))
+    best = max((name for name in rates if name.startswith("P/D")), key=rates.__getitem__)
+    print(f"\n2. colocated vs P/D at {GPUS} replicas, 8k-token prompts, TTFT<=2 s, TBT<=30 ms")
+    print(f"{'':<14}{'goodput (req/s at >=90% SLO)':>30}{'per replica':>13}")
+    for name, rate in rates.items():
+        print(f"{name:<14}{rate:>30.2f}{rate / GPUS:>13.3f}")
+    at = rates["colocated 8"]
+    split = int(best.split()[1].split(":")[0])
+    results = {
+        "colocated 8": simulate(colocated(), long_prompts(at)),
+        best: simulate(disaggregated(split), long_prompts(at)),
+    }
+    print(f"both at colocated's goodput rate, {at:.1f} req/s:")
+    print(table({name: measure(r) for name, r in results.items()}))
+    print(f"plot: {plot(results, out / 'pd.png')}")
+    return rates[best] / rates["colocated 8"] if rates["colocated 8"] else float("inf")
+
+
+# -- 3. autoscaler vs fixed ---------------------------------------------------------------
+
+
+def cheapest_fixed_at(workload: Workload, target: float, most: int) -> tuple[int, SimResult]:
+    """The fewest fixed replicas whose SLO attainment reaches `target` (attainment grows with replicas)."""
+    low, high = 1, most
+    results: dict[int, SimResult] = {}
+
+    def run(replicas: int) -> SimResult:
+        if replicas not in results:
+            results[replicas] = simulate(cluster(pool("mixed", replicas)), workload)
+        return results[replicas]
+
+    while low < high:
+        middle = (low + high) // 2
+        if measure(run(middle)).slo_attainment >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low, run(low)
+
+
+def bench_autoscale_on(name: str, workload: Workload, out: Path) -> float:
+    slug = name.replace(" ", "-")
+    most = 16
+    auto = simulate(cluster(pool("mixed", 1, max_replicas=most, scaling=AUTOSCALER)), workload)
+    auto_metrics = measure(auto)
+    replicas, fixed = cheapest_fixed_at(workload, auto_metrics.slo_attainment, most)
+    fixed_metrics = measure(fixed)
+    print(f"\n3. autoscaler vs fixed on {name} ({len(workload.requests)} requests, cold start 60 s)")
+    print(table({"autoscaler 1..16": auto_metrics, f"fixed {replicas} (equal SLO)": fixed_metrics}))
+    print(f"plot: {plot({'autoscaler': auto, f'fixed {replicas}': fixed}, out / f'autoscale-{slug}.png')}")
+    return auto_metrics.cost / fixed_metrics.cost
+
+
+# -- 4. routing on Mooncake ---------------------------------------------------------------
+
+
+def bench_routing(traces: Path, out: Path) -> Metrics:
+    workload = load_trace(traces / "mooncake_synthetic_trace.jsonl", "mooncake")
+    results = {
+        preset: simulate(cluster(pool("mixed", 8), preset=preset), workload)
+        for preset in ("prefix-aware", "least-load", "round-robin")
+    }
+    metrics = {preset: measure(r) for preset, r in results.items()}
+    print(f"\n4. routing on the Mooncake trace ({len(workload.requests)} requests, 8 x h100)")
+    print(table(metrics))
+    print(f"plot: {plot(results, out / 'routing.png')}")
+    return metrics["prefix-aware"]
+
+
+# -- 5. honesty -----------------------------------------------------------------------------
+
+
+def bench_honesty(traces: Path, model: Path) -> None:
+    from benchmarks.bench_autoscale import run_pool
+
+    workload = reshape(
+        load_trace(traces / "azure_llm_2023_code.csv", "azure"),
+        start_s=2400,
+        duration_s=120,
+        max_prompt=3000,
+        max_output=256,
+    )
+    spec = pool("default", 2, gpu_type="cpu", capacity={"prefill_tokens_per_s": 9000, "decode_tokens_per_s": 400})
+    simulated = measure(simulate(cluster(spec), workload))
+    live = run_pool("honesty", spec, model, workload.requests)
+    ok = [o for o in live.outcomes if o.ok]
+    live_ttft = np.percentile([o.ttft for o in ok], [50, 90])
+    live_tbt = np.percentile([o.mean_tbt for o in ok], 50)
+    span = simulated.span_s
+    rows: list[tuple[str, float, float]] = [
+        ("TTFT p50 (ms)", live_ttft[0] * 1000, simulated.ttft_s[0] * 1000),
+        ("TTFT p90 (ms)", live_ttft[1] * 1000, simulated.ttft_s[1] * 1000),
+        ("TBT p50, per-request mean (ms)", live_tbt * 1000, simulated.tbt_s[0] * 1000),
+        ("served requests / s", len(ok) / span, simulated.served / span),
+    ]
+    print(
+        f"\n5. honesty: {len(workload.requests)} Azure requests (120 s), live local stack vs simulator, 2 sim workers"
+    )
+    print(f"{'':<32}{'live':>10}{'simulated':>11}{'sim / live':>12}")
+    for label, real, sim in rows:
+        print(f"{label:<32}{real:>10.1f}{sim:>11.1f}{sim / real if real else float('nan'):>12.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("traces", type=Path, help="folder of the public traces (read by path)")
+    parser.add_argument("model", type=Path, help="checkpoint for the live stack of the honesty check")
+    parser.add_argument("--out", type=Path, default=Path("bench-out/sim"), help="folder for the plots")
+    parser.add_argument("--skip-live", action="store_true", help="leave out the honesty check on the live stack")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    speed = bench_speed()
+    pd_ratio = bench_pd(args.out)
+    day = synthetic(
+        SyntheticSpec(rate_rps=2, peak_rps=60, period_s=3600, duration_s=3600, prompt_mean=2048, output_mean=64, seed=5)
+    )
+    cost_ratio = bench_autoscale_on("a synthetic day", day, args.out)
+    azure = reshape(load_trace(args.traces / "azure_llm_2023_code.csv", "azure"), rate_scale=4)
+    azure_ratio = bench_autoscale_on("azure-code-x4", azure, args.out)
+    print(f"autoscaler cost / fixed cost at equal SLO: day {cost_ratio:.2f}, azure code x4 {azure_ratio:.2f}")
+    routing = bench_routing(args.traces, args.out)
+    if not args.skip_live:
+        bench_honesty(args.traces, args.model)
+    print(
+        f"bench-sim: sim_requests_per_s={speed.sim_requests_per_s:.0f} pd_goodput_per_gpu_ratio={pd_ratio:.2f} "
+        f"autoscale_cost_vs_peak={cost_ratio:.2f} prefix_hit={routing.prefix_hit_rate:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
