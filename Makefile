@@ -116,6 +116,10 @@ calibrate-sim: $(STAMP) $(MODEL_DIR)/config.json ## Fit the sim engine's cpu-ref
 bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs peak-sized vs reactive scaling on the Azure code trace
 	$(PY) -m benchmarks.bench_autoscale $(TRACES)/azure_llm_2023_code.csv $(MODEL_DIR)
 
+.PHONY: bench-sim
+bench-sim: $(STAMP) redis $(MODEL_DIR)/config.json ## Simulator: speed, colocated vs P/D, autoscaler vs fixed, routing on Mooncake, honesty vs the live stack
+	$(PY) -m benchmarks.bench_sim $(TRACES) $(MODEL_DIR)
+
 .PHONY: bench-experts
 bench-experts: $(STAMP) redis $(MODEL_DIR)/config.json ## Expert placement vs EPLB-style packing; TBT during live migration
 	$(PY) -m benchmarks.bench_experts $(MODEL_DIR)

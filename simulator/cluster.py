@@ -31,6 +31,7 @@ from shared.policies.scaling import (
 )
 from shared.types.pools import PoolCreate
 from simulator.config import SimConfig, pool_profile, worker_settings
+from simulator.experts import PoolExperts
 from simulator.worker import Job, Limits, Outcome, SimWorker
 from simulator.workload import Request, Workload
 
@@ -56,6 +57,8 @@ class SimPool:
     draining: dict[str, SimWorker] = field(default_factory=dict)
     work: deque[WorkSample] = field(default_factory=deque)
     refused: deque[float] = field(default_factory=deque)
+    experts: PoolExperts | None = None
+    slowdown: float = 1.0
 
     @property
     def name(self) -> str:
@@ -150,6 +153,9 @@ class Simulation:
                 cold_start_s=settings.sim_startup_delay_s or profile.cold_start_s,
                 policy=make_policy(spec.scaling.policy, spec.scaling.params),
             )
+            if spec.name in config.experts:
+                experts = PoolExperts(config.experts[spec.name], profile.kv_transfer_bytes_per_s)
+                self.pools[spec.name].experts = experts
         self.workers: dict[str, SimWorker] = {}
         self.started: dict[str, float] = {}
         self.worker_pools: dict[str, str] = {}
@@ -342,6 +348,7 @@ class Simulation:
             index=self.index,
             max_steps_per_segment=self.max_steps_per_segment,
         )
+        worker.slowdown = pool.slowdown
         self.workers[worker_id] = worker
         self.worker_pools[worker_id] = pool.name
         self.started[worker_id] = t
@@ -357,6 +364,7 @@ class Simulation:
             return
         pool = self.pools[worker.pool]
         if pool.starting.pop(worker_id, None) is not None:
+            worker.slowdown = pool.slowdown
             pool.ready[worker_id] = worker
 
     def _stop(self, worker_id: str, t: float) -> None:
@@ -432,6 +440,10 @@ class Simulation:
     def _tick(self, t: float) -> None:
         for pool in self.pools.values():
             self._scale(pool, t)
+            if pool.experts is not None:
+                pool.slowdown = pool.experts.update(t)
+                for worker in (*pool.ready.values(), *pool.draining.values()):
+                    worker.slowdown = pool.slowdown
         interval = self.config.reconcile_interval_s
         ttfts = sorted(x for x, _ in self._tick_latencies)
         tbts = sorted(x for _, x in self._tick_latencies)

@@ -8,7 +8,9 @@
   profile has that name), SIM_SPEEDUP, SIM_STARTUP_DELAY_S, MAX_RUNNING,
   MAX_BATCH_TOKENS, MAX_WAITING, BLOCK_SIZE;
 * the router's P/D threshold and the controller's reconcile interval default
-  to those services' defaults.
+  to those services' defaults;
+* `experts:` (simulator only) makes pools MoE, expert-parallel pools whose
+  placement the controller's placement policy rebalances.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from shared.policies.routing import RoutingConfig
 from shared.policies.routing import load_config as validate_routing
 from shared.policies.scaling import make_policy
 from shared.types.pools import ModelCreate, PoolCreate
+from simulator.experts import ExpertSpec
 
 
 def _default(settings: type[BaseModel], name: str) -> Any:
@@ -40,6 +43,8 @@ class SimConfig(BaseModel):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     pd_min_uncached_tokens: int = Field(default=_default(RouterSettings, "pd_min_uncached_tokens"), ge=0)
     reconcile_interval_s: float = Field(default=_default(ControllerSettings, "reconcile_interval_s"), gt=0)
+    # MoE pools: expert-parallel shape and rebalancing, by pool name (simulator/experts.py).
+    experts: dict[str, ExpertSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> SimConfig:
@@ -52,6 +57,9 @@ class SimConfig(BaseModel):
                 raise ValueError(f"pool {pool.name!r} serves unknown model {pool.model!r}")
             worker_settings(pool)  # refuses bad worker_env now, naming the pool
             make_policy(pool.scaling.policy, pool.scaling.params)
+        unknown = set(self.experts) - set(names)
+        if unknown:
+            raise ValueError(f"experts: no pool named {', '.join(sorted(unknown))}")
         return self
 
     def model_pools(self, model: str | None = None) -> list[PoolCreate]:

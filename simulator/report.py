@@ -33,6 +33,9 @@ class Metrics:
     scaling_events: int
     replicas_mean: float
     wall_s: float
+    # MoE pools only: time-mean balance (max / mean rank load) and expert copies moved.
+    expert_balance: float | None = None
+    expert_moves: int = 0
 
     @property
     def sim_requests_per_s(self) -> float:
@@ -54,6 +57,10 @@ class Metrics:
             ("cost", f"{self.cost:.3f}"),
             ("prefix-cache hit rate (tokens)", f"{self.prefix_hit_rate:.3f}"),
             ("scaling events", str(self.scaling_events)),
+            (
+                "expert balance / copies moved",
+                "-" if self.expert_balance is None else f"{self.expert_balance:.3f} / {self.expert_moves}",
+            ),
             ("simulation wall time", f"{self.wall_s:.2f} s ({self.sim_requests_per_s:.0f} req/s)"),
         ]
 
@@ -82,6 +89,7 @@ def measure(result: SimResult, ttft_slo_s: float | None = None, tbt_slo_s: float
     prompt = sum(j.request.prompt_tokens for j in served)
     cost = sum(seconds / 3600 * result.pools[pool].cost_per_hour for pool, seconds in result.worker_seconds.items())
     worker_seconds = sum(result.worker_seconds.values())
+    moe = [p.experts for p in result.pools.values() if p.experts is not None]
     return Metrics(
         requests=len(jobs),
         served=len(served),
@@ -98,6 +106,8 @@ def measure(result: SimResult, ttft_slo_s: float | None = None, tbt_slo_s: float
         scaling_events=len(result.scaling_events),
         replicas_mean=worker_seconds / span,
         wall_s=result.wall_s,
+        expert_balance=float(np.mean([e.mean_balance for e in moe])) if moe else None,
+        expert_moves=sum(e.moves for e in moe),
     )
 
 

@@ -143,6 +143,8 @@ class SimWorker:
         self.profile = profile
         self.limits = limits
         self.scale = 1.0 / speedup
+        # Step-time factor from outside the engine (expert imbalance), applied from the next segment.
+        self.slowdown = 1.0
         self.index = index
         self.cache_blocks = cache_blocks
         self.hash_block = hash_block
@@ -360,8 +362,9 @@ class SimWorker:
             growth += chunk * chunk
         p = self.profile
         decode_context = self.ctx_base_sum + decoders * self.step
-        a = p.step_time(prefill_tokens, prefill_context, decoders, decode_context) * self.scale
-        b = (p.prefill_attn_s * growth + p.decode_ctx_s * decoders) * self.scale
+        scale = self.scale * self.slowdown
+        a = p.step_time(prefill_tokens, prefill_context, decoders, decode_context) * scale
+        b = (p.prefill_attn_s * growth + p.decode_ctx_s * decoders) * scale
         self.segment = _Segment(now, max(1, steps), a, b, chunks, budget)
         self.version += 1
         return now + self.segment.elapsed(self.segment.steps)

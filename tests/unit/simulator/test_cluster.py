@@ -12,6 +12,8 @@ from simulator.config import parse_config
 from simulator.report import measure
 from simulator.workload import Request, SyntheticSpec, Workload, synthetic
 
+pytestmark = pytest.mark.unit
+
 
 def pool(name: str = "mixed", **fields: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
@@ -151,3 +153,26 @@ def test_the_autoscaler_follows_a_load_step_and_costs_less_than_the_peak() -> No
     assert max(r.replicas["mixed"] for r in auto.timeline) > 1
     assert measure(auto).cost < measure(fixed).cost
     assert all(j.finished_at is not None for j in auto.jobs)
+
+
+def test_expert_rebalancing_lowers_imbalance_and_time_between_tokens() -> None:
+    workload = synthetic(SyntheticSpec(rate_rps=5, duration_s=200, prompt_mean=200, output_mean=60, seed=4))
+    one = pool(min_replicas=1, max_replicas=1, scaling={"policy": "fixed", "params": {"replicas": 1}})
+    shape = {"layers": 4, "experts": 16, "ranks": 4, "slots_per_rank": 5, "rebalance_every_s": 20, "drift_every_s": 5}
+    runs = {
+        policy: measure(simulate(config(one, experts={"mixed": {**shape, "policy": policy}}), workload))
+        for policy in ("none", "eplb", "migration-aware")
+    }
+    assert runs["none"].expert_moves == 0 and runs["none"].expert_balance is not None
+    for policy in ("eplb", "migration-aware"):
+        assert runs[policy].expert_balance < runs["none"].expert_balance - 0.1  # type: ignore[operator]
+        assert runs[policy].tbt_s[0] < runs["none"].tbt_s[0]
+    assert 0 < runs["migration-aware"].expert_moves < runs["eplb"].expert_moves
+    assert measure(simulate(config(one), workload)).expert_balance is None
+
+
+def test_expert_shapes_that_cannot_hold_their_experts_are_refused() -> None:
+    with pytest.raises(ValueError, match="cannot hold 64 experts"):
+        config(experts={"mixed": {"experts": 64, "ranks": 4, "slots_per_rank": 9}})
+    with pytest.raises(ValueError, match="experts: no pool named moe"):
+        config(experts={"moe": {}})

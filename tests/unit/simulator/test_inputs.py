@@ -12,6 +12,8 @@ from cli.main import app
 from simulator.config import load_config
 from simulator.workload import TraceError, load_trace, reshape
 
+pytestmark = pytest.mark.unit
+
 EXAMPLES = Path(__file__).resolve().parents[3] / "simulator" / "examples"
 
 

@@ -6,8 +6,8 @@ import pytest
 
 from services.worker.engines.base import Finish
 from services.worker.engines.sim.executor import FailureInjection
-from services.worker.engines.sim.experts import ExpertLoadModel
 from shared.errors import Unavailable
+from shared.expertload import ExpertLoadModel
 from tests.support.engines import collect, collect_all, prompts, request, sim_engine
 
 pytestmark = pytest.mark.unit

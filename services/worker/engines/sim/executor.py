@@ -24,7 +24,7 @@ from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
 from services.worker.engines.scheduler import Item
 from services.worker.engines.seeds import position_seed
-from services.worker.engines.sim.experts import ExpertLoadModel
+from shared.expertload import ExpertLoadModel
 from shared.hashing import BlockHash
 from shared.perfmodel import PerfProfile
 

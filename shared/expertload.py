@@ -1,4 +1,4 @@
-"""Skewed, drifting expert loads for the sim engine.
+"""Skewed, drifting expert loads: the sim engine's expert statistics and the simulator's MoE model.
 
 Real MoE routers send most tokens to a few experts per layer, and which
 experts are hot shifts with the workload. Each layer here ranks its experts
@@ -39,6 +39,11 @@ class ExpertLoadModel:
             out[layer, self._order[layer]] = self._zipf
         return out
 
+    def weights_at(self, now: float) -> np.ndarray:
+        """[layers, experts] routing probabilities at time `now` (drifting up to it first)."""
+        self._drift(now)
+        return self.weights()
+
     def _drift(self, now: float) -> None:
         if self._last_drift is None:
             self._last_drift = now
@@ -50,6 +55,5 @@ class ExpertLoadModel:
 
     def step_counts(self, tokens: int, now: float) -> np.ndarray:
         """Routed tokens per [layer, expert] for a step of `tokens` tokens."""
-        self._drift(now)
-        weights = self.weights()
+        weights = self.weights_at(now)
         return np.stack([self._rng.multinomial(tokens * self.top_k, row) for row in weights]).astype(np.int64)
