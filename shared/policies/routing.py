@@ -165,8 +165,7 @@ class OverloadFilter:
         return [
             w
             for w in workers
-            if w.running + w.waiting < (w.capacity if 0 < w.capacity < max_queue else max_queue)
-            and w.kv_usage < max_kv
+            if w.running + w.waiting < (w.capacity if 0 < w.capacity < max_queue else max_queue) and w.kv_usage < max_kv
         ]
 
 
