@@ -120,6 +120,10 @@ bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs peak-s
 bench-sim: $(STAMP) redis $(MODEL_DIR)/config.json ## Simulator: speed, colocated vs P/D, autoscaler vs fixed, routing on Mooncake, honesty vs the live stack
 	$(PY) -m benchmarks.bench_sim $(TRACES) $(MODEL_DIR)
 
+.PHONY: bench-agents
+bench-agents: $(STAMP) ## Agent-graph placement on two GPU generations vs all-newest and all-cheapest; solver time
+	$(PY) -m benchmarks.bench_agents
+
 .PHONY: bench-experts
 bench-experts: $(STAMP) redis $(MODEL_DIR)/config.json ## Expert placement vs EPLB-style packing; TBT during live migration
 	$(PY) -m benchmarks.bench_experts $(MODEL_DIR)
