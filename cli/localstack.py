@@ -127,18 +127,23 @@ class LocalStack:
         controller_port = int(env.get("SHOAL_CONTROLLER_HTTP_PORT", self.config.controller_port))
         controller = f"http://127.0.0.1:{controller_port}"
         env["SHOAL_CONTROLLER_ADMIN_TOKENS"] = env.get("SHOAL_CONTROLLER_ADMIN_TOKENS", f"{token}:admin")
+        router_port = int(env.get("SHOAL_ROUTER_HTTP_PORT", self.config.router_port))
+        router = f"http://127.0.0.1:{router_port}"
         self.supervisor.start("celery", [python, "-m", "services.controller.jobs"], env)
         self.supervisor.start(
             "controller",
             [python, "-m", "services.controller"],
-            {**env, "SHOAL_CONTROLLER_HTTP_PORT": str(controller_port), "SHOAL_CONTROLLER_BOOTSTRAP": str(bootstrap)},
+            {
+                **env,
+                "SHOAL_CONTROLLER_HTTP_PORT": str(controller_port),
+                "SHOAL_CONTROLLER_BOOTSTRAP": str(bootstrap),
+                "SHOAL_CONTROLLER_ROUTER_URL": router,
+            },
             ready=lambda: http_ready(f"{controller}/health"),
         )
         self.endpoints.controller, self.endpoints.admin_token = controller, token
         self.endpoints.workers = self._wait_for_workers(controller, token, len(self.config.workers))
 
-        router_port = int(env.get("SHOAL_ROUTER_HTTP_PORT", self.config.router_port))
-        router = f"http://127.0.0.1:{router_port}"
         self.supervisor.start(
             "router",
             [python, "-m", "services.router"],

@@ -7,12 +7,15 @@ from pathlib import Path
 import typer
 
 from cli.admin import COMMANDS
+from cli.graphs import catalogue, graph_app
 from cli.sim import sim
 
 app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
 for command in COMMANDS:
     app.command()(command)
 app.command()(sim)
+app.command()(catalogue)
+app.add_typer(graph_app, name="graph")
 
 
 @app.command()

@@ -19,6 +19,7 @@ import yaml
 from redis.exceptions import RedisError
 
 from services.controller.actuators.factory import make_actuator
+from services.controller.agents.runner import GraphRunner, GraphStore, ToolRunner
 from services.controller.api.routes import build_api
 from services.controller.desired import DesiredState
 from services.controller.jobs.migrate import MIGRATE
@@ -28,6 +29,8 @@ from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconcil
 from shared.config import ControllerSettings
 from shared.errors import AlreadyExists, FailedPrecondition
 from shared.httpapi import http_server
+from shared.policies.agents import Hardware
+from shared.policies.scaling import PolicyState
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
@@ -38,6 +41,27 @@ from shared.types.pools import ModelCreate, PoolCreate
 log = get_logger("shoal.controller")
 
 LAUNCH_INTERVAL_S = 0.5
+
+
+def celery_tools(settings: ControllerSettings) -> ToolRunner:
+    """Run a registered tool on the Celery worker: one attempt, revoked when it times out or is cancelled."""
+    from services.controller.jobs.celery_app import configure
+
+    app = configure(settings)
+
+    async def run(name: str, args: dict[str, str], timeout_s: float) -> str:
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        result = await asyncio.to_thread(app.send_task, "shoal.agent_tool", args=[name, args])
+        try:
+            return str(await asyncio.to_thread(result.get, timeout=timeout_s, disable_sync_subtasks=False))
+        except (CeleryTimeout, asyncio.CancelledError) as exc:
+            await asyncio.to_thread(result.revoke, terminate=True)
+            if isinstance(exc, CeleryTimeout):
+                raise TimeoutError(f"tool {name!r} took over {timeout_s:g}s") from None
+            raise
+
+    return run
 
 
 def celery_submit(settings: ControllerSettings) -> Callable[[Job], None]:
@@ -82,6 +106,14 @@ class ControllerApp:
             cold_starts=self.launcher.cold_starts.get if self.launcher else lambda _pool: None,
             job_stale_s=settings.job_stale_s,
         )
+        self.graphs = GraphStore(self.redis)
+        self.graph_runner = GraphRunner(
+            self.graphs,
+            settings.router_url,
+            celery_tools(settings),
+            self.catalogue,
+            settings.router_api_keys[0] if settings.router_api_keys else None,
+        )
         self.api = build_api(self)
         self._reconcile = Ticker("reconcile", settings.reconcile_interval_s, self._tick)
         self._launch = Ticker("launcher", LAUNCH_INTERVAL_S, self.launcher.tick) if self.launcher else None
@@ -112,6 +144,28 @@ class ControllerApp:
         self.reconciler.submit(job)
         return job
 
+    async def catalogue(self) -> list[Hardware]:
+        """The hardware catalogue: each pool's GPU type, price and speed, measured where the autoscaler has
+        learned its capacity and the workers report their time between tokens, declared otherwise."""
+        workers = await self.registry.list_workers()
+        entries = []
+        for pool in await self.desired.pools():
+            learned = self.reconciler.states.get(pool.name, PolicyState())
+            tbts = [w.load.tbt_p90_s for w in workers if w.info.pool == pool.name and w.load.tbt_p90_s > 0]
+            entries.append(
+                Hardware(
+                    pool=pool.name,
+                    model=pool.model,
+                    gpu_type=pool.gpu_type,
+                    cost_per_hour=pool.cost_per_hour,
+                    prefill_tps=learned.prefill_capacity or pool.capacity.prefill_tokens_per_s,
+                    decode_tps=learned.decode_capacity or pool.capacity.decode_tokens_per_s,
+                    stream_tps=1.0 / (min(tbts) if tbts else pool.slo.tbt_p90_s),
+                    measured=bool(tbts) or learned.prefill_capacity is not None,
+                )
+            )
+        return entries
+
     async def bootstrap(self, path: Path) -> None:
         """Create the models and pools a YAML file lists, unless they exist."""
         document = yaml.safe_load(await asyncio.to_thread(path.read_text)) or {}
@@ -123,6 +177,7 @@ class ControllerApp:
                 await self.desired.create_pool(PoolCreate(**pool))
 
     async def start(self) -> None:
+        await self.graph_runner.fail_orphans()
         if self.settings.bootstrap:
             await self.bootstrap(self.settings.bootstrap)
         if self._launch is not None:
@@ -131,6 +186,7 @@ class ControllerApp:
         log.info("controller ready", actuator=self.actuator.name)
 
     async def stop(self) -> None:
+        await self.graph_runner.stop()
         await self._reconcile.stop()
         if self._launch is not None:
             await self._launch.stop()

@@ -100,7 +100,9 @@ class RouterApp:
         except (RedisError, OSError) as exc:
             log.warning("work stats not published", error=str(exc))
 
-    def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, session_id: str) -> Job:
+    def job(
+        self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, session_id: str, pool: str = ""
+    ) -> Job:
         return Job(
             request_id=uuid.uuid4().hex[:16],
             model=model,
@@ -109,6 +111,7 @@ class RouterApp:
             hashes=self.hasher.hashes(prompt),
             block_size=self.settings.block_size,
             session_id=session_id,
+            pool=pool,
             deadline_s=self.settings.request_timeout_s,
         )
 

@@ -66,6 +66,8 @@ class Job:
     hashes: list[BlockHash]
     block_size: int
     session_id: str = ""
+    # A placement preference (an agent graph's plan): serve from this pool while it has a serving worker.
+    pool: str = ""
     deadline_s: float = 600.0
 
 
@@ -147,6 +149,13 @@ class Dispatcher:
             session_worker=self.sessions.get(job.session_id, "") if job.session_id else "",
         )
 
+    def _serving(self, job: Job) -> list[WorkerRecord]:
+        records = self.directory.serving()
+        if job.pool:
+            preferred = [r for r in records if r.info.pool == job.pool]
+            return preferred or records
+        return records
+
     def _decide(self, job: Job, phase: Phase, views: list[WorkerView], progress: _Progress) -> Decision:
         eligible = [v for v in views if v.worker_id not in progress.failed]
         decision = self.router.route(self._request_view(job, phase), eligible)
@@ -185,7 +194,7 @@ class Dispatcher:
         """Run `job` and yield its text as it comes (see module doc)."""
         started = time.monotonic()
         progress = _Progress()
-        records = self.directory.serving()
+        records = self._serving(job)
         views = self._views(records, job.hashes)
         decode_side = [v for v in views if v.role != "prefill"]
         prefill_side = [v for v in views if v.role == "prefill"]
@@ -198,7 +207,7 @@ class Dispatcher:
             remaining = job.deadline_s - (time.monotonic() - started)
             if remaining <= 0:
                 raise DeadlineExceeded(f"request did not finish within {job.deadline_s:g}s")
-            views = self._views(self.directory.serving(), job.hashes)
+            views = self._views(self._serving(job), job.hashes)
             decision = self._decide(job, Phase.GENERATE, views, progress)
             if not decision.ok:
                 if progress.attempts:

@@ -280,6 +280,14 @@ class ControllerSettings(CommonSettings):
     job_stale_s: float = Field(
         default=20.0, gt=0, description="A running job silent this long is resubmitted (its Celery worker died)."
     )
+    router_url: str | None = Field(
+        default=None,
+        description="The router's base URL (http://host:port) that agent graphs' LLM steps call. Unset: they fail.",
+    )
+    router_api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="The router's API keys (JSON list or comma-separated); graphs' LLM steps present the first.",
+    )
     local_max_workers: int = Field(
         default=8,
         ge=0,
@@ -304,9 +312,9 @@ class ControllerSettings(CommonSettings):
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
-        return (*super().secret_fields(), "admin_tokens")
+        return (*super().secret_fields(), "admin_tokens", "router_api_keys")
 
-    _split_tokens = field_validator("admin_tokens", mode="before")(_split_list)
+    _split_tokens = field_validator("admin_tokens", "router_api_keys", mode="before")(_split_list)
 
     @field_validator("admin_tokens")
     @classmethod

@@ -17,7 +17,7 @@ number on the same server (see the controller settings).
 | decisions | STREAM | MAXLEN ~DECISIONS_MAXLEN | controller | reconcile decisions and their reasons |
 | jobs | HASH id -> JSON | - | controller, Celery | long operations and their progress |
 | metrics:router | STREAM | MAXLEN ~METRICS_MAXLEN | router | per-interval request statistics |
-| graph:{id} | HASH | GRAPH_TTL | controller | agent graph state |
+| graphs | HASH id -> JSON | - | controller | agent graphs: per-step state, plan, result |
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ KV_EVENTS_MAXLEN: Final = 200_000
 DECISIONS_MAXLEN: Final = 10_000
 METRICS_MAXLEN: Final = 20_000
 SNAPSHOT_TTL_S: Final = 3600
-GRAPH_TTL_S: Final = 7 * 24 * 3600
 
 
 def _key(*parts: str) -> str:
@@ -45,6 +44,8 @@ CORDONED: Final = _key("cordoned")
 KV_EVENTS: Final = _key("kv", "events")
 DECISIONS: Final = _key("decisions")
 JOBS: Final = _key("jobs")
+# Agent graphs: hash of graph id -> GraphRecord JSON (shared/types/graphs.py).
+GRAPHS: Final = _key("graphs")
 ROUTER_METRICS: Final = _key("metrics", "router")
 
 
@@ -71,7 +72,3 @@ def doc(name: str) -> str:
 
 def lock(name: str) -> str:
     return _key("lock", name)
-
-
-def graph(graph_id: str) -> str:
-    return _key("graph", graph_id)

@@ -16,6 +16,7 @@ retrievers.
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class GraphSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="graph", pattern=_ID)
-    steps: list[Step] = Field(min_length=1, max_length=10_000)
+    steps: list[Step] = Field(min_length=1, max_length=1000)
     sla: SLA
     inputs: dict[str, str] = Field(default_factory=dict, description="Values for {{inputs.NAME}}.")
     output: str | None = Field(default=None, description="The step whose output is the result (default: the last).")
@@ -229,3 +230,52 @@ def find_cycle(edges: Mapping[str, list[str]]) -> list[str]:
                 stack.pop()
                 path.pop()
     return []
+
+
+class RunState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED)
+
+
+class StepRecord(BaseModel):
+    kind: str
+    state: RunState = RunState.PENDING
+    pool: str = ""  # the planned pool of an LLM step
+    estimated_s: float = 0.0
+    estimated_cost: float = 0.0
+    attempts: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    output: str | None = None
+    error: str | None = None
+    cached_tokens: int = 0  # LLM steps: prompt tokens the worker found cached
+
+
+class GraphRecord(BaseModel):
+    """A submitted graph as the API reports it: per-step progress, timings, plan and result."""
+
+    id: str
+    name: str
+    state: RunState = RunState.PENDING
+    session_id: str
+    created_at: float
+    deadline_at: float
+    finished_at: float | None = None
+    spec: GraphSpec
+    steps: dict[str, StepRecord]
+    plan_cost: float = 0.0
+    plan_latency_s: float = 0.0
+    plan_solver: str = ""
+    plan_notes: list[str] = Field(default_factory=list)
+    replans: int = 0
+    result: str | None = None
+    error: str | None = None
+    trace_id: str = ""
+    cancel_requested: bool = False

@@ -1,4 +1,4 @@
-"""The admin REST API: models, pools, workers, scaling, jobs, cluster status.
+"""The admin REST API: models, pools, workers, scaling, jobs, agent graphs, cluster status.
 
 Every route needs a bearer token whose role allows it (viewer < operator <
 admin): reading needs viewer, operating on workers, scaling and jobs needs
@@ -10,6 +10,7 @@ desired-state store, the registry or the job store, and return public models.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import hmac
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -18,11 +19,14 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.errors import NotFound, PermissionDenied, Unauthenticated
+from services.controller.agents.tools import RETRIEVERS, TOOLS
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from shared.httpapi import install_error_handlers
+from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.metrics import render
+from shared.types.graphs import GraphRecord, GraphSpec, check_graph
 from shared.types.pools import ModelCreate, ModelPublic, ModelUpdate, PoolCreate, PoolPublic, PoolUpdate
 
 if TYPE_CHECKING:
@@ -61,6 +65,7 @@ Operator = Annotated[Role, require(Role.OPERATOR)]
 Admin = Annotated[Role, require(Role.ADMIN)]
 Name = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")]
 JobId = Annotated[str, Path(min_length=1, max_length=200)]
+GraphId = Annotated[str, Path(min_length=1, max_length=200)]
 WorkerId = Annotated[str, Path(min_length=1, max_length=200)]
 
 
@@ -320,6 +325,36 @@ def build_api(controller: ControllerApp) -> FastAPI:
         return (await _app(request).jobs.request_cancel(job_id)).model_dump(mode="json")
 
     # -- cluster ----------------------------------------------------------------
+
+    @v1.post("/graphs", status_code=202)
+    async def submit_graph(body: GraphSpec, request: Request, _: Operator) -> GraphRecord:
+        app = _app(request)
+        models = {m.name for m in await app.desired.models()}
+        problems = check_graph(body, models, TOOLS, RETRIEVERS)
+        if problems:
+            raise InvalidArgument("; ".join(str(p) for p in problems), param=problems[0].location)
+        try:
+            return await app.graph_runner.submit(body, await app.catalogue())
+        except PlanError as exc:
+            raise FailedPrecondition(str(exc)) from None
+
+    @v1.get("/graphs")
+    async def list_graphs(
+        request: Request, _: Viewer, limit: int = Query(default=50, ge=1, le=1000)
+    ) -> list[GraphRecord]:
+        return await _app(request).graphs.list(limit)
+
+    @v1.get("/graphs/{graph_id}")
+    async def get_graph(graph_id: GraphId, request: Request, _: Viewer) -> GraphRecord:
+        return await _app(request).graphs.get(graph_id)
+
+    @v1.post("/graphs/{graph_id}/cancel")
+    async def cancel_graph(graph_id: GraphId, request: Request, _: Operator) -> GraphRecord:
+        return await _app(request).graph_runner.cancel(graph_id)
+
+    @v1.get("/catalogue")
+    async def catalogue(request: Request, _: Viewer) -> list[dict[str, Any]]:
+        return [dataclasses.asdict(h) for h in await _app(request).catalogue()]
 
     @v1.get("/cluster")
     async def cluster(request: Request, _: Viewer) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from redis.asyncio import Redis
 
 from services.controller.actuators.factory import make_actuator
+from services.controller.agents.tools import TOOLS
 from services.controller.desired import DesiredState
 from services.controller.jobs.celery_app import celery_app
 from services.controller.jobs.migrate import MIGRATE, run_migration
@@ -49,6 +50,12 @@ def migrate_experts(job_id: str) -> str:
         return await run_migration(job_id, jobs, address, settings.internal_token)
 
     return _run(body)
+
+
+@celery_app.task(name="shoal.agent_tool")  # type: ignore[untyped-decorator]
+def agent_tool(name: str, args: dict[str, str]) -> str:
+    """One attempt of an agent graph's registered tool (the runner retries and times out)."""
+    return TOOLS[name](args)
 
 
 TASKS = {"scale-down": "shoal.scale_down", MIGRATE: "shoal.migrate_experts"}

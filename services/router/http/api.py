@@ -49,6 +49,8 @@ async def _authorize(request: Request, authorization: Annotated[str | None, Head
 
 Authorized = Annotated[None, Depends(_authorize)]
 SessionHeader = Annotated[str | None, Header(alias="x-session-id", max_length=256)]
+# A preferred pool (agent graphs' placement); requests go elsewhere when it has no serving worker.
+PoolHeader = Annotated[str | None, Header(alias="x-shoal-pool", max_length=63)]
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> common_pb2.SamplingParams:
@@ -239,7 +241,15 @@ def _check_model(router: RouterApp, model: str) -> None:
         raise NotFound(f"The model `{model}` does not exist.", param="model")
 
 
-def _job(router: RouterApp, model: str, prompt: list[int], body: Any, wanted: int | None, session: str | None) -> Job:
+def _job(
+    router: RouterApp,
+    model: str,
+    prompt: list[int],
+    body: Any,
+    wanted: int | None,
+    session: str | None,
+    pool: str | None = None,
+) -> Job:
     context = router.max_context
     if len(prompt) >= context:
         raise InvalidArgument(
@@ -253,7 +263,7 @@ def _job(router: RouterApp, model: str, prompt: list[int], body: Any, wanted: in
             f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
             param="max_tokens",
         )
-    return router.job(model, prompt, _sampling(body, max_tokens), session or "")
+    return router.job(model, prompt, _sampling(body, max_tokens), session or "", pool or "")
 
 
 class BodyLimit:
@@ -288,19 +298,27 @@ def build_api(router: RouterApp) -> FastAPI:
 
     @v1.post("/chat/completions")
     async def chat_completions(
-        body: ChatCompletionRequest, request: Request, _auth: Authorized, session: SessionHeader = None
+        body: ChatCompletionRequest,
+        request: Request,
+        _auth: Authorized,
+        session: SessionHeader = None,
+        pool: PoolHeader = None,
     ) -> Response:
         router = _router(request)
         _check_model(router, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = router.prompts.chat(messages)
-        job = _job(router, body.model, prompt, body, body.wanted_tokens, session)
+        job = _job(router, body.model, prompt, body, body.wanted_tokens, session, pool)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _serve(router, job, body.stream, include_usage, "chat")
 
     @v1.post("/completions")
     async def completions(
-        body: CompletionRequest, request: Request, _auth: Authorized, session: SessionHeader = None
+        body: CompletionRequest,
+        request: Request,
+        _auth: Authorized,
+        session: SessionHeader = None,
+        pool: PoolHeader = None,
     ) -> Response:
         router = _router(request)
         _check_model(router, body.model)
@@ -313,7 +331,7 @@ def build_api(router: RouterApp) -> FastAPI:
             vocab = router.prompts.vocab_size
             if any(token >= vocab for token in prompt):
                 raise InvalidArgument(f"prompt holds token ids outside the vocabulary (< {vocab})", param="prompt")
-        job = _job(router, body.model, prompt, body, body.max_tokens, session)
+        job = _job(router, body.model, prompt, body, body.max_tokens, session, pool)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _serve(router, job, body.stream, include_usage, "completion")
 

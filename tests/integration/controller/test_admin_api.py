@@ -105,3 +105,32 @@ async def test_schemathesis_finds_no_server_errors(redis_url: str) -> None:
     async with running_controller(redis_url, local_max_workers=0) as front:  # fuzzed pools start no process
         await call(front, "POST", "/v1/models", json=MODEL)
         await assert_no_server_errors(front.url, 15, 2, "--header", f"Authorization: Bearer {ADMIN}")
+
+
+async def test_invalid_graphs_are_refused_with_located_errors(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        await call(front, "POST", "/v1/models", json=MODEL)
+        graph = {
+            "sla": {"deadline_s": 10},
+            "steps": [
+                {"id": "a", "kind": "llm", "model": "tiny", "prompt": "{{steps.b}}"},
+                {"id": "b", "kind": "tool", "tool": "calculator", "args": {"expression": "{{steps.a}}"}},
+                {"id": "c", "kind": "retrieval", "retriever": "web", "query": "{{inputs.q}}"},
+            ],
+        }
+        refused = await call(front, "POST", "/v1/graphs", token=OPERATOR, json=graph)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["param"] == "steps[2].query"
+        assert "steps[2].retriever: unknown retriever 'web'; known: docs" in error["message"]
+        assert "steps[0]: cycle: a -> b -> a" in error["message"]
+        schema = await call(front, "POST", "/v1/graphs", token=OPERATOR, json={"steps": [], "sla": {"deadline_s": 1}})
+        assert schema.status_code in (400, 422) and "steps" in schema.text
+        no_pool = await call(
+            front, "POST", "/v1/graphs", token=OPERATOR,
+            json={"sla": {"deadline_s": 10}, "steps": [{"id": "a", "kind": "llm", "model": "tiny", "prompt": "hi"}]},
+        )  # fmt: skip
+        assert no_pool.status_code == 409 and "no pool serves model 'tiny'" in no_pool.json()["error"]["message"]
+        viewer = await call(front, "POST", "/v1/graphs", token=VIEWER, json=graph)
+        assert viewer.status_code == 403
+        assert (await call(front, "GET", "/v1/graphs/nope", token=VIEWER)).status_code == 404

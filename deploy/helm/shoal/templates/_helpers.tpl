@@ -94,6 +94,13 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.controller.reconcileIntervalS | quote }}
 - name: SHOAL_CONTROLLER_BOOTSTRAP
   value: /etc/shoal/bootstrap.yaml
+- name: SHOAL_CONTROLLER_ROUTER_URL
+  value: "http://{{ include "shoal.fullname" . }}-router:{{ .Values.router.service.port }}"
+- name: SHOAL_CONTROLLER_ROUTER_API_KEYS
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shoal.secretName" . }}
+      key: api-keys
 {{- end -}}
 
 {{/* Pod fields every Shoal pod shares. Only the controller and Celery pods get the actuator's account. */}}

@@ -1,0 +1,144 @@
+"""Agent graphs end to end on the local stack: router, controller, its Celery worker, sim workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from cli.localstack import Endpoints
+from tests.e2e.conftest import local_stack
+from tests.support.models import TINY_MODEL_NAME
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "graphs" / "research.yaml"
+# A shared context long enough to fill several KV blocks.
+CONTEXT = "The fleet serves mixtures of experts on pools of workers. " * 4
+OTHER_CONTEXT = "A different agent reads a different document all day long. " * 4
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_model: Path) -> Iterator[Endpoints]:
+    # Session affinity without prefix scoring: only the session keeps an agent's steps together.
+    with local_stack(
+        tiny_model,
+        [("decode", "sim"), ("decode", "sim")],
+        SHOAL_WORKER_SIM_SPEEDUP="4.0",
+        SHOAL_ROUTER_ROUTING_PRESET="session-affinity",
+    ) as (endpoints, _):
+        yield endpoints
+
+
+async def admin(stack: Endpoints, method: str, path: str, **kw: Any) -> httpx.Response:
+    headers = {"authorization": f"Bearer {stack.admin_token}"}
+    async with httpx.AsyncClient(base_url=stack.controller, headers=headers, timeout=30) as http:
+        return await http.request(method, path, **kw)
+
+
+async def finished(stack: Endpoints, graph_id: str, timeout_s: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        record: dict[str, Any] = (await admin(stack, "GET", f"/v1/graphs/{graph_id}")).json()
+        if record["state"] in ("succeeded", "failed", "cancelled"):
+            return record
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"graph {graph_id} still running after {timeout_s}s")
+
+
+async def submit(stack: Endpoints, spec: dict[str, Any]) -> dict[str, Any]:
+    response = await admin(stack, "POST", "/v1/graphs", json=spec)
+    assert response.status_code == 202, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def test_a_graph_of_llm_tool_and_retrieval_steps_runs_end_to_end(stack: Endpoints) -> None:
+    spec = yaml.safe_load(EXAMPLE.read_text())
+    record = await finished(stack, (await submit(stack, spec))["id"])
+    assert record["state"] == "succeeded", (record["error"], {k: v["error"] for k, v in record["steps"].items()})
+    steps = record["steps"]
+    assert steps["budget"]["output"] == "16.8"  # the calculator ran on the Celery worker
+    assert "pool" in steps["find"]["output"].lower()  # passages of the docs about pools
+    assert steps["draft"]["pool"] == "decode" and steps["draft"]["output"]
+    # The answer read both the draft and the tool: it started after both finished.
+    assert steps["answer"]["started_at"] >= max(steps["draft"]["finished_at"], steps["budget"]["finished_at"])
+    assert record["result"] == steps["answer"]["output"]
+    assert len(record["trace_id"]) == 32 and record["plan_solver"] == "milp"
+    catalogue = (await admin(stack, "GET", "/v1/catalogue")).json()
+    assert [h["pool"] for h in catalogue] == ["decode"]
+
+
+async def test_a_failing_tool_is_retried_then_fails_the_graph(stack: Endpoints) -> None:
+    spec = {
+        "sla": {"deadline_s": 60},
+        "steps": [
+            {"id": "broken", "kind": "tool", "tool": "always-fails", "retries": 2, "args": {"message": "disk on fire"}},
+            {"id": "after", "kind": "llm", "model": TINY_MODEL_NAME, "prompt": "{{steps.broken}}"},
+        ],
+    }
+    record = await finished(stack, (await submit(stack, spec))["id"])
+    assert record["state"] == "failed"
+    assert record["steps"]["broken"]["attempts"] == 3
+    assert "disk on fire" in record["steps"]["broken"]["error"]
+    assert "step 'broken' failed after 3 attempt(s)" in record["error"]
+    assert record["steps"]["after"]["state"] == "pending" and record["steps"]["after"]["started_at"] is None
+
+
+async def test_a_cancelled_graph_stops(stack: Endpoints) -> None:
+    spec = {
+        "sla": {"deadline_s": 300},
+        "steps": [
+            {"id": "long", "kind": "llm", "model": TINY_MODEL_NAME, "prompt": "tell a long story", "max_tokens": 3000},
+            {"id": "next", "kind": "tool", "tool": "word-count", "args": {"text": "{{steps.long}}"}},
+        ],
+    }
+    graph_id = (await submit(stack, spec))["id"]
+    for _ in range(200):
+        if (await admin(stack, "GET", f"/v1/graphs/{graph_id}")).json()["steps"]["long"]["state"] == "running":
+            break
+        await asyncio.sleep(0.05)
+    cancelled = await admin(stack, "POST", f"/v1/graphs/{graph_id}/cancel")
+    assert cancelled.status_code == 200
+    record = await finished(stack, graph_id, timeout_s=10)
+    assert record["state"] == "cancelled"
+    assert record["steps"]["long"]["state"] == "cancelled" and record["steps"]["next"]["started_at"] is None
+    again = await admin(stack, "POST", f"/v1/graphs/{graph_id}/cancel")
+    assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
+
+
+async def test_session_affinity_raises_prefix_cache_hits(stack: Endpoints) -> None:
+    # An agent's turns: each prompt is the context plus every earlier answer, so each turn's prompt
+    # extends the last one's.
+    turns = 10
+    steps = [
+        {
+            "id": f"turn{i}",
+            "kind": "llm",
+            "model": TINY_MODEL_NAME,
+            "prompt": "{{inputs.context}}" + "".join(f" {{{{steps.turn{j}}}}}" for j in range(i)),
+            "max_tokens": 48,
+        }
+        for i in range(turns)
+    ]
+    spec = {"sla": {"deadline_s": 120}, "inputs": {"context": CONTEXT}, "steps": steps}
+    record = await finished(stack, (await submit(stack, spec))["id"])
+    assert record["state"] == "succeeded", record["error"]
+    with_session = sum(record["steps"][f"turn{i}"]["cached_tokens"] for i in range(1, turns))
+    # The same conversation on a fresh context without a session: idle workers tie on load, so turns
+    # scatter over both and miss the answers the other worker saw (all nine on one worker: 1 in 512).
+    without_session = 0
+    answers: list[str] = []
+    async with httpx.AsyncClient(base_url=stack.router, timeout=30) as http:
+        for i in range(turns):
+            body = {"model": TINY_MODEL_NAME, "prompt": " ".join([OTHER_CONTEXT, *answers]), "max_tokens": 48}
+            answer = (await http.post("/v1/completions", json=body)).json()
+            answers.append(answer["choices"][0]["text"])
+            if i:
+                without_session += answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert with_session > without_session
