@@ -28,6 +28,7 @@ from shared.hashing import BlockHasher
 from shared.httpapi import http_server
 from shared.kvindex import KVIndex
 from shared.policies.routing import PDPolicy, Router, load_config
+from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
 from shared.rpc.shoal.v1 import common_pb2
 from shared.rpc.worker_client import WorkerClient
@@ -59,6 +60,8 @@ class RouterApp:
         self.events_redis = connect(settings.redis_url)
         self.index = KVIndex()
         self.clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
+        # Opened on first use, inside the event loop (gRPC channels belong to the loop that made them).
+        self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, settings.internal_token))
         self.directory = WorkerDirectory(WorkerRegistry(self.redis), settings.model_name, self._worker_gone)
         self.follower = KVEventFollower(self.events_redis, self.index)
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
@@ -77,6 +80,7 @@ class RouterApp:
             kvstore_publisher=settings.kvstore_id if settings.kvstore_address else None,
             kv_transfer_timeout_s=settings.kv_transfer_timeout_s,
             work=self.work,
+            kvstores=self.kvstores,
         )
         self.api = build_api(self)
         self.inflight = 0
@@ -101,7 +105,13 @@ class RouterApp:
             log.warning("work stats not published", error=str(exc))
 
     def job(
-        self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, session_id: str, pool: str = ""
+        self,
+        model: str,
+        prompt: list[int],
+        sampling: common_pb2.SamplingParams,
+        session_id: str,
+        pool: str = "",
+        pin_s: int = 0,
     ) -> Job:
         return Job(
             request_id=uuid.uuid4().hex[:16],
@@ -112,6 +122,7 @@ class RouterApp:
             block_size=self.settings.block_size,
             session_id=session_id,
             pool=pool,
+            pin_s=pin_s,
             deadline_s=self.settings.request_timeout_s,
         )
 
@@ -127,6 +138,7 @@ class RouterApp:
         await self._events.stop()
         await self._stats.stop()
         await self.clients.close()
+        await self.kvstores.close()
         await self.redis.aclose()
         await self.events_redis.aclose()
 

@@ -18,6 +18,7 @@ cancels the worker stream, which aborts the request there.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from shared.errors import DeadlineExceeded, ErrorCode, Overloaded, ShoalError, U
 from shared.hashing import BlockHash
 from shared.kvindex import KVIndex
 from shared.policies.routing import Decision, PDPolicy, Phase, Reason, RequestView, Router, WorkerView
+from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
@@ -68,6 +70,8 @@ class Job:
     session_id: str = ""
     # A placement preference (an agent graph's plan): serve from this pool while it has a serving worker.
     pool: str = ""
+    # Seconds to keep the prompt's prefix pinned in the kvstore for the session (an agent's tool call).
+    pin_s: int = 0
     deadline_s: float = 600.0
 
 
@@ -101,6 +105,7 @@ class Dispatcher:
         kvstore_publisher: str | None = None,
         kv_transfer_timeout_s: float = 10.0,
         work: WorkRecorder | None = None,
+        kvstores: ClientPool[KVStoreClient] | None = None,
     ) -> None:
         self.directory = directory
         self.index = index
@@ -112,6 +117,8 @@ class Dispatcher:
         self.kvstore_publisher = kvstore_publisher
         self.kv_transfer_timeout_s = kv_transfer_timeout_s
         self.work = work
+        self.kvstores = kvstores
+        self.pinning: set[asyncio.Task[None]] = set()
         self.inflight: dict[str, int] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self._ids = itertools.count()
@@ -220,12 +227,35 @@ class Dispatcher:
                     if chunk.finish is not None:
                         # Before the last yield: the consumer may close this generator right after it.
                         self._account(decision.worker_id, decision.worker_id, chunk)
+                        self._pin_later(job, decision.worker_id)
                     yield chunk
                     if chunk.finish is not None:
                         return
                 raise Unavailable("worker stream ended without a finish reason")
             except ShoalError as exc:
                 self._failed(job, decision.worker_id, exc, progress)
+
+    def _pin_later(self, job: Job, worker_id: str) -> None:
+        if job.pin_s and job.session_id and job.hashes and self.kvstores is not None and self.kvstore_address:
+            task = asyncio.create_task(self._pin(job, worker_id))
+            self.pinning.add(task)
+            task.add_done_callback(self.pinning.discard)
+
+    async def _pin(self, job: Job, worker_id: str) -> None:
+        """Copy the prompt's prefix from the worker to the kvstore, pinned for the session: it survives the
+        worker evicting it while the agent waits on a tool, and the router can import it back."""
+        address = self.directory.address(worker_id)
+        if address is None or self.kvstores is None or not self.kvstore_address:
+            return
+        try:
+            blocks = await self.clients.get(address).fetch_kv(job.hashes, self.kv_transfer_timeout_s)
+            stored = await self.kvstores.get(self.kvstore_address).store_blocks(
+                blocks, self.kv_transfer_timeout_s, session_id=job.session_id, pin_ttl_s=job.pin_s
+            )
+        except ShoalError as exc:
+            log.warning("could not pin a session's prefix", session=job.session_id, error=exc.message)
+            return
+        self.metrics.pins.labels("stored" if stored else "failed").inc()
 
     def _failed(self, job: Job, worker_id: str, exc: ShoalError, progress: _Progress) -> None:
         if exc.code not in _WORKER_FAILURES:

@@ -38,5 +38,11 @@ class RouterMetrics:
         self.kv_source = Counter(
             "shoal_router_kv_imports", "Requests told to import KV, by source", ["source"], registry=registry
         )
+        self.pins = Counter(
+            "shoal_router_session_pins",
+            "Session prefixes copied to the kvstore and pinned, by outcome",
+            ["outcome"],
+            registry=registry,
+        )
         self.inflight = Gauge("shoal_router_inflight_requests", "Requests in flight", registry=registry)
         self.tokens = Counter("shoal_router_tokens", "Tokens by kind", ["kind"], registry=registry)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,10 @@ import httpx
 import pytest
 import yaml
 
-from cli.localstack import Endpoints
+from cli.localstack import Endpoints, http_ready
+from cli.supervisor import Supervisor
+from shared.processes import free_port
+from shared.rpc.kvstore_client import KVStoreClient
 from tests.e2e.conftest import local_stack
 from tests.support.models import TINY_MODEL_NAME
 
@@ -25,15 +30,39 @@ OTHER_CONTEXT = "A different agent reads a different document all day long. " * 
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model: Path) -> Iterator[Endpoints]:
+def running(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
     # Session affinity without prefix scoring: only the session keeps an agent's steps together.
     with local_stack(
         tiny_model,
         [("decode", "sim"), ("decode", "sim")],
         SHOAL_WORKER_SIM_SPEEDUP="4.0",
         SHOAL_ROUTER_ROUTING_PRESET="session-affinity",
-    ) as (endpoints, _):
-        yield endpoints
+    ) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def stack(running: tuple[Endpoints, Supervisor]) -> Endpoints:
+    return running[0]
+
+
+def second_router(running: tuple[Endpoints, Supervisor], model: Path, preset: str) -> str:
+    """Another router on the same cluster (it finds the workers in Redis) with its own routing preset."""
+    endpoints, supervisor = running
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "SHOAL_REDIS_URL": endpoints.redis_url,
+        "SHOAL_ROUTER_MODEL_PATH": str(model),
+        "SHOAL_ROUTER_HTTP_PORT": str(port),
+        "SHOAL_ROUTER_ROUTING_PRESET": preset,
+        "SHOAL_LOG_LEVEL": "WARNING",
+    }
+    supervisor.start(
+        f"router-{preset}", [sys.executable, "-m", "services.router"], env, ready=lambda: http_ready(f"{url}/health")
+    )
+    return url
 
 
 async def admin(stack: Endpoints, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -72,6 +101,16 @@ async def test_a_graph_of_llm_tool_and_retrieval_steps_runs_end_to_end(stack: En
     assert len(record["trace_id"]) == 32 and record["plan_solver"] == "milp"
     catalogue = (await admin(stack, "GET", "/v1/catalogue")).json()
     assert [h["pool"] for h in catalogue] == ["decode"]
+    # The graph has a tool step: the router copied its LLM steps' prefixes to the kvstore, pinned.
+    kvstore = KVStoreClient(stack.kvstore, local=False)
+    try:
+        for _ in range(100):
+            if (await kvstore.stats()).pinned_blocks > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await kvstore.stats()).pinned_blocks > 0
+    finally:
+        await kvstore.close()
 
 
 async def test_a_failing_tool_is_retried_then_fails_the_graph(stack: Endpoints) -> None:
@@ -112,10 +151,13 @@ async def test_a_cancelled_graph_stops(stack: Endpoints) -> None:
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
 
 
-async def test_session_affinity_raises_prefix_cache_hits(stack: Endpoints) -> None:
+async def test_session_affinity_raises_prefix_cache_hits(
+    running: tuple[Endpoints, Supervisor], tiny_model: Path
+) -> None:
     # An agent's turns: each prompt is the context plus every earlier answer, so each turn's prompt
     # extends the last one's.
-    turns = 10
+    stack = running[0]
+    turns = 8
     steps = [
         {
             "id": f"turn{i}",
@@ -129,16 +171,19 @@ async def test_session_affinity_raises_prefix_cache_hits(stack: Endpoints) -> No
     spec = {"sla": {"deadline_s": 120}, "inputs": {"context": CONTEXT}, "steps": steps}
     record = await finished(stack, (await submit(stack, spec))["id"])
     assert record["state"] == "succeeded", record["error"]
-    with_session = sum(record["steps"][f"turn{i}"]["cached_tokens"] for i in range(1, turns))
-    # The same conversation on a fresh context without a session: idle workers tie on load, so turns
-    # scatter over both and miss the answers the other worker saw (all nine on one worker: 1 in 512).
-    without_session = 0
+    with_session = [record["steps"][f"turn{i}"]["cached_tokens"] for i in range(1, turns)]
+    # The same conversation, on a fresh context, through a router with no affinity at all
+    # (round-robin): consecutive turns alternate between the two workers.
+    baseline = second_router(running, tiny_model, "round-robin")
+    without_session = []
     answers: list[str] = []
-    async with httpx.AsyncClient(base_url=stack.router, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=baseline, timeout=30) as http:
         for i in range(turns):
             body = {"model": TINY_MODEL_NAME, "prompt": " ".join([OTHER_CONTEXT, *answers]), "max_tokens": 48}
             answer = (await http.post("/v1/completions", json=body)).json()
             answers.append(answer["choices"][0]["text"])
             if i:
-                without_session += answer["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert with_session > without_session
+                without_session.append(answer["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert sum(with_session) > sum(without_session)
+    # With the session every turn found at least the previous turn's prompt (less its last partial block).
+    assert all(hits > 0 for hits in with_session)

@@ -9,6 +9,9 @@ reports per-step progress and timings.
   (`x-session-id`), so consecutive steps land on the worker holding their
   prefix (the router's session scorer), and their planned pool
   (`x-shoal-pool`), which the router prefers while it has a serving worker.
+  In a graph with tool steps they also ask the router (`x-shoal-pin-s`) to
+  copy the prompt's prefix to the kvstore pinned for the session until the
+  deadline, so it outlives the worker evicting it during a tool call.
 * Registered tools run on the Celery worker (`shoal.agent_tool`); HTTP tools
   are POSTed their arguments as JSON. A failed or timed-out attempt is
   retried up to the step's `retries`, then fails the graph.
@@ -55,6 +58,7 @@ tracer = trace.get_tracer("shoal.controller.agents")
 
 POLL_S = 0.2
 OUTPUT_CHARS = 20_000  # kept per step in the record
+PIN_MAX_S = 3600
 
 
 class GraphStore:
@@ -285,6 +289,9 @@ class GraphRunner:
             headers["authorization"] = f"Bearer {self.router_key}"
         if record.steps[step.id].pool:
             headers["x-shoal-pool"] = record.steps[step.id].pool
+        if any(isinstance(s, ToolStep) for s in record.spec.steps):
+            # Tool calls pause the agent: keep its prefix pinned in the kvstore until the deadline.
+            headers["x-shoal-pin-s"] = str(int(min(PIN_MAX_S, max(1.0, record.deadline_at - time.time()))))
         propagate.inject(headers)
         body = {"model": step.model, "prompt": prompt, "max_tokens": step.max_tokens, "temperature": step.temperature}
         timeout = max(1.0, record.deadline_at - time.time()) + 30.0

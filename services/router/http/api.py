@@ -51,6 +51,8 @@ Authorized = Annotated[None, Depends(_authorize)]
 SessionHeader = Annotated[str | None, Header(alias="x-session-id", max_length=256)]
 # A preferred pool (agent graphs' placement); requests go elsewhere when it has no serving worker.
 PoolHeader = Annotated[str | None, Header(alias="x-shoal-pool", max_length=63)]
+# Keep the prompt's prefix pinned in the kvstore this many seconds for the session (an agent's tool call).
+PinHeader = Annotated[int | None, Header(alias="x-shoal-pin-s", ge=0, le=3600)]
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> common_pb2.SamplingParams:
@@ -249,6 +251,7 @@ def _job(
     wanted: int | None,
     session: str | None,
     pool: str | None = None,
+    pin_s: int | None = None,
 ) -> Job:
     context = router.max_context
     if len(prompt) >= context:
@@ -263,7 +266,7 @@ def _job(
             f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
             param="max_tokens",
         )
-    return router.job(model, prompt, _sampling(body, max_tokens), session or "", pool or "")
+    return router.job(model, prompt, _sampling(body, max_tokens), session or "", pool or "", pin_s or 0)
 
 
 class BodyLimit:
@@ -303,12 +306,13 @@ def build_api(router: RouterApp) -> FastAPI:
         _auth: Authorized,
         session: SessionHeader = None,
         pool: PoolHeader = None,
+        pin_s: PinHeader = None,
     ) -> Response:
         router = _router(request)
         _check_model(router, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = router.prompts.chat(messages)
-        job = _job(router, body.model, prompt, body, body.wanted_tokens, session, pool)
+        job = _job(router, body.model, prompt, body, body.wanted_tokens, session, pool, pin_s)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _serve(router, job, body.stream, include_usage, "chat")
 
@@ -319,6 +323,7 @@ def build_api(router: RouterApp) -> FastAPI:
         _auth: Authorized,
         session: SessionHeader = None,
         pool: PoolHeader = None,
+        pin_s: PinHeader = None,
     ) -> Response:
         router = _router(request)
         _check_model(router, body.model)
@@ -331,7 +336,7 @@ def build_api(router: RouterApp) -> FastAPI:
             vocab = router.prompts.vocab_size
             if any(token >= vocab for token in prompt):
                 raise InvalidArgument(f"prompt holds token ids outside the vocabulary (< {vocab})", param="prompt")
-        job = _job(router, body.model, prompt, body, body.max_tokens, session, pool)
+        job = _job(router, body.model, prompt, body, body.max_tokens, session, pool, pin_s)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _serve(router, job, body.stream, include_usage, "completion")
 
