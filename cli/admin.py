@@ -185,8 +185,16 @@ def experts(
     url: str = Url,
     token: str = Token,
     heatmap: Path | None = typer.Option(None, help="Also write a PNG heatmap of tokens per rank per layer here."),
+    history: int = typer.Option(0, help="Instead: the last N balance samples (the controller's history)."),
 ) -> None:
     """An expert-parallel instance's map: tokens per rank per layer, and balance (max / mean)."""
+    if history:
+        samples = Admin(url, token).call("GET", f"/v1/workers/{worker_id}/experts/history", params={"limit": history})
+        rows = [
+            [_when(s["t"]), f"{s['balance_mean']:.3f}", f"{s['balance_max']:.3f}", int(s["version"])] for s in samples
+        ]
+        _table(f"{worker_id}: balance over time", ["time", "mean", "worst layer", "map version"], rows)
+        return
     view = Admin(url, token).call("GET", f"/v1/workers/{worker_id}/experts")
     if not view["expert_parallel"]:
         console.print(f"{worker_id} holds every expert itself (no expert parallelism)")

@@ -22,6 +22,7 @@ from services.controller.actuators.factory import make_actuator
 from services.controller.agents.runner import GraphRunner, GraphStore, ToolRunner
 from services.controller.api.routes import build_api
 from services.controller.desired import DesiredState
+from services.controller.experts import ExpertWatch
 from services.controller.jobs.migrate import MIGRATE
 from services.controller.jobs.store import Job, JobStore
 from services.controller.launcher import LocalLauncher
@@ -116,6 +117,8 @@ class ControllerApp:
         )
         self.api = build_api(self)
         self._reconcile = Ticker("reconcile", settings.reconcile_interval_s, self._tick)
+        self.expert_watch = ExpertWatch(self.redis, self.registry, settings, self.open_migration)
+        self._experts = Ticker("experts", settings.expert_stats_interval_s, self._watch_experts)
         self._launch = Ticker("launcher", LAUNCH_INTERVAL_S, self.launcher.tick) if self.launcher else None
         self.started_at = time.time()
 
@@ -125,6 +128,12 @@ class ControllerApp:
             await self.reconciler.flush_decisions()
         except (RedisError, OSError) as exc:
             log.warning("reconcile skipped: redis unreachable", error=str(exc))
+
+    async def _watch_experts(self) -> None:
+        try:
+            await self.expert_watch.tick()
+        except (RedisError, OSError) as exc:
+            log.warning("expert statistics skipped: redis unreachable", error=str(exc))
 
     async def open_scale_down(self, pool: str, worker_id: str) -> Job:
         job, created = await self.jobs.create(
@@ -183,10 +192,12 @@ class ControllerApp:
         if self._launch is not None:
             self._launch.start()
         self._reconcile.start()
+        self._experts.start()
         log.info("controller ready", actuator=self.actuator.name)
 
     async def stop(self) -> None:
         await self.graph_runner.stop()
+        await self._experts.stop()
         await self._reconcile.stop()
         if self._launch is not None:
             await self._launch.stop()

@@ -280,6 +280,17 @@ class ControllerSettings(CommonSettings):
     job_stale_s: float = Field(
         default=20.0, gt=0, description="A running job silent this long is resubmitted (its Celery worker died)."
     )
+    expert_stats_interval_s: float = Field(
+        default=15.0, gt=0, description="Seconds between samples of each expert-parallel instance's balance."
+    )
+    expert_rebalance_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="Rebalance each expert-parallel instance at most this often (0: only when asked).",
+    )
+    expert_rebalance_min_gain: float = Field(
+        default=0.02, ge=0, description="A scheduled rebalance runs only if it lowers mean balance by this much."
+    )
     router_url: str | None = Field(
         default=None,
         description="The router's base URL (http://host:port) that agent graphs' LLM steps call. Unset: they fail.",

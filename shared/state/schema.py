@@ -18,6 +18,7 @@ number on the same server (see the controller settings).
 | jobs | HASH id -> JSON | - | controller, Celery | long operations and their progress |
 | metrics:router | STREAM | MAXLEN ~METRICS_MAXLEN | router | per-interval request statistics |
 | graphs | HASH id -> JSON | - | controller | agent graphs: per-step state, plan, result |
+| experts:history:{worker} | STREAM (capped) | - | controller | an expert-parallel instance's balance over time |
 """
 
 from __future__ import annotations
@@ -72,3 +73,7 @@ def doc(name: str) -> str:
 
 def lock(name: str) -> str:
     return _key("lock", name)
+
+
+def expert_history(worker_id: str) -> str:
+    return _key("experts", "history", worker_id)

@@ -244,6 +244,15 @@ def build_api(controller: ControllerApp) -> FastAPI:
             "balance": balance,
         }
 
+    @v1.get("/workers/{worker_id}/experts/history")
+    async def expert_history(
+        worker_id: WorkerId, request: Request, _: Viewer, limit: int = Query(default=200, ge=1, le=2000)
+    ) -> list[dict[str, float]]:
+        """Balance samples of an expert-parallel instance, oldest first: t, balance_mean, balance_max, version."""
+        from services.controller.experts import history
+
+        return await history(_app(request).redis, worker_id, limit)
+
     @v1.post("/workers/{worker_id}/experts/rebalance")
     async def rebalance(worker_id: WorkerId, body: RebalanceRequest, request: Request, _: Operator) -> dict[str, Any]:
         """Plan a new expert placement from the recent loads; unless a dry run, migrate to it live (a job)."""

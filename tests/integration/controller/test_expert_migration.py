@@ -203,3 +203,37 @@ async def test_a_failure_between_stage_and_commit_rolls_back(
         finally:
             await client.close()
             await failing.close()
+
+
+async def test_scheduled_rebalancing_records_balance_and_migrates(
+    redis_url: str, tiny_model: Path, expected: list[list[int]]
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-sched") as (address, _):
+        client = WorkerClient(address)
+        load = Load(client, expected, clients=2)
+        try:
+            await asyncio.sleep(2.0)  # expert statistics to plan from
+            async with running_controller(
+                redis_url,
+                expert_stats_interval_s=0.3,
+                expert_rebalance_interval_s=0.5,
+                expert_rebalance_min_gain=0.0,
+            ) as front:
+                job = None
+                for _ in range(300):
+                    jobs = [j for j in await front.app.jobs.list() if j.kind == MIGRATE]
+                    if jobs:
+                        job = await wait_job(front, jobs[0].id)
+                        break
+                    await asyncio.sleep(0.1)
+                assert job is not None and job["state"] == "succeeded", job
+                await asyncio.sleep(1.0)
+                async with httpx.AsyncClient(base_url=front.url, headers=front.headers(VIEWER)) as http:
+                    samples = (await http.get("/v1/workers/ep-sched/experts/history")).json()
+                assert len(samples) >= 2
+                assert samples[0]["version"] < samples[-1]["version"]  # the map changed under the history
+                assert all(s["balance_max"] >= s["balance_mean"] >= 1.0 for s in samples)
+            await load.stop()
+            assert load.errors == [] and all(load.results)
+        finally:
+            await client.close()
