@@ -5,7 +5,8 @@ The decisions are the live services' code, called as they call it:
 workers from `WorkerView`s whose prefix lengths come from the router's own
 `KVIndex`; `PDPolicy` decides whether a prompt goes through the prefill pool;
 each pool's scaling policy (`make_policy`) decides its replicas every
-reconcile interval from a `PoolSnapshot` built as the reconciler builds it.
+reconcile interval from a `PoolSnapshot` made by `pool_snapshot`, as the
+reconciler makes it.
 What the simulator adds is time: the workers (simulator/worker.py), cold
 starts, KV transfer between prefill and decode, and drain-first scale-down.
 """
@@ -28,6 +29,7 @@ from shared.policies.scaling import (
     WorkerReport,
     WorkSample,
     make_policy,
+    pool_snapshot,
 )
 from shared.types.pools import PoolCreate
 from simulator.config import SimConfig, pool_profile, worker_settings
@@ -383,7 +385,6 @@ class Simulation:
             pool.work.popleft()
         while pool.refused and pool.refused[0] < t - REFUSED_WINDOW_S:
             pool.refused.popleft()
-        spec = pool.spec
         reports = []
         for worker in pool.ready.values():
             prefill, decode, ttft, tbt = worker.report(t)
@@ -398,21 +399,15 @@ class Simulation:
                     tbt_p90_s=tbt,
                 )
             )
-        return PoolSnapshot(
-            now=t,
-            role=spec.role.value,
-            min_replicas=spec.min_replicas,
-            max_replicas=spec.max_replicas,
-            ttft_slo_s=spec.slo.ttft_p90_s,
-            tbt_slo_s=spec.slo.tbt_p90_s,
-            prior_prefill_tps=spec.capacity.prefill_tokens_per_s,
-            prior_decode_tps=spec.capacity.decode_tokens_per_s,
-            ready=len(pool.ready),
-            starting=len(pool.starting),
-            cold_start_s=pool.cold_start_s,
-            work=list(pool.work),
-            workers=reports,
-            refused=float(len(pool.refused)) if spec.role.value != "prefill" else 0.0,
+        return pool_snapshot(
+            pool.spec,
+            t,
+            len(pool.ready),
+            len(pool.starting),
+            pool.cold_start_s,
+            list(pool.work),
+            reports,
+            float(len(pool.refused)),
         )
 
     def _scale(self, pool: SimPool, t: float, initial: bool = False) -> None:

@@ -39,6 +39,7 @@ from shared.policies.scaling import (
     WorkerReport,
     WorkSample,
     make_policy,
+    pool_snapshot,
 )
 from shared.state import schema
 from shared.state.registry import WorkerRegistry
@@ -143,33 +144,20 @@ class Reconciler:
         self, pool: PoolPublic, workers: list[WorkerRecord], starting: int, now: float, cold_start: float
     ) -> PoolSnapshot:
         recent_refusals = sum(n for t, n in self.refused.get(pool.model, ()) if t > now - 10)
-        return PoolSnapshot(
-            now=now,
-            role=pool.role.value,
-            min_replicas=pool.min_replicas,
-            max_replicas=pool.max_replicas,
-            ttft_slo_s=pool.slo.ttft_p90_s,
-            tbt_slo_s=pool.slo.tbt_p90_s,
-            prior_prefill_tps=pool.capacity.prefill_tokens_per_s,
-            prior_decode_tps=pool.capacity.decode_tokens_per_s,
-            ready=len(workers),
-            starting=starting,
-            cold_start_s=cold_start,
-            work=list(self.history.get(pool.name, ())),
-            workers=[
-                WorkerReport(
-                    running=w.load.running_requests,
-                    waiting=w.load.waiting_requests,
-                    max_running=w.info.max_running,
-                    prefill_tokens_per_s=w.load.prefill_tokens_per_s,
-                    decode_tokens_per_s=w.load.decode_tokens_per_s,
-                    ttft_p90_s=w.load.ttft_p90_s,
-                    tbt_p90_s=w.load.tbt_p90_s,
-                )
-                for w in workers
-            ],
-            refused=recent_refusals if pool.role.value != "prefill" else 0.0,
-        )
+        reports = [
+            WorkerReport(
+                running=w.load.running_requests,
+                waiting=w.load.waiting_requests,
+                max_running=w.info.max_running,
+                prefill_tokens_per_s=w.load.prefill_tokens_per_s,
+                decode_tokens_per_s=w.load.decode_tokens_per_s,
+                ttft_p90_s=w.load.ttft_p90_s,
+                tbt_p90_s=w.load.tbt_p90_s,
+            )
+            for w in workers
+        ]
+        work = list(self.history.get(pool.name, ()))
+        return pool_snapshot(pool, now, len(workers), starting, cold_start, work, reports, recent_refusals)
 
     # -- the tick -------------------------------------------------------------------
 

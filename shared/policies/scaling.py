@@ -96,6 +96,52 @@ class PoolSnapshot:
         return self.ready + self.starting
 
 
+class PoolSpec(Protocol):
+    """What a snapshot reads of a pool's declared spec (shared.types.pools.PoolBase has it)."""
+
+    @property
+    def min_replicas(self) -> int: ...
+    @property
+    def max_replicas(self) -> int: ...
+    @property
+    def role(self) -> enum.Enum: ...
+    @property
+    def slo(self) -> Any: ...
+    @property
+    def capacity(self) -> Any: ...
+
+
+def pool_snapshot(
+    pool: PoolSpec,
+    now: float,
+    ready: int,
+    starting: int,
+    cold_start_s: float,
+    work: Sequence[WorkSample],
+    workers: Sequence[WorkerReport],
+    refused: float,
+) -> PoolSnapshot:
+    """The snapshot of a pool from its spec and what was observed: the reconciler and the simulator both
+    build it here. A prefill pool never counts refusals (requests are refused for want of a decode side)."""
+    role = str(pool.role.value)
+    return PoolSnapshot(
+        now=now,
+        role=role,
+        min_replicas=pool.min_replicas,
+        max_replicas=pool.max_replicas,
+        ttft_slo_s=pool.slo.ttft_p90_s,
+        tbt_slo_s=pool.slo.tbt_p90_s,
+        prior_prefill_tps=pool.capacity.prefill_tokens_per_s,
+        prior_decode_tps=pool.capacity.decode_tokens_per_s,
+        ready=ready,
+        starting=starting,
+        cold_start_s=cold_start_s,
+        work=work,
+        workers=workers,
+        refused=refused if role != "prefill" else 0.0,
+    )
+
+
 @dataclass(frozen=True)
 class PolicyState:
     prefill_capacity: float | None = None
