@@ -83,6 +83,12 @@ def status(graph_id: str, url: str = Url, token: str = Token, as_json: bool = ty
         _show(record)
 
 
+@graph_app.command()
+def result(graph_id: str, url: str = Url, token: str = Token) -> None:
+    """A finished graph's result (exits 1 while it runs or when it did not succeed)."""
+    console.print(Admin(url, token).call("GET", f"/v1/graphs/{graph_id}/result")["result"])
+
+
 @graph_app.command("list")
 def list_graphs(url: str = Url, token: str = Token, limit: int = 20) -> None:
     """Recent graphs."""

@@ -98,6 +98,7 @@ async def test_a_graph_of_llm_tool_and_retrieval_steps_runs_end_to_end(stack: En
     # The answer read both the draft and the tool: it started after both finished.
     assert steps["answer"]["started_at"] >= max(steps["draft"]["finished_at"], steps["budget"]["finished_at"])
     assert record["result"] == steps["answer"]["output"]
+    assert (await admin(stack, "GET", f"/v1/graphs/{record['id']}/result")).json()["result"] == record["result"]
     assert len(record["trace_id"]) == 32 and record["plan_solver"] == "milp"
     catalogue = (await admin(stack, "GET", "/v1/catalogue")).json()
     assert [h["pool"] for h in catalogue] == ["decode"]
@@ -126,6 +127,8 @@ async def test_a_failing_tool_is_retried_then_fails_the_graph(stack: Endpoints) 
     assert record["steps"]["broken"]["attempts"] == 3
     assert "disk on fire" in record["steps"]["broken"]["error"]
     assert "step 'broken' failed after 3 attempt(s)" in record["error"]
+    unfinished = await admin(stack, "GET", f"/v1/graphs/{record['id']}/result")
+    assert unfinished.status_code == 409 and "is failed: step 'broken'" in unfinished.json()["error"]["message"]
     assert record["steps"]["after"]["state"] == "pending" and record["steps"]["after"]["started_at"] is None
 
 

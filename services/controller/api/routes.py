@@ -26,7 +26,7 @@ from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.metrics import render
-from shared.types.graphs import GraphRecord, GraphSpec, check_graph
+from shared.types.graphs import GraphRecord, GraphSpec, RunState, check_graph
 from shared.types.pools import ModelCreate, ModelPublic, ModelUpdate, PoolCreate, PoolPublic, PoolUpdate
 
 if TYPE_CHECKING:
@@ -356,6 +356,17 @@ def build_api(controller: ControllerApp) -> FastAPI:
     @v1.get("/graphs/{graph_id}")
     async def get_graph(graph_id: GraphId, request: Request, _: Viewer) -> GraphRecord:
         return await _app(request).graphs.get(graph_id)
+
+    @v1.get("/graphs/{graph_id}/result")
+    async def graph_result(graph_id: GraphId, request: Request, _: Viewer) -> dict[str, Any]:
+        """The result of a graph that succeeded (409 while it runs, or when it failed or was cancelled)."""
+        record = await _app(request).graphs.get(graph_id)
+        if record.state is not RunState.SUCCEEDED:
+            raise FailedPrecondition(
+                f"graph {graph_id} is {record.state.value}" + (f": {record.error}" if record.error else ""),
+                graph_id=graph_id,
+            )
+        return {"id": record.id, "result": record.result, "finished_at": record.finished_at}
 
     @v1.post("/graphs/{graph_id}/cancel")
     async def cancel_graph(graph_id: GraphId, request: Request, _: Operator) -> GraphRecord:
