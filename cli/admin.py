@@ -45,7 +45,7 @@ class Admin:
         return response.json() if response.content else None
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     table = Table(title=title)
     for column in columns:
         table.add_column(column)
@@ -67,7 +67,7 @@ def status(url: str = Url, token: str = Token) -> None:
     for name, pool in cluster["pools"].items():
         last = scaling.get(name, {})
         rows.append([name, pool["role"], pool["workers"], pool["desired"], last.get("reason"), last.get("explanation")])
-    _table("pools", ["pool", "role", "workers", "desired", "reason", "explanation"], rows)
+    print_table("pools", ["pool", "role", "workers", "desired", "reason", "explanation"], rows)
     paused = " (scaling paused)" if cluster["paused"] else ""
     console.print(f"{cluster['workers']} worker(s), {cluster['jobs_running']} job(s) running{paused}")
 
@@ -87,7 +87,7 @@ def pools(url: str = Url, token: str = Token) -> None:
         ]
         for p in Admin(url, token).call("GET", "/v1/pools")
     ]
-    _table("pools", ["name", "model", "role", "engine", "gpu", "min", "max", "override"], rows)
+    print_table("pools", ["name", "model", "role", "engine", "gpu", "min", "max", "override"], rows)
 
 
 def workers(url: str = Url, token: str = Token, pool: str | None = None) -> None:
@@ -108,7 +108,7 @@ def workers(url: str = Url, token: str = Token, pool: str | None = None) -> None
                 f"{w['decode_tokens_per_s']:.0f}",
             ]
         )
-    _table("workers", ["id", "pool", "role", "state", "running", "waiting", "kv", "tok/s"], rows)
+    print_table("workers", ["id", "pool", "role", "state", "running", "waiting", "kv", "tok/s"], rows)
 
 
 def scale(
@@ -161,7 +161,7 @@ def jobs(
         [j["id"], j["kind"], j["state"], j["phase"], f"{j['progress']:.0%}", j["attempts"], j["message"]]
         for j in admin.call("GET", "/v1/jobs", params={"limit": limit})
     ]
-    _table("jobs", ["id", "kind", "state", "phase", "progress", "attempts", "message"], rows)
+    print_table("jobs", ["id", "kind", "state", "phase", "progress", "attempts", "message"], rows)
 
 
 def _follow(admin: Admin, job_id: str, poll_s: float = 0.5) -> None:
@@ -193,7 +193,7 @@ def experts(
         rows = [
             [_when(s["t"]), f"{s['balance_mean']:.3f}", f"{s['balance_max']:.3f}", int(s["version"])] for s in samples
         ]
-        _table(f"{worker_id}: balance over time", ["time", "mean", "worst layer", "map version"], rows)
+        print_table(f"{worker_id}: balance over time", ["time", "mean", "worst layer", "map version"], rows)
         return
     view = Admin(url, token).call("GET", f"/v1/workers/{worker_id}/experts")
     if not view["expert_parallel"]:
@@ -204,7 +204,7 @@ def experts(
         [layer, f"{view['balance'][layer]:.3f}", *(f"{t:.0f}" for t in tokens)]
         for layer, tokens in enumerate(view["rank_tokens"])
     ]
-    _table(f"{worker_id}: expert map v{view['version']}", ["layer", "balance", *ranks], rows)
+    print_table(f"{worker_id}: expert map v{view['version']}", ["layer", "balance", *ranks], rows)
     if heatmap is not None:
         import matplotlib
 
@@ -249,7 +249,7 @@ def decisions(url: str = Url, token: str = Token, limit: int = 20) -> None:
         [_when(d["at"]), d["pool"], d["ready"], d["desired"], d["reason"], d["explanation"]]
         for d in Admin(url, token).call("GET", "/v1/scaling/decisions", params={"limit": limit})
     ]
-    _table("scaling decisions", ["at", "pool", "ready", "desired", "reason", "explanation"], rows)
+    print_table("scaling decisions", ["at", "pool", "ready", "desired", "reason", "explanation"], rows)
 
 
 COMMANDS: list[Callable[..., None]] = [

@@ -10,7 +10,7 @@ from typing import Any
 import typer
 import yaml
 
-from cli.admin import Admin, Token, Url, _table, console
+from cli.admin import Admin, Token, Url, console, print_table
 
 graph_app = typer.Typer(help="Agent task graphs: submit, watch, cancel.", no_args_is_help=True)
 
@@ -28,7 +28,7 @@ def _show(record: dict[str, Any]) -> None:
     title = f"{record['id']} ({record['name']}): {record['state']}, plan {record['plan_solver']} " + (
         f"{record['plan_latency_s']:.1f}s / ${record['plan_cost']:.5f}, {record['replans']} re-plan(s)"
     )
-    _table(title, ["step", "kind", "state", "pool", "estimate", "started", "took", "attempts", "error"], rows)
+    print_table(title, ["step", "kind", "state", "pool", "estimate", "started", "took", "attempts", "error"], rows)
     if record["state"] == "succeeded":
         console.print(f"result: {record['result']}")
     elif record["error"]:
@@ -96,7 +96,7 @@ def list_graphs(url: str = Url, token: str = Token, limit: int = 20) -> None:
         [g["id"], g["name"], g["state"], len(g["steps"]), f"{g['plan_cost']:.5f}", g["error"] or ""]
         for g in Admin(url, token).call("GET", "/v1/graphs", params={"limit": limit})
     ]
-    _table("graphs", ["id", "name", "state", "steps", "planned cost", "error"], rows)
+    print_table("graphs", ["id", "name", "state", "steps", "planned cost", "error"], rows)
 
 
 @graph_app.command()
@@ -113,6 +113,6 @@ def catalogue(url: str = Url, token: str = Token) -> None:
          f"{h['decode_tps']:.0f}", f"{h['stream_tps']:.1f}", "measured" if h["measured"] else "declared"]
         for h in Admin(url, token).call("GET", "/v1/catalogue")
     ]  # fmt: skip
-    _table(
+    print_table(
         "catalogue", ["pool", "model", "gpu", "$/h", "prefill tok/s", "decode tok/s", "stream tok/s", "source"], rows
     )

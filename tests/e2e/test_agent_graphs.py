@@ -13,8 +13,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from cli.localstack import Endpoints, http_ready
+from cli.main import app
 from cli.supervisor import Supervisor
 from shared.processes import free_port
 from shared.rpc.kvstore_client import KVStoreClient
@@ -102,6 +104,11 @@ async def test_a_graph_of_llm_tool_and_retrieval_steps_runs_end_to_end(stack: En
     assert len(record["trace_id"]) == 32 and record["plan_solver"] == "milp"
     catalogue = (await admin(stack, "GET", "/v1/catalogue")).json()
     assert [h["pool"] for h in catalogue] == ["decode"]
+    env = {"SHOAL_CONTROLLER_URL": stack.controller, "SHOAL_ADMIN_TOKEN": stack.admin_token, "COLUMNS": "200"}
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["graph", "status", record["id"]], env=env)
+    assert shown.exit_code == 0 and "budget" in shown.output and "succeeded" in shown.output
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["catalogue"], env=env)
+    assert listed.exit_code == 0 and "decode" in listed.output
     # The graph has a tool step: the router copied its LLM steps' prefixes to the kvstore, pinned.
     kvstore = KVStoreClient(stack.kvstore, local=False)
     try:
