@@ -112,6 +112,8 @@ class GraphRunner:
         self.catalogue = catalogue
         self.router_key = router_key
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Cancelled by a user through this controller (the Redis flag may be overwritten by a step's save).
+        self.cancelled: set[str] = set()
 
     async def submit(self, spec: GraphSpec, catalogue: Sequence[Hardware]) -> GraphRecord:
         now = time.time()
@@ -139,6 +141,7 @@ class GraphRunner:
             raise FailedPrecondition(f"graph {graph_id} already {record.state.value}", graph_id=graph_id)
         record.cancel_requested = True
         await self.store.save(record)
+        self.cancelled.add(graph_id)
         task = self.tasks.get(graph_id)
         if task is not None:
             task.cancel()
@@ -178,7 +181,7 @@ class GraphRunner:
                 await self._execute(record)
             except asyncio.CancelledError:
                 # Cancelled by a user (the flag is in Redis), or by this controller stopping.
-                if (await self.store.get(graph_id)).cancel_requested:
+                if graph_id in self.cancelled or (await self.store.get(graph_id)).cancel_requested:
                     record.state, record.error, record.cancel_requested = RunState.CANCELLED, "cancelled", True
                 else:
                     record.state, record.error = RunState.FAILED, "the controller stopped"
@@ -194,6 +197,7 @@ class GraphRunner:
                 record.finished_at = time.time()
                 await self.store.save(record)
                 self.tasks.pop(graph_id, None)
+                self.cancelled.discard(graph_id)
                 log.info("graph finished", graph=graph_id, state=record.state.value)
 
     async def _execute(self, record: GraphRecord) -> None:
