@@ -9,6 +9,13 @@ are started, which also replaces a worker that crashed, up to the host's
 pool's instances (starting until the worker is in the registry) and the
 measured cold start (launch to registration). Workers die with the
 controller (see shared/processes.py).
+
+A pool whose workers have SHOAL_WORKER_EP_SIZE > 1 (worker_env EP_SIZE) gets
+expert-parallel instances: each is rank 0 (the worker the cluster sees) plus
+EP_SIZE - 1 follower processes meeting it on a fresh local port. An instance
+is one replica; it counts as EP_SIZE processes against the host's limit, and
+when any of its ranks exits the whole instance is stopped (its collectives
+could never complete) and replaced.
 """
 
 from __future__ import annotations
@@ -37,10 +44,26 @@ STOP_GRACE_S = 60.0
 @dataclass
 class _Launched:
     worker_id: str
-    process: ManagedProcess
+    process: ManagedProcess  # rank 0: the worker the cluster sees
     started_at: float
+    followers: list[ManagedProcess] = field(default_factory=list)  # ranks 1.. of an expert-parallel instance
     registered_at: float | None = None
     stopping: bool = False
+
+    @property
+    def ranks(self) -> list[ManagedProcess]:
+        return [self.process, *self.followers]
+
+    def alive(self) -> bool:
+        return any(p.alive() for p in self.ranks)
+
+    def broken(self) -> bool:
+        return not all(p.alive() for p in self.ranks)
+
+    def terminate(self) -> None:
+        # Rank 0 first: as it stops it tells the followers to stop too.
+        for process in self.ranks:
+            process.terminate(STOP_GRACE_S)
 
 
 @dataclass
@@ -56,13 +79,13 @@ class LocalLauncher:
         self.base_env = base_env or {}
         self._pools: dict[str, _Pool] = {}
         self.cold_starts: dict[str, float] = {}
-        self._stopping: set[asyncio.Task[int]] = set()
+        self._stopping: set[asyncio.Task[None]] = set()
         self._threads = 1
 
     @property
     def processes(self) -> int:
-        """Worker processes alive now, stopping ones included."""
-        return sum(len(p.workers) for p in self._pools.values())
+        """Worker processes alive now (every rank of an instance), stopping ones included."""
+        return sum(len(w.ranks) for p in self._pools.values() for w in p.workers.values())
 
     async def tick(self) -> None:
         registered = {r.worker_id for r in await self.registry.list_workers()}
@@ -78,12 +101,17 @@ class LocalLauncher:
         state = self._pools.setdefault(pool, _Pool())
         now = time.time()
         for launched in list(state.workers.values()):
-            if not launched.process.alive():
+            if not launched.alive():
                 if not launched.stopping:
                     log.warning(
                         "worker exited", pool=pool, worker_id=launched.worker_id, code=launched.process.popen.returncode
                     )
                 del state.workers[launched.worker_id]
+            elif launched.broken() and not launched.stopping:
+                log.warning(
+                    "a rank of an expert-parallel worker exited: stopping the rest", worker_id=launched.worker_id
+                )
+                self._stop(launched)
             elif launched.registered_at is None and launched.worker_id in registered:
                 launched.registered_at = now
                 cold = now - launched.started_at
@@ -102,11 +130,13 @@ class LocalLauncher:
             self._stop(extra)
         wanted = target - len(active)
         # A host has room for so many processes, whatever the pools ask (a stopping one still holds memory).
-        room = self.max_workers - self.processes
+        spec = doc.get("spec", {})
+        ranks = int(spec.get("env", {}).get("SHOAL_WORKER_EP_SIZE", "1"))
+        room = (self.max_workers - self.processes) // max(1, ranks)
         if wanted > room:
             log.warning("host full: pool waits for room", pool=pool, wanted=wanted, room=max(0, room))
         for _ in range(min(wanted, room)):
-            self._start(pool, doc.get("spec", {}), state)
+            self._start(pool, spec, state, ranks)
         await self.docs.put(
             status_doc(pool),
             {
@@ -130,7 +160,7 @@ class LocalLauncher:
                 lambda body: {**body, "remove": [w for w in body.get("remove", []) if w not in gone]},
             )
 
-    def _start(self, pool: str, spec: dict[str, Any], state: _Pool) -> None:
+    def _start(self, pool: str, spec: dict[str, Any], state: _Pool, ranks: int) -> None:
         worker_id = f"{pool}-{uuid.uuid4().hex[:6]}"
         env = {
             **self.base_env,
@@ -139,16 +169,23 @@ class LocalLauncher:
             "SHOAL_WORKER_GRPC_PORT": str(free_port()),
             "SHOAL_WORKER_COMPUTE_THREADS": str(self._threads),
         }
-        process = spawn(f"{worker_id}", [sys.executable, "-m", "services.worker"], env)
-        state.workers[worker_id] = _Launched(worker_id, process, time.time())
-        log.info("worker started", pool=pool, worker_id=worker_id, pid=process.pid)
+        if ranks > 1:
+            env["SHOAL_WORKER_EP_MASTER"] = f"127.0.0.1:{free_port()}"
+        argv = [sys.executable, "-m", "services.worker"]
+        process = spawn(worker_id, argv, {**env, "SHOAL_WORKER_EP_RANK": "0"} if ranks > 1 else env)
+        followers = [
+            spawn(f"{worker_id}-rank{rank}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(rank)})
+            for rank in range(1, ranks)
+        ]
+        state.workers[worker_id] = _Launched(worker_id, process, time.time(), followers)
+        log.info("worker started", pool=pool, worker_id=worker_id, pid=process.pid, ranks=ranks)
 
     def _stop(self, launched: _Launched) -> None:
         if launched.stopping:
             return
         launched.stopping = True
         log.info("stopping worker", worker_id=launched.worker_id)
-        task = asyncio.create_task(asyncio.to_thread(launched.process.terminate, STOP_GRACE_S))
+        task = asyncio.create_task(asyncio.to_thread(launched.terminate))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 

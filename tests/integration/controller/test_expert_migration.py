@@ -23,7 +23,7 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.engines import collect, prompts, reference_engine, request
 from tests.support.models import TINY_MODEL_NAME
-from tests.support.services import OPERATOR, VIEWER, RunningController, ep_worker_processes, running_controller
+from tests.support.services import ADMIN, OPERATOR, VIEWER, RunningController, ep_worker_processes, running_controller
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -237,3 +237,43 @@ async def test_scheduled_rebalancing_records_balance_and_migrates(
             assert load.errors == [] and all(load.results)
         finally:
             await client.close()
+
+
+async def test_the_local_actuator_launches_and_stops_expert_parallel_instances(
+    redis_url: str, tiny_model: Path, expected: list[list[int]]
+) -> None:
+    pool = {
+        "name": "moe",
+        "model": TINY_MODEL_NAME,
+        "engine": "reference",
+        "min_replicas": 0,
+        "max_replicas": 1,
+        "scaling": {"policy": "fixed", "params": {"replicas": 1}},
+        "worker_env": {"EP_SIZE": "2", "DEVICE": "cpu"},
+    }
+    async with running_controller(redis_url) as front:
+        launcher = front.app.launcher
+        assert launcher is not None
+        async with httpx.AsyncClient(base_url=front.url, headers=front.headers(ADMIN), timeout=30) as http:
+            await http.post("/v1/models", json={"name": TINY_MODEL_NAME, "path": str(tiny_model)})
+            assert (await http.post("/v1/pools", json=pool)).status_code == 201
+            workers: list[dict[str, Any]] = []
+            for _ in range(600):
+                workers = (await http.get("/v1/workers")).json()
+                if workers:
+                    break
+                await asyncio.sleep(0.2)
+            assert len(workers) == 1 and launcher.processes == 2  # one replica, two ranks
+            view = (await http.get(f"/v1/workers/{workers[0]['worker_id']}/experts")).json()
+            assert view["expert_parallel"] and view["num_ranks"] == 2
+            client = WorkerClient(workers[0]["address"])
+            try:
+                assert await greedy(client, 0, "launched") == expected[0]
+            finally:
+                await client.close()
+            await http.post("/v1/pools/moe/scale", json={"replicas": 0})
+            for _ in range(300):
+                if launcher.processes == 0:
+                    break
+                await asyncio.sleep(0.2)
+            assert launcher.processes == 0  # drained, then both ranks stopped
