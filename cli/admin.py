@@ -228,12 +228,12 @@ def rebalance(
     token: str = Token,
     dry_run: bool = typer.Option(False, help="Plan only; move nothing."),
     policy: str = typer.Option("migration-aware", help="migration-aware or eplb."),
+    source: str = typer.Option("checkpoint", help="Where moved copies come from: checkpoint or peer (a rank)."),
 ) -> None:
     """Plan a new expert placement from recent loads and migrate to it live, with a progress bar."""
     admin = Admin(url, token)
-    answer = admin.call(
-        "POST", f"/v1/workers/{worker_id}/experts/rebalance", json={"dry_run": dry_run, "policy": policy}
-    )
+    body = {"dry_run": dry_run, "policy": policy, "source": source}
+    answer = admin.call("POST", f"/v1/workers/{worker_id}/experts/rebalance", json=body)
     plan = answer["plan"]
     console.print(
         f"plan: balance {plan['balance_before']:.3f} -> {plan['balance_after']:.3f}, "

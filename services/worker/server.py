@@ -269,10 +269,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def StageExperts(
         self, request: worker_pb2.StageExpertsRequest, context: Context
     ) -> worker_pb2.StageExpertsResponse:
-        if request.source == worker_pb2.WEIGHT_SOURCE_PEER:
-            raise InvalidArgument("copying experts from a peer rank is not supported yet; use the checkpoint source")
         target = self._target_map(request.target)
-        copies, size = await self.engine.stage_experts(request.migration_id, target, list(request.layers))
+        from_peer = request.source == worker_pb2.WEIGHT_SOURCE_PEER
+        copies, size = await self.engine.stage_experts(request.migration_id, target, list(request.layers), from_peer)
         self.metrics.expert_bytes.labels("staged").inc(size)
         return worker_pb2.StageExpertsResponse(staged_copies=copies, staged_bytes=size)
 

@@ -82,6 +82,9 @@ class RebalanceRequest(BaseModel):
     policy: Literal["migration-aware", "eplb"] = Field(
         default="migration-aware", description="Placement policy (shared/policies/placement.py)."
     )
+    source: Literal["checkpoint", "peer"] = Field(
+        default="checkpoint", description="Where moved expert copies come from: the checkpoint, or a rank serving them."
+    )
 
 
 class WorkerPublic(BaseModel):
@@ -260,7 +263,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
 
         app = _app(request)
         address, stats = await _expert_stats(app, worker_id)
-        plan = plan_from_stats(stats, body.policy)
+        plan = {**plan_from_stats(stats, body.policy), "source": body.source}
         summary = {k: v for k, v in plan.items() if k != "slots"}
         if body.dry_run or plan["moves"] == 0:
             return {"plan": summary, "slots": plan["slots"], "job": None}

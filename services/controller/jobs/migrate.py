@@ -33,6 +33,10 @@ MIGRATE = "migrate-experts"
 LAYERS_PER_CALL = 2
 
 
+# Where staged expert copies come from: the checkpoint on disk, or the rank serving them now.
+SOURCES = {"checkpoint": worker_pb2.WEIGHT_SOURCE_CHECKPOINT, "peer": worker_pb2.WEIGHT_SOURCE_PEER}
+
+
 def plan_from_stats(stats: worker_pb2.ExpertStatsResponse, policy: str) -> dict[str, Any]:
     """The placement policy's answer for this instance, as a JSON-able plan."""
     wire = stats.expert_map
@@ -100,7 +104,7 @@ async def migrate_with(job: Job, jobs: JobStore, client: WorkerClient) -> Job:
                     migration_id=migration_id,
                     target=_target(plan),
                     layers=layers[first : first + LAYERS_PER_CALL],
-                    source=worker_pb2.WEIGHT_SOURCE_CHECKPOINT,
+                    source=SOURCES[str(plan.get("source", "checkpoint"))],
                 )
                 staged += (await client.stage_experts(request)).staged_copies
                 done = min(len(layers), first + LAYERS_PER_CALL) / len(layers)

@@ -138,7 +138,9 @@ class Engine(Protocol):
     def expert_map(self) -> tuple[int, ExpertMap] | None:
         """(ranks, map) of an expert-parallel instance; None when one process holds every expert."""
 
-    async def stage_experts(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]:
+    async def stage_experts(
+        self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False
+    ) -> tuple[int, int]:
         """Load the copies the target map adds, beside the served ones: (copies, bytes) over all ranks."""
 
     async def commit_expert_map(self, migration_id: str, version: int) -> float:

@@ -101,7 +101,9 @@ class MigratableExecutor(Protocol):
     world_size: int
     expert_map: ExpertMap
 
-    def stage(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]: ...
+    def stage(
+        self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False
+    ) -> tuple[int, int]: ...
 
     def commit(self, migration_id: str, version: int) -> None: ...
 
@@ -277,9 +279,13 @@ class BatchingEngine:
         executor = self.executor
         return (executor.world_size, executor.expert_map) if isinstance(executor, MigratableExecutor) else None
 
-    async def stage_experts(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]:
+    async def stage_experts(
+        self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False
+    ) -> tuple[int, int]:
         executor = self._migratable()
-        return await asyncio.wrap_future(self.call_between_steps(lambda: executor.stage(migration_id, target, layers)))
+        return await asyncio.wrap_future(
+            self.call_between_steps(lambda: executor.stage(migration_id, target, layers, from_peer))
+        )
 
     async def commit_expert_map(self, migration_id: str, version: int) -> float:
         """Switch the map; returns how long serving stood still for it (seconds)."""

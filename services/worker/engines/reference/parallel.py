@@ -132,8 +132,14 @@ class ExpertParallelExecutor(ReferenceExecutor):
 
     # -- live migration (leader side: validate, broadcast, run) ---------------
 
-    def stage(self, migration_id: str, target: ExpertMap, layers: list[int]) -> tuple[int, int]:
-        """Load the copies each rank gains under `target` in `layers` (all if empty): (copies, bytes), all ranks."""
+    def stage(
+        self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False
+    ) -> tuple[int, int]:
+        """Load the copies each rank gains under `target` in `layers` (all if empty): (copies, bytes), all ranks.
+
+        From the checkpoint, or (`from_peer`) sent by the lowest rank that holds the expert under the
+        served map, point to point: every rank walks the same list of (layer, expert, receiver), so
+        sends and receives pair up in order."""
         if self._migration not in (None, migration_id):
             raise FailedPrecondition(f"migration {self._migration} is in flight; one at a time")
         if target.version <= self.expert_map.version:
@@ -143,7 +149,7 @@ class ExpertParallelExecutor(ReferenceExecutor):
         target.validate(self.world_size)
         if any(layer >= self.num_layers for layer in layers):
             raise InvalidArgument(f"layers must be below {self.num_layers}")
-        return self._collective("stage", (migration_id, target, layers or list(range(self.num_layers))))
+        return self._collective("stage", (migration_id, target, layers or list(range(self.num_layers)), from_peer))
 
     def commit(self, migration_id: str, version: int) -> None:
         """Switch every rank to the staged target map, between two steps."""
@@ -170,8 +176,10 @@ class ExpertParallelExecutor(ReferenceExecutor):
         model = self.model
         assert model is not None
         if kind == "stage":
-            self._migration, self._target, layers = body
+            self._migration, self._target, layers, from_peer = body
             assert self._target is not None
+            if from_peer:
+                self._receive_from_peers(self._target, layers)
             for layer in layers:
                 for expert, holders in enumerate(self._target.holders[layer]):
                     if self.rank in holders and expert not in model.layers[layer].experts:
@@ -209,6 +217,26 @@ class ExpertParallelExecutor(ReferenceExecutor):
         totals = torch.tensor([copies, size], dtype=torch.int64)
         dist.all_reduce(totals)
         return int(totals[0]), int(totals[1])
+
+    def _receive_from_peers(self, target: ExpertMap, layers: list[int]) -> None:
+        """Copy every gained expert from a rank that serves it now (see `stage`)."""
+        model = self.model
+        assert model is not None
+        for layer in layers:
+            served = self.expert_map.holders[layer]
+            template = next(iter(model.layers[layer].experts.values()))
+            for expert, holders in enumerate(target.holders[layer]):
+                source = min(served[expert])
+                for receiver in sorted(set(holders) - set(served[expert])):
+                    if self.rank == source:
+                        weights = model.layers[layer].experts[expert]
+                        dist.send(weights.w13.contiguous(), receiver)
+                        dist.send(weights.w2.contiguous(), receiver)
+                    elif self.rank == receiver:
+                        w13, w2 = torch.empty_like(template.w13), torch.empty_like(template.w2)
+                        dist.recv(w13, source)
+                        dist.recv(w2, source)
+                        self._staged[layer, expert] = ExpertWeights(w13, w2)
 
     # -- followers ------------------------------------------------------------
 
