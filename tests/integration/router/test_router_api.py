@@ -197,6 +197,18 @@ async def test_session_header_keeps_an_agent_on_one_worker(redis_url: str, tiny_
         assert sorted(app.engine.load().requests_finished for app in apps) == [0, 5]
 
 
+async def test_pool_header_prefers_that_pool_and_falls_back_when_it_has_none(redis_url: str, tiny_model: Path) -> None:
+    workers = [{**SIM, "pool": "older"}, {**SIM, "pool": "newer"}]
+    async with stack(redis_url, tiny_model, workers, routing_preset="least-load") as (front, apps):
+        for turn in range(4):
+            body = {"model": MODEL, "prompt": f"step {turn}", "max_tokens": 2}
+            assert (await _post(front, "/v1/completions", body, **{"x-shoal-pool": "newer"})).status_code == 200
+        assert [app.engine.load().requests_finished for app in apps] == [0, 4]
+        body = {"model": MODEL, "prompt": "anywhere", "max_tokens": 2}
+        assert (await _post(front, "/v1/completions", body, **{"x-shoal-pool": "gone"})).status_code == 200
+        assert sum(app.engine.load().requests_finished for app in apps) == 5
+
+
 async def test_disaggregated_output_equals_colocated(redis_url: str, tiny_model: Path) -> None:
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
     body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 24, "temperature": 0}
