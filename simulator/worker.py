@@ -118,7 +118,6 @@ class _Segment:
 class Outcome:
     """What a segment's end produced."""
 
-    first_tokens: list[Job] = field(default_factory=list)  # generate role: the job goes on decoding here
     prefilled: list[Job] = field(default_factory=list)  # prefill role: hand the job to a decode worker
     finished: list[Job] = field(default_factory=list)
 
@@ -159,7 +158,6 @@ class SimWorker:
         self.reserved = 0
         self.segment: _Segment | None = None
         self.version = 0  # bumps when the pending segment-end event is superseded
-        self.busy_s = 0.0
         self.draining = False
         # (time, prefill tokens, decode tokens) per segment, and (time, ttft, tbt) per finish.
         self.work_log: deque[tuple[float, int, int]] = deque()
@@ -239,7 +237,6 @@ class SimWorker:
         assert seg is not None
         outcome = Outcome()
         k = seg.steps
-        self.busy_s += now - seg.start
         decode_tokens = k * len(self.decoding)
         self.step += k
         prefill_tokens = 0

@@ -91,12 +91,6 @@ class Plan:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def explain(self) -> list[dict[str, object]]:
-        return [
-            {"step": s, "pool": c.pool, "start_s": c.start_s, "latency_s": c.latency_s, "cost": c.cost}
-            for s, c in self.choices.items()
-        ]
-
 
 class PlanError(ValueError):
     """No pool can run a step (its model is served nowhere)."""
@@ -188,7 +182,11 @@ def plan(
         assignment, solver = _heuristic(steps, options, target), "heuristic"
     notes = []
     if assignment is None:
-        assignment = {s: min(c, key=lambda h: _lat(steps, s, h)) for s, c in options.items()}
+        by_id = {s.id: s for s in steps}
+        assignment = {
+            s: min(c, key=lambda h: h.latency(by_id[s].prompt_tokens, by_id[s].output_tokens))
+            for s, c in options.items()
+        }
         solver = "fastest"
         notes.append("no assignment meets the deadline: every step on its fastest pool")
     result = evaluate(steps, assignment, start_at)
@@ -216,11 +214,6 @@ def replan(
             left.append(step)
     remaining = max(0.0, deadline_s - elapsed_s)
     return plan(left, catalogue, remaining, start_at=elapsed_s, headroom=headroom)
-
-
-def _lat(steps: Sequence[PlanStep], step_id: str, hardware: Hardware) -> float:
-    step = next(s for s in steps if s.id == step_id)
-    return hardware.latency(step.prompt_tokens, step.output_tokens)
 
 
 def _milp(
