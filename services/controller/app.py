@@ -32,6 +32,8 @@ from shared.errors import AlreadyExists, FailedPrecondition
 from shared.httpapi import http_server
 from shared.policies.agents import Hardware
 from shared.policies.scaling import PolicyState
+from shared.rpc.pool import ClientPool
+from shared.rpc.worker_client import WorkerClient
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
@@ -117,7 +119,9 @@ class ControllerApp:
         )
         self.api = build_api(self)
         self._reconcile = Ticker("reconcile", settings.reconcile_interval_s, self._tick)
-        self.expert_watch = ExpertWatch(self.redis, self.registry, settings, self.open_migration)
+        # Clients of the workers the controller calls itself (expert statistics, drains), kept open.
+        self.worker_clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
+        self.expert_watch = ExpertWatch(self.redis, self.registry, self.worker_clients, settings, self.open_migration)
         self._experts = Ticker("experts", settings.expert_stats_interval_s, self._watch_experts)
         self._launch = Ticker("launcher", LAUNCH_INTERVAL_S, self.launcher.tick) if self.launcher else None
         self.started_at = time.time()
@@ -199,6 +203,7 @@ class ControllerApp:
         await self.graph_runner.stop()
         await self._experts.stop()
         await self._reconcile.stop()
+        await self.worker_clients.close()
         if self._launch is not None:
             await self._launch.stop()
         if self.launcher is not None:

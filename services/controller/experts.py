@@ -24,6 +24,7 @@ from services.controller.jobs.migrate import plan_from_stats
 from shared.config import ControllerSettings
 from shared.errors import FailedPrecondition, ShoalError
 from shared.policies.placement import Topology, layer_report
+from shared.rpc.pool import ClientPool
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from shared.state import schema
@@ -51,24 +52,25 @@ class ExpertWatch:
         self,
         redis: Redis,
         registry: WorkerRegistry,
+        clients: ClientPool[WorkerClient],
         settings: ControllerSettings,
         open_migration: Callable[[str, str, dict[str, Any]], Awaitable[Any]],
     ) -> None:
         self.redis = redis
         self.registry = registry
+        self.clients = clients
         self.settings = settings
         self.open_migration = open_migration
         self.last_look: dict[str, float] = {}
 
     async def tick(self) -> None:
-        for record in await self.registry.list_workers():
-            client = WorkerClient(record.info.address, self.settings.internal_token)
+        records = await self.registry.list_workers()
+        await self.clients.retain({r.info.address for r in records})
+        for record in records:
             try:
-                stats = await client.expert_stats()
+                stats = await self.clients.get(record.info.address).expert_stats()
             except ShoalError:
                 continue  # gone or busy: the next tick will see it
-            finally:
-                await client.close()
             sample = balance_sample(stats)
             if sample is None:
                 continue

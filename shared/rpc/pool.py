@@ -29,6 +29,11 @@ class ClientPool(Generic[C]):
         if client is not None:
             await client.close()
 
+    async def retain(self, addresses: set[str]) -> None:
+        """Close the clients of every other address (peers that left)."""
+        for address in [a for a in self._clients if a not in addresses]:
+            await self.discard(address)
+
     async def close(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:

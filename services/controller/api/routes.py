@@ -24,7 +24,6 @@ from shared.errors import FailedPrecondition, InvalidArgument, NotFound, Permiss
 from shared.httpapi import install_error_handlers
 from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
-from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.metrics import render
 from shared.types.graphs import GraphRecord, GraphSpec, RunState, check_graph
 from shared.types.pools import ModelCreate, ModelPublic, ModelUpdate, PoolCreate, PoolPublic, PoolUpdate
@@ -219,11 +218,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
 
     async def _expert_stats(app: ControllerApp, worker_id: str) -> tuple[str, Any]:
         record = await _worker(app, worker_id)
-        client = WorkerClient(record.info.address, app.settings.internal_token)
-        try:
-            return record.info.address, await client.expert_stats()
-        finally:
-            await client.close()
+        return record.info.address, await app.worker_clients.get(record.info.address).expert_stats()
 
     @v1.get("/workers/{worker_id}/experts")
     async def experts(worker_id: WorkerId, request: Request, _: Viewer) -> dict[str, Any]:
@@ -276,11 +271,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
         app = _app(request)
         record = await _worker(app, worker_id)
         await app.registry.set_cordoned(worker_id, True)
-        client = WorkerClient(record.info.address, app.settings.internal_token)
-        try:
-            response = await client.drain(wait_s=0)
-        finally:
-            await client.close()
+        response = await app.worker_clients.get(record.info.address).drain(wait_s=0)
         return {"worker_id": worker_id, "drained": response.drained, "running_requests": response.running_requests}
 
     @v1.delete("/workers/{worker_id}", status_code=202)

@@ -13,6 +13,7 @@ import hmac
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
@@ -53,6 +54,22 @@ SessionHeader = Annotated[str | None, Header(alias="x-session-id", max_length=25
 PoolHeader = Annotated[str | None, Header(alias="x-shoal-pool", max_length=63)]
 # Keep the prompt's prefix pinned in the kvstore this many seconds for the session (an agent's tool call).
 PinHeader = Annotated[int | None, Header(alias="x-shoal-pin-s", ge=0, le=3600)]
+
+
+@dataclass(frozen=True)
+class Hints:
+    """What a client says of a request beside its body: its session, a preferred pool, a pin."""
+
+    session: str = ""
+    pool: str = ""
+    pin_s: int = 0
+
+
+def _hints(session: SessionHeader = None, pool: PoolHeader = None, pin_s: PinHeader = None) -> Hints:
+    return Hints(session or "", pool or "", pin_s or 0)
+
+
+HintHeaders = Annotated[Hints, Depends(_hints)]
 
 
 def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> common_pb2.SamplingParams:
@@ -249,9 +266,7 @@ def _job(
     prompt: list[int],
     body: Any,
     wanted: int | None,
-    session: str | None,
-    pool: str | None = None,
-    pin_s: int | None = None,
+    hints: Hints,
 ) -> Job:
     context = router.max_context
     if len(prompt) >= context:
@@ -266,7 +281,7 @@ def _job(
             f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
             param="max_tokens",
         )
-    return router.job(model, prompt, _sampling(body, max_tokens), session or "", pool or "", pin_s or 0)
+    return router.job(model, prompt, _sampling(body, max_tokens), hints.session, hints.pool, hints.pin_s)
 
 
 class BodyLimit:
@@ -304,15 +319,13 @@ def build_api(router: RouterApp) -> FastAPI:
         body: ChatCompletionRequest,
         request: Request,
         _auth: Authorized,
-        session: SessionHeader = None,
-        pool: PoolHeader = None,
-        pin_s: PinHeader = None,
+        hints: HintHeaders,
     ) -> Response:
         router = _router(request)
         _check_model(router, body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt = router.prompts.chat(messages)
-        job = _job(router, body.model, prompt, body, body.wanted_tokens, session, pool, pin_s)
+        job = _job(router, body.model, prompt, body, body.wanted_tokens, hints)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _serve(router, job, body.stream, include_usage, "chat")
 
@@ -321,9 +334,7 @@ def build_api(router: RouterApp) -> FastAPI:
         body: CompletionRequest,
         request: Request,
         _auth: Authorized,
-        session: SessionHeader = None,
-        pool: PoolHeader = None,
-        pin_s: PinHeader = None,
+        hints: HintHeaders,
     ) -> Response:
         router = _router(request)
         _check_model(router, body.model)
@@ -336,7 +347,7 @@ def build_api(router: RouterApp) -> FastAPI:
             vocab = router.prompts.vocab_size
             if any(token >= vocab for token in prompt):
                 raise InvalidArgument(f"prompt holds token ids outside the vocabulary (< {vocab})", param="prompt")
-        job = _job(router, body.model, prompt, body, body.max_tokens, session, pool, pin_s)
+        job = _job(router, body.model, prompt, body, body.max_tokens, hints)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return await _serve(router, job, body.stream, include_usage, "completion")
 
