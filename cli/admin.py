@@ -243,6 +243,23 @@ def rebalance(
         _follow(admin, answer["job"]["id"])
 
 
+def resize(
+    worker_id: str = typer.Argument(..., help="Worker id (the instance's rank 0)."),
+    ranks: int = typer.Argument(..., help="The new rank count: one more or one fewer than now."),
+    url: str = Url,
+    token: str = Token,
+    master: str = typer.Option(
+        None, help="Growing: host:port where a joining rank waits (leave out when the local launcher starts it)."
+    ),
+    source: str = typer.Option("peer", help="Where moved copies come from: peer (a rank) or checkpoint."),
+) -> None:
+    """Add or remove a rank of a running expert-parallel instance, live, with a progress bar."""
+    admin = Admin(url, token)
+    body = {"ranks": ranks, "source": source, **({"master": master} if master else {})}
+    job = admin.call("POST", f"/v1/workers/{worker_id}/experts/resize", json=body)
+    _follow(admin, job["id"])
+
+
 def decisions(url: str = Url, token: str = Token, limit: int = 20) -> None:
     """The scaling decisions log: what changed, and why."""
     rows = [
@@ -263,4 +280,5 @@ COMMANDS: list[Callable[..., None]] = [
     decisions,
     experts,
     rebalance,
+    resize,
 ]

@@ -149,8 +149,22 @@ class ControllerApp:
 
     async def open_migration(self, worker_id: str, address: str, plan: dict[str, object]) -> Job:
         """A live expert migration job for one instance (one at a time: the id is per instance)."""
+        return await self._open_expert_job(worker_id, {"address": address, "plan": plan})
+
+    async def open_resize(
+        self, worker_id: str, address: str, ranks: int, master: str | None, policy: str, source: str
+    ) -> Job:
+        """Grow (the rank waiting at `master` joins) or shrink an expert-parallel instance by one rank, live.
+
+        It shares the instance's migration job id: no migration runs beside it."""
+        resize: dict[str, object] = {"ranks": ranks, **({"master": master} if master else {})}
+        return await self._open_expert_job(
+            worker_id, {"address": address, "resize": resize, "policy": policy, "source": source}
+        )
+
+    async def _open_expert_job(self, worker_id: str, params: dict[str, object]) -> Job:
         job, created = await self.jobs.create(
-            MIGRATE, {"worker_id": worker_id, "address": address, "plan": plan}, job_id=f"{MIGRATE}-{worker_id}"
+            MIGRATE, {"worker_id": worker_id, **params}, job_id=f"{MIGRATE}-{worker_id}"
         )
         if not created:
             raise FailedPrecondition(f"migration {job.id} is still {job.state.value}; one at a time", job_id=job.id)

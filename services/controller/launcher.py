@@ -16,6 +16,13 @@ EP_SIZE - 1 follower processes meeting it on a fresh local port. An instance
 is one replica; it counts as EP_SIZE processes against the host's limit, and
 when any of its ranks exits the whole instance is stopped (its collectives
 could never complete) and replaced.
+
+Elastic expert parallelism: `add_rank` starts a process that waits to join a
+running instance (SHOAL_WORKER_EP_JOIN); it becomes a member once the
+instance's resize job reports it joined, and is stopped if the job ends
+without it. A follower that exits cleanly while its rank 0 serves left in a
+shrink: the instance goes on without it. A replacement instance starts with
+the pool's EP_SIZE.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 
 from services.controller.actuators.local import launch_doc, status_doc
+from services.controller.jobs.store import JobStore
+from shared.errors import FailedPrecondition, NotFound
 from shared.processes import ManagedProcess, free_port, spawn
 from shared.state.registry import WorkerRegistry
 from shared.state.versioned import DocumentStore
@@ -42,11 +52,19 @@ STOP_GRACE_S = 60.0
 
 
 @dataclass
+class _Joiner:
+    process: ManagedProcess
+    job_id: str | None = None  # the resize job that regroups the instance with it, once opened
+
+
+@dataclass
 class _Launched:
     worker_id: str
     process: ManagedProcess  # rank 0: the worker the cluster sees
     started_at: float
+    env: dict[str, str]
     followers: list[ManagedProcess] = field(default_factory=list)  # ranks 1.. of an expert-parallel instance
+    joiner: _Joiner | None = None  # a process waiting to join as the next rank
     registered_at: float | None = None
     stopping: bool = False
 
@@ -54,15 +72,21 @@ class _Launched:
     def ranks(self) -> list[ManagedProcess]:
         return [self.process, *self.followers]
 
+    @property
+    def processes(self) -> list[ManagedProcess]:
+        return [*self.ranks, *([self.joiner.process] if self.joiner else [])]
+
     def alive(self) -> bool:
         return any(p.alive() for p in self.ranks)
 
     def broken(self) -> bool:
+        if self.process.alive():  # a follower that exited cleanly beside a serving rank 0 left in a shrink
+            self.followers = [p for p in self.followers if p.alive() or p.popen.returncode != 0]
         return not all(p.alive() for p in self.ranks)
 
     def terminate(self) -> None:
         # Rank 0 first: as it stops it tells the followers to stop too.
-        for process in self.ranks:
+        for process in self.processes:
             process.terminate(STOP_GRACE_S)
 
 
@@ -74,18 +98,19 @@ class _Pool:
 class LocalLauncher:
     def __init__(self, redis: Redis, base_env: dict[str, str] | None = None, max_workers: int = 8) -> None:
         self.docs = DocumentStore(redis)
+        self.jobs = JobStore(redis)
         self.max_workers = max_workers
         self.registry = WorkerRegistry(redis)
         self.base_env = base_env or {}
         self._pools: dict[str, _Pool] = {}
         self.cold_starts: dict[str, float] = {}
-        self._stopping: set[asyncio.Task[None]] = set()
+        self._stopping: set[asyncio.Task[object]] = set()
         self._threads = 1
 
     @property
     def processes(self) -> int:
         """Worker processes alive now (every rank of an instance), stopping ones included."""
-        return sum(len(w.ranks) for p in self._pools.values() for w in p.workers.values())
+        return sum(len(w.processes) for p in self._pools.values() for w in p.workers.values())
 
     async def tick(self) -> None:
         registered = {r.worker_id for r in await self.registry.list_workers()}
@@ -101,6 +126,7 @@ class LocalLauncher:
         state = self._pools.setdefault(pool, _Pool())
         now = time.time()
         for launched in list(state.workers.values()):
+            await self._settle_joiner(launched)
             if not launched.alive():
                 if not launched.stopping:
                     log.warning(
@@ -177,15 +203,72 @@ class LocalLauncher:
             spawn(f"{worker_id}-rank{rank}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(rank)})
             for rank in range(1, ranks)
         ]
-        state.workers[worker_id] = _Launched(worker_id, process, time.time(), followers)
+        state.workers[worker_id] = _Launched(worker_id, process, time.time(), env, followers)
         log.info("worker started", pool=pool, worker_id=worker_id, pid=process.pid, ranks=ranks)
+
+    def _instance(self, worker_id: str) -> _Launched | None:
+        return next((w for p in self._pools.values() for w in p.workers.values() if w.worker_id == worker_id), None)
+
+    def add_rank(self, worker_id: str) -> str:
+        """Start a process that waits to join the instance as its next rank; returns where it waits.
+
+        `bind_joiner` then names the resize job that takes it in; `drop_joiner` stops it if none will."""
+        launched = self._instance(worker_id)
+        if launched is None or launched.stopping:
+            raise NotFound(
+                f"worker {worker_id} was not started by this controller's local launcher: "
+                "start the joining rank yourself and give its rendezvous address (master)"
+            )
+        if launched.joiner is not None:
+            raise FailedPrecondition(f"a rank is already joining worker {worker_id}")
+        rank = len(launched.ranks)
+        master = f"127.0.0.1:{free_port()}"
+        env = {
+            **launched.env,
+            "SHOAL_WORKER_EP_SIZE": str(rank + 1),
+            "SHOAL_WORKER_EP_RANK": str(rank),
+            "SHOAL_WORKER_EP_MASTER": master,
+            "SHOAL_WORKER_EP_JOIN": "1",
+        }
+        process = spawn(f"{worker_id}-rank{rank}", [sys.executable, "-m", "services.worker"], env)
+        launched.joiner = _Joiner(process)
+        log.info("rank joining", worker_id=worker_id, rank=rank, master=master)
+        return master
+
+    def bind_joiner(self, worker_id: str, job_id: str) -> None:
+        launched = self._instance(worker_id)
+        if launched is not None and launched.joiner is not None:
+            launched.joiner.job_id = job_id
+
+    def drop_joiner(self, worker_id: str) -> None:
+        launched = self._instance(worker_id)
+        if launched is not None and launched.joiner is not None:
+            self._in_background(launched.joiner.process.terminate)
+            launched.joiner = None
+
+    async def _settle_joiner(self, launched: _Launched) -> None:
+        """A joining process becomes a rank once its job says it joined; it stops if the job ends without it."""
+        joiner = launched.joiner
+        if joiner is None or joiner.job_id is None:
+            return
+        job = await self.jobs.find(joiner.job_id)
+        if job is not None and job.phase not in ("", "join"):
+            launched.followers.append(joiner.process)
+            launched.joiner = None
+        elif job is None or job.state.final or not joiner.process.alive():
+            log.warning("the joining rank was not taken in: stopping it", worker_id=launched.worker_id)
+            self.drop_joiner(launched.worker_id)
 
     def _stop(self, launched: _Launched) -> None:
         if launched.stopping:
             return
         launched.stopping = True
         log.info("stopping worker", worker_id=launched.worker_id)
-        task = asyncio.create_task(asyncio.to_thread(launched.terminate))
+        self._in_background(launched.terminate)
+
+    def _in_background(self, stop: Callable[[], object]) -> None:
+        """Run a (blocking) stop in a thread; shutdown waits for it."""
+        task = asyncio.create_task(asyncio.to_thread(stop))
         self._stopping.add(task)
         task.add_done_callback(self._stopping.discard)
 

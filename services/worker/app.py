@@ -42,6 +42,8 @@ class WorkerApp:
         self.engine = engine or build_engine(settings, self.metrics)
         self.engine.observer = self.metrics
         self.metrics.watch_load(self.engine.load)
+        if settings.ep_size > 1:
+            self.metrics.expert_ranks.set(settings.ep_size)
         self.redis = connect(settings.redis_url)
         self.registry = WorkerRegistry(self.redis)
         self.publisher = KVEventPublisher(self.redis, settings.worker_id)

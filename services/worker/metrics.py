@@ -64,6 +64,15 @@ class WorkerMetrics(EngineObserver):
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.expert_regroup_stall = Histogram(
+            "shoal_worker_expert_regroup_stall_seconds",
+            "Serving pause while the ranks regrouped into a larger or smaller instance (KV copy included)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.expert_ranks = Gauge(
+            "shoal_worker_expert_ranks", "Ranks this expert-parallel instance spans", registry=registry
+        )
         self.expert_balance = Gauge(
             "shoal_worker_expert_balance",
             "Max / mean routed tokens per rank over the stats window, per MoE layer (1 is perfect)",

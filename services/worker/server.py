@@ -23,7 +23,7 @@ from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock,
 from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
-from shared.policies.placement import Topology, layer_report
+from shared.policies.placement import EMPTY, Topology, layer_report
 from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
@@ -289,6 +289,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.metrics.expert_bytes.labels("discarded" if request.discard_staged else "released").inc(size)
         return worker_pb2.ReleaseExpertsResponse(released_copies=copies, released_bytes=size)
 
+    async def ResizeExperts(
+        self, request: worker_pb2.ResizeExpertsRequest, context: Context
+    ) -> worker_pb2.ResizeExpertsResponse:
+        if request.ranks < 1:
+            raise InvalidArgument("ranks must be at least 1", param="ranks")
+        sent, stall = await self.engine.resize_experts(request.ranks, request.master)
+        self.metrics.expert_regroup_stall.observe(stall)
+        self.metrics.expert_ranks.set(request.ranks)
+        log.info("expert-parallel instance regrouped", ranks=request.ranks, synced_bytes=sent, stall_s=stall)
+        return worker_pb2.ResizeExpertsResponse(ranks=request.ranks, synced_bytes=sent, stall_s=stall)
+
     def _target_map(self, wire: common_pb2.ExpertMap) -> ExpertMap:
         served = self.engine.expert_map()
         if served is None:
@@ -302,8 +313,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if [layer.layer for layer in layers] != list(range(len(current.holders))):
             raise InvalidArgument(f"the target map must list layers 0..{len(current.holders) - 1}", param="target")
         experts = len(current.holders[0])
-        if any(e >= experts for layer in layers for e in layer.slot_experts):
-            raise InvalidArgument(f"expert ids must be below {experts}", param="target")
+        if any(not EMPTY <= e < experts for layer in layers for e in layer.slot_experts):
+            raise InvalidArgument(f"expert ids must be below {experts} (or {EMPTY}: an empty slot)", param="target")
         slots = [list(layer.slot_experts) for layer in layers]
         return ExpertMap.from_slots(wire.version, ranks, wire.slots_per_rank, slots, experts)
 

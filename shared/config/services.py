@@ -102,6 +102,13 @@ class WorkerSettings(GrpcServiceSettings):
     ep_master: str = Field(
         default="127.0.0.1:29511", description="host:port where the ranks of one instance meet (rank 0's host)."
     )
+    ep_join: bool = Field(
+        default=False,
+        description=(
+            "Join a running instance as its new last rank (ep_rank = ep_size - 1): wait at ep_master, on this "
+            "process's host, until the instance's ResizeExperts call regroups its ranks with this one."
+        ),
+    )
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_bytes: int = Field(default=256 * 2**20, ge=2**20, description="Bytes preallocated for the paged KV cache.")
     max_running: int = Field(default=128, ge=1, description="Most requests decoded together in one step.")
@@ -144,6 +151,8 @@ class WorkerSettings(GrpcServiceSettings):
             raise ValueError(f"ep_rank ({self.ep_rank}) must be below ep_size ({self.ep_size})")
         if self.ep_size > 1 and self.engine is not EngineKind.REFERENCE:
             raise ValueError("expert parallelism (ep_size > 1) needs the reference engine")
+        if self.ep_join and not 0 < self.ep_rank == self.ep_size - 1:
+            raise ValueError("a joining rank (ep_join) is the new last rank: 0 < ep_rank = ep_size - 1")
         return self
 
     @model_validator(mode="after")

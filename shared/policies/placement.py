@@ -5,7 +5,9 @@ A placement is, per layer, the expert held in each physical slot
 evenly over its copies, so a rank's load is the sum over its slots of
 load[expert] / copies[expert]. Balance is max rank load / mean rank load
 (1.0 is perfect). A move is one expert copy that must be loaded on a rank
-that did not hold it before (the bytes a migration transfers).
+that did not hold it before (the bytes a migration transfers). A slot may be
+`EMPTY` (-1) in a current placement: the slots of a rank that just joined an
+instance; the policies fill them.
 
 * `eplb` (baseline): what DeepSeek's EPLB does, ignoring the current
   placement: give the spare slots to the experts with the highest load per
@@ -27,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+EMPTY = -1  # a slot holding no expert (the wire form of an expert map uses the same value)
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,11 @@ def copy_counts(load: np.ndarray, slots: int) -> np.ndarray:
 
 
 def rank_loads(layer_slots: np.ndarray, load: np.ndarray, topo: Topology) -> np.ndarray:
-    counts = np.bincount(layer_slots, minlength=len(load))
+    held = layer_slots != EMPTY
+    counts = np.bincount(layer_slots[held], minlength=len(load))
     per_copy = load / np.maximum(counts, 1)
-    return np.asarray(per_copy[layer_slots].reshape(topo.ranks, topo.slots_per_rank).sum(axis=1))
+    per_slot = np.where(held, per_copy[np.where(held, layer_slots, 0)], 0.0)
+    return np.asarray(per_slot.reshape(topo.ranks, topo.slots_per_rank).sum(axis=1))
 
 
 def balance_of(layer_slots: np.ndarray, load: np.ndarray, topo: Topology) -> float:
@@ -102,8 +108,8 @@ def count_moves(old: np.ndarray, new: np.ndarray, topo: Topology) -> int:
     for old_layer, new_layer in zip(old, new, strict=True):
         for rank in range(topo.ranks):
             span = slice(rank * topo.slots_per_rank, (rank + 1) * topo.slots_per_rank)
-            before = np.bincount(old_layer[span], minlength=1)
-            after = np.bincount(new_layer[span], minlength=1)
+            before = np.bincount(old_layer[span][old_layer[span] != EMPTY], minlength=1)
+            after = np.bincount(new_layer[span][new_layer[span] != EMPTY], minlength=1)
             size = max(len(before), len(after))
             moves += int(
                 np.maximum(np.pad(after, (0, size - len(after))) - np.pad(before, (0, size - len(before))), 0).sum()
@@ -176,16 +182,18 @@ class MigrationAwarePolicy:
         s = topo.slots_per_rank
         counts = copy_counts(load, topo.slots)
         grid = slots.reshape(topo.ranks, s).copy()
-        have = np.bincount(grid.ravel(), minlength=len(load))
+        have = np.bincount(grid[grid != EMPTY], minlength=len(load))
         weight = load / counts
-        loads = np.array([weight[row].sum() for row in grid])
+        loads = np.array([weight[row[row != EMPTY]].sum() for row in grid])
         # 1. Drop surplus copies, from the most loaded ranks first, and a rank's second copy of an expert.
-        free: list[tuple[int, int]] = []
+        free: list[tuple[int, int]] = [(int(r), int(i)) for r, i in zip(*np.nonzero(grid == EMPTY), strict=True)]
         for r in range(topo.ranks):
             seen: set[int] = set()
             for i, e in enumerate(grid[r].tolist()):
+                if e == EMPTY:
+                    continue
                 if e in seen:
-                    grid[r, i] = -1
+                    grid[r, i] = EMPTY
                     loads[r] -= weight[e]
                     have[e] -= 1
                     free.append((r, i))
@@ -195,7 +203,7 @@ class MigrationAwarePolicy:
                 holders = [r for r in range(topo.ranks) if e in grid[r]]
                 r = max(holders, key=lambda h: loads[h])
                 i = int(np.nonzero(grid[r] == e)[0][0])
-                grid[r, i] = -1
+                grid[r, i] = EMPTY
                 loads[r] -= weight[e]
                 free.append((r, i))
         # 2. New copies, heaviest first, onto the least loaded rank with a free slot (not holding it yet).
@@ -238,6 +246,18 @@ def _result(
 ) -> PlacementResult:
     balance = np.array([balance_of(out[layer], load[layer], topo) for layer in range(len(load))])
     return PlacementResult(out, balance, count_moves(current, out, topo), skipped or [])
+
+
+def vacate_last_rank(policy: PlacementPolicy, load: np.ndarray, current: np.ndarray, topo: Topology) -> PlacementResult:
+    """A placement leaving the last rank EMPTY, so it can leave the instance: the policy over the other ranks.
+
+    Balance is over the ranks that stay."""
+    rest = Topology(ranks=topo.ranks - 1, nodes=1, slots_per_rank=topo.slots_per_rank) if topo.ranks > 1 else None
+    if rest is None or rest.slots < load.shape[1]:
+        raise ValueError(f"{topo.ranks - 1} ranks x {topo.slots_per_rank} slots cannot hold {load.shape[1]} experts")
+    inner = policy.place(load, current[:, : rest.slots], rest)
+    slots = np.concatenate([inner.slots, np.full((len(load), topo.slots_per_rank), EMPTY)], axis=1)
+    return PlacementResult(slots, inner.balance, count_moves(current, slots, topo), inner.skipped_layers)
 
 
 PLACEMENT_POLICIES: dict[str, type[EPLBPolicy] | type[MigrationAwarePolicy]] = {

@@ -125,6 +125,12 @@ class WorkerClient:
         response: worker_pb2.ReleaseExpertsResponse = await self._unary("ReleaseExperts", request)
         return response
 
+    async def resize_experts(self, ranks: int, master: str = "") -> worker_pb2.ResizeExpertsResponse:
+        # The regroup copies the whole KV cache to a joining rank.
+        request = worker_pb2.ResizeExpertsRequest(ranks=ranks, master=master)
+        response: worker_pb2.ResizeExpertsResponse = await self._unary("ResizeExperts", request, MIGRATION_TIMEOUT_S)
+        return response
+
 
 def drain_blocking(address: str, wait_s: float, token: str | None = None) -> worker_pb2.DrainResponse:
     """Drain from synchronous code (Celery tasks): one call, its own channel."""

@@ -172,13 +172,8 @@ async def running_controller(
         await app.stop()
 
 
-@contextlib.contextmanager
-def ep_worker_processes(
-    redis_url: str, model_path: Path, ranks: int, worker_id: str = "ep-worker"
-) -> Iterator[tuple[str, list[ManagedProcess]]]:
-    """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes)."""
-    port, master = free_port(), free_port()
-    env = {
+def _ep_env(redis_url: str, model_path: Path, worker_id: str, ranks: int, master: int) -> dict[str, str]:
+    return {
         "SHOAL_REDIS_URL": redis_url,
         "SHOAL_WORKER_WORKER_ID": worker_id,
         "SHOAL_WORKER_MODEL_PATH": str(model_path),
@@ -187,9 +182,17 @@ def ep_worker_processes(
         "SHOAL_WORKER_COMPUTE_THREADS": "1",
         "SHOAL_WORKER_EP_SIZE": str(ranks),
         "SHOAL_WORKER_EP_MASTER": f"127.0.0.1:{master}",
-        "SHOAL_WORKER_GRPC_PORT": str(port),
         "SHOAL_LOG_LEVEL": "WARNING",
     }
+
+
+@contextlib.contextmanager
+def ep_worker_processes(
+    redis_url: str, model_path: Path, ranks: int, worker_id: str = "ep-worker"
+) -> Iterator[tuple[str, list[ManagedProcess]]]:
+    """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes)."""
+    port = free_port()
+    env = {**_ep_env(redis_url, model_path, worker_id, ranks, free_port()), "SHOAL_WORKER_GRPC_PORT": str(port)}
     argv = [sys.executable, "-m", "services.worker"]
     processes = [
         spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO()) for r in range(ranks)
@@ -200,3 +203,11 @@ def ep_worker_processes(
     finally:
         for process in processes:
             process.terminate(grace_s=20)
+
+
+def ep_joiner(redis_url: str, model_path: Path, ranks: int, worker_id: str) -> tuple[str, ManagedProcess]:
+    """A process waiting to join a running instance as its rank `ranks - 1`: (rendezvous address, process)."""
+    master = free_port()
+    env = {**_ep_env(redis_url, model_path, worker_id, ranks, master), "SHOAL_WORKER_EP_RANK": str(ranks - 1)}
+    process = spawn(f"rank{ranks - 1}", [sys.executable, "-m", "services.worker"], {**env, "SHOAL_WORKER_EP_JOIN": "1"})
+    return f"127.0.0.1:{master}", process

@@ -44,6 +44,9 @@ def test_bad_value_names_the_variable_the_value_and_the_fix(monkeypatch: pytest.
 def test_cross_field_rule_explains_itself() -> None:
     with pytest.raises(SettingsError, match="must exceed twice heartbeat_interval_s"):
         load_settings(WorkerSettings, lease_ttl_s=1.0, heartbeat_interval_s=1.0)
+    with pytest.raises(SettingsError, match="new last rank"):
+        load_settings(WorkerSettings, engine="reference", ep_size=3, ep_rank=1, ep_join=True)
+    assert load_settings(WorkerSettings, engine="reference", ep_size=3, ep_rank=2, ep_join=True).ep_join
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.controller.agents.tools import RETRIEVERS, TOOLS
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from shared.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ShoalError,
+    Unauthenticated,
+)
 from shared.httpapi import install_error_handlers
 from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
@@ -83,6 +90,28 @@ class RebalanceRequest(BaseModel):
     )
     source: Literal["checkpoint", "peer"] = Field(
         default="checkpoint", description="Where moved expert copies come from: the checkpoint, or a rank serving them."
+    )
+
+
+class ResizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ranks: int = Field(ge=1, le=1024, description="The instance's new rank count: one more or one fewer than now.")
+    master: str | None = Field(
+        default=None,
+        min_length=3,
+        max_length=256,
+        pattern=r"^[^\s:]+:[0-9]{1,5}$",
+        description=(
+            "Growing: host:port where a process started with SHOAL_WORKER_EP_JOIN waits. Leave it out for an "
+            "instance the local launcher started: it starts the joining rank itself."
+        ),
+    )
+    policy: Literal["migration-aware", "eplb"] = Field(
+        default="migration-aware", description="Placement policy spreading the experts over the new ranks."
+    )
+    source: Literal["checkpoint", "peer"] = Field(
+        default="peer", description="Where moved expert copies come from: the checkpoint, or a rank serving them."
     )
 
 
@@ -264,6 +293,37 @@ def build_api(controller: ControllerApp) -> FastAPI:
             return {"plan": summary, "slots": plan["slots"], "job": None}
         job = await app.open_migration(worker_id, address, plan)
         return {"plan": summary, "slots": plan["slots"], "job": job.model_dump(mode="json")}
+
+    @v1.post("/workers/{worker_id}/experts/resize", status_code=202)
+    async def resize_experts(worker_id: WorkerId, body: ResizeRequest, request: Request, _: Operator) -> dict[str, Any]:
+        """Add or remove a rank of a running expert-parallel instance, live (a job): grow = the new rank joins,
+        then experts migrate onto it; shrink = experts migrate off the last rank, then it leaves."""
+        app = _app(request)
+        address, stats = await _expert_stats(app, worker_id)
+        ranks = stats.expert_map.num_ranks
+        if not ranks:
+            raise FailedPrecondition(f"worker {worker_id} holds every expert itself: no expert parallelism to resize")
+        if abs(body.ranks - ranks) != 1:
+            raise InvalidArgument(
+                f"an instance grows or shrinks by one rank at a time: it has {ranks}, not {body.ranks} +- 1",
+                param="ranks",
+            )
+        grow = body.ranks > ranks
+        launcher = app.launcher if grow and body.master is None else None  # it starts the joining rank
+        if grow and body.master is None and launcher is None:
+            raise InvalidArgument("growing needs master: where the joining rank waits (host:port)", param="master")
+        master = launcher.add_rank(worker_id) if launcher else body.master
+        try:
+            job = await app.open_resize(
+                worker_id, address, body.ranks, master if grow else None, body.policy, body.source
+            )
+        except ShoalError:
+            if launcher:
+                launcher.drop_joiner(worker_id)
+            raise
+        if launcher:
+            launcher.bind_joiner(worker_id, job.id)
+        return job.model_dump(mode="json")
 
     @v1.post("/workers/{worker_id}/drain")
     async def drain(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:

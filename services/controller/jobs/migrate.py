@@ -12,17 +12,26 @@ discarded, the old map keeps serving): the job ends ROLLED_BACK. After it,
 only the release is left; a retried job resumes there. The job id is per
 instance, so a second migration cannot start while one is in flight (and
 the worker refuses one too).
+
+The same job resizes an instance (elastic expert parallelism, params
+`resize`): to grow, `join` first regroups the ranks with the process waiting
+at `resize.master` (a failure there ends the job FAILED and changes nothing),
+then the migration spreads the experts over every rank; to shrink, the
+migration's plan leaves the last rank empty, and `leave` then regroups the
+ranks without it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import numpy as np
 
 from services.controller.jobs.store import Job, JobState, JobStore
-from shared.errors import FailedPrecondition, ShoalError
-from shared.policies.placement import PLACEMENT_POLICIES, Topology, balance_of
+from shared.errors import FailedPrecondition, ShoalError, Unavailable
+from shared.policies.placement import PLACEMENT_POLICIES, Topology, balance_of, vacate_last_rank
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.logging import get_logger
@@ -31,21 +40,30 @@ log = get_logger("shoal.controller.jobs")
 
 MIGRATE = "migrate-experts"
 LAYERS_PER_CALL = 2
+JOIN_WAIT_S = 600.0  # a joining rank loads the model's dense weights before it can join
+JOIN_RETRY_S = 1.0
 
 
 # Where staged expert copies come from: the checkpoint on disk, or the rank serving them now.
 SOURCES = {"checkpoint": worker_pb2.WEIGHT_SOURCE_CHECKPOINT, "peer": worker_pb2.WEIGHT_SOURCE_PEER}
 
 
-def plan_from_stats(stats: worker_pb2.ExpertStatsResponse, policy: str) -> dict[str, Any]:
-    """The placement policy's answer for this instance, as a JSON-able plan."""
+def plan_from_stats(stats: worker_pb2.ExpertStatsResponse, policy: str, vacate_last: bool = False) -> dict[str, Any]:
+    """The placement policy's answer for this instance, as a JSON-able plan (`vacate_last`: leave the last rank
+    empty, so it can leave)."""
     wire = stats.expert_map
     if not wire.num_ranks:
         raise FailedPrecondition("the worker holds every expert itself: no expert parallelism, nothing to place")
     loads = np.array([list(layer.tokens) for layer in sorted(stats.layers, key=lambda layer: layer.layer)], float)
     current = np.array([list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)])
     topo = Topology(ranks=wire.num_ranks, nodes=1, slots_per_rank=wire.slots_per_rank)
-    result = PLACEMENT_POLICIES[policy]().place(loads, current, topo)
+    if vacate_last:
+        try:
+            result = vacate_last_rank(PLACEMENT_POLICIES[policy](), loads, current, topo)
+        except ValueError as exc:
+            raise FailedPrecondition(f"the instance cannot lose a rank: {exc}") from exc
+    else:
+        result = PLACEMENT_POLICIES[policy]().place(loads, current, topo)
     before = [balance_of(current[i], loads[i], topo) for i in range(len(loads))]
     return {
         "version": wire.version + 1,
@@ -82,47 +100,101 @@ async def run_migration(job_id: str, jobs: JobStore, address: str, token: str | 
 async def migrate_with(job: Job, jobs: JobStore, client: WorkerClient) -> Job:
     """The job body over an open client (tests inject a failing one)."""
     migration_id = job.id
+    resize: dict[str, Any] | None = job.params.get("resize")  # {"ranks": n, "master": "host:port" to grow}
+    shrink = resize is not None and "master" not in resize
+    if resize and not shrink and job.phase in ("", "join"):
+        job = await _join(job, jobs, client, int(resize["ranks"]), str(resize["master"]))
+        if job.state.final:
+            return job
     if job.phase in ("", "plan", "stage"):  # before the commit: a failure rolls back
         try:
             if job.phase in ("", "plan"):
                 plan = job.params.get("plan") or plan_from_stats(
-                    await client.expert_stats(), str(job.params.get("policy", "migration-aware"))
+                    await client.expert_stats(), str(job.params.get("policy", "migration-aware")), shrink
                 )
-                if plan["moves"] == 0:
+                plan = {**plan, **({"source": job.params["source"]} if "source" in job.params else {})}
+                if plan["moves"] == 0 and not shrink:
                     return await jobs.update(
-                        job, state=JobState.SUCCEEDED, progress=1.0, result=plan, message="balanced: nothing to move"
+                        job,
+                        state=JobState.SUCCEEDED,
+                        progress=1.0,
+                        result={**job.result, **plan},
+                        message="balanced: nothing to move",
                     )
-                job = await jobs.update(job, phase="stage", progress=0.1, result=plan, message="plan ready")
-            plan = job.result
-            layers = list(range(len(plan["slots"])))
-            staged = 0
-            for first in range(0, len(layers), LAYERS_PER_CALL):
-                job = await jobs.update(job)
-                if job.cancel_requested:
-                    return await _roll_back(job, jobs, client, "cancelled before the commit")
-                request = worker_pb2.StageExpertsRequest(
-                    migration_id=migration_id,
-                    target=_target(plan),
-                    layers=layers[first : first + LAYERS_PER_CALL],
-                    source=SOURCES[str(plan.get("source", "checkpoint"))],
-                )
-                staged += (await client.stage_experts(request)).staged_copies
-                done = min(len(layers), first + LAYERS_PER_CALL) / len(layers)
-                job = await jobs.update(job, progress=0.1 + 0.6 * done, message=f"staged {staged} copies")
-            job = await jobs.update(job)
-            if job.cancel_requested:
-                return await _roll_back(job, jobs, client, "cancelled before the commit")
-            commit = await client.commit_expert_map(migration_id, plan["version"])
-            result = {**plan, "stall_s": commit.stall_s}
-            job = await jobs.update(job, phase="release", progress=0.8, result=result, message="committed")
+                phase = "stage" if plan["moves"] else "leave"
+                job = await jobs.update(job, phase=phase, progress=0.1, result={**job.result, **plan})
+            if job.phase == "stage":
+                job = await _stage_and_commit(job, jobs, client)
         except ShoalError as exc:
             log.warning("migration failed before its commit; rolling back", job_id=job.id, error=exc.message)
             return await _roll_back(job, jobs, client, f"failed before the commit: {exc.message}")
-    released = await client.release_experts(migration_id, discard_staged=False)
-    result = {**job.result, "released_copies": released.released_copies, "released_bytes": released.released_bytes}
+        if job.state.final:
+            return job
+    if job.phase == "release":
+        released = await client.release_experts(migration_id, discard_staged=False)
+        result = {**job.result, "released_copies": released.released_copies, "released_bytes": released.released_bytes}
+        if not shrink:
+            return await jobs.update(
+                job, state=JobState.SUCCEEDED, progress=1.0, result=result, message="migrated; old copies released"
+            )
+        job = await jobs.update(job, phase="leave", progress=0.9, result=result, message="last rank emptied")
+    assert resize is not None and job.phase == "leave"
+    left = await client.resize_experts(int(resize["ranks"]))
+    result = {**job.result, "ranks": left.ranks, "regroup_stall_s": left.stall_s}
     return await jobs.update(
-        job, state=JobState.SUCCEEDED, progress=1.0, result=result, message="migrated; old copies released"
+        job, state=JobState.SUCCEEDED, progress=1.0, result=result, message=f"rank {left.ranks} left"
     )
+
+
+async def _join(job: Job, jobs: JobStore, client: WorkerClient, ranks: int, master: str) -> Job:
+    """Regroup the instance with the rank waiting at `master`, retrying while that process still loads."""
+    deadline = time.monotonic() + JOIN_WAIT_S
+    while True:
+        try:
+            joined = await client.resize_experts(ranks, master)
+            break
+        except Unavailable as exc:
+            job = await jobs.update(job, phase="join", message=f"waiting for the new rank: {exc.message}")
+            if job.cancel_requested:
+                return await jobs.update(job, state=JobState.CANCELLED, message="cancelled before the new rank joined")
+            if time.monotonic() > deadline:
+                return await jobs.update(job, state=JobState.FAILED, message=f"the new rank never came: {exc.message}")
+            await asyncio.sleep(JOIN_RETRY_S)
+        except ShoalError as exc:
+            return await jobs.update(job, state=JobState.FAILED, message=f"the new rank did not join: {exc.message}")
+    return await jobs.update(
+        job,
+        phase="plan",
+        progress=0.05,
+        result={"ranks": joined.ranks, "synced_bytes": joined.synced_bytes, "regroup_stall_s": joined.stall_s},
+        message=f"rank {joined.ranks - 1} joined",
+    )
+
+
+async def _stage_and_commit(job: Job, jobs: JobStore, client: WorkerClient) -> Job:
+    """Stage the plan's copies a few layers at a time, then commit; a cancel before the commit rolls back."""
+    migration_id, plan = job.id, job.result
+    layers = list(range(len(plan["slots"])))
+    staged = 0
+    for first in range(0, len(layers), LAYERS_PER_CALL):
+        job = await jobs.update(job)
+        if job.cancel_requested:
+            return await _roll_back(job, jobs, client, "cancelled before the commit")
+        request = worker_pb2.StageExpertsRequest(
+            migration_id=migration_id,
+            target=_target(plan),
+            layers=layers[first : first + LAYERS_PER_CALL],
+            source=SOURCES[str(plan.get("source", "checkpoint"))],
+        )
+        staged += (await client.stage_experts(request)).staged_copies
+        done = min(len(layers), first + LAYERS_PER_CALL) / len(layers)
+        job = await jobs.update(job, progress=0.1 + 0.6 * done, message=f"staged {staged} copies")
+    job = await jobs.update(job)
+    if job.cancel_requested:
+        return await _roll_back(job, jobs, client, "cancelled before the commit")
+    commit = await client.commit_expert_map(migration_id, plan["version"])
+    result = {**plan, "stall_s": commit.stall_s}
+    return await jobs.update(job, phase="release", progress=0.8, result=result, message="committed")
 
 
 async def _roll_back(job: Job, jobs: JobStore, client: WorkerClient, why: str) -> Job:

@@ -148,3 +148,6 @@ class Engine(Protocol):
 
     async def release_experts(self, migration_id: str, discard_staged: bool) -> tuple[int, int]:
         """Free copies no longer mapped, or discard an uncommitted migration's staged ones."""
+
+    async def resize_experts(self, ranks: int, master: str) -> tuple[int, float]:
+        """Regroup the ranks into one more (waiting at `master`) or one fewer: (KV bytes synced, stall seconds)."""

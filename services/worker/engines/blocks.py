@@ -101,6 +101,10 @@ class BlockManager:
         self.events.append(("add", block_hash))
         return block
 
+    def in_use(self) -> list[int]:
+        """Blocks whose content matters: held by a request, or cached for a prefix."""
+        return [b for b in range(self.num_blocks) if self._refs[b] or self._hash_of[b] is not None]
+
     def cached_hashes(self) -> list[BlockHash]:
         return list(self._cached)
 

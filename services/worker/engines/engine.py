@@ -109,6 +109,10 @@ class MigratableExecutor(Protocol):
 
     def release(self, migration_id: str, discard_staged: bool) -> tuple[int, int]: ...
 
+    def check_joiner(self, ranks: int, master: str) -> None: ...
+
+    def resize(self, ranks: int, master: str, blocks: list[int]) -> int: ...
+
 
 @dataclass
 class EngineLimits:
@@ -303,6 +307,18 @@ class BatchingEngine:
         return await asyncio.wrap_future(
             self.call_between_steps(lambda: executor.release(migration_id, discard_staged))
         )
+
+    async def resize_experts(self, ranks: int, master: str) -> tuple[int, float]:
+        """Regroup the instance into `ranks` ranks: (KV bytes sent to a joining rank, seconds serving paused)."""
+        executor = self._migratable()
+        await asyncio.to_thread(executor.check_joiner, ranks, master)  # a missing joiner must not pause serving
+
+        def resize() -> tuple[int, float]:
+            started = time.perf_counter()
+            sent = executor.resize(ranks, master, self.scheduler.blocks.in_use())
+            return sent, time.perf_counter() - started
+
+        return await asyncio.wrap_future(self.call_between_steps(resize))
 
     async def export_kv(self, hashes: list[BlockHash]) -> list[KVBlock]:
         def read() -> list[KVBlock]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.errors import InvalidArgument
+from shared.policies.placement import EMPTY  # every slot of a rank that holds nothing: it just joined, or will leave
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ExpertMap:
     def from_slots(
         cls, version: int, ranks: int, slots_per_rank: int, layers: list[list[int]], experts: int
     ) -> ExpertMap:
-        """From the wire form: per layer, the expert of each slot (slot s on rank s // slots_per_rank)."""
+        """From the wire form: per layer, the expert of each slot (slot s on rank s // slots_per_rank; EMPTY: none)."""
         holders = []
         for layer, slots in enumerate(layers):
             if len(slots) != ranks * slots_per_rank:
@@ -41,10 +42,14 @@ class ExpertMap:
         return cls(tuple(holders), version)
 
     def to_slots(self, ranks: int) -> tuple[int, list[list[int]]]:
-        """(slots_per_rank, per layer the expert of each slot); a rank's spare slots repeat its last expert."""
+        """(slots_per_rank, per layer the expert of each slot).
+
+        A rank's spare slots repeat its last expert; a rank holding nothing has EMPTY slots."""
         per_rank = [[[e for e, rs in enumerate(experts) if r in rs] for r in range(ranks)] for experts in self.holders]
         width = max(len(held) for layer in per_rank for held in layer)
-        return width, [[e for held in layer for e in (held + held[-1:] * (width - len(held)))] for layer in per_rank]
+        return width, [
+            [e for held in layer for e in (held + (held[-1:] or [EMPTY]) * (width - len(held)))] for layer in per_rank
+        ]
 
     def validate(self, ranks: int) -> None:
         for layer, experts in enumerate(self.holders):

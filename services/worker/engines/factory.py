@@ -16,28 +16,28 @@ if TYPE_CHECKING:
 
 
 def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor:
-    """Join this instance's process group and build this rank's executor (reference engine only)."""
-    from datetime import timedelta
-
-    import torch
+    """This rank's executor; it joins the instance's process group (at once, or in `join` for a joining rank)."""
     import torch.distributed as dist
 
-    from services.worker.engines.reference.parallel import ExpertParallelExecutor
+    from services.worker.engines.reference.executor import resolve_device
+    from services.worker.engines.reference.parallel import GROUP_TIMEOUT, ExpertParallelExecutor, backend_for
 
     assert settings.model_path is not None
-    backend = "nccl" if settings.device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{settings.ep_master}",
-        rank=settings.ep_rank,
-        world_size=settings.ep_size,
-        timeout=timedelta(minutes=10),  # the first rank may wait for the others to load their weights
-    )
+    if not settings.ep_join:
+        dist.init_process_group(
+            backend_for(resolve_device(settings.device)),
+            init_method=f"tcp://{settings.ep_master}",
+            rank=settings.ep_rank,
+            world_size=settings.ep_size,
+            timeout=GROUP_TIMEOUT,
+        )
     return ExpertParallelExecutor(
         settings.model_path,
         settings.model_name,
         settings.ep_rank,
         settings.ep_size,
+        host=settings.ep_master.rpartition(":")[0],
+        joining=settings.ep_join,
         device=settings.device,
         dtype=settings.dtype,
         compute_threads=settings.compute_threads,
@@ -45,10 +45,13 @@ def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor
 
 
 def run_follower(settings: WorkerSettings) -> None:
-    """A rank > 0: run the leader's steps until it stops. It serves nothing and registers nowhere."""
+    """A rank > 0: run the leader's steps until it stops or this rank leaves. It serves and registers nothing."""
     executor = expert_parallel_executor(settings)
     executor.load()
-    executor.allocate_kv(settings.kv_cache_bytes, settings.block_size)
+    if settings.ep_join:
+        executor.join(settings.ep_master)  # its KV cache takes the leader's shape
+    else:
+        executor.allocate_kv(settings.kv_cache_bytes, settings.block_size)
     executor.follow()
 
 

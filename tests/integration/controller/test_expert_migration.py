@@ -23,7 +23,15 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.engines import collect, prompts, reference_engine, request
 from tests.support.models import TINY_MODEL_NAME
-from tests.support.services import ADMIN, OPERATOR, VIEWER, RunningController, ep_worker_processes, running_controller
+from tests.support.services import (
+    ADMIN,
+    OPERATOR,
+    VIEWER,
+    RunningController,
+    ep_joiner,
+    ep_worker_processes,
+    running_controller,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -241,6 +249,51 @@ async def test_scheduled_rebalancing_records_balance_and_migrates(
             await client.close()
 
 
+async def test_adding_a_rank_under_load_loses_nothing(
+    redis_url: str, tiny_model: Path, expected: list[list[int]]
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-elastic") as (address, _):
+        async with running_controller(redis_url) as front:
+            client = WorkerClient(address)
+            master, joiner = ep_joiner(redis_url, tiny_model, 3, "ep-elastic")
+            http = httpx.AsyncClient(base_url=front.url, headers=front.headers(OPERATOR))
+            resize = "/v1/workers/ep-elastic/experts/resize"
+            try:
+                for body, status, fragment in [
+                    ({"ranks": 4, "master": master}, 400, "one rank at a time"),
+                    ({"ranks": 3}, 404, "not started by this controller"),  # a joiner it could start itself
+                    ({"ranks": 3, "master": "nowhere"}, 400, "master"),
+                ]:
+                    answer = await http.post(resize, json=body)
+                    assert answer.status_code == status and fragment in answer.text, answer.text
+                load = Load(client, expected)
+                await asyncio.sleep(1.0)  # serving before
+                grow = await http.post(resize, json={"ranks": 3, "master": master})
+                assert grow.status_code == 202, grow.text
+                grown = await wait_job(front, grow.json()["id"], 180)
+                assert grown["state"] == "succeeded", grown
+                assert grown["result"]["ranks"] == 3 and grown["result"]["synced_bytes"] > 0
+                stats = await client.expert_stats()
+                assert stats.expert_map.num_ranks == 3
+                width = stats.expert_map.slots_per_rank
+                assert all(-1 not in layer.slot_experts[2 * width :] for layer in stats.expert_map.layers)
+                await asyncio.sleep(1.0)  # three ranks serve
+                with pytest.raises(FailedPrecondition, match="still serves experts"):
+                    await client.resize_experts(2)  # experts first migrate off the leaving rank
+                shrink = await http.post(resize, json={"ranks": 2, "source": "checkpoint"})
+                shrunk = await wait_job(front, shrink.json()["id"], 180)
+                assert shrunk["state"] == "succeeded", shrunk
+                assert await asyncio.to_thread(joiner.popen.wait, 30) == 0  # the rank left cleanly
+                assert (await client.expert_stats()).expert_map.num_ranks == 2
+                await asyncio.sleep(1.0)  # and two again
+                await load.stop()
+                assert load.errors == [] and len(load.results) >= 6 and all(load.results), load.errors
+            finally:
+                joiner.terminate(grace_s=10)
+                await http.aclose()
+                await client.close()
+
+
 async def test_the_local_actuator_launches_and_stops_expert_parallel_instances(
     redis_url: str, tiny_model: Path, expected: list[list[int]]
 ) -> None:
@@ -268,9 +321,26 @@ async def test_the_local_actuator_launches_and_stops_expert_parallel_instances(
             assert len(workers) == 1 and launcher.processes == 2  # one replica, two ranks
             view = (await http.get(f"/v1/workers/{workers[0]['worker_id']}/experts")).json()
             assert view["expert_parallel"] and view["num_ranks"] == 2
+            worker_id = workers[0]["worker_id"]
             client = WorkerClient(workers[0]["address"])
             try:
                 assert await greedy(client, 0, "launched") == expected[0]
+                # Elastic: the launcher starts the third rank itself; later that rank leaves, and the
+                # instance, still serving, is neither stopped nor replaced.
+                grow = await http.post(f"/v1/workers/{worker_id}/experts/resize", json={"ranks": 3})
+                assert grow.status_code == 202, grow.text
+                assert (await wait_job(front, grow.json()["id"], 180))["state"] == "succeeded"
+                assert launcher.processes == 3 and (await client.expert_stats()).expert_map.num_ranks == 3
+                assert await greedy(client, 1, "grown") == expected[1]
+                shrink = await http.post(f"/v1/workers/{worker_id}/experts/resize", json={"ranks": 2})
+                assert (await wait_job(front, shrink.json()["id"], 180))["state"] == "succeeded"
+                for _ in range(100):
+                    if launcher.processes == 2:
+                        break
+                    await asyncio.sleep(0.2)
+                assert launcher.processes == 2 and (await client.expert_stats()).expert_map.num_ranks == 2
+                assert [w["worker_id"] for w in (await http.get("/v1/workers")).json()] == [worker_id]
+                assert await greedy(client, 0, "shrunk") == expected[0]
             finally:
                 await client.close()
             await http.post("/v1/pools/moe/scale", json={"replicas": 0})

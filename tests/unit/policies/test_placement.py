@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from shared.policies.placement import (
+    EMPTY,
     EPLBPolicy,
     MigrationAwarePolicy,
     Topology,
@@ -13,6 +14,7 @@ from shared.policies.placement import (
     copy_counts,
     count_moves,
     lower_bound,
+    vacate_last_rank,
 )
 
 pytestmark = pytest.mark.unit
@@ -73,3 +75,24 @@ def test_bad_topologies_are_refused() -> None:
         Topology(ranks=6, nodes=4, slots_per_rank=2)
     with pytest.raises(ValueError, match="positive"):
         Topology(ranks=0, nodes=1, slots_per_rank=2)
+
+
+def test_a_joined_rank_is_filled_and_a_leaving_rank_is_emptied() -> None:
+    load = zipf(np.random.default_rng(4))
+    smaller = Topology(ranks=7, nodes=1, slots_per_rank=5)
+    current = EPLBPolicy().place(load, np.zeros((len(load), smaller.slots), dtype=np.int64), smaller).slots
+    grown = np.concatenate([current, np.full((len(load), 5), EMPTY)], axis=1)  # rank 7 joined, holds nothing
+    topo = Topology(ranks=8, nodes=1, slots_per_rank=5)
+    assert balance_of(grown[0], load[0], topo) > balance_of(current[0], load[0], smaller)  # an idle rank
+    filled = MigrationAwarePolicy().place(load, grown, topo)
+    assert (filled.slots != EMPTY).all()
+    assert filled.moves == count_moves(grown, filled.slots, topo) > 0
+    assert filled.balance.mean() <= np.mean([lower_bound(layer, topo) for layer in load]) * 1.05
+
+    vacated = vacate_last_rank(MigrationAwarePolicy(), load, filled.slots, topo)
+    assert (vacated.slots[:, 35:] == EMPTY).all() and (vacated.slots[:, :35] != EMPTY).all()
+    for layer, layer_load in zip(vacated.slots, load, strict=True):
+        assert np.bincount(layer[:35], minlength=32).tolist() == copy_counts(layer_load, 35).tolist()
+    assert vacated.moves == count_moves(filled.slots, vacated.slots, topo)
+    with pytest.raises(ValueError, match="cannot hold 32 experts"):
+        vacate_last_rank(MigrationAwarePolicy(), load, current[:, :30], Topology(ranks=6, nodes=1, slots_per_rank=5))

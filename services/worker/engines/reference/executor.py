@@ -107,9 +107,21 @@ class ReferenceExecutor:
             self.model = MoEModel(self.checkpoint, self.dtype, self.device, self.experts_of_layer)
 
     def allocate_kv(self, kv_cache_bytes: int, block_size: int) -> int:
+        num_blocks = max(1, kv_cache_bytes // self._geometry(block_size).payload_bytes)
+        self.allocate_blocks(num_blocks, block_size)
+        return num_blocks
+
+    def allocate_blocks(self, num_blocks: int, block_size: int) -> None:
         config = self.config
         self.block_size = block_size
-        self.geometry = KVGeometry(
+        self.geometry = self._geometry(block_size)
+        shape = (config.num_kv_heads, num_blocks * block_size, config.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+
+    def _geometry(self, block_size: int) -> KVGeometry:
+        config = self.config
+        return KVGeometry(
             model=self.model_name,
             layers=config.num_layers,
             kv_heads=config.num_kv_heads,
@@ -118,11 +130,6 @@ class ReferenceExecutor:
             dtype=self.dtype_name,
             itemsize=torch.empty((), dtype=self.dtype).element_size(),
         )
-        num_blocks = max(1, kv_cache_bytes // self.geometry.payload_bytes)
-        shape = (config.num_kv_heads, num_blocks * block_size, config.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
-        return num_blocks
 
     def map_version(self) -> int:
         return self._map_version

@@ -24,17 +24,29 @@ map no longer uses, or, before a commit, discards the staged ones (rollback).
 One migration at a time. Outcomes every rank must agree on (all staged?) are
 agreed by an all-reduce, so no rank ever waits on a collective the others
 skipped.
+
+Elastic expert parallelism regroups the ranks between two steps (`resize`,
+broadcast like a step): every rank leaves its process group and meets the
+others in a new one, one rank larger or smaller. To grow, a new process
+(`join`) hosts the new rendezvous and waits there; once the group forms, the
+leader hands it the expert map and the whole KV cache, and it holds no expert
+until a migration gives it some. To shrink, a migration first leaves the last
+rank EMPTY; the regroup then leaves it out and it exits. No stage, commit or
+release runs across a regroup (one at a time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-exported from torch._C untyped
 
 from services.worker.engines.base import KVBlock
 from services.worker.engines.engine import StepResult
@@ -42,7 +54,23 @@ from services.worker.engines.experts import ExpertMap
 from services.worker.engines.reference.executor import ReferenceExecutor
 from services.worker.engines.reference.model import ExpertWeights, LayerWeights, load_expert
 from services.worker.engines.scheduler import Item, Sequence
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+GROUP_TIMEOUT = timedelta(minutes=10)  # the first rank may wait for the others to load their weights
+PROBE_TIMEOUT = timedelta(seconds=5)
+JOINER_KEY = "shoal/joiner"  # what a joining rank says of itself at its rendezvous
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rendezvous(master: str) -> tuple[str, int]:
+    """host:port -> (host, port)."""
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"a rendezvous address is host:port, not {master!r}", param="master")
+    return host, int(port)
 
 
 @dataclass
@@ -100,13 +128,21 @@ class ExpertParallelExecutor(ReferenceExecutor):
         rank: int,
         world_size: int,
         expert_map: ExpertMap | None = None,
+        host: str = "127.0.0.1",
+        joining: bool = False,
         **kwargs: Any,
     ) -> None:
+        """`host`: where ranks can reach this one (it hosts the rendezvous of a shrink);
+        `joining`: a new last rank, which loads no expert and learns the map in `join`."""
         super().__init__(model_path, model_name, **kwargs)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.host = rank, world_size, host
         self.expert_map = expert_map or ExpertMap.round_robin(self.num_layers, self.num_experts, world_size)
         self.expert_map.validate(world_size)
-        self.experts_of_layer = self.expert_map.held_by(rank)
+        self.experts_of_layer = (
+            {layer: [] for layer in range(self.num_layers)} if joining else self.expert_map.held_by(rank)
+        )
+        self.left = False  # this rank left the instance in a shrink
+        self._store: TCPStore | None = None  # the rendezvous of a regrouped process group, kept while it lives
         self.runner = ExpertParallelRunner(rank, self.expert_map, self.num_experts)
         self.expert_runner = self.runner
         self._map_version = self.expert_map.version
@@ -169,6 +205,105 @@ class ExpertParallelExecutor(ReferenceExecutor):
         dist.broadcast_object_list([(kind, body)], src=0)
         return self._apply(kind, body)
 
+    # -- elastic expert parallelism --------------------------------------------
+
+    def check_joiner(self, ranks: int, master: str) -> None:
+        """Before a grow: does rank `ranks - 1` of this model wait at `master`? (leader, off the engine thread)"""
+        if ranks != self.world_size + 1:
+            return  # not a grow: `resize` says what is wrong
+        host, port = rendezvous(master)
+        try:
+            joiner = json.loads(TCPStore(host, port, is_master=False, timeout=PROBE_TIMEOUT).get(JOINER_KEY))
+        except (RuntimeError, ValueError) as exc:  # torch's DistError is a RuntimeError
+            # Retryable: the joining process may still be loading its weights.
+            raise Unavailable(f"no rank waits to join at {master} yet: {str(exc).splitlines()[0]}") from exc
+        if joiner != {"rank": self.world_size, "model": self.model_name}:
+            raise FailedPrecondition(
+                f"the process at {master} joins as {joiner}, not as rank {self.world_size} of {self.model_name}"
+            )
+
+    def resize(self, ranks: int, master: str, blocks: list[int]) -> int:
+        """Regroup every rank into `ranks` ranks, between two steps; returns the KV bytes sent to a joiner.
+
+        `blocks`: the KV blocks in use (held or cached), the only ones a joiner needs."""
+        if self._migration is not None:
+            raise FailedPrecondition(f"migration {self._migration} is in flight; resize after it")
+        hosted = None
+        if ranks == self.world_size + 1:
+            host, port = rendezvous(master)
+        elif ranks == self.world_size - 1 and ranks >= 1:
+            if any(self.expert_map.held_by(ranks).values()):
+                raise FailedPrecondition(
+                    f"rank {ranks} still serves experts: migrate to a map that leaves it empty before it leaves"
+                )
+            hosted = TCPStore(self.host, 0, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
+            host, port = self.host, hosted.port
+        else:
+            raise InvalidArgument(
+                f"an instance grows or shrinks by one rank at a time: {self.world_size} -> {ranks}", param="ranks"
+            )
+        dist.broadcast_object_list([("resize", (ranks, host, port))], src=0)
+        return self._regroup(ranks, host, port, hosted, blocks)
+
+    def join(self, master: str) -> None:
+        """A new last rank: host the rendezvous at `master`, wait for the instance to regroup, take its state."""
+        host, port = rendezvous(master)
+        self._store = TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=GROUP_TIMEOUT)
+        self._store.set(JOINER_KEY, json.dumps({"rank": self.rank, "model": self.model_name}))
+        dist.init_process_group(
+            backend_for(self.device), store=self._store, rank=self.rank, world_size=self.world_size,
+            timeout=GROUP_TIMEOUT,
+        )  # fmt: skip
+        self._welcome(self.rank)
+
+    def _regroup(
+        self, ranks: int, host: str, port: int, hosted: TCPStore | None = None, blocks: list[int] | None = None
+    ) -> int:
+        """Every rank: leave this process group for one of `ranks` ranks (a rank beyond them leaves for good)."""
+        members = self.world_size
+        dist.destroy_process_group()
+        if self.rank >= ranks:
+            self.left = True
+            return 0
+        self._store = hosted or TCPStore(host, port, is_master=False, timeout=GROUP_TIMEOUT)
+        dist.init_process_group(
+            backend_for(self.device), store=self._store, rank=self.rank, world_size=ranks, timeout=GROUP_TIMEOUT
+        )
+        self.world_size = ranks
+        return self._welcome(members, blocks)
+
+    def _welcome(self, members: int, blocks: list[int] | None = None) -> int:
+        """The leader hands ranks `members`.. what every rank holds: the expert map and the KV blocks in use.
+
+        Returns the bytes sent (leader) or received (joiner)."""
+        state: list[Any] = [None]
+        if self.rank == 0:
+            num_blocks = self.k_cache[0].shape[1] // self.block_size
+            state = [(self.expert_map, self.block_size, num_blocks, blocks or [])]
+        dist.broadcast_object_list(state, src=0)
+        expert_map, block_size, num_blocks, in_use = state[0]
+        if self.rank >= members:
+            self.expert_map = self.runner.map = expert_map
+            self._map_version = expert_map.version
+            self.allocate_blocks(num_blocks, block_size)
+        if not in_use or self.world_size <= members:
+            return 0
+        slots = torch.tensor(self._slots(in_use, 0, len(in_use) * block_size), device=self.device)
+        moved = 0
+        for k, v in zip(self.k_cache, self.v_cache, strict=True):
+            if self.rank == 0:
+                packed = torch.stack([k[:, slots], v[:, slots]])
+                for joiner in range(members, self.world_size):
+                    dist.send(packed, joiner)
+            elif self.rank >= members:
+                packed = torch.empty((2, k.shape[0], len(slots), k.shape[2]), dtype=k.dtype, device=k.device)
+                dist.recv(packed, 0)
+                k[:, slots], v[:, slots] = packed[0], packed[1]
+            else:
+                continue
+            moved += packed.numel() * packed.element_size()
+        return moved
+
     # -- live migration (every rank) ------------------------------------------
 
     def _apply(self, kind: str, body: Any) -> tuple[int, int]:
@@ -224,7 +359,6 @@ class ExpertParallelExecutor(ReferenceExecutor):
         assert model is not None
         for layer in layers:
             served = self.expert_map.holders[layer]
-            template = next(iter(model.layers[layer].experts.values()))
             for expert, holders in enumerate(target.holders[layer]):
                 source = min(served[expert])
                 for receiver in sorted(set(holders) - set(served[expert])):
@@ -233,15 +367,23 @@ class ExpertParallelExecutor(ReferenceExecutor):
                         dist.send(weights.w13.contiguous(), receiver)
                         dist.send(weights.w2.contiguous(), receiver)
                     elif self.rank == receiver:
-                        w13, w2 = torch.empty_like(template.w13), torch.empty_like(template.w2)
+                        w13, w2 = self._expert_buffers()
                         dist.recv(w13, source)
                         dist.recv(w2, source)
                         self._staged[layer, expert] = ExpertWeights(w13, w2)
 
+    def _expert_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty w13 and w2 of one expert (a joined rank may hold none to copy the shapes from)."""
+        hidden, inner = self.config.hidden_size, self.config.intermediate_size
+        return (
+            torch.empty(2 * inner, hidden, dtype=self.dtype, device=self.device),
+            torch.empty(hidden, inner, dtype=self.dtype, device=self.device),
+        )
+
     # -- followers ------------------------------------------------------------
 
     def follow(self) -> None:
-        """Run the leader's steps until it says stop (followers only)."""
+        """Run the leader's steps until it says stop, or this rank leaves in a shrink (followers only)."""
         while True:
             message: list[Any] = [None]
             dist.broadcast_object_list(message, src=0)
@@ -250,6 +392,11 @@ class ExpertParallelExecutor(ReferenceExecutor):
                 return
             if kind == "write":
                 super().write_block(*body)
+                continue
+            if kind == "resize":
+                self._regroup(*body)
+                if self.left:
+                    return
                 continue
             if kind in ("stage", "commit", "release"):
                 with contextlib.suppress(FailedPrecondition):  # every rank agreed to refuse; the leader reports it

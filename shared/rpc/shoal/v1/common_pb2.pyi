@@ -310,7 +310,10 @@ class LayerPlacement(_message.Message):
     layer: _builtins.int
     @_builtins.property
     def slot_experts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """slot index -> logical expert id; length num_ranks * slots_per_rank."""
+        """slot index -> logical expert id; length num_ranks * slots_per_rank.
+        -1: an empty slot (a rank that joined and holds nothing yet, or is
+        about to leave). Wire-compatible with the unsigned ids it replaced.
+        """
 
     def __init__(
         self,

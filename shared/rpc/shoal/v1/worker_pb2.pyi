@@ -629,6 +629,57 @@ class ReleaseExpertsRequest(_message.Message):
 Global___ReleaseExpertsRequest: _TypeAlias = ReleaseExpertsRequest  # noqa: Y015
 
 @_typing.final
+class ResizeExpertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANKS_FIELD_NUMBER: _builtins.int
+    MASTER_FIELD_NUMBER: _builtins.int
+    ranks: _builtins.int
+    """The instance's new rank count: the current one plus or minus one."""
+    master: _builtins.str
+    """host:port where the joining rank waits (growing only)."""
+    def __init__(
+        self,
+        *,
+        ranks: _builtins.int = ...,
+        master: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master", b"master", "ranks", b"ranks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeExpertsRequest: _TypeAlias = ResizeExpertsRequest  # noqa: Y015
+
+@_typing.final
+class ResizeExpertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RANKS_FIELD_NUMBER: _builtins.int
+    SYNCED_BYTES_FIELD_NUMBER: _builtins.int
+    STALL_S_FIELD_NUMBER: _builtins.int
+    ranks: _builtins.int
+    synced_bytes: _builtins.int
+    """KV cache bytes copied to the joining rank."""
+    stall_s: _builtins.float
+    """How long serving paused for the regroup, in seconds."""
+    def __init__(
+        self,
+        *,
+        ranks: _builtins.int = ...,
+        synced_bytes: _builtins.int = ...,
+        stall_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ranks", b"ranks", "stall_s", b"stall_s", "synced_bytes", b"synced_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResizeExpertsResponse: _TypeAlias = ResizeExpertsResponse  # noqa: Y015
+
+@_typing.final
 class ReleaseExpertsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -90,6 +90,11 @@ class WorkerStub:
                 request_serializer=shoal_dot_v1_dot_worker__pb2.ReleaseExpertsRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_worker__pb2.ReleaseExpertsResponse.FromString,
                 _registered_method=True)
+        self.ResizeExperts = channel.unary_unary(
+                '/shoal.v1.Worker/ResizeExperts',
+                request_serializer=shoal_dot_v1_dot_worker__pb2.ResizeExpertsRequest.SerializeToString,
+                response_deserializer=shoal_dot_v1_dot_worker__pb2.ResizeExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -174,6 +179,17 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResizeExperts(self, request, context):
+        """Elastic expert parallelism: regroup the instance's ranks, between two
+        steps, into a process group one rank larger (a process started with
+        SHOAL_WORKER_EP_JOIN waits at `master`; it receives the expert map and
+        the KV cache and holds no expert until a migration gives it some) or one
+        smaller (the last rank, which must hold no expert, leaves and exits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +247,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.ReleaseExperts,
                     request_deserializer=shoal_dot_v1_dot_worker__pb2.ReleaseExpertsRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_worker__pb2.ReleaseExpertsResponse.SerializeToString,
+            ),
+            'ResizeExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizeExperts,
+                    request_deserializer=shoal_dot_v1_dot_worker__pb2.ResizeExpertsRequest.FromString,
+                    response_serializer=shoal_dot_v1_dot_worker__pb2.ResizeExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +551,33 @@ class Worker:
             '/shoal.v1.Worker/ReleaseExperts',
             shoal_dot_v1_dot_worker__pb2.ReleaseExpertsRequest.SerializeToString,
             shoal_dot_v1_dot_worker__pb2.ReleaseExpertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizeExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Worker/ResizeExperts',
+            shoal_dot_v1_dot_worker__pb2.ResizeExpertsRequest.SerializeToString,
+            shoal_dot_v1_dot_worker__pb2.ResizeExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -62,6 +62,13 @@ class WorkerStub:
     """
     CommitExpertMap: _grpc.UnaryUnaryMultiCallable[_worker_pb2.CommitExpertMapRequest, _worker_pb2.CommitExpertMapResponse]
     ReleaseExperts: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ReleaseExpertsRequest, _worker_pb2.ReleaseExpertsResponse]
+    ResizeExperts: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ResizeExpertsRequest, _worker_pb2.ResizeExpertsResponse]
+    """Elastic expert parallelism: regroup the instance's ranks, between two
+    steps, into a process group one rank larger (a process started with
+    SHOAL_WORKER_EP_JOIN waits at `master`; it receives the expert map and
+    the KV cache and holds no expert until a migration gives it some) or one
+    smaller (the last rank, which must hold no expert, leaves and exits).
+    """
 
 @_typing.type_check_only
 class WorkerAsyncStub(WorkerStub):
@@ -93,6 +100,13 @@ class WorkerAsyncStub(WorkerStub):
     """
     CommitExpertMap: _aio.UnaryUnaryMultiCallable[_worker_pb2.CommitExpertMapRequest, _worker_pb2.CommitExpertMapResponse]  # type: ignore[assignment]
     ReleaseExperts: _aio.UnaryUnaryMultiCallable[_worker_pb2.ReleaseExpertsRequest, _worker_pb2.ReleaseExpertsResponse]  # type: ignore[assignment]
+    ResizeExperts: _aio.UnaryUnaryMultiCallable[_worker_pb2.ResizeExpertsRequest, _worker_pb2.ResizeExpertsResponse]  # type: ignore[assignment]
+    """Elastic expert parallelism: regroup the instance's ranks, between two
+    steps, into a process group one rank larger (a process started with
+    SHOAL_WORKER_EP_JOIN waits at `master`; it receives the expert map and
+    the KV cache and holds no expert until a migration gives it some) or one
+    smaller (the last rank, which must hold no expert, leaves and exits).
+    """
 
 class WorkerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -187,5 +201,18 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.ReleaseExpertsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.ReleaseExpertsResponse, _abc.Awaitable[_worker_pb2.ReleaseExpertsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResizeExperts(
+        self,
+        request: _worker_pb2.ResizeExpertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_worker_pb2.ResizeExpertsResponse, _abc.Awaitable[_worker_pb2.ResizeExpertsResponse]]:
+        """Elastic expert parallelism: regroup the instance's ranks, between two
+        steps, into a process group one rank larger (a process started with
+        SHOAL_WORKER_EP_JOIN waits at `master`; it receives the expert map and
+        the KV cache and holds no expert until a migration gives it some) or one
+        smaller (the last rank, which must hold no expert, leaves and exits).
+        """
 
 def add_WorkerServicer_to_server(servicer: WorkerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
