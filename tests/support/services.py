@@ -188,14 +188,19 @@ def _ep_env(redis_url: str, model_path: Path, worker_id: str, ranks: int, master
 
 @contextlib.contextmanager
 def ep_worker_processes(
-    redis_url: str, model_path: Path, ranks: int, worker_id: str = "ep-worker"
+    redis_url: str, model_path: Path, ranks: int, worker_id: str = "ep-worker", local_followers: bool = False
 ) -> Iterator[tuple[str, list[ManagedProcess]]]:
-    """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes)."""
+    """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes).
+
+    `local_followers`: start rank 0 alone; it starts the others as its children (as in a pod)."""
     port = free_port()
     env = {**_ep_env(redis_url, model_path, worker_id, ranks, free_port()), "SHOAL_WORKER_GRPC_PORT": str(port)}
+    if local_followers:
+        env["SHOAL_WORKER_EP_LOCAL_FOLLOWERS"] = "true"
     argv = [sys.executable, "-m", "services.worker"]
     processes = [
-        spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO()) for r in range(ranks)
+        spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO())
+        for r in range(1 if local_followers else ranks)
     ]
     try:
         wait_for_port("127.0.0.1", port, 120, processes[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -98,23 +100,36 @@ def test_a_map_that_loses_an_expert_is_refused() -> None:
         ExpertMap(((((),) * 8),)).validate(WORLD)
 
 
+async def generate(address: str) -> list[int]:
+    client = WorkerClient(address)
+    sampling = common_pb2.SamplingParams(max_tokens=TOKENS, ignore_eos=True)
+    message = worker_pb2.GenerateRequest(
+        request_id="ep", model=TINY_MODEL_NAME, prompt_token_ids=PROMPTS[1], sampling=sampling
+    )
+    try:
+        return [t async for r in client.generate(message, timeout_s=120) for t in r.token_ids]
+    finally:
+        await client.close()
+
+
 def test_a_two_rank_worker_service_serves_the_same_tokens(
     tiny_model: Path, single_process: list[list[int]], redis_url: str
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, WORLD) as (address, ranks):
-
-        async def generate() -> list[int]:
-            client = WorkerClient(address)
-            sampling = common_pb2.SamplingParams(max_tokens=TOKENS, ignore_eos=True)
-            message = worker_pb2.GenerateRequest(
-                request_id="ep", model=TINY_MODEL_NAME, prompt_token_ids=PROMPTS[1], sampling=sampling
-            )
-            try:
-                return [t async for r in client.generate(message, timeout_s=120) for t in r.token_ids]
-            finally:
-                await client.close()
-
-        assert asyncio.run(generate()) == single_process[1]
+        assert asyncio.run(generate(address)) == single_process[1]
         assert ranks[1].alive()  # the follower serves nothing itself but stays with its leader
         ranks[0].terminate(grace_s=20)
         assert ranks[1].popen.wait(timeout=30) == 0, "the follower stops by itself, cleanly, with its leader"
+
+
+def test_one_process_starts_its_own_followers_as_in_a_pod(
+    tiny_model: Path, single_process: list[list[int]], redis_url: str
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, WORLD, local_followers=True) as (address, processes):
+        leader = processes[0]
+        assert asyncio.run(generate(address)) == single_process[1]
+        children = Path(f"/proc/{leader.pid}/task/{leader.pid}/children").read_text().split()
+        assert len(children) == 1  # the follower, started by rank 0 itself
+        os.kill(int(children[0]), signal.SIGKILL)
+        # Its collectives can never complete again: the instance exits for its supervisor to restart.
+        assert leader.popen.wait(timeout=60) == 1
