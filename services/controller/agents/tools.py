@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import operator
 import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,17 +81,39 @@ def _passages() -> list[str]:
 PASSAGE_CHARS = 400
 
 
+def _terms(text: str) -> list[str]:
+    """Lower-case words of three letters or more, plurals folded ("pools" -> "pool")."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return [w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words if len(w) > 2]
+
+
+@functools.cache
+def _index() -> tuple[list[Counter[str]], dict[str, int], float]:
+    """Term counts per passage, passages per term, mean passage length (in terms)."""
+    counts = [Counter(_terms(passage)) for passage in _passages()]
+    frequency: Counter[str] = Counter()
+    for terms in counts:
+        frequency.update(terms.keys())
+    return counts, dict(frequency), sum(sum(c.values()) for c in counts) / max(1, len(counts))
+
+
+BM25_K1, BM25_B = 1.2, 0.75
+
+
 def docs(query: str, top_k: int) -> list[str]:
-    """Paragraphs of Shoal's own documentation ranked by the query's words they contain (their first
-    PASSAGE_CHARS characters: snippets that fit small models' contexts)."""
-    words = {w for w in re.findall(r"[a-z0-9]+", query.lower()) if len(w) > 2}
+    """Paragraphs of Shoal's own documentation ranked by BM25 for the query (rare words weigh more, long
+    paragraphs do not win by length), cut to their first PASSAGE_CHARS characters (snippets that fit small
+    models' contexts)."""
+    counts, frequency, mean_length = _index()
+    total = len(counts)
+    idf = {t: math.log(1 + (total - frequency.get(t, 0) + 0.5) / (frequency.get(t, 0) + 0.5)) for t in _terms(query)}
     scored = []
-    for index, passage in enumerate(_passages()):
-        text = passage.lower()
-        score = sum(text.count(w) for w in words)
-        if score:
-            scored.append((-score, index, passage))
-    return [passage[:PASSAGE_CHARS] for _, _, passage in sorted(scored)[:top_k]]
+    for index, terms in enumerate(counts):
+        norm = BM25_K1 * (1 - BM25_B + BM25_B * sum(terms.values()) / mean_length)
+        score = sum(weight * terms[t] * (BM25_K1 + 1) / (terms[t] + norm) for t, weight in idf.items() if terms[t])
+        if score > 0:
+            scored.append((-score, index))
+    return [_passages()[index][:PASSAGE_CHARS] for _, index in sorted(scored)[:top_k]]
 
 
 RETRIEVERS: dict[str, Retriever] = {"docs": docs}
