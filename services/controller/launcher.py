@@ -79,9 +79,12 @@ class _Launched:
     def alive(self) -> bool:
         return any(p.alive() for p in self.ranks)
 
-    def broken(self) -> bool:
-        if self.process.alive():  # a follower that exited cleanly beside a serving rank 0 left in a shrink
+    def forget_departed(self) -> None:
+        """A follower that exited cleanly beside a serving rank 0 left in a shrink: no longer a rank."""
+        if self.process.alive():
             self.followers = [p for p in self.followers if p.alive() or p.popen.returncode != 0]
+
+    def broken(self) -> bool:
         return not all(p.alive() for p in self.ranks)
 
     def terminate(self) -> None:
@@ -127,6 +130,7 @@ class LocalLauncher:
         now = time.time()
         for launched in list(state.workers.values()):
             await self._settle_joiner(launched)
+            launched.forget_departed()
             if not launched.alive():
                 if not launched.stopping:
                     log.warning(

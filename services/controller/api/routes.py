@@ -305,7 +305,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
             raise FailedPrecondition(f"worker {worker_id} holds every expert itself: no expert parallelism to resize")
         if abs(body.ranks - ranks) != 1:
             raise InvalidArgument(
-                f"an instance grows or shrinks by one rank at a time: it has {ranks}, not {body.ranks} +- 1",
+                f"an instance grows or shrinks by one rank at a time: it has {ranks}, so {ranks - 1} or {ranks + 1}",
                 param="ranks",
             )
         grow = body.ranks > ranks

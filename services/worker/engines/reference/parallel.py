@@ -29,8 +29,8 @@ Elastic expert parallelism regroups the ranks between two steps (`resize`,
 broadcast like a step): every rank leaves its process group and meets the
 others in a new one, one rank larger or smaller. To grow, a new process
 (`join`) hosts the new rendezvous and waits there; once the group forms, the
-leader hands it the expert map and the whole KV cache, and it holds no expert
-until a migration gives it some. To shrink, a migration first leaves the last
+leader hands it the expert map and the KV blocks in use (held or cached), and
+it holds no expert until a migration gives it some. To shrink, a migration first leaves the last
 rank EMPTY; the regroup then leaves it out and it exits. No stage, commit or
 release runs across a regroup (one at a time).
 """
