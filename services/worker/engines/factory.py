@@ -20,7 +20,12 @@ def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor
     import torch.distributed as dist
 
     from services.worker.engines.reference.executor import resolve_device
-    from services.worker.engines.reference.parallel import GROUP_TIMEOUT, ExpertParallelExecutor, backend_for
+    from services.worker.engines.reference.parallel import (
+        GROUP_TIMEOUT,
+        ExpertParallelExecutor,
+        backend_for,
+        rendezvous,
+    )
 
     assert settings.model_path is not None
     if not settings.ep_join:
@@ -36,7 +41,7 @@ def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor
         settings.model_name,
         settings.ep_rank,
         settings.ep_size,
-        host=settings.ep_master.rpartition(":")[0],
+        host=rendezvous(settings.ep_master)[0],
         joining=settings.ep_join,
         device=settings.device,
         dtype=settings.dtype,
