@@ -21,9 +21,9 @@ help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sort | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock -r requirements-dev.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
@@ -37,9 +37,8 @@ redis: ## Install redis-server with apt-get when it is missing
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
 .PHONY: lock
-lock: $(STAMP) ## Rewrite requirements.lock from the current .venv
-	@{ head -3 requirements.lock; $(PY) -m pip freeze --exclude-editable | grep -v '^shoal'; } > requirements.lock.new
-	@mv requirements.lock.new requirements.lock
+lock: $(STAMP) ## Rewrite requirements.lock (runtime) and requirements-dev.lock from the current .venv
+	$(PY) deploy/lock.py
 
 .PHONY: proto
 proto: $(STAMP) ## Regenerate the gRPC stubs from protos/
@@ -49,7 +48,7 @@ proto: $(STAMP) ## Regenerate the gRPC stubs from protos/
 lint: $(STAMP) ## ruff, mypy and the import contracts
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy shared services cli simulator tests benchmarks protos/generate.py deploy/get_helm.py deploy/validate_chart.py deploy/helm/schema.py
+	$(VENV)/bin/mypy shared services cli simulator tests benchmarks protos/generate.py deploy/get_helm.py deploy/lock.py deploy/validate_chart.py deploy/helm/schema.py
 	$(VENV)/bin/lint-imports
 
 .PHONY: format
@@ -60,6 +59,11 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 .PHONY: test
 test: $(STAMP) redis lint helm-lint ## Run every test (unit, integration, e2e), after lint and helm-lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: test-images
+test-images: $(STAMP) ## Build the image and bring the docker-compose stack up (Docker, or podman when no daemon)
+	bash deploy/container-host.sh
+	$(PY) -m pytest tests/images -m images --timeout=2400 $(PYTEST_ARGS)
 
 HELM := $(TOOLS)/helm
 CHART := deploy/helm/shoal

@@ -29,9 +29,14 @@ SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 SHOAL = {name: spec for name, spec in SERVICES.items() if spec.get("command", [""])[0] in SERVICE_SETTINGS}
 
 
+def defaults(value: str) -> str:
+    """`value` with every ${VAR:-default} and ${VAR-default} resolved to its default."""
+    return re.sub(r"\$\{[A-Z_]+:?-([^}]*)\}", r"\1", value)
+
+
 def environment(spec: dict[str, Any]) -> dict[str, str]:
-    """The service's environment with ${VAR:-default} resolved to its default."""
-    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in spec.get("environment", {}).items()}
+    """The service's environment with its variables resolved to their defaults."""
+    return {k: defaults(str(v)) for k, v in spec.get("environment", {}).items()}
 
 
 def test_every_shoal_service_runs_a_real_module() -> None:
@@ -52,10 +57,11 @@ def test_environment_names_and_values_are_what_the_service_reads(name: str, monk
 
 
 def test_ports_match_make_run_and_the_health_checks() -> None:
-    defaults = StackConfig()
+    stack = StackConfig()
     router, controller = environment(SERVICES["router"]), environment(SERVICES["controller"])
-    assert SERVICES["router"]["ports"] == [f"{defaults.router_port}:{router['SHOAL_ROUTER_HTTP_PORT']}"]
-    assert SERVICES["controller"]["ports"] == [f"{defaults.controller_port}:{controller['SHOAL_CONTROLLER_HTTP_PORT']}"]
+    published = {name: [defaults(p) for p in SERVICES[name]["ports"]] for name in ("router", "controller")}
+    assert published["router"] == [f"{stack.router_port}:{router['SHOAL_ROUTER_HTTP_PORT']}"]
+    assert published["controller"] == [f"{stack.controller_port}:{controller['SHOAL_CONTROLLER_HTTP_PORT']}"]
     for name, spec in SHOAL.items():
         env = environment(spec)
         probe = spec.get("healthcheck", {}).get("test", [])
