@@ -8,6 +8,8 @@ right status, and validation failures are 400s that name the bad field.
 from __future__ import annotations
 
 import math
+import socket
+from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
@@ -54,7 +56,8 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(error: ShoalError) -> JSONResponse:
+def error_parts(error: ShoalError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, OpenAI-style body, headers) of an error: Retry-After on 429/503, WWW-Authenticate on 401."""
     status, type_ = HTTP_STATUS[error.code]
     headers: dict[str, str] = {}
     if isinstance(error, Overloaded) or error.code is ErrorCode.UNAVAILABLE:
@@ -63,13 +66,19 @@ def error_response(error: ShoalError) -> JSONResponse:
     if error.code is ErrorCode.UNAUTHENTICATED:
         headers["WWW-Authenticate"] = "Bearer"
     param = error.fields.get("param")
-    return JSONResponse(error_body(error.message, type_, param, error.code.value), status_code=status, headers=headers)
+    return status, error_body(error.message, type_, param, error.code.value), headers
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def error_response(error: ShoalError) -> JSONResponse:
+    status, body, headers = error_parts(error)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A one-line message naming the bad fields of a validation failure, and the first field."""
     parts: list[str] = []
     first_param: str | None = None
-    for err in exc.errors()[:5]:
+    for err in errors[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         param = ".".join(loc) or None
         first_param = first_param or param
@@ -86,7 +95,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(_request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        message, param = _describe_validation(exc)
+        message, param = describe_validation(exc.errors())
         return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_argument"), 400)
 
     async def on_http(_request: Request, exc: Exception) -> JSONResponse:
@@ -104,6 +113,19 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT): the kernel spreads
+    new connections over every process listening on the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
 def http_server(app: Any, host: str, port: int, graceful_s: int | None = None) -> uvicorn.Server:
     """The uvicorn server every HTTP service runs (uvloop, httptools, no access log: metrics count requests)."""
     config = uvicorn.Config(
@@ -114,6 +136,8 @@ def http_server(app: Any, host: str, port: int, graceful_s: int | None = None) -
         http="httptools",
         log_level="warning",
         access_log=False,
+        # Shoal reads no client address; the proxy-headers middleware would cost every request a layer.
+        proxy_headers=False,
         timeout_graceful_shutdown=graceful_s,
     )
     return uvicorn.Server(config)

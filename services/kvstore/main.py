@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.kvstore.app import KVStoreApp
 from shared.config import KVStoreSettings, SettingsError, load_settings
+from shared.processes import run_service
 from shared.telemetry import setup_telemetry
 
 
@@ -16,7 +16,7 @@ def main() -> None:
     except SettingsError as exc:
         sys.exit(str(exc))
     setup_telemetry("kvstore", settings)
-    asyncio.run(KVStoreApp(settings).run())
+    run_service(KVStoreApp(settings).run())
 
 
 if __name__ == "__main__":

@@ -2,39 +2,47 @@
 
 Background work keeps the hot path free of Redis: the worker directory is
 refreshed every 250 ms and the KV index follows the event stream, both into
-memory that requests read. Several routers can run side by side: they share
-nothing but Redis.
+memory that requests read. Several routers can run side by side (processes
+sharing a port, or replicas): each follows the KV event stream itself, and
+they share the session map through Redis (shared/state/sessions.py), so a
+session keeps its worker and a prompt gets the same P/D decision whichever
+router takes it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
 from pathlib import Path
 
-import uvicorn
 import yaml
 from redis.exceptions import RedisError
 
 from services.router.discovery import WorkerDirectory
-from services.router.dispatch import Dispatcher, Job
-from services.router.http.api import build_api
+from services.router.dispatch import Dispatcher, Job, KVStoreTarget
+from services.router.http.api import build_server
+from services.router.inflight import InflightCounts
 from services.router.metrics import RouterMetrics
+from services.router.pd import Handoff
+from services.router.pinning import Pinner
 from services.router.prompts import PromptBuilder
 from shared.config.services import RouterSettings
 from shared.errors import FailedPrecondition
 from shared.hashing import BlockHasher
-from shared.httpapi import http_server
+from shared.httpapi import listening_socket
 from shared.kvindex import KVIndex
 from shared.policies.routing import PDPolicy, Router, load_config
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
+from shared.rpc.server import stop_event_on_signals
 from shared.rpc.shoal.v1 import common_pb2
 from shared.rpc.worker_client import WorkerClient
 from shared.state.kvevents import KVEventFollower
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
+from shared.state.sessions import SessionMap
 from shared.state.workstats import WorkRecorder
 from shared.telemetry.logging import get_logger
 from shared.telemetry.metrics import new_registry
@@ -43,6 +51,9 @@ from shared.ticker import Ticker
 log = get_logger("shoal.router")
 
 DISCOVERY_INTERVAL_S = 0.25
+# Requests in flight at SIGTERM may finish within this time (below Kubernetes' and make run's grace).
+SHUTDOWN_GRACE_S = 10.0
+SESSION_FLUSH_S = 0.1
 
 
 class RouterApp:
@@ -59,16 +70,27 @@ class RouterApp:
         self.redis = connect(settings.redis_url)
         self.events_redis = connect(settings.redis_url)
         self.index = KVIndex()
-        self.clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
         # Opened on first use, inside the event loop (gRPC channels belong to the loop that made them).
+        self.clients: ClientPool[WorkerClient] = ClientPool(
+            lambda a: WorkerClient(a, settings.internal_token, settings.stall_s, self.metrics.stalls.inc)
+        )
         self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, settings.internal_token))
         self.directory = WorkerDirectory(WorkerRegistry(self.redis), settings.model_name, self._worker_gone)
         self.follower = KVEventFollower(self.events_redis, self.index)
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
+        # Request ids: this router's random prefix and a counter (unique across routers and restarts).
+        self._request_ids = (f"{self.router_id[7:]}{n:x}" for n in itertools.count())
         self.work = WorkRecorder(self.redis, self.router_id, settings.model_name)
+        self.sessions = SessionMap(self.redis)
+        self.worker_inflight = InflightCounts()
         config = load_config(yaml.safe_load(settings.routing_config.read_text()) if settings.routing_config else None)
         if not settings.routing_config:
             config = config.model_copy(update={"preset": settings.routing_preset})
+        kvstore = (
+            KVStoreTarget(settings.kvstore_address, settings.kvstore_id, settings.kv_transfer_timeout_s)
+            if settings.kvstore_address
+            else None
+        )
         self.dispatcher = Dispatcher(
             self.directory,
             self.index,
@@ -76,22 +98,50 @@ class RouterApp:
             PDPolicy(settings.pd_min_uncached_tokens),
             self.clients,
             self.metrics,
-            kvstore_address=settings.kvstore_address,
-            kvstore_publisher=settings.kvstore_id if settings.kvstore_address else None,
-            kv_transfer_timeout_s=settings.kv_transfer_timeout_s,
+            self.sessions,
+            Handoff(
+                self.directory,
+                self.clients,
+                self.worker_inflight,
+                self.metrics,
+                settings.kvstore_address,
+                settings.kv_transfer_timeout_s,
+            ),
+            self.worker_inflight,
+            kvstore=kvstore,
+            pinner=Pinner(
+                self.directory,
+                self.clients,
+                self.kvstores,
+                kvstore.address,
+                kvstore.transfer_timeout_s,
+                self.metrics,
+            )
+            if kvstore
+            else None,
             work=self.work,
-            kvstores=self.kvstores,
         )
-        self.api = build_api(self)
+        self.http = build_server(self)
         self.inflight = 0
         self.started_at = int(time.time())
         self._discovery = Ticker("discovery", DISCOVERY_INTERVAL_S, self.directory.refresh)
         self._events = Ticker("kv-index", 0.001, self._follow)
         self._stats = Ticker("work-stats", 1.0, self._flush_work)
+        self._sessions = Ticker("sessions", SESSION_FLUSH_S, self.sessions.flush)
+
+    def request_started(self) -> None:
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+
+    def request_ended(self) -> None:
+        self.inflight -= 1
+        self.metrics.inflight.set(self.inflight)
 
     def _worker_gone(self, worker_id: str) -> None:
+        # Requests running there go on: the worker may only have missed a heartbeat (a Redis restart).
+        # If it is really gone, its Serve session breaks and they resume elsewhere.
         self.index.drop(worker_id)
-        self.dispatcher.inflight.pop(worker_id, None)
+        self.worker_inflight.forget(worker_id)
 
     async def _follow(self) -> None:
         if not self.follower.ready.is_set():
@@ -114,7 +164,7 @@ class RouterApp:
         pin_s: int = 0,
     ) -> Job:
         return Job(
-            request_id=uuid.uuid4().hex[:16],
+            request_id=next(self._request_ids),
             model=model,
             prompt=prompt,
             sampling=sampling,
@@ -131,25 +181,38 @@ class RouterApp:
         self._discovery.start()
         self._events.start()
         self._stats.start()
+        self._sessions.start()
         log.info("router ready", model=self.settings.model_name, workers=len(self.directory.records))
 
     async def stop(self) -> None:
         await self._discovery.stop()
         await self._events.stop()
         await self._stats.stop()
+        await self._sessions.stop()
+        await self.sessions.flush()
         await self.clients.close()
         await self.kvstores.close()
         await self.redis.aclose()
         await self.events_redis.aclose()
 
-    def server(self, port: int | None = None) -> uvicorn.Server:
-        port = self.settings.http_port if port is None else port
-        return http_server(self.api, self.settings.host, port, int(self.settings.request_timeout_s))
+    async def serve_http(self, port: int | None = None) -> int:
+        """Start answering HTTP (port 0: a free one); returns the port."""
+        settings = self.settings
+        port = settings.http_port if port is None else port
+        sock = listening_socket(settings.host, port) if settings.reuse_port else None
+        bound = await self.http.start(settings.host, port, sock)
+        log.info("router listening", address=f"{settings.host}:{bound}", reuse_port=settings.reuse_port)
+        return bound
 
     async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT, then finish what runs (within SHUTDOWN_GRACE_S) and stop."""
+        stop = stop_event_on_signals()
         await self.start()
         try:
-            await self.server().serve()
+            await self.serve_http()
+            await stop.wait()
+            log.info("shutting down", grace_s=SHUTDOWN_GRACE_S)
+            await self.http.stop(SHUTDOWN_GRACE_S)
         finally:
             await self.stop()
 

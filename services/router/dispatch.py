@@ -1,40 +1,43 @@
-"""Running one request on the workers: choose, stream, retry, resume, hand off.
+"""Running one request on the workers: choose, stream, retry, resume.
 
-For each request the dispatcher builds a snapshot of the serving workers
+For each attempt the dispatcher builds a snapshot of the serving workers
 (load from the registry plus this router's own in-flight counts, cached
 prefix lengths from the KV index), asks the routing policy for a worker, and
-streams its tokens. Prompts with a long uncached part go through a prefill
-worker first and are decoded from the handed-over KV (P/D); every hand-off
-has a deadline, and a failed or slow one falls back to computing the prompt
-on the decode side.
+streams the request's events over that worker's Serve session: one
+long-lived gRPC stream per worker, shared by every request this router sends
+there (shared/rpc/serve_client.py). Prompts with a long uncached part are
+prefilled on the prefill pool first (pd.py) and decoded from the KV it left.
 
 Failures: a worker that fails before the first token is replaced by another;
-one that fails mid-stream is *resumed* on another worker, which continues
+one that fails mid-stream, or stalls (its session sees no engine progress
+for the stall deadline), is *resumed* on another worker, which continues
 from the tokens already produced (sampling is seeded per position, so the
 continuation is what the first worker would have produced). After
-MAX_ATTEMPTS the request fails with UNAVAILABLE. A client that goes away
-cancels the worker stream, which aborts the request there.
+MAX_ATTEMPTS the request fails with UNAVAILABLE. Closing the stream (the
+client went away) cancels the request on its worker.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
 
 from services.router.discovery import WorkerDirectory
+from services.router.inflight import InflightCounts
 from services.router.metrics import RouterMetrics
+from services.router.pd import Handoff
+from services.router.pinning import Pinner
 from shared.errors import DeadlineExceeded, ErrorCode, Overloaded, ShoalError, Unavailable
 from shared.hashing import BlockHash
 from shared.kvindex import KVIndex
 from shared.policies.routing import Decision, PDPolicy, Phase, Reason, RequestView, Router, WorkerView
-from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
+from shared.state.sessions import SessionMap
 from shared.state.workstats import WorkRecorder
 from shared.telemetry.logging import get_logger
 from shared.types.workers import WorkerRecord
@@ -42,7 +45,6 @@ from shared.types.workers import WorkerRecord
 log = get_logger("shoal.router.dispatch")
 
 MAX_ATTEMPTS = 3
-SESSIONS_KEPT = 100_000
 # Failures that mean "this worker could not serve it": try another one.
 _WORKER_FAILURES = {
     ErrorCode.UNAVAILABLE,
@@ -55,6 +57,7 @@ _FINISH = {
     common_pb2.FINISH_REASON_LENGTH: "length",
     common_pb2.FINISH_REASON_ABORT: "abort",
 }
+_UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
 
 
 @dataclass
@@ -73,9 +76,13 @@ class Job:
     # Seconds to keep the prompt's prefix pinned in the kvstore for the session (an agent's tool call).
     pin_s: int = 0
     deadline_s: float = 600.0
+    # The caller's W3C trace context, carried to the worker with the request.
+    trace_context: dict[str, str] = field(default_factory=dict)
+    # How often the worker needs to send the request's tokens (0: each as it comes, for a stream).
+    coalesce_ms: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     text: str
     tokens: int
@@ -87,9 +94,20 @@ class Chunk:
 
 @dataclass
 class _Progress:
+    started: float = field(default_factory=time.monotonic)
     produced: list[int] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
     attempts: int = 0
+    session_worker: str = ""
+
+
+@dataclass(frozen=True)
+class KVStoreTarget:
+    """The kvstore requests may import prompt prefixes from (its address, and its name in the KV index)."""
+
+    address: str
+    publisher: str
+    transfer_timeout_s: float
 
 
 class Dispatcher:
@@ -101,11 +119,12 @@ class Dispatcher:
         pd: PDPolicy,
         clients: ClientPool[WorkerClient],
         metrics: RouterMetrics,
-        kvstore_address: str | None = None,
-        kvstore_publisher: str | None = None,
-        kv_transfer_timeout_s: float = 10.0,
+        sessions: SessionMap,
+        handoff: Handoff,
+        inflight: InflightCounts,
+        kvstore: KVStoreTarget | None = None,
+        pinner: Pinner | None = None,
         work: WorkRecorder | None = None,
-        kvstores: ClientPool[KVStoreClient] | None = None,
     ) -> None:
         self.directory = directory
         self.index = index
@@ -113,14 +132,12 @@ class Dispatcher:
         self.pd = pd
         self.clients = clients
         self.metrics = metrics
-        self.kvstore_address = kvstore_address
-        self.kvstore_publisher = kvstore_publisher
-        self.kv_transfer_timeout_s = kv_transfer_timeout_s
+        self.sessions = sessions
+        self.handoff = handoff
+        self.inflight = inflight
+        self.kvstore = kvstore
+        self.pinner = pinner
         self.work = work
-        self.kvstores = kvstores
-        self.pinning: set[asyncio.Task[None]] = set()
-        self.inflight: dict[str, int] = {}
-        self.sessions: OrderedDict[str, str] = OrderedDict()
         self._ids = itertools.count()
 
     # -- snapshots and decisions ------------------------------------------------
@@ -130,12 +147,11 @@ class Dispatcher:
         views = []
         for record in records:
             load = record.load
-            mine = self.inflight.get(record.worker_id, 0)
             views.append(
                 WorkerView(
                     worker_id=record.worker_id,
                     role=record.info.role.value,
-                    running=max(load.running_requests, mine),
+                    running=max(load.running_requests, self.inflight.get(record.worker_id)),
                     waiting=load.waiting_requests,
                     kv_usage=load.kv_usage,
                     max_running=record.info.max_running,
@@ -146,14 +162,14 @@ class Dispatcher:
             )
         return views
 
-    def _request_view(self, job: Job, phase: Phase) -> RequestView:
+    def _request_view(self, job: Job, phase: Phase, progress: _Progress) -> RequestView:
         return RequestView(
             phase=phase,
             prompt_tokens=len(job.prompt),
             prompt_blocks=len(job.hashes),
             block_size=job.block_size,
             session_id=job.session_id,
-            session_worker=self.sessions.get(job.session_id, "") if job.session_id else "",
+            session_worker=progress.session_worker,
         )
 
     def _serving(self, job: Job) -> list[WorkerRecord]:
@@ -165,16 +181,9 @@ class Dispatcher:
 
     def _decide(self, job: Job, phase: Phase, views: list[WorkerView], progress: _Progress) -> Decision:
         eligible = [v for v in views if v.worker_id not in progress.failed]
-        decision = self.router.route(self._request_view(job, phase), eligible)
+        decision = self.router.route(self._request_view(job, phase, progress), eligible)
         self.metrics.decisions.labels(phase.value, decision.reason.value).inc()
         return decision
-
-    def _remember_session(self, job: Job, worker_id: str) -> None:
-        if job.session_id:
-            self.sessions[job.session_id] = worker_id
-            self.sessions.move_to_end(job.session_id)
-            while len(self.sessions) > SESSIONS_KEPT:
-                self.sessions.popitem(last=False)
 
     def _account(self, prefill_worker: str, decode_worker: str, chunk: Chunk) -> None:
         """Record the work a finished request cost each pool (for the autoscaler)."""
@@ -199,63 +208,110 @@ class Dispatcher:
 
     async def stream(self, job: Job) -> AsyncGenerator[Chunk, None]:
         """Run `job` and yield its text as it comes (see module doc)."""
-        started = time.monotonic()
         progress = _Progress()
-        records = self._serving(job)
-        views = self._views(records, job.hashes)
+        if job.session_id:
+            progress.session_worker = await self.sessions.worker(job.session_id)
+        views = self._views(self._serving(job), job.hashes)
+        handed = None
         decode_side = [v for v in views if v.role != "prefill"]
         prefill_side = [v for v in views if v.role == "prefill"]
-        if self.pd.disaggregate(self._request_view(job, Phase.PREFILL), decode_side, prefill_side):
-            async for chunk in self._disaggregated(job, views, progress):
-                yield chunk
-                if chunk.finish is not None:
-                    return
+        if self.pd.disaggregate(self._request_view(job, Phase.PREFILL, progress), decode_side, prefill_side):
+            handed = await self.handoff.prefill(
+                job.request_id,
+                job.model,
+                job.prompt,
+                job.sampling,
+                job.session_id,
+                lambda phase: self._decide(job, phase, views, progress),
+            )
+        if handed is not None:
+            progress.produced.append(handed.first_token)
+            if handed.finish != _UNFINISHED:
+                usage = handed.usage
+                final = Chunk(handed.first_text, 1, _FINISH[handed.finish], usage.prompt_tokens, 1)
+                self._account(handed.prefill_worker, handed.prefill_worker, final)
+                yield final
+                return
+            yield Chunk(handed.first_text, 1)
         while True:
-            remaining = job.deadline_s - (time.monotonic() - started)
-            if remaining <= 0:
-                raise DeadlineExceeded(f"request did not finish within {job.deadline_s:g}s")
-            views = self._views(self._serving(job), job.hashes)
-            decision = self._decide(job, Phase.GENERATE, views, progress)
-            if not decision.ok:
-                if progress.attempts:
-                    raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
-                raise self._refuse(decision)
-            assert decision.worker_id is not None
-            self._remember_session(job, decision.worker_id)
+            source: worker_pb2.KVSource | None
+            if handed is not None:
+                worker_id, source, prefill_worker = handed.decode_worker, handed.source, handed.prefill_worker
+                handed = None
+            else:
+                if progress.attempts:  # a retry: the load and the caches have moved since
+                    views = self._views(self._serving(job), job.hashes)
+                decision = self._decide(job, Phase.GENERATE, views, progress)
+                if not decision.ok:
+                    if progress.attempts:
+                        raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
+                    raise self._refuse(decision)
+                assert decision.worker_id is not None
+                worker_id = prefill_worker = decision.worker_id
+                source = self._store_source(job, worker_id, views) if not progress.produced else None
+            if job.session_id:
+                self.sessions.remember(job.session_id, worker_id)
             try:
-                async for chunk in self._run_on(job, decision.worker_id, views, progress, remaining):
-                    if chunk.finish is not None:
-                        # Before the last yield: the consumer may close this generator right after it.
-                        self._account(decision.worker_id, decision.worker_id, chunk)
-                        self._pin_later(job, decision.worker_id)
-                    yield chunk
-                    if chunk.finish is not None:
-                        return
-                raise Unavailable("worker stream ended without a finish reason")
+                async with aclosing(self._attempt(job, worker_id, prefill_worker, source, progress)) as attempt:
+                    async for chunk in attempt:
+                        yield chunk
+                return
             except ShoalError as exc:
-                self._failed(job, decision.worker_id, exc, progress)
+                self._failed(job, worker_id, exc, progress)
+
+    async def _attempt(
+        self,
+        job: Job,
+        worker_id: str,
+        prefill_worker: str,
+        source: worker_pb2.KVSource | None,
+        progress: _Progress,
+    ) -> AsyncGenerator[Chunk, None]:
+        address = self.directory.address(worker_id)
+        if address is None:
+            raise Unavailable(f"worker {worker_id} left the registry")
+        request = worker_pb2.GenerateRequest(
+            request_id=f"{job.request_id}-{next(self._ids)}",
+            model=job.model,
+            prompt_token_ids=job.prompt,
+            sampling=job.sampling,
+            session_id=job.session_id,
+            resume_token_ids=progress.produced,
+        )
+        remaining = max(0.0, job.deadline_s - (time.monotonic() - progress.started))
+        if remaining <= 0:
+            raise DeadlineExceeded(f"request did not finish within {job.deadline_s:g}s")
+        stream = self.clients.get(address).serve.start(request, remaining, source, job.trace_context, job.coalesce_ms)
+        with self.inflight.track(worker_id):
+            try:
+                async for event in stream:
+                    progress.produced.extend(event.token_ids)
+                    if event.finish_reason == _UNFINISHED:
+                        yield Chunk(event.text, len(event.token_ids))
+                        continue
+                    usage = event.usage
+                    # A P/D decode recomputed only the uncached tail: the prompt was the prefill pool's work.
+                    cached = usage.cached_prompt_tokens if prefill_worker == worker_id else 0
+                    chunk = Chunk(
+                        event.text,
+                        len(event.token_ids),
+                        _FINISH[event.finish_reason],
+                        usage.prompt_tokens,
+                        usage.completion_tokens,
+                        cached,
+                    )
+                    # Before the last yield: the consumer may close this generator right after it.
+                    self._account(prefill_worker, worker_id, chunk)
+                    self._pin_later(job, worker_id)
+                    yield chunk
+                    return
+            finally:
+                stream.close()
+        raise Unavailable(f"worker {worker_id} ended the request without a finish reason")
 
     def _pin_later(self, job: Job, worker_id: str) -> None:
-        if job.pin_s and job.session_id and job.hashes and self.kvstores is not None and self.kvstore_address:
-            task = asyncio.create_task(self._pin(job, worker_id))
-            self.pinning.add(task)
-            task.add_done_callback(self.pinning.discard)
-
-    async def _pin(self, job: Job, worker_id: str) -> None:
-        """Copy the prompt's prefix from the worker to the kvstore, pinned for the session: it survives the
-        worker evicting it while the agent waits on a tool, and the router can import it back."""
-        address = self.directory.address(worker_id)
-        if address is None or self.kvstores is None or not self.kvstore_address:
-            return
-        try:
-            blocks = await self.clients.get(address).fetch_kv(job.hashes, self.kv_transfer_timeout_s)
-            stored = await self.kvstores.get(self.kvstore_address).store_blocks(
-                blocks, self.kv_transfer_timeout_s, session_id=job.session_id, pin_ttl_s=job.pin_s
-            )
-        except ShoalError as exc:
-            log.warning("could not pin a session's prefix", session=job.session_id, error=exc.message)
-            return
-        self.metrics.pins.labels("stored" if stored else "failed").inc()
+        if job.pin_s and job.session_id and job.hashes and self.pinner is not None:
+            self.pinner.later(worker_id, job.hashes, job.session_id, job.pin_s)
 
     def _failed(self, job: Job, worker_id: str, exc: ShoalError, progress: _Progress) -> None:
         if exc.code not in _WORKER_FAILURES:
@@ -271,136 +327,18 @@ class Dispatcher:
         if progress.attempts >= MAX_ATTEMPTS:
             raise Unavailable(f"request failed on {progress.attempts} workers; last error: {exc.message}") from None
 
-    def _generate_request(self, job: Job, progress: _Progress) -> worker_pb2.GenerateRequest:
-        return worker_pb2.GenerateRequest(
-            request_id=f"{job.request_id}-{next(self._ids)}",
-            model=job.model,
-            prompt_token_ids=job.prompt,
-            sampling=job.sampling,
-            session_id=job.session_id,
-            resume_token_ids=progress.produced,
-        )
-
-    async def _run_on(
-        self, job: Job, worker_id: str, views: Sequence[WorkerView], progress: _Progress, timeout_s: float
-    ) -> AsyncIterator[Chunk]:
-        address = self.directory.address(worker_id)
-        if address is None:
-            raise Unavailable(f"worker {worker_id} left the registry")
-        client = self.clients.get(address)
-        request = self._generate_request(job, progress)
-        source = self._store_source(job, worker_id, views) if not progress.produced else None
-        self.inflight[worker_id] = self.inflight.get(worker_id, 0) + 1
-        try:
-            if source is None:
-                stream = client.generate(request, timeout_s)
-            else:
-                stream = client.decode(worker_pb2.DecodeRequest(request=request, kv_source=source), timeout_s)
-            async for response in stream:
-                yield self._chunk(response, progress)
-        finally:
-            self.inflight[worker_id] -= 1
-
-    def _chunk(self, response: worker_pb2.GenerateResponse, progress: _Progress) -> Chunk:
-        progress.produced.extend(response.token_ids)
-        if response.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
-            return Chunk(response.text, len(response.token_ids))
-        usage = response.usage
-        return Chunk(
-            response.text,
-            len(response.token_ids),
-            _FINISH[response.finish_reason],
-            usage.prompt_tokens,
-            usage.completion_tokens,
-            usage.cached_prompt_tokens,
-        )
-
     def _store_source(self, job: Job, worker_id: str, views: Sequence[WorkerView]) -> worker_pb2.KVSource | None:
         """Import the prompt's prefix from the kvstore when it holds more than the worker does."""
-        if not (self.kvstore_address and self.kvstore_publisher and job.hashes):
+        store = self.kvstore
+        if store is None or not job.hashes:
             return None
-        stored = self.index.prefix_lengths(job.hashes, [self.kvstore_publisher]).get(self.kvstore_publisher, 0)
+        stored = self.index.prefix_lengths(job.hashes, [store.publisher]).get(store.publisher, 0)
         local = next((v.cached_blocks for v in views if v.worker_id == worker_id), 0)
         if stored <= local:
             return None
         self.metrics.kv_source.labels("kvstore").inc()
         return worker_pb2.KVSource(
-            kvstore=common_pb2.KVStoreRef(address=self.kvstore_address),
+            kvstore=common_pb2.KVStoreRef(address=store.address),
             block_hashes=job.hashes[:stored],
-            timeout_ms=int(self.kv_transfer_timeout_s * 1000),
+            timeout_ms=int(store.transfer_timeout_s * 1000),
         )
-
-    # -- prefill / decode ---------------------------------------------------------
-
-    async def _disaggregated(self, job: Job, views: list[WorkerView], progress: _Progress) -> AsyncIterator[Chunk]:
-        """Prefill on the prefill pool and decode from its KV; on any failure, fall back."""
-        prefill = self._decide(job, Phase.PREFILL, views, progress)
-        decode = self._decide(job, Phase.DECODE, views, progress)
-        prefill_address = self.directory.address(prefill.worker_id or "")
-        decode_address = self.directory.address(decode.worker_id or "")
-        if prefill_address is None or decode_address is None:
-            return
-        assert decode.worker_id is not None and prefill.worker_id is not None
-        sink = (
-            worker_pb2.KVSink(kvstore=common_pb2.KVStoreRef(address=self.kvstore_address), session_id=job.session_id)
-            if self.kvstore_address
-            else worker_pb2.KVSink(hold=True)
-        )
-        self.inflight[prefill.worker_id] = self.inflight.get(prefill.worker_id, 0) + 1
-        try:
-            result = await self.clients.get(prefill_address).prefill(
-                worker_pb2.PrefillRequest(
-                    request_id=f"{job.request_id}-prefill",
-                    model=job.model,
-                    prompt_token_ids=job.prompt,
-                    sampling=job.sampling,
-                    sink=sink,
-                ),
-                timeout_s=self.kv_transfer_timeout_s + _prefill_budget(len(job.prompt)),
-            )
-        except ShoalError as exc:
-            if exc.code not in _WORKER_FAILURES and exc.code is not ErrorCode.DEADLINE_EXCEEDED:
-                raise
-            self.directory.bench(prefill.worker_id)
-            self.metrics.pd.labels("prefill-failed").inc()
-            log.warning("prefill failed; computing the prompt on the decode side", error=exc.message)
-            return
-        finally:
-            self.inflight[prefill.worker_id] -= 1
-        progress.produced.append(result.first_token_id)
-        if result.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED:
-            usage = result.usage
-            final = Chunk(result.first_text, 1, _FINISH[result.finish_reason], usage.prompt_tokens, 1)
-            self._account(prefill.worker_id, prefill.worker_id, final)
-            yield final
-            return
-        yield Chunk(result.first_text, 1)
-        self._remember_session(job, decode.worker_id)
-        origin = (
-            {"kvstore": common_pb2.KVStoreRef(address=self.kvstore_address)}
-            if self.kvstore_address
-            else {"peer": common_pb2.PeerRef(address=prefill_address)}
-        )
-        source = worker_pb2.KVSource(
-            block_hashes=result.block_hashes, timeout_ms=int(self.kv_transfer_timeout_s * 1000), **origin
-        )
-        request = worker_pb2.DecodeRequest(request=self._generate_request(job, progress), kv_source=source)
-        self.metrics.pd.labels("disaggregated").inc()
-        self.inflight[decode.worker_id] = self.inflight.get(decode.worker_id, 0) + 1
-        try:
-            async for response in self.clients.get(decode_address).decode(request, job.deadline_s):
-                chunk = self._chunk(response, progress)
-                if chunk.finish is not None:
-                    # The decode worker recomputed only the uncached tail; the prompt was the prefill pool's.
-                    self._account(prefill.worker_id, decode.worker_id, replace(chunk, cached_tokens=0))
-                yield chunk
-        except ShoalError as exc:
-            # The caller resumes on another worker from the tokens produced so far.
-            self._failed(job, decode.worker_id, exc, progress)
-        finally:
-            self.inflight[decode.worker_id] -= 1
-
-
-def _prefill_budget(prompt_tokens: int) -> float:
-    """Generous time to compute a prompt: a slow engine does a few thousand tokens a second."""
-    return 5.0 + prompt_tokens / 500

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from services.router.app import RouterApp
 from shared.config import RouterSettings, SettingsError, load_settings
 from shared.errors import ShoalError
+from shared.processes import run_service
 from shared.telemetry import setup_telemetry
 
 
@@ -18,7 +18,7 @@ def main() -> None:
         app = RouterApp(settings)
     except (SettingsError, ShoalError) as exc:
         sys.exit(str(exc))
-    asyncio.run(app.run())
+    run_service(app.run())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from contextlib import suppress
 from services.worker.app import WorkerApp
 from services.worker.engines.factory import run_follower
 from shared.config import EngineKind, SettingsError, WorkerSettings, load_settings
-from shared.processes import ManagedProcess, spawn
+from shared.processes import ManagedProcess, run_service, spawn
 from shared.telemetry import setup_telemetry
 from shared.telemetry.logging import get_logger
 
@@ -76,7 +75,7 @@ def main() -> None:
         run_follower(settings)  # rank 0 is the worker the cluster sees; this one computes beside it
         return
     followers = start_local_followers(settings) if settings.ep_local_followers else []
-    asyncio.run(WorkerApp(settings).run())
+    run_service(WorkerApp(settings).run())
     for follower in followers:  # stopping the engine told them to stop
         with suppress(subprocess.TimeoutExpired):
             follower.popen.wait(timeout=30)

@@ -22,6 +22,7 @@ from grpc import aio
 from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock, Sampling, TokenOutput
 from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
+from services.worker.serve import ServeStream
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
 from shared.policies.placement import EMPTY, Topology, layer_report
 from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
@@ -100,7 +101,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if bad is not None:
             raise InvalidArgument(f"{field} holds token id {bad}; the vocabulary has {vocab} ids", param=field)
 
-    def _request(self, request: worker_pb2.GenerateRequest, imported: list[KVBlock] | None = None) -> EngineRequest:
+    def engine_request(
+        self, request: worker_pb2.GenerateRequest, imported: list[KVBlock] | None = None
+    ) -> EngineRequest:
+        """The validated engine request for `request` (InvalidArgument naming the field otherwise)."""
         if not request.request_id:
             raise InvalidArgument("request_id is required", param="request_id")
         if request.model != self.engine.model_name:
@@ -122,11 +126,27 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     # -- generation -----------------------------------------------------------
 
+    @staticmethod
+    def already_done(request: EngineRequest) -> TokenOutput | None:
+        """The final output of a request whose resumed tokens already reach max_tokens (nothing to run)."""
+        if len(request.resume) < request.sampling.max_tokens:
+            return None
+        return TokenOutput([], "", Finish.LENGTH, len(request.prompt), len(request.resume))
+
+    @staticmethod
+    def finish_fields(output: TokenOutput, message: worker_pb2.GenerateResponse | worker_pb2.StreamEvent) -> None:
+        """Set the finish reason and usage of a final output on a reply message."""
+        assert output.finish is not None
+        message.finish_reason = _FINISH[output.finish]
+        usage = message.usage
+        usage.prompt_tokens = output.prompt_tokens
+        usage.completion_tokens = output.completion_tokens
+        usage.cached_prompt_tokens = output.cached_tokens
+
     async def _stream(self, request: EngineRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        # An early return (max_tokens already reached by resumed tokens).
-        if len(request.resume) >= request.sampling.max_tokens:
-            usage = common_pb2.Usage(prompt_tokens=len(request.prompt), completion_tokens=len(request.resume))
-            yield worker_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=usage)
+        done = self.already_done(request)
+        if done is not None:
+            yield _response(done)
             return
         async for output in self.engine.generate(request):
             yield _response(output)
@@ -134,17 +154,31 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Generate(
         self, request: worker_pb2.GenerateRequest, context: Context
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        async for response in self._stream(self._request(request)):
+        async for response in self._stream(self.engine_request(request)):
             yield response
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: Context
     ) -> AsyncIterator[worker_pb2.GenerateResponse]:
-        blocks = await self._import(request.kv_source)
-        async for response in self._stream(self._request(request.request, blocks)):
+        blocks = await self.import_kv(request.kv_source)
+        async for response in self._stream(self.engine_request(request.request, blocks)):
             yield response
 
-    async def _import(self, source: worker_pb2.KVSource) -> list[KVBlock]:
+    async def Serve(
+        self, request_iterator: AsyncIterator[worker_pb2.ServeRequest], context: Context
+    ) -> AsyncIterator[worker_pb2.ServeResponse]:
+        stream = ServeStream(self)
+        reader = asyncio.create_task(stream.read(request_iterator))
+        try:
+            async for reply in stream.replies():
+                yield reply
+        finally:
+            reader.cancel()
+            stream.close()
+
+    async def import_kv(self, source: worker_pb2.KVSource) -> list[KVBlock]:
+        """Import a decode's KV from its source within the source's deadline. A source that is down
+        or slow yields fewer blocks (the rest is recomputed); corrupt data is InvalidArgument."""
         hashes = list(source.block_hashes)
         if not hashes:
             return []
@@ -170,7 +204,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling,
         )
-        engine_request = self._request(generate)
+        engine_request = self.engine_request(generate)
         wanted = engine_request.sampling.max_tokens
         engine_request.sampling = replace(engine_request.sampling, max_tokens=1)
         engine_request.export_prompt_kv = True
@@ -328,11 +362,7 @@ def _usage(output: TokenOutput) -> common_pb2.Usage:
 
 
 def _response(output: TokenOutput) -> worker_pb2.GenerateResponse:
-    if output.finish is None:
-        return worker_pb2.GenerateResponse(token_ids=output.token_ids, text=output.text)
-    return worker_pb2.GenerateResponse(
-        token_ids=output.token_ids,
-        text=output.text,
-        finish_reason=_FINISH[output.finish],
-        usage=_usage(output),
-    )
+    response = worker_pb2.GenerateResponse(token_ids=output.token_ids, text=output.text)
+    if output.finish is not None:
+        WorkerServicer.finish_fields(output, response)
+    return response

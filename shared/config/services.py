@@ -252,6 +252,19 @@ class RouterSettings(CommonSettings):
     kv_transfer_timeout_s: float = Field(
         default=10.0, gt=0, description="Deadline of a P/D KV hand-off before falling back to recompute."
     )
+    stall_s: float = Field(
+        default=10.0,
+        gt=0,
+        description=(
+            "A worker holding requests in its engine that makes no progress (no engine step) for this long is "
+            "stalled: its requests resume on other workers. Keep it above the longest engine step."
+        ),
+    )
+    reuse_port: bool = Field(
+        default=False,
+        description="Share the HTTP port with other router processes on this host (SO_REUSEPORT): "
+        "the kernel spreads connections over them.",
+    )
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:

@@ -31,7 +31,9 @@ _RETRY_POLICY = {
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
-        }
+        },
+        # A long-lived stream: retrying would buffer and replay its messages; its owner reopens it instead.
+        {"name": [{"service": "shoal.v1.Worker", "method": "Serve"}]},
     ]
 }
 

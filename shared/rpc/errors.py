@@ -17,6 +17,7 @@ from grpc import aio
 
 from shared.errors import ErrorCode, Internal, Overloaded, ShoalError, error_for
 from shared.rpc.handlers import rewrap
+from shared.rpc.shoal.v1 import worker_pb2
 from shared.telemetry.logging import get_logger
 
 log = get_logger("shoal.rpc.errors")
@@ -71,6 +72,26 @@ def from_rpc_error(exc: grpc.RpcError, target: str = "") -> ShoalError:
     if code is ErrorCode.RESOURCE_EXHAUSTED:
         return Overloaded(details, retry_after_s=float(trailers.get(_RETRY_KEY, 1.0)), **fields)
     return error_for(code, details, **fields)
+
+
+def to_stream_error(error: ShoalError, out: worker_pb2.StreamError) -> None:
+    """Write `error` into a Serve stream event's error field (a request failed, not the stream)."""
+    out.code = error.code.value
+    out.message = error.message
+    if isinstance(error, Overloaded):
+        out.retry_after_s = error.retry_after_s
+
+
+def from_stream_error(error: worker_pb2.StreamError, target: str = "") -> ShoalError:
+    """The taxonomy error a Serve stream event's error field stands for."""
+    fields: dict[str, Any] = {"peer": target} if target else {}
+    try:
+        code = ErrorCode(error.code)
+    except ValueError:
+        code = ErrorCode.INTERNAL
+    if code is ErrorCode.RESOURCE_EXHAUSTED:
+        return Overloaded(error.message, retry_after_s=error.retry_after_s or 1.0, **fields)
+    return error_for(code, error.message, **fields)
 
 
 class ErrorInterceptor(aio.ServerInterceptor):

@@ -19,6 +19,7 @@ number on the same server (see the controller settings).
 | metrics:router | STREAM | MAXLEN ~METRICS_MAXLEN | router | per-interval request statistics |
 | graphs | HASH id -> JSON | - | controller | agent graphs: per-step state, plan, result |
 | experts:history:{worker} | STREAM (capped) | - | controller | an expert-parallel instance's balance over time |
+| session:{id} | STRING worker id | SESSION_TTL | routers | the worker an agent session last ran on |
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ KV_EVENTS_MAXLEN: Final = 200_000
 DECISIONS_MAXLEN: Final = 10_000
 METRICS_MAXLEN: Final = 20_000
 SNAPSHOT_TTL_S: Final = 3600
+SESSION_TTL_S: Final = 3600
 
 
 def _key(*parts: str) -> str:
@@ -77,3 +79,7 @@ def lock(name: str) -> str:
 
 def expert_history(worker_id: str) -> str:
     return _key("experts", "history", worker_id)
+
+
+def session(session_id: str) -> str:
+    return _key("session", session_id)

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 _configured: TracerProvider | None = None
+_recording = False
 
 
 def setup_tracing(
@@ -30,16 +31,23 @@ def setup_tracing(
     the provider installed first (OpenTelemetry allows one per process) and
     add any new processors to it.
     """
-    global _configured
+    global _configured, _recording
     if _configured is None:
         provider = TracerProvider(resource=Resource.create({"service.name": service}))
         if otlp_endpoint:
             provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(otlp_endpoint)))
+            _recording = True
         trace.set_tracer_provider(provider)
         _configured = provider
     for processor in processors or []:
         _configured.add_span_processor(processor)
+        _recording = True
     return _configured
+
+
+def recording() -> bool:
+    """Whether spans go anywhere. Hot paths skip making spans nobody would see."""
+    return _recording
 
 
 def _otlp_exporter(endpoint: str) -> SpanExporter:

@@ -108,9 +108,10 @@ async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> 
     app = RouterApp(router_settings(redis_url, model_path, **overrides))
     await app.start()
     try:
-        async with serving(app.server(port=0)) as url:
-            yield RunningRouter(app, url)
+        port = await app.serve_http(port=0)
+        yield RunningRouter(app, f"http://127.0.0.1:{port}")
     finally:
+        await app.http.stop(grace_s=1.0)
         await app.stop()
 
 

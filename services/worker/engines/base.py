@@ -10,7 +10,7 @@ so nothing here assumes the reference engine's internals.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -74,6 +74,11 @@ class TokenOutput:
     exported: list[KVBlock] | None = None
 
 
+OutputSink = Callable[[TokenOutput | BaseException], None]
+"""Receives one request's outputs in order, on the thread of the loop that submitted it; the last
+call carries an output with `finish` set, or an exception."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertLoad:
     """Routed tokens per (layer, logical expert) over `window_s` seconds."""
@@ -97,6 +102,8 @@ class Engine(Protocol):
     vocab_size: int
     # Set to stop admitting new requests (running ones finish).
     draining: bool
+    # Engine steps completed; it stops advancing when the engine stalls.
+    step_count: int
 
     @property
     def idle(self) -> bool:
@@ -113,6 +120,10 @@ class Engine(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
         """Admit a request (raising InvalidArgument or Overloaded at once) and stream it."""
+
+    def submit(self, request: EngineRequest, sink: OutputSink) -> None:
+        """Admit a request as `generate` does, and hand its outputs to `sink` instead (no task or
+        queue per request: the multiplexed Serve stream's path). Abort it with `abort`."""
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its stream ends with Finish.ABORT. False if unknown."""

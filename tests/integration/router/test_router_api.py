@@ -218,7 +218,7 @@ async def test_disaggregated_output_equals_colocated(redis_url: str, tiny_model:
             redis_url, tiny_model, pd_workers, kvstore_address=store.address, pd_min_uncached_tokens=64
         ) as (front, apps):
             disaggregated = (await _post(front, "/v1/completions", body)).json()
-            assert front.app.metrics.pd.labels("disaggregated")._value.get() == 1
+            assert front.app.metrics.pd.labels("disaggregated").value == 1
             prefill, decode = apps
             assert prefill.engine.load().requests_finished == 1
             assert decode.engine.load().cached_tokens_total > 0  # decoded from handed-over KV
@@ -264,7 +264,7 @@ async def test_a_worker_dying_mid_stream_is_resumed_on_another(redis_url: str, t
                 killed = True
         assert killed
         assert finish == "length"
-        assert front.app.metrics.retries.labels("resume")._value.get() >= 1
+        assert front.app.metrics.retries.labels("resume").value >= 1
 
 
 async def test_a_client_that_disconnects_aborts_its_request(redis_url: str, tiny_model: Path) -> None:
@@ -316,5 +316,6 @@ async def test_one_trace_spans_router_prefill_kvstore_and_decode(redis_url: str,
     trace_id = http.context.trace_id
     names = {s.name for s in spans if s.context.trace_id == trace_id}
     assert "/shoal.v1.Worker/Prefill" in names
-    assert "/shoal.v1.Worker/Decode" in names
+    assert "/shoal.v1.Worker/Serve Decode" in names  # the decode's own span on the shared Serve stream
+    assert "/shoal.v1.Worker/Serve" not in names  # the stream itself belongs to no request
     assert any(name.startswith("kvstore.") or name.startswith("/shoal.v1.KVStore/") for name in names), names

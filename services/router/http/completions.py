@@ -1,0 +1,417 @@
+"""The OpenAI completion endpoints: `/v1/chat/completions` and `/v1/completions`.
+
+The router's hot path, served by the router's own HTTP server (server.py).
+Per request: check the API key, validate the body with its pydantic model
+(schemas.py, the same models the OpenAPI document shows), template and
+tokenize it (in a thread when the prompt is long), turn it into a Job and run
+it through the dispatcher, then answer with one JSON object or with
+server-sent events rendered from byte templates (no model objects per token).
+
+A streamed request waits for its first chunk before answering, so errors
+that happen before any output still get a proper status (400, 429, 503); an
+error after output has started is sent as a final `error` event. A client
+that goes away cancels its request, streamed or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncGenerator
+from contextvars import Token
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from pydantic import BaseModel, ValidationError
+
+from services.router.dispatch import Chunk, Job
+from services.router.http.schemas import ChatCompletionRequest, CompletionRequest
+from services.router.http.server import Request, Responder
+from shared.errors import Internal, InvalidArgument, NotFound, Overloaded, ShoalError, Unauthenticated
+from shared.httpapi import HTTP_STATUS, describe_validation, error_body, error_parts
+from shared.rpc.shoal.v1 import common_pb2
+from shared.telemetry.logging import get_logger
+from shared.telemetry.tracing import extract_context, recording, tracer
+
+if TYPE_CHECKING:
+    from services.router.app import RouterApp
+
+log = get_logger("shoal.router.http")
+
+# Longer prompts are templated and tokenized on a thread, off the event loop.
+INLINE_PROMPT_CHARS = 16_384
+MAX_SESSION_ID = 256
+MAX_POOL_NAME = 63
+MAX_PIN_S = 3600
+# A response sent whole needs its tokens only at the end; progress this often bounds what a resume
+# elsewhere recomputes if its worker fails.
+WHOLE_RESPONSE_COALESCE_MS = 500
+
+
+class _Tracked:
+    """Timing and counters of one request, reported when it ends."""
+
+    __slots__ = ("endpoint", "last_token", "metrics", "reported", "started")
+
+    def __init__(self, router: RouterApp, endpoint: str) -> None:
+        self.metrics = router.metrics
+        self.endpoint = endpoint
+        self.started = time.monotonic()
+        self.last_token: float | None = None
+        self.reported = False
+
+    def chunk(self, chunk: Chunk) -> None:
+        if chunk.tokens:
+            now = time.monotonic()
+            if self.last_token is None:
+                self.metrics.ttft.observe(now - self.started)
+            else:
+                self.metrics.tbt.observe(now - self.last_token)
+            self.last_token = now
+            self.metrics.tokens.labels("completion").inc(chunk.tokens)
+
+    def done(self, status: int) -> None:
+        if self.reported:  # a client that hangs up as its response ends is counted once
+            return
+        self.reported = True
+        self.metrics.requests.labels(self.endpoint, str(status)).inc()
+        if status == 200:
+            self.metrics.e2e.observe(time.monotonic() - self.started)
+
+
+class _Events:
+    """One response's server-sent events, rendered from byte templates."""
+
+    def __init__(self, chat: bool, completion_id: str, created: int, model: str) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        head = orjson.dumps({"id": completion_id, "object": obj, "created": created, "model": model})[:-1]
+        self.chat = chat
+        self._head = b"data: " + head
+        self._choice = self._head + b',"choices":[{"index":0,'
+        self._tail = b',"finish_reason":null,"logprobs":null}]}\n\n'
+
+    def role(self) -> bytes:
+        return self._choice + b'"delta":{"role":"assistant","content":""}' + self._tail
+
+    def text(self, text: str) -> bytes:
+        if self.chat:
+            return self._choice + b'"delta":{"content":' + orjson.dumps(text) + b"}" + self._tail
+        return self._choice + b'"text":' + orjson.dumps(text) + self._tail
+
+    def finish(self, reason: str) -> bytes:
+        payload = b'"delta":{}' if self.chat else b'"text":""'
+        return self._choice + payload + b',"finish_reason":"' + reason.encode() + b'","logprobs":null}]}\n\n'
+
+    def usage(self, chunk: Chunk) -> bytes:
+        return self._head + b',"choices":[],"usage":' + orjson.dumps(_usage(chunk)) + b"}\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+def _send_error(responder: Responder, error: ShoalError) -> None:
+    status, body, headers = error_parts(error)
+    responder.send_json(status, orjson.dumps(body), [(k.lower().encode(), v.encode()) for k, v in headers.items()])
+
+
+def _usage(chunk: Chunk) -> dict[str, Any]:
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens},
+    }
+
+
+def _error_event(error: ShoalError) -> bytes:
+    _status, type_ = HTTP_STATUS[error.code]
+    return b"data: " + orjson.dumps(error_body(error.message, type_, None, error.code.value)) + b"\n\n"
+
+
+def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=body.top_p or 1.0,
+        stop=body.stop or [],
+        ignore_eos=body.ignore_eos,
+    )
+    if body.seed is not None:
+        params.seed = body.seed % 2**64
+    return params
+
+
+class _Hints:
+    """What a client says of a request beside its body: its session, a preferred pool, a pin."""
+
+    __slots__ = ("pin_s", "pool", "session")
+
+    def __init__(self, request: Request) -> None:
+        self.session = request.header(b"x-session-id") or ""
+        if len(self.session) > MAX_SESSION_ID:
+            raise InvalidArgument(f"x-session-id is longer than {MAX_SESSION_ID} characters", param="x-session-id")
+        # A preferred pool (agent graphs' placement); requests go elsewhere when it has no serving worker.
+        self.pool = request.header(b"x-shoal-pool") or ""
+        if len(self.pool) > MAX_POOL_NAME:
+            raise InvalidArgument(f"x-shoal-pool is longer than {MAX_POOL_NAME} characters", param="x-shoal-pool")
+        # Keep the prompt's prefix pinned in the kvstore this many seconds for the session.
+        pin = request.header(b"x-shoal-pin-s")
+        self.pin_s = 0
+        if pin is not None:
+            if not pin.strip().isdigit() or int(pin) > MAX_PIN_S:
+                raise InvalidArgument(f"x-shoal-pin-s must be an integer in [0, {MAX_PIN_S}]", param="x-shoal-pin-s")
+            self.pin_s = int(pin)
+
+
+def check_api_key(keys: list[str], authorization: str | None) -> None:
+    """Unauthenticated unless the Authorization header carries one of `keys` (none configured: open)."""
+    if not keys:
+        return
+    presented = (authorization or "").removeprefix("Bearer ").strip().encode()
+    if not any(hmac.compare_digest(presented, key.encode()) for key in keys):
+        raise Unauthenticated("Incorrect API key provided.", param=None)
+
+
+def _parse(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        message, param = describe_validation(exc.errors())
+        raise InvalidArgument(message, param=param) from None
+
+
+class Completions:
+    """The two endpoints' ASGI handlers (`chat`, `text`) over one router."""
+
+    def __init__(self, router: RouterApp) -> None:
+        self.router = router
+
+    async def chat(self, request: Request, responder: Responder) -> None:
+        await self._handle(request, responder, "chat")
+
+    async def text(self, request: Request, responder: Responder) -> None:
+        await self._handle(request, responder, "completion")
+
+    # -- request -> job -------------------------------------------------------------
+
+    async def _job(self, kind: str, body: bytes, hints: _Hints) -> tuple[Job, bool, bool]:
+        """The job a request body asks for, and whether to stream it and include usage."""
+        request: ChatCompletionRequest | CompletionRequest
+        if kind == "chat":
+            chat: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
+            self._check_model(chat.model)
+            prompt = await self._chat_prompt(chat)
+            request, wanted = chat, chat.wanted_tokens
+        else:
+            text: CompletionRequest = _parse(CompletionRequest, body)
+            self._check_model(text.model)
+            prompt = await self._completion_prompt(text)
+            request, wanted = text, text.max_tokens
+        job = self._sized(request, prompt, wanted, hints)
+        if not request.stream:
+            job.coalesce_ms = WHOLE_RESPONSE_COALESCE_MS
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return job, request.stream, include_usage
+
+    async def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        prompts = self.router.prompts
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        if sum(len(m["content"]) for m in messages) > INLINE_PROMPT_CHARS:
+            return await asyncio.to_thread(prompts.chat, messages)
+        return prompts.chat(messages)
+
+    async def _completion_prompt(self, request: CompletionRequest) -> list[int]:
+        prompts = self.router.prompts
+        if isinstance(request.prompt, str):
+            if len(request.prompt) > INLINE_PROMPT_CHARS:
+                prompt = await asyncio.to_thread(prompts.encode, request.prompt)
+            else:
+                prompt = prompts.encode(request.prompt)
+            if not prompt:
+                raise InvalidArgument("prompt is empty", param="prompt")
+            return prompt
+        ids = [int(token) for token in request.prompt]
+        if any(token >= prompts.vocab_size for token in ids):
+            vocab = prompts.vocab_size
+            raise InvalidArgument(f"prompt holds token ids outside the vocabulary (< {vocab})", param="prompt")
+        return ids
+
+    def _check_model(self, model: str) -> None:
+        if model != self.router.settings.model_name:
+            raise NotFound(f"The model `{model}` does not exist.", param="model")
+
+    def _sized(
+        self, request: ChatCompletionRequest | CompletionRequest, prompt: list[int], wanted: int | None, hints: _Hints
+    ) -> Job:
+        context = self.router.max_context
+        if len(prompt) >= context:
+            raise InvalidArgument(
+                f"This model's maximum context length is {context} tokens; the prompt has {len(prompt)}.",
+                param="messages",
+            )
+        max_tokens = wanted if wanted is not None else context - len(prompt)
+        if len(prompt) + max_tokens > context:
+            raise InvalidArgument(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
+                param="max_tokens",
+            )
+        return self.router.job(
+            request.model, prompt, _sampling(request, max_tokens), hints.session, hints.pool, hints.pin_s
+        )
+
+    # -- serving --------------------------------------------------------------------
+
+    async def _handle(self, request: Request, responder: Responder, kind: str) -> None:
+        tracked = _Tracked(self.router, kind)
+        span, token = _start_span(request, kind)
+        try:
+            await self._serve(request, responder, kind, tracked, span)
+        finally:
+            if span is not None and token is not None:
+                span.end()
+                otel_context.detach(token)
+
+    async def _serve(
+        self, request: Request, responder: Responder, kind: str, tracked: _Tracked, span: trace.Span | None
+    ) -> None:
+        try:
+            check_api_key(self.router.settings.api_keys, request.header(b"authorization"))
+            job, stream, include_usage = await self._job(kind, request.body, _Hints(request))
+            if span is not None:
+                propagate.inject(job.trace_context)
+            first, chunks = await self._start(job, tracked)
+        except ShoalError as exc:
+            tracked.done(HTTP_STATUS[exc.code][0])
+            _send_error(responder, exc)
+            return
+        try:
+            if stream:
+                await self._stream(responder, kind, job, first, chunks, include_usage, tracked)
+            else:
+                self._whole(responder, kind, job, first, await self._rest(first, chunks, tracked), tracked)
+        except asyncio.CancelledError:
+            if not responder.disconnected:
+                raise
+            tracked.done(499)  # the client went away: closing the chunks cancels the request on its worker
+        except ShoalError as exc:
+            tracked.done(HTTP_STATUS[exc.code][0])
+            _send_error(responder, exc)
+        finally:
+            await chunks.aclose()
+            self.router.request_ended()
+
+    async def _start(self, job: Job, tracked: _Tracked) -> tuple[Chunk, AsyncGenerator[Chunk, None]]:
+        """Admit the job and wait for its first chunk (so early errors keep their status)."""
+        router = self.router
+        if router.inflight >= router.settings.max_inflight:
+            raise Overloaded(f"{router.settings.max_inflight} requests in flight; retry shortly", retry_after_s=1.0)
+        chunks = router.dispatcher.stream(job)
+        router.request_started()
+        try:
+            first = await anext(chunks)
+        except BaseException:
+            router.request_ended()
+            await chunks.aclose()
+            raise
+        tracked.chunk(first)
+        return first, chunks
+
+    @staticmethod
+    async def _rest(first: Chunk, chunks: AsyncGenerator[Chunk, None], tracked: _Tracked) -> list[Chunk]:
+        """Every chunk of a response sent whole (raises the error that ended it early)."""
+        collected = [first]
+        if first.finish is None:
+            async for chunk in chunks:
+                tracked.chunk(chunk)
+                collected.append(chunk)
+                if chunk.finish is not None:
+                    break
+        return collected
+
+    @staticmethod
+    def _whole(
+        responder: Responder, kind: str, job: Job, first: Chunk, collected: list[Chunk], tracked: _Tracked
+    ) -> None:
+        last = collected[-1]
+        text = "".join(chunk.text for chunk in collected)
+        tracked.done(200)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish, "logprobs": None}
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        payload = {
+            "id": _completion_id(kind, job),
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": job.model,
+            "choices": [choice],
+            "usage": _usage(last),
+        }
+        responder.send_json(200, orjson.dumps(payload))
+
+    async def _stream(
+        self,
+        responder: Responder,
+        kind: str,
+        job: Job,
+        first: Chunk,
+        chunks: AsyncGenerator[Chunk, None],
+        include_usage: bool,
+        tracked: _Tracked,
+    ) -> None:
+        events = _Events(kind == "chat", _completion_id(kind, job), int(time.time()), job.model)
+        responder.start(200, SSE_HEADERS)
+        status = 200
+        try:
+            opening = events.role() if kind == "chat" else b""
+            chunk = first
+            while True:
+                out = opening + self._render(events, chunk, include_usage)
+                opening = b""
+                await responder.write(out)
+                if chunk.finish is not None:
+                    break
+                chunk = await anext(chunks)
+                tracked.chunk(chunk)
+            tail = DONE
+        except ShoalError as exc:
+            status = HTTP_STATUS[exc.code][0]
+            tail = _error_event(exc) + DONE
+        except StopAsyncIteration:  # the dispatcher ends only after a finish: a bug if reached
+            status = 500
+            tail = _error_event(Internal("the request ended without a finish reason")) + DONE
+        tracked.done(status)
+        responder.end(tail)
+
+    @staticmethod
+    def _render(events: _Events, chunk: Chunk, include_usage: bool) -> bytes:
+        out = events.text(chunk.text) if chunk.text or chunk.finish is None else b""
+        if chunk.finish is not None:
+            out += events.finish(chunk.finish)
+            if include_usage:
+                out += events.usage(chunk)
+        return out
+
+
+def _completion_id(kind: str, job: Job) -> str:
+    """The OpenAI id of a response: the request's own id (which the workers' logs and traces show too)."""
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{job.request_id}"
+
+
+def _start_span(request: Request, kind: str) -> tuple[trace.Span | None, Token[otel_context.Context] | None]:
+    """A server span for the request, child of the caller's trace, made current; none when nothing
+    records spans (the hot path skips that work)."""
+    if not recording():
+        return None, None
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    span = tracer("shoal.router").start_span(
+        f"POST {path}", context=extract_context(headers), kind=trace.SpanKind.SERVER
+    )
+    return span, otel_context.attach(trace.set_span_in_context(span))

@@ -1,0 +1,222 @@
+"""The worker's side of the multiplexed Serve stream: many requests on one call.
+
+A `ServeStream` lives as long as one Serve call. It reads the caller's starts
+and cancels while it replies with batches of events. The engine hands each
+request's outputs to a sink on the loop thread (no task or queue per
+request); the sink only appends to `pending` and wakes the writer, which
+sends everything pending in one reply, one event per request (outputs of
+several steps merged). Under load, one reply therefore carries the tokens of
+every request that produced any since the last reply: replies follow engine
+steps, not requests. When idle, a token goes out as soon as it exists. A
+request started with `coalesce_ms` has its tokens held until that long after
+its previous event (a non-streamed response needs no event per token).
+
+While requests of the stream are in the engine, the writer also replies at
+least every HEARTBEAT_S with the engine's step count, so the caller can tell
+a stalled worker (no reply, or a step count that stopped) from a slow
+request. When the call ends, everything still running on it is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING
+
+from opentelemetry import trace
+
+from services.worker.engines.base import Engine, KVBlock, TokenOutput
+from shared.errors import Internal, InvalidArgument, ShoalError
+from shared.rpc.errors import to_stream_error
+from shared.rpc.shoal.v1 import worker_pb2
+from shared.telemetry.tracing import extract_context, tracer
+
+if TYPE_CHECKING:
+    from services.worker.server import WorkerServicer
+
+HEARTBEAT_S = 1.0
+
+
+class ServeStream:
+    """One Serve call (see module doc). Created and used on the server's event loop only."""
+
+    def __init__(self, servicer: WorkerServicer) -> None:
+        self.servicer = servicer
+        self.engine: Engine = servicer.engine
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[tuple[str, TokenOutput | ShoalError]] = []
+        # Requests admitted to the engine and not finished.
+        self.running: set[str] = set()
+        # Requests importing KV before admission (P/D decode).
+        self.importing: dict[str, asyncio.Task[None]] = {}
+        self.spans: dict[str, trace.Span] = {}
+        # Requests whose tokens are held between events: request id -> what is held.
+        self.held: dict[str, _Held] = {}
+        self._caller_done = False
+        self._wake: asyncio.Future[None] | None = None
+        self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._beat)
+
+    # -- reading ------------------------------------------------------------------
+
+    async def read(self, requests: AsyncIterator[worker_pb2.ServeRequest]) -> None:
+        """Admit starts and apply cancels until the caller closes its side."""
+        try:
+            async for message in requests:
+                for start in message.starts:
+                    self._start(start)
+                for request_id in message.cancels:
+                    self._cancel(request_id)
+        finally:
+            self._caller_done = True
+            self._notify()
+
+    def _start(self, start: worker_pb2.ServeStart) -> None:
+        request_id = start.request.request_id
+        if request_id in self.running or request_id in self.importing:
+            self._emit(request_id, InvalidArgument(f"request id {request_id!r} is already running on this stream"))
+            return
+        decode = start.HasField("kv_source") and bool(start.kv_source.block_hashes)
+        if start.trace_context:
+            self.spans[request_id] = _span(start.trace_context, "Decode" if decode else "Generate")
+        if decode:
+            task = asyncio.create_task(self._import_then_submit(start))
+            self.importing[request_id] = task
+            return
+        self._submit(start.request, [], start.coalesce_ms / 1000)
+
+    async def _import_then_submit(self, start: worker_pb2.ServeStart) -> None:
+        request_id = start.request.request_id
+        try:
+            blocks = await self.servicer.import_kv(start.kv_source)
+        except ShoalError as exc:
+            self._emit(request_id, exc)
+            return
+        finally:
+            self.importing.pop(request_id, None)
+        self._submit(start.request, blocks, start.coalesce_ms / 1000)
+
+    def _submit(self, request: worker_pb2.GenerateRequest, imported: list[KVBlock], coalesce_s: float) -> None:
+        request_id = request.request_id
+        try:
+            engine_request = self.servicer.engine_request(request, imported)
+            done = self.servicer.already_done(engine_request)
+            if done is not None:
+                self._emit(request_id, done)
+                return
+            if coalesce_s > 0:
+                self.held[request_id] = _Held(coalesce_s, time.monotonic())
+            self.engine.submit(engine_request, lambda item: self._output(request_id, item))
+        except ShoalError as exc:
+            self.held.pop(request_id, None)
+            self._emit(request_id, exc)
+            return
+        self.running.add(request_id)
+
+    def _cancel(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.engine.abort(request_id)
+        task = self.importing.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+            self._emit(request_id, InvalidArgument("cancelled by the caller"))
+
+    # -- outputs ------------------------------------------------------------------
+
+    def _output(self, request_id: str, item: TokenOutput | BaseException) -> None:
+        """The engine's sink for one request (loop thread)."""
+        if isinstance(item, BaseException):
+            error = item if isinstance(item, ShoalError) else Internal(f"{type(item).__name__}: {item}")
+            self._emit(request_id, error)
+            return
+        held = self.held.get(request_id)
+        if held is not None:
+            held.token_ids.extend(item.token_ids)
+            held.text += item.text
+            now = time.monotonic()
+            if item.finish is None and now - held.since < held.window_s:
+                return
+            item.token_ids, item.text = held.token_ids, held.text
+            held.token_ids, held.text, held.since = [], "", now
+        self._emit(request_id, item)
+
+    def _emit(self, request_id: str, item: TokenOutput | ShoalError) -> None:
+        if isinstance(item, ShoalError) or item.finish is not None:
+            self.running.discard(request_id)
+            self.held.pop(request_id, None)
+            span = self.spans.pop(request_id, None)
+            if span is not None:
+                span.end()
+        self.pending.append((request_id, item))
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def _beat(self) -> None:
+        if self.running:
+            self._notify()
+        self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._beat)
+
+    # -- writing ------------------------------------------------------------------
+
+    async def replies(self) -> AsyncIterator[worker_pb2.ServeResponse]:
+        """Replies until the caller has closed its side and nothing of the stream runs."""
+        while True:
+            if not self.pending:
+                if self._caller_done and not self.running and not self.importing:
+                    return
+                self._wake = self.loop.create_future()
+                await self._wake
+                self._wake = None
+            yield self._reply()
+
+    def _reply(self) -> worker_pb2.ServeResponse:
+        pending, self.pending = self.pending, []
+        reply = worker_pb2.ServeResponse(engine_steps=self.engine.step_count, in_engine=len(self.running))
+        events: dict[str, worker_pb2.StreamEvent] = {}  # one event per request: several steps merged
+        for request_id, item in pending:
+            event = events.get(request_id)
+            if event is None:
+                event = events[request_id] = reply.events.add()
+                event.request_id = request_id
+            if isinstance(item, ShoalError):
+                to_stream_error(item, event.error)
+                continue
+            event.token_ids.extend(item.token_ids)
+            event.text += item.text
+            if item.finish is not None:
+                self.servicer.finish_fields(item, event)
+        return reply
+
+    def close(self) -> None:
+        """The call ended: abort what still runs on it."""
+        self._heartbeat.cancel()
+        for request_id in self.running:
+            self.engine.abort(request_id)
+        self.running.clear()
+        for task in self.importing.values():
+            task.cancel()
+        for span in self.spans.values():
+            span.end()
+        self.spans.clear()
+
+
+class _Held:
+    """Tokens of one request held since its previous event (see `coalesce_ms`)."""
+
+    __slots__ = ("since", "text", "token_ids", "window_s")
+
+    def __init__(self, window_s: float, since: float) -> None:
+        self.window_s = window_s
+        self.since = since
+        self.token_ids: list[int] = []
+        self.text = ""
+
+
+def _span(context: Mapping[str, str], kind: str) -> trace.Span:
+    """A request's span, child of the caller's (the stream's own span belongs to no request)."""
+    return tracer("shoal.rpc").start_span(
+        f"/shoal.v1.Worker/Serve {kind}", context=extract_context(dict(context)), kind=trace.SpanKind.SERVER
+    )
