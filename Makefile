@@ -36,6 +36,12 @@ redis: ## Install redis-server with apt-get when it is missing
 	  echo "installing redis-server"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+.PHONY: wrk
+wrk: ## Install wrk (a compiled HTTP load generator, for the router benchmark) with apt-get when missing
+	@command -v wrk >/dev/null || { \
+	  echo "installing wrk"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
+
 .PHONY: lock
 lock: $(STAMP) ## Rewrite requirements.lock (runtime) and requirements-dev.lock from the current .venv
 	$(PY) deploy/lock.py
@@ -135,5 +141,5 @@ bench-experts: $(STAMP) redis $(MODEL_DIR)/config.json ## Expert placement vs EP
 	$(PY) -m benchmarks.bench_experts $(MODEL_DIR)
 
 .PHONY: bench-router
-bench-router: $(STAMP) redis $(MODEL_DIR)/config.json ## Router overhead vs direct, and prefix-aware vs round-robin routing
+bench-router: $(STAMP) redis wrk $(MODEL_DIR)/config.json ## Router vs the workers called directly (wrk), streams; prefix-aware vs round-robin
 	$(PY) -m benchmarks.bench_router $(MODEL_DIR)

@@ -1,10 +1,19 @@
-"""Router benchmarks: (a) routing overhead, (b) prefix-aware routing on multi-turn chat.
+"""Router benchmarks: (a) the router's own cost, driven by wrk; (b) prefix-aware routing on multi-turn chat.
 
-(a) The router in front of two `sim` workers that answer at once (a huge
-speed-up; 4 streamed tokens). 200 and 1,000 concurrent streams, each stream
-a client that sends requests back to back. Baseline, same run: the same
-clients calling the workers directly over gRPC. Added latency = router
-latency - direct latency, p50 and p99; requests/s through the router; errors.
+(a) One router process in front of two `sim` workers that answer at once (a
+huge speed-up). Load comes from wrk (a compiled load generator, so the
+client is not what is measured), keep-alive connections each sending
+requests back to back, 10 s per row:
+  - non-streamed 4-token chat completions at 8, 32, 200, 256 and 1,000
+    connections: requests/s, latency p50/p99, errors of every kind;
+  - baseline, same run, same wrk, same request: the workers called directly
+    on their own OpenAI API (SHOAL_WORKER_HTTP_PORT), one wrk per worker with
+    half the connections each (how the router spreads them). Added latency =
+    through the router - direct, p50, at 8 connections;
+  - streamed 32-token completions at 32 and 256 connections: SSE events that
+    carried text per second, and the tokens they delivered per second.
+The summary uses the 32- and 256-connection rows for rps (the lower), the
+8-connection rows for added latency, the streamed row with the most events.
 
 (b) Document Q&A on two reference workers (real tensors): 16 conversations,
 each opening with its own ~1,200-token document and asking 3 questions about
@@ -14,28 +23,39 @@ prompt tokens / prompt tokens, from usage) and TTFT p50/p99. The oracle hit
 rate is what perfect routing with unbounded caches would reach: for each
 request, the longest block prefix of its prompt any earlier request had.
 
-Run: make bench-router. Last line:
-bench-router: added_p50_ms=<x> added_p99_ms=<x> rps=<x> errors=<n> errors_1000=<n> hit_vs_oracle=<ratio>
-ttft_p50_rr_over_prefix=<ratio>
+Run: make bench-router (installs wrk when missing). Last line:
+bench-router: rps=<x> added_p50_ms=<x> stream_events_per_s=<x> errors=<n> errors_1000=<n> hit_vs_oracle=<x>
+ttft_p50_rr_over_prefix=<x>
 """
 
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
+import json
+import os
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import orjson
 
+from cli.localstack import local_stack
 from shared.hashing import BlockHasher
-from tests.e2e.conftest import local_stack
 
 MODEL = "shoal-tiny-moe"
-PROMPT = "Summarize: the cache is warm."
+WRK_SCRIPT = Path(__file__).with_name("wrk") / "openai.lua"
+SECONDS = 10
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Summarize: the cache is warm."}], "max_tokens": 4}
+STREAM = {
+    "model": MODEL,
+    "prompt": "Tell me about the cache.",
+    "max_tokens": 32,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -43,119 +63,82 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else float("nan")
 
 
-# -- (a) overhead ---------------------------------------------------------------
-
-
-def _http_clients(url: str, streams: int, per_stream: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    import aiohttp
-
-    async def main() -> None:
-        latencies: list[float] = []
-        errors = 0
-        body = orjson.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True, "ignore_eos": True})
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
-
-            async def stream() -> None:
-                nonlocal errors
-                for _ in range(per_stream):
-                    started = time.perf_counter()
-                    try:
-                        async with http.post(
-                            f"{url}/v1/completions", data=body, headers={"content-type": "application/json"}
-                        ) as response:
-                            payload = await response.read()
-                            if response.status != 200 or b"[DONE]" not in payload or b'"error"' in payload:
-                                errors += 1
-                                continue
-                    except (aiohttp.ClientError, TimeoutError):
-                        errors += 1
-                        continue
-                    latencies.append(time.perf_counter() - started)
-
-            started = time.perf_counter()
-            await asyncio.gather(*(stream() for _ in range(streams)))
-            out.put((latencies, errors, time.perf_counter() - started))
-
-    asyncio.run(main())
-
-
-def _grpc_clients(addresses: list[str], streams: int, per_stream: int, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    from shared.errors import ShoalError
-    from shared.rpc.shoal.v1 import common_pb2, worker_pb2
-    from shared.rpc.worker_client import WorkerClient
-
-    async def main() -> None:
-        clients = [WorkerClient(a) for a in addresses]
-        latencies: list[float] = []
-        errors = 0
-        prompt = list(PROMPT.encode())
-        counter = iter(range(10**9))
-
-        async def stream(index: int) -> None:
-            nonlocal errors
-            client = clients[index % len(clients)]
-            for _ in range(per_stream):
-                request = worker_pb2.GenerateRequest(
-                    request_id=f"direct-{index}-{next(counter)}",
-                    model=MODEL,
-                    prompt_token_ids=[16 + b for b in prompt],
-                    sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True),
-                )
-                started = time.perf_counter()
-                try:
-                    async for _ in client.generate(request, 120):
-                        pass
-                except ShoalError:
-                    errors += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(stream(i) for i in range(streams)))
-        out.put((latencies, errors, time.perf_counter() - started))
-        for client in clients:
-            await client.close()
-
-    asyncio.run(main())
+# -- (a) the router's cost, with wrk -----------------------------------------------
 
 
 @dataclass
 class Load:
+    rps: float
     p50_ms: float
     p99_ms: float
-    rps: float
     errors: int
     requests: int
+    events_per_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    @classmethod
+    def combined(cls, parts: list[Load]) -> Load:
+        """Several wrk runs side by side (one per worker): rates add up, percentiles are averaged."""
+        return cls(
+            sum(p.rps for p in parts),
+            sum(p.p50_ms for p in parts) / len(parts),
+            sum(p.p99_ms for p in parts) / len(parts),
+            sum(p.errors for p in parts),
+            sum(p.requests for p in parts),
+        )
 
 
-def _drive(target: Any, args: tuple[Any, ...], streams: int, per_stream: int, processes: int = 2) -> Load:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    workers = [
-        context.Process(target=target, args=(*args, streams // processes, per_stream, queue)) for _ in range(processes)
-    ]
-    for process in workers:
-        process.start()
-    results = [queue.get(timeout=600) for _ in workers]
-    for process in workers:
-        process.join(30)
-    latencies = [latency for r in results for latency in r[0]]
-    errors = sum(r[1] for r in results)
-    span = max(r[2] for r in results)
-    return Load(_pct(latencies, 0.5), _pct(latencies, 0.99), len(latencies) / span, errors, len(latencies) + errors)
+def wrk(url: str, body: dict[str, object], connections: int, seconds: int = SECONDS) -> Load:
+    threads = min(2, connections)
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), url]
+    env = {**os.environ, "SHOAL_WRK_BODY": json.dumps({**body, "ignore_eos": True})}
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("WRK "))
+    stats = json.loads(line[4:])
+    span = stats["duration_us"] / 1e6
+    errors = stats["socket_errors"] + stats["status_errors"] + stats["error_events"]
+    return Load(
+        stats["requests"] / span,
+        stats["p50_us"] / 1000,
+        stats["p99_us"] / 1000,
+        errors,
+        stats["requests"],
+        stats["events"] / span,
+        stats["tokens"] / span,
+    )
 
 
-def overhead(model: Path) -> dict[int, tuple[Load, Load]]:
-    results: dict[int, tuple[Load, Load]] = {}
-    env = {"SHOAL_WORKER_SIM_SPEEDUP": "1000000", "SHOAL_LOG_LEVEL": "WARNING", "SHOAL_WORKER_MAX_WAITING": "4096"}
+def direct(addresses: list[str], body: dict[str, object], connections: int) -> Load:
+    """The same load on the workers' own API: one wrk per worker, the connections split evenly."""
+    share = max(1, connections // len(addresses))
+    with ThreadPoolExecutor(len(addresses)) as pool:
+        runs = [pool.submit(wrk, f"http://{a}/v1/chat/completions", body, share) for a in addresses]
+        return Load.combined([run.result() for run in runs])
+
+
+@dataclass
+class Overhead:
+    direct8: Load
+    routed: dict[int, Load]
+    direct: dict[int, Load]
+    streams: dict[int, Load]
+
+
+def overhead(model: Path) -> Overhead:
+    env = {
+        "SHOAL_WORKER_SIM_SPEEDUP": "1000000",
+        "SHOAL_WORKER_HTTP_PORT": "0",
+        "SHOAL_LOG_LEVEL": "WARNING",
+        "SHOAL_WORKER_MAX_WAITING": "4096",
+    }
     with local_stack(model, [("mixed", "sim"), ("mixed", "sim")], **env) as (endpoints, _):
-        addresses = list(endpoints.workers.values())
-        for streams, per_stream in ((200, 10), (1000, 3)):
-            direct = _drive(_grpc_clients, (addresses,), streams, per_stream)
-            routed = _drive(_http_clients, (endpoints.router,), streams, per_stream)
-            results[streams] = (direct, routed)
-    return results
+        addresses = list(endpoints.worker_http.values())
+        chat_url = f"{endpoints.router}/v1/chat/completions"
+        wrk(chat_url, CHAT, 32, seconds=3)  # warm-up: sessions open, caches filled
+        routed = {c: wrk(chat_url, CHAT, c) for c in (8, 32, 200, 256, 1000)}
+        direct_rows = {c: direct(addresses, CHAT, c) for c in (8, 32)}
+        streams = {c: wrk(f"{endpoints.router}/v1/completions", STREAM, c) for c in (32, 256)}
+    return Overhead(direct_rows[8], routed, direct_rows, streams)
 
 
 # -- (b) prefix-aware vs round-robin -----------------------------------------------
@@ -247,7 +230,7 @@ def chat(model: Path, preset: str, conversations: int = 16, turns: int = 3) -> C
 
 def oracle_hit_rate(model: Path, conversations: int = 16, turns: int = 3) -> float:
     """Hit rate with perfect routing and unbounded caches, on the same prompts (replies from a dry run)."""
-    from services.router.prompts import PromptBuilder
+    from shared.openai.prompts import PromptBuilder
 
     builder = PromptBuilder(model)
     hasher = BlockHasher(MODEL, 16)
@@ -273,11 +256,20 @@ def oracle_hit_rate(model: Path, conversations: int = 16, turns: int = 3) -> flo
 
 def main() -> None:
     model = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".cache/models/shoal-tiny-moe")
-    loads = overhead(model)
-    print(f"{'(a) overhead':<22}{'streams':>8}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
-    for streams, (direct, routed) in loads.items():
-        for name, load in (("direct to workers", direct), ("through router", routed)):
-            print(f"{name:<22}{streams:>8}{load.p50_ms:>9.1f}{load.p99_ms:>9.1f}{load.rps:>9.0f}{load.errors:>8}")
+    load = overhead(model)
+    print(f"{'(a) 4-token chat, wrk':<26}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for connections, row in load.direct.items():
+        name = "direct to the workers"
+        print(f"{name:<26}{connections:>6}{row.rps:>9.0f}{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}")
+    for connections, row in load.routed.items():
+        name = "through the router"
+        print(f"{name:<26}{connections:>6}{row.rps:>9.0f}{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}")
+    print(f"\n{'(a) 32-token streams, wrk':<26}{'conns':>6}{'req/s':>9}{'events/s':>10}{'tokens/s':>10}{'errors':>8}")
+    for connections, row in load.streams.items():
+        print(
+            f"{'through the router':<26}{connections:>6}{row.rps:>9.0f}{row.events_per_s:>10.0f}"
+            f"{row.tokens_per_s:>10.0f}{row.errors:>8}"
+        )
     prefix = chat(model, "prefix-aware")
     round_robin = chat(model, "round-robin")
     oracle = oracle_hit_rate(model)
@@ -288,12 +280,13 @@ def main() -> None:
             f"{result.requests:>9}"
         )
     print(f"{'oracle (upper bound)':<22}{oracle:>9.2f}")
-    direct200, routed200 = loads[200]
-    _, routed1000 = loads[1000]
+    rps = min(load.routed[32].rps, load.routed[256].rps)
+    added = load.routed[8].p50_ms - load.direct8.p50_ms
+    events = max(row.events_per_s for row in load.streams.values())
     print(
-        f"bench-router: added_p50_ms={routed200.p50_ms - direct200.p50_ms:.1f} "
-        f"added_p99_ms={routed200.p99_ms - direct200.p99_ms:.1f} rps={routed200.rps:.0f} "
-        f"errors={routed200.errors} errors_1000={routed1000.errors} hit_vs_oracle={prefix.hit_rate / oracle:.2f} "
+        f"bench-router: rps={rps:.0f} added_p50_ms={added:.2f} stream_events_per_s={events:.0f} "
+        f"errors={load.routed[200].errors} errors_1000={load.routed[1000].errors} "
+        f"hit_vs_oracle={prefix.hit_rate / oracle:.2f} "
         f"ttft_p50_rr_over_prefix={round_robin.ttft_p50_ms / prefix.ttft_p50_ms:.2f}"
     )
 

@@ -11,12 +11,15 @@ fresh one that `make run` prints.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,8 @@ class Endpoints:
     controller: str = ""
     admin_token: str = ""
     workers: dict[str, str] = field(default_factory=dict)
+    # Worker id -> host:port of its own OpenAI API, for workers started with SHOAL_WORKER_HTTP_PORT.
+    worker_http: dict[str, str] = field(default_factory=dict)
 
 
 def bootstrap_document(config: StackConfig, model_name: str, model_path: str) -> dict[str, Any]:
@@ -142,7 +147,9 @@ class LocalStack:
             ready=lambda: http_ready(f"{controller}/health"),
         )
         self.endpoints.controller, self.endpoints.admin_token = controller, token
-        self.endpoints.workers = self._wait_for_workers(controller, token, len(self.config.workers))
+        registered = self._wait_for_workers(controller, token, len(self.config.workers))
+        self.endpoints.workers = {w["worker_id"]: w["address"] for w in registered}
+        self.endpoints.worker_http = {w["worker_id"]: w["http_address"] for w in registered if w["http_address"]}
 
         self.supervisor.start(
             "router",
@@ -158,17 +165,38 @@ class LocalStack:
         self.endpoints.router = router
         return self.endpoints
 
-    def _wait_for_workers(self, controller: str, token: str, count: int, timeout_s: float = 180.0) -> dict[str, str]:
-        """Worker id -> gRPC address, once the controller's workers have all registered."""
+    def _wait_for_workers(
+        self, controller: str, token: str, count: int, timeout_s: float = 180.0
+    ) -> list[dict[str, Any]]:
+        """The admin API's listing of the controller's workers, once they have all registered."""
         deadline = time.monotonic() + timeout_s
         headers = {"authorization": f"Bearer {token}"}
         while time.monotonic() < deadline:
             self.supervisor.check_alive()
             workers = httpx.get(f"{controller}/v1/workers", headers=headers, timeout=5).json()
             if len(workers) >= count:
-                return {w["worker_id"]: w["address"] for w in workers}
+                return list(workers)
             time.sleep(0.5)
         raise StartupError(f"the controller's {count} worker(s) did not register within {timeout_s:.0f}s")
+
+
+@contextmanager
+def local_stack(model: Path, workers: list[tuple[str, str]], **env: str) -> Iterator[tuple[Endpoints, Supervisor]]:
+    """The stack on free ports with these workers, its services' output kept quiet (tests, benchmarks)."""
+    supervisor = Supervisor(grace_s=5)
+    stack = LocalStack(
+        StackConfig(model_path=model, router_port=free_port(), controller_port=free_port(), workers=workers, env=env),
+        supervisor,
+    )
+    captured = io.StringIO()
+    real_stdout, sys.stdout = sys.stdout, captured  # keep the services' logs out of the test report
+    try:
+        endpoints = stack.start()
+        sys.stdout = real_stdout
+        yield endpoints, supervisor
+    finally:
+        sys.stdout = real_stdout
+        supervisor.stop_all()
 
 
 def run_local_stack(model_path: Path = DEFAULT_MODEL) -> int:

@@ -31,13 +31,16 @@ class ExpertLoadModel:
         self._zipf = ranks**-skew / np.sum(ranks**-skew)
         self._order = np.stack([self._rng.permutation(num_experts) for _ in range(num_layers)])
         self._last_drift: float | None = None
+        self._weights: np.ndarray | None = None  # cached until the next drift
 
     def weights(self) -> np.ndarray:
         """[layers, experts] routing probabilities now."""
-        out = np.empty((self.num_layers, self.num_experts))
-        for layer in range(self.num_layers):
-            out[layer, self._order[layer]] = self._zipf
-        return out
+        if self._weights is None:
+            out = np.empty((self.num_layers, self.num_experts))
+            for layer in range(self.num_layers):
+                out[layer, self._order[layer]] = self._zipf
+            self._weights = out
+        return self._weights
 
     def weights_at(self, now: float) -> np.ndarray:
         """[layers, experts] routing probabilities at time `now` (drifting up to it first)."""
@@ -52,8 +55,9 @@ class ExpertLoadModel:
             for layer in range(self.num_layers):
                 a, b = self._rng.choice(self.num_experts, size=2, replace=False)
                 self._order[layer, [a, b]] = self._order[layer, [b, a]]
+            self._weights = None
 
     def step_counts(self, tokens: int, now: float) -> np.ndarray:
         """Routed tokens per [layer, expert] for a step of `tokens` tokens."""
-        weights = self.weights_at(now)
-        return np.stack([self._rng.multinomial(tokens * self.top_k, row) for row in weights]).astype(np.int64)
+        # One draw for every layer (multinomial broadcasts over the rows of `pvals`).
+        return self._rng.multinomial(tokens * self.top_k, self.weights_at(now)).astype(np.int64)

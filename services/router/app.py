@@ -13,29 +13,32 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 import uuid
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import yaml
 from redis.exceptions import RedisError
 
 from services.router.discovery import WorkerDirectory
-from services.router.dispatch import Dispatcher, Job, KVStoreTarget
+from services.router.dispatch import Dispatcher, KVStoreTarget
 from services.router.http.api import build_server
 from services.router.inflight import InflightCounts
 from services.router.metrics import RouterMetrics
 from services.router.pd import Handoff
 from services.router.pinning import Pinner
-from services.router.prompts import PromptBuilder
 from shared.config.services import RouterSettings
 from shared.errors import FailedPrecondition
 from shared.hashing import BlockHasher
 from shared.httpapi import listening_socket
 from shared.kvindex import KVIndex
+from shared.openai.completions import EdgeMetrics
+from shared.openai.jobs import Chunk, Hints, Job
+from shared.openai.prompts import PromptBuilder
 from shared.policies.routing import PDPolicy, Router, load_config
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
+from shared.rpc.serve_client import ServeSession
 from shared.rpc.server import stop_event_on_signals
 from shared.rpc.shoal.v1 import common_pb2
 from shared.rpc.worker_client import WorkerClient
@@ -71,8 +74,10 @@ class RouterApp:
         self.events_redis = connect(settings.redis_url)
         self.index = KVIndex()
         # Opened on first use, inside the event loop (gRPC channels belong to the loop that made them).
-        self.clients: ClientPool[WorkerClient] = ClientPool(
-            lambda a: WorkerClient(a, settings.internal_token, settings.stall_s, self.metrics.stalls.inc)
+        self.clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
+        # Each worker's serve channel (the request path), by data address.
+        self.streams: ClientPool[ServeSession] = ClientPool(
+            lambda a: ServeSession(a, settings.internal_token, settings.stall_s, self.metrics.stalls.inc)
         )
         self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, settings.internal_token))
         self.directory = WorkerDirectory(WorkerRegistry(self.redis), settings.model_name, self._worker_gone)
@@ -96,7 +101,7 @@ class RouterApp:
             self.index,
             Router(config.resolve()),
             PDPolicy(settings.pd_min_uncached_tokens),
-            self.clients,
+            self.streams,
             self.metrics,
             self.sessions,
             Handoff(
@@ -120,22 +125,30 @@ class RouterApp:
             if kvstore
             else None,
             work=self.work,
+            max_inflight=settings.max_inflight,
         )
         self.http = build_server(self)
-        self.inflight = 0
-        self.started_at = int(time.time())
         self._discovery = Ticker("discovery", DISCOVERY_INTERVAL_S, self.directory.refresh)
         self._events = Ticker("kv-index", 0.001, self._follow)
         self._stats = Ticker("work-stats", 1.0, self._flush_work)
         self._sessions = Ticker("sessions", SESSION_FLUSH_S, self.sessions.flush)
 
-    def request_started(self) -> None:
-        self.inflight += 1
-        self.metrics.inflight.set(self.inflight)
+    # -- the OpenAI API's backend (shared/openai/completions.py) --------------------
 
-    def request_ended(self) -> None:
-        self.inflight -= 1
-        self.metrics.inflight.set(self.inflight)
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+    @property
+    def api_keys(self) -> list[str]:
+        return self.settings.api_keys
+
+    @property
+    def edge_metrics(self) -> EdgeMetrics:
+        return self.metrics.edge
+
+    def stream(self, job: Job) -> AsyncGenerator[Chunk, None]:
+        return self.dispatcher.stream(job)
 
     def _worker_gone(self, worker_id: str) -> None:
         # Requests running there go on: the worker may only have missed a heartbeat (a Redis restart).
@@ -154,15 +167,7 @@ class RouterApp:
         except (RedisError, OSError) as exc:
             log.warning("work stats not published", error=str(exc))
 
-    def job(
-        self,
-        model: str,
-        prompt: list[int],
-        sampling: common_pb2.SamplingParams,
-        session_id: str,
-        pool: str = "",
-        pin_s: int = 0,
-    ) -> Job:
+    def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
         return Job(
             request_id=next(self._request_ids),
             model=model,
@@ -170,9 +175,9 @@ class RouterApp:
             sampling=sampling,
             hashes=self.hasher.hashes(prompt),
             block_size=self.settings.block_size,
-            session_id=session_id,
-            pool=pool,
-            pin_s=pin_s,
+            session_id=hints.session,
+            pool=hints.pool,
+            pin_s=hints.pin_s,
             deadline_s=self.settings.request_timeout_s,
         )
 
@@ -191,6 +196,7 @@ class RouterApp:
         await self._sessions.stop()
         await self.sessions.flush()
         await self.clients.close()
+        await self.streams.close()
         await self.kvstores.close()
         await self.redis.aclose()
         await self.events_redis.aclose()

@@ -63,5 +63,11 @@ class WorkerDirectory:
         return record.info.pool if record else None
 
     def address(self, worker_id: str) -> str | None:
+        """The worker's gRPC address (control calls, P/D prefill, KV fetches)."""
         record = self.records.get(worker_id)
         return record.info.address if record else None
+
+    def data_address(self, worker_id: str) -> str | None:
+        """The worker's data address (its `serve` channel)."""
+        record = self.records.get(worker_id)
+        return record.info.data_address or None if record else None

@@ -22,21 +22,21 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import AsyncGenerator, Sequence
-from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from services.router.discovery import WorkerDirectory
 from services.router.inflight import InflightCounts
 from services.router.metrics import RouterMetrics
-from services.router.pd import Handoff
+from services.router.pd import Handoff, Prefilled
 from services.router.pinning import Pinner
 from shared.errors import DeadlineExceeded, ErrorCode, Overloaded, ShoalError, Unavailable
 from shared.hashing import BlockHash
 from shared.kvindex import KVIndex
+from shared.openai.jobs import Chunk, Job
 from shared.policies.routing import Decision, PDPolicy, Phase, Reason, RequestView, Router, WorkerView
 from shared.rpc.pool import ClientPool
+from shared.rpc.serve_client import RequestStream, ServeSession
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
-from shared.rpc.worker_client import WorkerClient
 from shared.state.sessions import SessionMap
 from shared.state.workstats import WorkRecorder
 from shared.telemetry.logging import get_logger
@@ -61,44 +61,21 @@ _UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
 
 
 @dataclass
-class Job:
-    """A tokenized request ready to dispatch."""
-
-    request_id: str
-    model: str
-    prompt: list[int]
-    sampling: common_pb2.SamplingParams
-    hashes: list[BlockHash]
-    block_size: int
-    session_id: str = ""
-    # A placement preference (an agent graph's plan): serve from this pool while it has a serving worker.
-    pool: str = ""
-    # Seconds to keep the prompt's prefix pinned in the kvstore for the session (an agent's tool call).
-    pin_s: int = 0
-    deadline_s: float = 600.0
-    # The caller's W3C trace context, carried to the worker with the request.
-    trace_context: dict[str, str] = field(default_factory=dict)
-    # How often the worker needs to send the request's tokens (0: each as it comes, for a stream).
-    coalesce_ms: int = 0
-
-
-@dataclass(slots=True)
-class Chunk:
-    text: str
-    tokens: int
-    finish: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-
-
-@dataclass
 class _Progress:
     started: float = field(default_factory=time.monotonic)
     produced: list[int] = field(default_factory=list)
     failed: set[str] = field(default_factory=set)
     attempts: int = 0
     session_worker: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One try at a request: the worker that runs it, the one that computed its prompt, its KV source."""
+
+    worker_id: str
+    prefill_worker: str
+    source: worker_pb2.KVSource | None
 
 
 @dataclass(frozen=True)
@@ -117,7 +94,7 @@ class Dispatcher:
         index: KVIndex,
         router: Router,
         pd: PDPolicy,
-        clients: ClientPool[WorkerClient],
+        streams: ClientPool[ServeSession],
         metrics: RouterMetrics,
         sessions: SessionMap,
         handoff: Handoff,
@@ -125,12 +102,13 @@ class Dispatcher:
         kvstore: KVStoreTarget | None = None,
         pinner: Pinner | None = None,
         work: WorkRecorder | None = None,
+        max_inflight: int = 4096,
     ) -> None:
         self.directory = directory
         self.index = index
         self.router = router
         self.pd = pd
-        self.clients = clients
+        self.streams = streams
         self.metrics = metrics
         self.sessions = sessions
         self.handoff = handoff
@@ -138,6 +116,9 @@ class Dispatcher:
         self.kvstore = kvstore
         self.pinner = pinner
         self.work = work
+        self.max_inflight = max_inflight
+        # Requests this router is running now (admission: at most max_inflight).
+        self.requests = 0
         self._ids = itertools.count()
 
     # -- snapshots and decisions ------------------------------------------------
@@ -207,69 +188,97 @@ class Dispatcher:
     # -- streaming ----------------------------------------------------------------
 
     async def stream(self, job: Job) -> AsyncGenerator[Chunk, None]:
-        """Run `job` and yield its text as it comes (see module doc)."""
-        progress = _Progress()
-        if job.session_id:
-            progress.session_worker = await self.sessions.worker(job.session_id)
-        views = self._views(self._serving(job), job.hashes)
-        handed = None
+        """Run `job` and yield its text as it comes (see module doc); Overloaded past max_inflight.
+
+        One generator for the whole request (P/D hand-off, attempts, events): each layer of
+        generators costs every streamed token a resumption.
+        """
+        if self.requests >= self.max_inflight:
+            raise Overloaded(f"{self.max_inflight} requests in flight; retry shortly", retry_after_s=1.0)
+        self.requests += 1
+        self.metrics.inflight.set(self.requests)
+        try:
+            progress = _Progress()
+            if job.session_id:
+                progress.session_worker = await self.sessions.worker(job.session_id)
+            views = self._views(self._serving(job), job.hashes)
+            handed = await self._prefill(job, views, progress)
+            if handed is not None:
+                first = self._first_chunk(handed, progress)
+                yield first
+                if first.finish is not None:
+                    return
+            while True:
+                attempt = self._next_attempt(job, views, progress, handed)
+                handed = None
+                events = self._open(job, attempt, progress)
+                try:
+                    with self.inflight.track(attempt.worker_id):
+                        async for event in events:
+                            chunk = self._chunk(job, attempt, event, progress)
+                            yield chunk
+                            if chunk.finish is not None:
+                                return
+                    raise Unavailable(f"worker {attempt.worker_id} ended the request without a finish reason")
+                except ShoalError as exc:
+                    self._failed(job, attempt.worker_id, exc, progress)
+                    views = self._views(self._serving(job), job.hashes)  # the load and caches have moved
+                finally:
+                    events.close()
+        finally:
+            self.requests -= 1
+            self.metrics.inflight.set(self.requests)
+
+    async def _prefill(self, job: Job, views: list[WorkerView], progress: _Progress) -> Prefilled | None:
+        """The P/D hand-off when the prompt's uncached part is long enough; None: run colocated."""
         decode_side = [v for v in views if v.role != "prefill"]
         prefill_side = [v for v in views if v.role == "prefill"]
-        if self.pd.disaggregate(self._request_view(job, Phase.PREFILL, progress), decode_side, prefill_side):
-            handed = await self.handoff.prefill(
-                job.request_id,
-                job.model,
-                job.prompt,
-                job.sampling,
-                job.session_id,
-                lambda phase: self._decide(job, phase, views, progress),
-            )
-        if handed is not None:
-            progress.produced.append(handed.first_token)
-            if handed.finish != _UNFINISHED:
-                usage = handed.usage
-                final = Chunk(handed.first_text, 1, _FINISH[handed.finish], usage.prompt_tokens, 1)
-                self._account(handed.prefill_worker, handed.prefill_worker, final)
-                yield final
-                return
-            yield Chunk(handed.first_text, 1)
-        while True:
-            source: worker_pb2.KVSource | None
-            if handed is not None:
-                worker_id, source, prefill_worker = handed.decode_worker, handed.source, handed.prefill_worker
-                handed = None
-            else:
-                if progress.attempts:  # a retry: the load and the caches have moved since
-                    views = self._views(self._serving(job), job.hashes)
-                decision = self._decide(job, Phase.GENERATE, views, progress)
-                if not decision.ok:
-                    if progress.attempts:
-                        raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
-                    raise self._refuse(decision)
-                assert decision.worker_id is not None
-                worker_id = prefill_worker = decision.worker_id
-                source = self._store_source(job, worker_id, views) if not progress.produced else None
-            if job.session_id:
-                self.sessions.remember(job.session_id, worker_id)
-            try:
-                async with aclosing(self._attempt(job, worker_id, prefill_worker, source, progress)) as attempt:
-                    async for chunk in attempt:
-                        yield chunk
-                return
-            except ShoalError as exc:
-                self._failed(job, worker_id, exc, progress)
+        if not self.pd.disaggregate(self._request_view(job, Phase.PREFILL, progress), decode_side, prefill_side):
+            return None
+        return await self.handoff.prefill(
+            job.request_id,
+            job.model,
+            job.prompt,
+            job.sampling,
+            job.session_id,
+            lambda phase: self._decide(job, phase, views, progress),
+        )
 
-    async def _attempt(
-        self,
-        job: Job,
-        worker_id: str,
-        prefill_worker: str,
-        source: worker_pb2.KVSource | None,
-        progress: _Progress,
-    ) -> AsyncGenerator[Chunk, None]:
-        address = self.directory.address(worker_id)
+    def _first_chunk(self, handed: Prefilled, progress: _Progress) -> Chunk:
+        progress.produced.append(handed.first_token)
+        if handed.finish == _UNFINISHED:
+            return Chunk(handed.first_text, 1)
+        usage = handed.usage
+        final = Chunk(handed.first_text, 1, _FINISH[handed.finish], usage.prompt_tokens, 1)
+        self._account(handed.prefill_worker, handed.prefill_worker, final)
+        return final
+
+    def _next_attempt(
+        self, job: Job, views: list[WorkerView], progress: _Progress, handed: Prefilled | None
+    ) -> _Attempt:
+        """Where the next attempt runs: the prefilled request's decode worker, or the policy's choice."""
+        if handed is not None:
+            attempt = _Attempt(handed.decode_worker, handed.prefill_worker, handed.source)
+        else:
+            decision = self._decide(job, Phase.GENERATE, views, progress)
+            if decision.worker_id is None:
+                if progress.attempts:
+                    raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
+                raise self._refuse(decision)
+            source = self._store_source(job, decision.worker_id, views) if not progress.produced else None
+            attempt = _Attempt(decision.worker_id, decision.worker_id, source)
+        if job.session_id:
+            self.sessions.remember(job.session_id, attempt.worker_id)
+        return attempt
+
+    def _open(self, job: Job, attempt: _Attempt, progress: _Progress) -> RequestStream:
+        """Send the request (resuming after what was produced) on the worker's Serve session."""
+        address = self.directory.data_address(attempt.worker_id)
         if address is None:
-            raise Unavailable(f"worker {worker_id} left the registry")
+            raise Unavailable(f"worker {attempt.worker_id} left the registry")
+        remaining = job.deadline_s - (time.monotonic() - progress.started)
+        if remaining <= 0:
+            raise DeadlineExceeded(f"request did not finish within {job.deadline_s:g}s")
         request = worker_pb2.GenerateRequest(
             request_id=f"{job.request_id}-{next(self._ids)}",
             model=job.model,
@@ -278,36 +287,26 @@ class Dispatcher:
             session_id=job.session_id,
             resume_token_ids=progress.produced,
         )
-        remaining = max(0.0, job.deadline_s - (time.monotonic() - progress.started))
-        if remaining <= 0:
-            raise DeadlineExceeded(f"request did not finish within {job.deadline_s:g}s")
-        stream = self.clients.get(address).serve.start(request, remaining, source, job.trace_context, job.coalesce_ms)
-        with self.inflight.track(worker_id):
-            try:
-                async for event in stream:
-                    progress.produced.extend(event.token_ids)
-                    if event.finish_reason == _UNFINISHED:
-                        yield Chunk(event.text, len(event.token_ids))
-                        continue
-                    usage = event.usage
-                    # A P/D decode recomputed only the uncached tail: the prompt was the prefill pool's work.
-                    cached = usage.cached_prompt_tokens if prefill_worker == worker_id else 0
-                    chunk = Chunk(
-                        event.text,
-                        len(event.token_ids),
-                        _FINISH[event.finish_reason],
-                        usage.prompt_tokens,
-                        usage.completion_tokens,
-                        cached,
-                    )
-                    # Before the last yield: the consumer may close this generator right after it.
-                    self._account(prefill_worker, worker_id, chunk)
-                    self._pin_later(job, worker_id)
-                    yield chunk
-                    return
-            finally:
-                stream.close()
-        raise Unavailable(f"worker {worker_id} ended the request without a finish reason")
+        return self.streams.get(address).start(request, remaining, attempt.source, job.trace_context, job.coalesce_ms)
+
+    def _chunk(self, job: Job, attempt: _Attempt, event: worker_pb2.StreamEvent, progress: _Progress) -> Chunk:
+        progress.produced.extend(event.token_ids)
+        if event.finish_reason == _UNFINISHED:
+            return Chunk(event.text, len(event.token_ids))
+        usage = event.usage
+        # A P/D decode recomputed only the uncached tail: the prompt was the prefill pool's work.
+        cached = usage.cached_prompt_tokens if attempt.prefill_worker == attempt.worker_id else 0
+        chunk = Chunk(
+            event.text,
+            len(event.token_ids),
+            _FINISH[event.finish_reason],
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            cached,
+        )
+        self._account(attempt.prefill_worker, attempt.worker_id, chunk)
+        self._pin_later(job, attempt.worker_id)
+        return chunk
 
     def _pin_later(self, job: Job, worker_id: str) -> None:
         if job.pin_s and job.session_id and job.hashes and self.pinner is not None:

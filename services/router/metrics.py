@@ -4,20 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from shared.openai.completions import EdgeMetrics
 from shared.telemetry.loopmetrics import LoopMetrics
-from shared.telemetry.metrics import LATENCY_BUCKETS
 
 
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         metrics = LoopMetrics(registry)
-        self.requests = metrics.counter(
-            "shoal_router_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"]
-        )
-        self.ttft = metrics.histogram("shoal_router_ttft_seconds", "Request arrival to first token", LATENCY_BUCKETS)
-        self.tbt = metrics.histogram("shoal_router_tbt_seconds", "Time between streamed tokens", LATENCY_BUCKETS)
-        self.e2e = metrics.histogram("shoal_router_e2e_seconds", "Request arrival to last token", LATENCY_BUCKETS)
+        # Requests, TTFT, TBT, end to end and tokens, as the OpenAI endpoints measure them.
+        self.edge = EdgeMetrics(metrics, "shoal_router")
         self.decisions = metrics.counter(
             "shoal_router_routing_decisions", "Routing decisions by phase and reason", ["phase", "reason"]
         )
@@ -30,7 +26,6 @@ class RouterMetrics:
             "shoal_router_session_pins", "Session prefixes copied to the kvstore and pinned, by outcome", ["outcome"]
         )
         self.inflight = metrics.gauge("shoal_router_inflight_requests", "Requests in flight")
-        self.tokens = metrics.counter("shoal_router_tokens", "Tokens by kind", ["kind"])
         self.stalls = metrics.counter(
             "shoal_router_worker_stalls", "Workers found stalled (no engine progress while holding requests)"
         )

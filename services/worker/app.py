@@ -16,15 +16,24 @@ from redis.exceptions import RedisError
 
 from services.worker.engines.engine import BatchingEngine
 from services.worker.engines.factory import build_engine
+from services.worker.http import EngineBackend, direct_server
 from services.worker.metrics import WorkerMetrics
+from services.worker.serve import ServeStream
 from services.worker.server import WorkerServicer
 from shared.config.services import WorkerSettings
+from shared.errors import FailedPrecondition
+from shared.httpserver import HttpServer
+from shared.openai.completions import EdgeMetrics
+from shared.openai.prompts import PromptBuilder
+from shared.rpc.channel import ChannelServer
+from shared.rpc.serve_client import CHANNEL as SERVE_CHANNEL
 from shared.rpc.server import GrpcServer, run_until_signal
 from shared.rpc.shoal.v1 import worker_pb2_grpc
 from shared.state.kvevents import KVEventPublisher
 from shared.state.redis import connect
 from shared.state.registry import Heartbeat, WorkerRegistry
 from shared.telemetry.logging import get_logger
+from shared.telemetry.loopmetrics import LoopMetrics
 from shared.telemetry.metrics import new_registry, serve_metrics
 from shared.ticker import Ticker
 from shared.types.workers import WorkerInfo
@@ -49,6 +58,12 @@ class WorkerApp:
         self.publisher = KVEventPublisher(self.redis, settings.worker_id)
         self.servicer = WorkerServicer(self.engine, self.metrics, settings.internal_token)
         self.server: GrpcServer | None = None
+        self.http: HttpServer | None = None
+        self.http_port = 0
+        self.channels = ChannelServer(
+            {SERVE_CHANNEL: lambda conn: ServeStream(self.servicer, conn)}, settings.internal_token
+        )
+        self.data_port = 0
         self.heartbeat: Heartbeat | None = None
         self.metrics_port = 0
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
@@ -68,7 +83,10 @@ class WorkerApp:
             [SERVICE_NAME],
             settings.internal_token,
         )
+        self.data_port = await self.channels.start(settings.host, settings.data_port)
         _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
+        if settings.http_port is not None:
+            await self._serve_http(settings.http_port)
         info = WorkerInfo(
             worker_id=settings.worker_id,
             address=self.address,
@@ -82,6 +100,8 @@ class WorkerApp:
             max_running=settings.max_running,
             max_waiting=settings.max_waiting,
             metrics_address=settings.advertised(self.metrics_port),
+            data_address=settings.advertised(self.data_port),
+            http_address=settings.advertised(self.http_port) if self.http is not None else "",
             started_at=time.time(),
         )
         self.heartbeat = Heartbeat(
@@ -90,6 +110,15 @@ class WorkerApp:
         await self.heartbeat.start()
         self._events.start()
         log.info("worker serving", worker_id=settings.worker_id, address=self.address, role=settings.role.value)
+
+    async def _serve_http(self, port: int) -> None:
+        if self.settings.model_path is None:
+            raise FailedPrecondition("SHOAL_WORKER_HTTP_PORT needs SHOAL_WORKER_MODEL_PATH (the tokenizer)")
+        edge = EdgeMetrics(LoopMetrics(self.metrics.registry), "shoal_worker_http")
+        backend = EngineBackend(self.servicer, PromptBuilder(self.settings.model_path), edge)
+        self.http = direct_server(backend)
+        self.http_port = await self.http.start(self.settings.host, port)
+        log.info("worker serving the OpenAI API directly", port=self.http_port)
 
     async def _publish_events(self) -> None:
         await self.publisher.tick(self.engine.drain_kv_events(), self.engine.cached_hashes)
@@ -103,6 +132,9 @@ class WorkerApp:
         await self._retire()
 
     async def _retire(self) -> None:
+        if self.http is not None:
+            await self.http.stop(grace_s=1.0)
+        await self.channels.stop()
         await self._events.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)

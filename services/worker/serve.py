@@ -1,33 +1,36 @@
-"""The worker's side of the multiplexed Serve stream: many requests on one call.
+"""The worker's side of the `serve` data channel: many requests on one connection.
 
-A `ServeStream` lives as long as one Serve call. It reads the caller's starts
-and cancels while it replies with batches of events. The engine hands each
-request's outputs to a sink on the loop thread (no task or queue per
-request); the sink only appends to `pending` and wakes the writer, which
-sends everything pending in one reply, one event per request (outputs of
-several steps merged). Under load, one reply therefore carries the tokens of
-every request that produced any since the last reply: replies follow engine
-steps, not requests. When idle, a token goes out as soon as it exists. A
-request started with `coalesce_ms` has its tokens held until that long after
-its previous event (a non-streamed response needs no event per token).
+A `ServeStream` lives as long as one channel connection (a router's). It
+takes the caller's starts and cancels frame by frame, and replies with
+batches of events. The engine hands each request's outputs to a sink on the
+loop thread (no task or queue per request); the sink only appends to
+`pending` and schedules one flush for this turn of the loop, which sends
+everything pending in one frame, one event per request (outputs of several
+steps merged). Under load, one frame therefore carries the tokens of every
+request that produced any since the last one: frames follow engine steps,
+not requests. When idle, a token goes out as soon as it exists. A request
+started with `coalesce_ms` has its tokens held until that long after its
+previous event (a non-streamed response needs no event per token).
 
-While requests of the stream are in the engine, the writer also replies at
+While requests of the connection are in the engine, a frame also goes out at
 least every HEARTBEAT_S with the engine's step count, so the caller can tell
-a stalled worker (no reply, or a step count that stopped) from a slow
-request. When the call ends, everything still running on it is aborted.
+a stalled worker (no frame, or a step count that stopped) from a slow
+request. When the connection closes, everything still running on it is
+aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
 from services.worker.engines.base import Engine, KVBlock, TokenOutput
 from shared.errors import Internal, InvalidArgument, ShoalError
+from shared.rpc.channel import ServerConnection, parse
 from shared.rpc.errors import to_stream_error
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.telemetry.tracing import extract_context, tracer
@@ -39,10 +42,11 @@ HEARTBEAT_S = 1.0
 
 
 class ServeStream:
-    """One Serve call (see module doc). Created and used on the server's event loop only."""
+    """One serve connection (see module doc). Created and used on the server's event loop only."""
 
-    def __init__(self, servicer: WorkerServicer) -> None:
+    def __init__(self, servicer: WorkerServicer, conn: ServerConnection) -> None:
         self.servicer = servicer
+        self.conn = conn
         self.engine: Engine = servicer.engine
         self.loop = asyncio.get_running_loop()
         self.pending: list[tuple[str, TokenOutput | ShoalError]] = []
@@ -53,23 +57,18 @@ class ServeStream:
         self.spans: dict[str, trace.Span] = {}
         # Requests whose tokens are held between events: request id -> what is held.
         self.held: dict[str, _Held] = {}
-        self._caller_done = False
-        self._wake: asyncio.Future[None] | None = None
+        self._flush_scheduled = False
         self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._beat)
 
     # -- reading ------------------------------------------------------------------
 
-    async def read(self, requests: AsyncIterator[worker_pb2.ServeRequest]) -> None:
-        """Admit starts and apply cancels until the caller closes its side."""
-        try:
-            async for message in requests:
-                for start in message.starts:
-                    self._start(start)
-                for request_id in message.cancels:
-                    self._cancel(request_id)
-        finally:
-            self._caller_done = True
-            self._notify()
+    def frame(self, payload: memoryview) -> None:
+        """A ServeRequest from the caller: admit its starts, apply its cancels."""
+        message = parse(worker_pb2.ServeRequest(), payload)
+        for start in message.starts:
+            self._start(start)
+        for request_id in message.cancels:
+            self._cancel(request_id)
 
     def _start(self, start: worker_pb2.ServeStart) -> None:
         request_id = start.request.request_id
@@ -148,29 +147,24 @@ class ServeStream:
             if span is not None:
                 span.end()
         self.pending.append((request_id, item))
-        self._notify()
+        self._schedule()
 
-    def _notify(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+    def _schedule(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
 
     def _beat(self) -> None:
-        if self.running:
-            self._notify()
+        if self.running or self.importing:
+            self._schedule()
         self._heartbeat = self.loop.call_later(HEARTBEAT_S, self._beat)
 
     # -- writing ------------------------------------------------------------------
 
-    async def replies(self) -> AsyncIterator[worker_pb2.ServeResponse]:
-        """Replies until the caller has closed its side and nothing of the stream runs."""
-        while True:
-            if not self.pending:
-                if self._caller_done and not self.running and not self.importing:
-                    return
-                self._wake = self.loop.create_future()
-                await self._wake
-                self._wake = None
-            yield self._reply()
+    def _flush(self) -> None:
+        """Send what is pending (or, from the heartbeat, the step count alone) in one frame."""
+        self._flush_scheduled = False
+        self.conn.send(self._reply().SerializeToString())
 
     def _reply(self) -> worker_pb2.ServeResponse:
         pending, self.pending = self.pending, []
@@ -190,8 +184,8 @@ class ServeStream:
                 self.servicer.finish_fields(item, event)
         return reply
 
-    def close(self) -> None:
-        """The call ended: abort what still runs on it."""
+    def closed(self, error: Exception | None) -> None:
+        """The connection ended: abort what still runs on it."""
         self._heartbeat.cancel()
         for request_id in self.running:
             self.engine.abort(request_id)

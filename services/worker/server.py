@@ -22,7 +22,6 @@ from grpc import aio
 from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock, Sampling, TokenOutput
 from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
-from services.worker.serve import ServeStream
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
 from shared.policies.placement import EMPTY, Topology, layer_report
 from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
@@ -163,18 +162,6 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         blocks = await self.import_kv(request.kv_source)
         async for response in self._stream(self.engine_request(request.request, blocks)):
             yield response
-
-    async def Serve(
-        self, request_iterator: AsyncIterator[worker_pb2.ServeRequest], context: Context
-    ) -> AsyncIterator[worker_pb2.ServeResponse]:
-        stream = ServeStream(self)
-        reader = asyncio.create_task(stream.read(request_iterator))
-        try:
-            async for reply in stream.replies():
-                yield reply
-        finally:
-            reader.cancel()
-            stream.close()
 
     async def import_kv(self, source: worker_pb2.KVSource) -> list[KVBlock]:
         """Import a decode's KV from its source within the source's deadline. A source that is down

@@ -58,6 +58,13 @@ class GrpcServiceSettings(CommonSettings):
 
     host: str = Field(default="127.0.0.1", description="Interface the gRPC server binds to.")
     grpc_port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    data_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the data channels (a worker's request stream from routers, the kvstore's KV bytes); "
+        "0 picks a free one. Control calls stay on the gRPC port.",
+    )
     advertise_host: str | None = Field(
         default=None,
         description="Host other services use to reach this one (the pod IP in Kubernetes). Default: host.",
@@ -84,6 +91,13 @@ class WorkerSettings(GrpcServiceSettings):
     role: WorkerRole = Field(default=WorkerRole.MIXED, description="prefill, decode or mixed.")
     pool: str = Field(default="default", min_length=1, description="Pool this worker belongs to.")
     engine: EngineKind = Field(default=EngineKind.REFERENCE, description="reference (PyTorch) or sim.")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Also serve the OpenAI API on this port, straight to this worker's engine (direct access for "
+        "benchmarks and debugging, without the router). Unset: off.",
+    )
     model_path: Path | None = Field(
         default=None, description="Hugging Face-format checkpoint folder (reference engine)."
     )

@@ -8,7 +8,7 @@ worker.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -18,7 +18,6 @@ from shared.hashing import BlockHash
 from shared.rpc.blocks import BlockAssembler
 from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
 from shared.rpc.errors import from_rpc_error
-from shared.rpc.serve_client import DEFAULT_STALL_S, ServeSession
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from shared.types.kv import KVBlock
 
@@ -27,21 +26,12 @@ MIGRATION_TIMEOUT_S = 300.0
 
 
 class WorkerClient:
-    def __init__(
-        self,
-        address: str,
-        token: str | None = None,
-        stall_s: float = DEFAULT_STALL_S,
-        on_stall: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
         self._channel = open_channel(address, token)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
-        # The multiplexed Serve stream, for callers that send many requests (the router).
-        self.serve = ServeSession(self.stub, address, stall_s, on_stall)
 
     async def close(self) -> None:
-        await self.serve.close()
         await self._channel.close()
 
     def _error(self, exc: grpc.RpcError) -> ShoalError:

@@ -24,6 +24,10 @@ class WorkerInfo(BaseModel):
     max_running: int = 0
     max_waiting: int = 0
     metrics_address: str = ""
+    # host:port of the worker's data channels (the routers' request stream).
+    data_address: str = ""
+    # host:port of the worker's own OpenAI API (SHOAL_WORKER_HTTP_PORT), when it serves one.
+    http_address: str = ""
     started_at: float = 0.0
 
 

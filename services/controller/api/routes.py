@@ -118,6 +118,7 @@ class ResizeRequest(BaseModel):
 class WorkerPublic(BaseModel):
     worker_id: str
     address: str
+    http_address: str = Field(description="The worker's own OpenAI API (direct access), if it serves one.")
     pool: str
     role: str
     model: str
@@ -211,6 +212,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
             WorkerPublic(
                 worker_id=r.worker_id,
                 address=r.info.address,
+                http_address=r.info.http_address,
                 pool=r.info.pool,
                 role=r.info.role.value,
                 model=r.info.model,

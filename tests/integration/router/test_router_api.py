@@ -260,7 +260,8 @@ async def test_a_worker_dying_mid_stream_is_resumed_on_another(redis_url: str, t
             if len(texts) == 5 and not killed:
                 victim = next(app for app in apps if app.engine.load().running_requests)
                 assert victim.server is not None
-                await victim.server.server.stop(0)  # the worker's gRPC server vanishes mid-stream
+                await victim.channels.stop()  # the worker's servers vanish mid-stream
+                await victim.server.server.stop(0)
                 killed = True
         assert killed
         assert finish == "length"
@@ -283,7 +284,7 @@ async def test_a_client_that_disconnects_aborts_its_request(redis_url: str, tiny
                 break
             await asyncio.sleep(0.05)
         assert apps[0].engine.load().running_requests == 0
-        assert front.app.inflight == 0
+        assert front.app.dispatcher.requests == 0
 
 
 @pytest.mark.slow

@@ -396,3 +396,42 @@ class BlockChunk(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___BlockChunk: _TypeAlias = BlockChunk  # noqa: Y015
+
+@_typing.final
+class ChannelHello(_message.Message):
+    """Data channels: traffic too heavy for a gRPC call per message (the router's
+    request stream to a worker; KV bytes to and from the kvstore) runs on a
+    plain TCP connection to the service's data port. Every frame is a 4-byte
+    little-endian length, then that many bytes. The client's first frame is a
+    ChannelHello naming the channel and carrying the internal token; the server
+    answers with its own ChannelHello, empty `error` when it accepts. After
+    that, frames carry the channel's messages (see the service's proto for
+    each channel's message types). Either side may close at any time; the
+    client then treats everything in flight as failed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    """The channel asked for (e.g. "serve"), echoed by the server."""
+    token: _builtins.str
+    """SHOAL_INTERNAL_TOKEN, when the server requires one."""
+    error: _builtins.str
+    """Set by the server when it refuses the connection (unknown channel, bad token)."""
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        token: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "error", b"error", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelHello: _TypeAlias = ChannelHello  # noqa: Y015

@@ -302,6 +302,19 @@ Global___DecodeRequest: _TypeAlias = DecodeRequest  # noqa: Y015
 
 @_typing.final
 class ServeStart(_message.Message):
+    """The "serve" data channel (common.proto: ChannelHello) on the worker's data
+    port: the router's request path. One long-lived connection per router and
+    worker carries many requests at once (Generate and Decode without a call
+    per request). The client sends ServeRequest frames: each may start several
+    requests and cancel others. The worker sends ServeResponse frames: each
+    carries the new tokens of every request on the connection that has any, so
+    there are about as many frames as engine steps, not as requests. Each
+    request's events end with one carrying finish_reason or error. While the
+    connection has requests in the engine, the worker sends a frame at least
+    every second with its engine step count, so a caller can tell a stalled
+    worker from a slow one. Closing the connection aborts everything on it.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final

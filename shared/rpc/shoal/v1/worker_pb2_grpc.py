@@ -40,11 +40,6 @@ class WorkerStub:
                 request_serializer=shoal_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=shoal_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.Serve = channel.stream_stream(
-                '/shoal.v1.Worker/Serve',
-                request_serializer=shoal_dot_v1_dot_worker__pb2.ServeRequest.SerializeToString,
-                response_deserializer=shoal_dot_v1_dot_worker__pb2.ServeResponse.FromString,
-                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/shoal.v1.Worker/Prefill',
                 request_serializer=shoal_dot_v1_dot_worker__pb2.PrefillRequest.SerializeToString,
@@ -108,21 +103,6 @@ class WorkerServicer:
     def Generate(self, request, context):
         """Run a whole request (prefill + decode) and stream its tokens. The last
         message carries finish_reason and usage.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Serve(self, request_iterator, context):
-        """The router's data path: one long-lived stream per router and worker that
-        carries many requests at once (Generate and Decode without a call per
-        request). A message may start several requests and cancel others; a
-        reply carries the new tokens of every request on the stream that has any,
-        so there are about as many replies as engine steps, not as requests. Each
-        request's events end with one carrying finish_reason or error. While the
-        stream has requests in the engine, the worker replies at least every
-        second with its engine step count, so a caller can tell a stalled worker
-        from a slow one. Ending the stream aborts everything still running on it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,11 +198,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     request_deserializer=shoal_dot_v1_dot_worker__pb2.GenerateRequest.FromString,
                     response_serializer=shoal_dot_v1_dot_worker__pb2.GenerateResponse.SerializeToString,
             ),
-            'Serve': grpc.stream_stream_rpc_method_handler(
-                    servicer.Serve,
-                    request_deserializer=shoal_dot_v1_dot_worker__pb2.ServeRequest.FromString,
-                    response_serializer=shoal_dot_v1_dot_worker__pb2.ServeResponse.SerializeToString,
-            ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=shoal_dot_v1_dot_worker__pb2.PrefillRequest.FromString,
@@ -306,33 +281,6 @@ class Worker:
             '/shoal.v1.Worker/Generate',
             shoal_dot_v1_dot_worker__pb2.GenerateRequest.SerializeToString,
             shoal_dot_v1_dot_worker__pb2.GenerateResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Serve(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/shoal.v1.Worker/Serve',
-            shoal_dot_v1_dot_worker__pb2.ServeRequest.SerializeToString,
-            shoal_dot_v1_dot_worker__pb2.ServeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,17 +39,6 @@ class WorkerStub:
     """Run a whole request (prefill + decode) and stream its tokens. The last
     message carries finish_reason and usage.
     """
-    Serve: _grpc.StreamStreamMultiCallable[_worker_pb2.ServeRequest, _worker_pb2.ServeResponse]
-    """The router's data path: one long-lived stream per router and worker that
-    carries many requests at once (Generate and Decode without a call per
-    request). A message may start several requests and cancel others; a
-    reply carries the new tokens of every request on the stream that has any,
-    so there are about as many replies as engine steps, not as requests. Each
-    request's events end with one carrying finish_reason or error. While the
-    stream has requests in the engine, the worker replies at least every
-    second with its engine step count, so a caller can tell a stalled worker
-    from a slow one. Ending the stream aborts everything still running on it.
-    """
     Prefill: _grpc.UnaryUnaryMultiCallable[_worker_pb2.PrefillRequest, _worker_pb2.PrefillResponse]
     """Compute the KV of a prompt and hand its full blocks to a KV sink; returns
     the first sampled token so the router can stream it at once.
@@ -87,17 +76,6 @@ class WorkerAsyncStub(WorkerStub):
     Generate: _aio.UnaryStreamMultiCallable[_worker_pb2.GenerateRequest, _worker_pb2.GenerateResponse]  # type: ignore[assignment]
     """Run a whole request (prefill + decode) and stream its tokens. The last
     message carries finish_reason and usage.
-    """
-    Serve: _aio.StreamStreamMultiCallable[_worker_pb2.ServeRequest, _worker_pb2.ServeResponse]  # type: ignore[assignment]
-    """The router's data path: one long-lived stream per router and worker that
-    carries many requests at once (Generate and Decode without a call per
-    request). A message may start several requests and cancel others; a
-    reply carries the new tokens of every request on the stream that has any,
-    so there are about as many replies as engine steps, not as requests. Each
-    request's events end with one carrying finish_reason or error. While the
-    stream has requests in the engine, the worker replies at least every
-    second with its engine step count, so a caller can tell a stalled worker
-    from a slow one. Ending the stream aborts everything still running on it.
     """
     Prefill: _aio.UnaryUnaryMultiCallable[_worker_pb2.PrefillRequest, _worker_pb2.PrefillResponse]  # type: ignore[assignment]
     """Compute the KV of a prompt and hand its full blocks to a KV sink; returns
@@ -139,23 +117,6 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_worker_pb2.GenerateResponse], _abc.AsyncIterator[_worker_pb2.GenerateResponse]]:
         """Run a whole request (prefill + decode) and stream its tokens. The last
         message carries finish_reason and usage.
-        """
-
-    @_abc_1.abstractmethod
-    def Serve(
-        self,
-        request_iterator: _MaybeAsyncIterator[_worker_pb2.ServeRequest],
-        context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_worker_pb2.ServeResponse], _abc.AsyncIterator[_worker_pb2.ServeResponse]]:
-        """The router's data path: one long-lived stream per router and worker that
-        carries many requests at once (Generate and Decode without a call per
-        request). A message may start several requests and cancel others; a
-        reply carries the new tokens of every request on the stream that has any,
-        so there are about as many replies as engine steps, not as requests. Each
-        request's events end with one carrying finish_reason or error. While the
-        stream has requests in the engine, the worker replies at least every
-        second with its engine step count, so a caller can tell a stalled worker
-        from a slow one. Ending the stream aborts everything still running on it.
         """
 
     @_abc_1.abstractmethod

@@ -1,11 +1,13 @@
 """The OpenAI completion endpoints: `/v1/chat/completions` and `/v1/completions`.
 
-The router's hot path, served by the router's own HTTP server (server.py).
-Per request: check the API key, validate the body with its pydantic model
-(schemas.py, the same models the OpenAPI document shows), template and
-tokenize it (in a thread when the prompt is long), turn it into a Job and run
-it through the dispatcher, then answer with one JSON object or with
-server-sent events rendered from byte templates (no model objects per token).
+Served by the router (its hot path) and, for direct access, by a worker,
+each through the HTTP server of shared/httpserver.py. Per request: check the
+API key, validate the body with its pydantic model (schemas.py, the same
+models the OpenAPI document shows), template and tokenize it (in a thread
+when the prompt is long), turn it into a Job and run it on the `Backend` (the
+router's dispatcher, or a worker's engine), then answer with one JSON object
+or with server-sent events rendered from byte templates (no model objects
+per token).
 
 A streamed request waits for its first chunk before answering, so errors
 that happen before any output still get a proper status (400, 429, 503); an
@@ -18,28 +20,25 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextvars import Token
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from pydantic import BaseModel, ValidationError
 
-from services.router.dispatch import Chunk, Job
-from services.router.http.schemas import ChatCompletionRequest, CompletionRequest
-from services.router.http.server import Request, Responder
-from shared.errors import Internal, InvalidArgument, NotFound, Overloaded, ShoalError, Unauthenticated
+from shared.errors import Internal, InvalidArgument, NotFound, ShoalError, Unauthenticated
 from shared.httpapi import HTTP_STATUS, describe_validation, error_body, error_parts
+from shared.httpserver import Request, Responder
+from shared.openai.jobs import Chunk, Hints, Job
+from shared.openai.prompts import PromptBuilder
+from shared.openai.schemas import ChatCompletionRequest, CompletionRequest
 from shared.rpc.shoal.v1 import common_pb2
-from shared.telemetry.logging import get_logger
+from shared.telemetry.loopmetrics import LoopCounter, LoopHistogram, LoopMetrics
+from shared.telemetry.metrics import LATENCY_BUCKETS
 from shared.telemetry.tracing import extract_context, recording, tracer
-
-if TYPE_CHECKING:
-    from services.router.app import RouterApp
-
-log = get_logger("shoal.router.http")
 
 # Longer prompts are templated and tokenized on a thread, off the event loop.
 INLINE_PROMPT_CHARS = 16_384
@@ -51,13 +50,63 @@ MAX_PIN_S = 3600
 WHOLE_RESPONSE_COALESCE_MS = 500
 
 
+class EdgeMetrics:
+    """Per-request metrics of the OpenAI endpoints, named `{prefix}_requests_total` and so on."""
+
+    def __init__(self, metrics: LoopMetrics, prefix: str) -> None:
+        self.requests: LoopCounter = metrics.counter(
+            f"{prefix}_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"]
+        )
+        self.ttft: LoopHistogram = metrics.histogram(
+            f"{prefix}_ttft_seconds", "Request arrival to first token", LATENCY_BUCKETS
+        )
+        self.tbt: LoopHistogram = metrics.histogram(
+            f"{prefix}_tbt_seconds", "Time between streamed tokens", LATENCY_BUCKETS
+        )
+        self.e2e: LoopHistogram = metrics.histogram(
+            f"{prefix}_e2e_seconds", "Request arrival to last token", LATENCY_BUCKETS
+        )
+        self.tokens: LoopCounter = metrics.counter(f"{prefix}_tokens", "Tokens by kind", ["kind"])
+
+
+class Backend(Protocol):
+    """Where the endpoints run requests: the router's dispatcher, or one worker's engine."""
+
+    @property
+    def model_name(self) -> str:
+        """The model clients name."""
+
+    @property
+    def max_context(self) -> int:
+        """Prompt plus completion tokens the model takes."""
+
+    @property
+    def prompts(self) -> PromptBuilder:
+        """The model's tokenizer and chat template."""
+
+    @property
+    def api_keys(self) -> Sequence[str]:
+        """Keys accepted in `Authorization: Bearer`; empty: no key is required."""
+
+    @property
+    def edge_metrics(self) -> EdgeMetrics:
+        """Where the endpoints count requests and time tokens."""
+
+    def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
+        """The job for a validated, tokenized request (ids, block hashes, deadline)."""
+
+    def stream(self, job: Job) -> AsyncGenerator[Chunk, None]:
+        """Run `job` and yield its text as it comes; the first step raises the errors that refuse it
+        (Overloaded when full, Unavailable when nothing serves). Closing the stream cancels the job."""
+
+
 class _Tracked:
     """Timing and counters of one request, reported when it ends."""
 
     __slots__ = ("endpoint", "last_token", "metrics", "reported", "started")
 
-    def __init__(self, router: RouterApp, endpoint: str) -> None:
-        self.metrics = router.metrics
+    def __init__(self, metrics: EdgeMetrics, endpoint: str) -> None:
+        self.metrics = metrics
         self.endpoint = endpoint
         self.started = time.monotonic()
         self.last_token: float | None = None
@@ -145,29 +194,21 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) 
     return params
 
 
-class _Hints:
-    """What a client says of a request beside its body: its session, a preferred pool, a pin."""
-
-    __slots__ = ("pin_s", "pool", "session")
-
-    def __init__(self, request: Request) -> None:
-        self.session = request.header(b"x-session-id") or ""
-        if len(self.session) > MAX_SESSION_ID:
-            raise InvalidArgument(f"x-session-id is longer than {MAX_SESSION_ID} characters", param="x-session-id")
-        # A preferred pool (agent graphs' placement); requests go elsewhere when it has no serving worker.
-        self.pool = request.header(b"x-shoal-pool") or ""
-        if len(self.pool) > MAX_POOL_NAME:
-            raise InvalidArgument(f"x-shoal-pool is longer than {MAX_POOL_NAME} characters", param="x-shoal-pool")
-        # Keep the prompt's prefix pinned in the kvstore this many seconds for the session.
-        pin = request.header(b"x-shoal-pin-s")
-        self.pin_s = 0
-        if pin is not None:
-            if not pin.strip().isdigit() or int(pin) > MAX_PIN_S:
-                raise InvalidArgument(f"x-shoal-pin-s must be an integer in [0, {MAX_PIN_S}]", param="x-shoal-pin-s")
-            self.pin_s = int(pin)
+def _hints(request: Request) -> Hints:
+    """The request's headers `x-session-id`, `x-shoal-pool` and `x-shoal-pin-s`, checked."""
+    session = request.header(b"x-session-id") or ""
+    if len(session) > MAX_SESSION_ID:
+        raise InvalidArgument(f"x-session-id is longer than {MAX_SESSION_ID} characters", param="x-session-id")
+    pool = request.header(b"x-shoal-pool") or ""
+    if len(pool) > MAX_POOL_NAME:
+        raise InvalidArgument(f"x-shoal-pool is longer than {MAX_POOL_NAME} characters", param="x-shoal-pool")
+    pin = request.header(b"x-shoal-pin-s")
+    if pin is not None and (not pin.strip().isdigit() or int(pin) > MAX_PIN_S):
+        raise InvalidArgument(f"x-shoal-pin-s must be an integer in [0, {MAX_PIN_S}]", param="x-shoal-pin-s")
+    return Hints(session, pool, int(pin) if pin is not None else 0)
 
 
-def check_api_key(keys: list[str], authorization: str | None) -> None:
+def check_api_key(keys: Sequence[str], authorization: str | None) -> None:
     """Unauthenticated unless the Authorization header carries one of `keys` (none configured: open)."""
     if not keys:
         return
@@ -185,10 +226,10 @@ def _parse(model: type[BaseModel], body: bytes) -> Any:
 
 
 class Completions:
-    """The two endpoints' ASGI handlers (`chat`, `text`) over one router."""
+    """The two endpoints' handlers (`chat`, `text`) over one backend."""
 
-    def __init__(self, router: RouterApp) -> None:
-        self.router = router
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
 
     async def chat(self, request: Request, responder: Responder) -> None:
         await self._handle(request, responder, "chat")
@@ -198,7 +239,7 @@ class Completions:
 
     # -- request -> job -------------------------------------------------------------
 
-    async def _job(self, kind: str, body: bytes, hints: _Hints) -> tuple[Job, bool, bool]:
+    async def _job(self, kind: str, body: bytes, hints: Hints) -> tuple[Job, bool, bool]:
         """The job a request body asks for, and whether to stream it and include usage."""
         request: ChatCompletionRequest | CompletionRequest
         if kind == "chat":
@@ -218,14 +259,14 @@ class Completions:
         return job, request.stream, include_usage
 
     async def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        prompts = self.router.prompts
+        prompts = self.backend.prompts
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         if sum(len(m["content"]) for m in messages) > INLINE_PROMPT_CHARS:
             return await asyncio.to_thread(prompts.chat, messages)
         return prompts.chat(messages)
 
     async def _completion_prompt(self, request: CompletionRequest) -> list[int]:
-        prompts = self.router.prompts
+        prompts = self.backend.prompts
         if isinstance(request.prompt, str):
             if len(request.prompt) > INLINE_PROMPT_CHARS:
                 prompt = await asyncio.to_thread(prompts.encode, request.prompt)
@@ -241,13 +282,13 @@ class Completions:
         return ids
 
     def _check_model(self, model: str) -> None:
-        if model != self.router.settings.model_name:
+        if model != self.backend.model_name:
             raise NotFound(f"The model `{model}` does not exist.", param="model")
 
     def _sized(
-        self, request: ChatCompletionRequest | CompletionRequest, prompt: list[int], wanted: int | None, hints: _Hints
+        self, request: ChatCompletionRequest | CompletionRequest, prompt: list[int], wanted: int | None, hints: Hints
     ) -> Job:
-        context = self.router.max_context
+        context = self.backend.max_context
         if len(prompt) >= context:
             raise InvalidArgument(
                 f"This model's maximum context length is {context} tokens; the prompt has {len(prompt)}.",
@@ -260,14 +301,12 @@ class Completions:
                 f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
                 param="max_tokens",
             )
-        return self.router.job(
-            request.model, prompt, _sampling(request, max_tokens), hints.session, hints.pool, hints.pin_s
-        )
+        return self.backend.job(request.model, prompt, _sampling(request, max_tokens), hints)
 
     # -- serving --------------------------------------------------------------------
 
     async def _handle(self, request: Request, responder: Responder, kind: str) -> None:
-        tracked = _Tracked(self.router, kind)
+        tracked = _Tracked(self.backend.edge_metrics, kind)
         span, token = _start_span(request, kind)
         try:
             await self._serve(request, responder, kind, tracked, span)
@@ -280,8 +319,8 @@ class Completions:
         self, request: Request, responder: Responder, kind: str, tracked: _Tracked, span: trace.Span | None
     ) -> None:
         try:
-            check_api_key(self.router.settings.api_keys, request.header(b"authorization"))
-            job, stream, include_usage = await self._job(kind, request.body, _Hints(request))
+            check_api_key(self.backend.api_keys, request.header(b"authorization"))
+            job, stream, include_usage = await self._job(kind, request.body, _hints(request))
             if span is not None:
                 propagate.inject(job.trace_context)
             first, chunks = await self._start(job, tracked)
@@ -303,19 +342,13 @@ class Completions:
             _send_error(responder, exc)
         finally:
             await chunks.aclose()
-            self.router.request_ended()
 
     async def _start(self, job: Job, tracked: _Tracked) -> tuple[Chunk, AsyncGenerator[Chunk, None]]:
-        """Admit the job and wait for its first chunk (so early errors keep their status)."""
-        router = self.router
-        if router.inflight >= router.settings.max_inflight:
-            raise Overloaded(f"{router.settings.max_inflight} requests in flight; retry shortly", retry_after_s=1.0)
-        chunks = router.dispatcher.stream(job)
-        router.request_started()
+        """Run the job and wait for its first chunk (so early errors keep their status)."""
+        chunks = self.backend.stream(job)
         try:
             first = await anext(chunks)
         except BaseException:
-            router.request_ended()
             await chunks.aclose()
             raise
         tracked.chunk(first)
@@ -411,7 +444,7 @@ def _start_span(request: Request, kind: str) -> tuple[trace.Span | None, Token[o
         return None, None
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
     path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-    span = tracer("shoal.router").start_span(
+    span = tracer("shoal.openai").start_span(
         f"POST {path}", context=extract_context(headers), kind=trace.SpanKind.SERVER
     )
     return span, otel_context.attach(trace.set_span_in_context(span))

@@ -1,0 +1,267 @@
+"""Data channels: length-prefixed frames on one TCP connection, for traffic too heavy for grpc-python.
+
+Measured on this project's machines (docs/routing.md): a message on a
+grpc.aio stream costs about 75 µs of CPU at each end, a frame on a plain
+asyncio connection under 10. The router's request stream to each worker and
+KV bytes to and from the kvstore therefore run on data channels; gRPC keeps
+every control call. The wire format is in protos/shoal/v1/common.proto
+(`ChannelHello`): 4-byte little-endian lengths, a hello with the internal
+token first, then the channel's own messages.
+
+`ChannelServer` serves named channels on one port: each accepted connection
+that says hello gets a `ChannelHandler` from the channel's factory, which
+receives the connection's frames. `connect` opens a client connection and
+hands its frames to a callback. Everything runs on the event loop; frames
+are delivered in order, and `send` never blocks (a connection whose peer
+reads slowly buffers; callers that stream bulk data wait on `drain`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hmac
+import struct
+from collections.abc import Callable, Mapping
+from typing import Protocol, TypeVar
+
+from google.protobuf.message import Message
+
+from shared.errors import Unauthenticated, Unavailable
+from shared.rpc.shoal.v1 import common_pb2
+from shared.telemetry.logging import get_logger
+
+log = get_logger("shoal.rpc.channel")
+
+_LENGTH = struct.Struct("<I")
+MAX_FRAME_BYTES = 64 * 2**20
+HELLO_TIMEOUT_S = 5.0
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse(message: M, payload: memoryview) -> M:
+    """Parse a frame into `message` without copying it to bytes first (protobuf reads any buffer)."""
+    message.ParseFromString(payload)  # type: ignore[arg-type]
+    return message
+
+
+class ChannelHandler(Protocol):
+    """The server side of one accepted connection."""
+
+    def frame(self, payload: memoryview) -> None:
+        """One frame from the client (the view is valid only during the call)."""
+
+    def closed(self, error: Exception | None) -> None:
+        """The connection ended (error: why, when it was not a clean close)."""
+
+
+class _Framer(asyncio.Protocol, abc.ABC):
+    """Splits the byte stream into frames; subclasses decide what a frame means."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self.is_closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio.Transport; they have its methods.
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        end = len(buffer)
+        view = memoryview(buffer)
+        try:
+            while end - start >= 4:
+                (length,) = _LENGTH.unpack_from(buffer, start)
+                if length > MAX_FRAME_BYTES:
+                    self._fail(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+                    return
+                if end - start - 4 < length:
+                    break
+                self.on_frame(view[start + 4 : start + 4 + length])
+                start += 4 + length
+                if self.is_closed:
+                    return
+        finally:
+            view.release()
+        if start:
+            del buffer[:start]
+
+    @abc.abstractmethod
+    def on_frame(self, payload: memoryview) -> None:
+        """One whole frame (the view is valid only during the call)."""
+
+    def send(self, payload: bytes) -> None:
+        """Queue one frame (never blocks; see `drain`)."""
+        if self.transport is not None and not self.is_closed:
+            self.transport.write(_LENGTH.pack(len(payload)) + payload)
+
+    async def drain(self) -> None:
+        """Wait while the peer reads more slowly than we send."""
+        if self._paused and not self.is_closed:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.is_closed:
+            self.transport.close()
+        self.is_closed = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.is_closed = True
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _fail(self, reason: str) -> None:
+        log.warning("data channel closed", reason=reason)
+        self.close()
+
+
+HandlerFactory = Callable[["ServerConnection"], ChannelHandler]
+
+
+class ServerConnection(_Framer):
+    def __init__(self, server: ChannelServer) -> None:
+        super().__init__()
+        self.server = server
+        self.handler: ChannelHandler | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.server.connections.add(self)
+        self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT_S, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if self.handler is None:
+            self._fail("no hello within the timeout")
+
+    def on_frame(self, payload: memoryview) -> None:
+        if self.handler is not None:
+            self.handler.frame(payload)
+            return
+        try:
+            hello = parse(common_pb2.ChannelHello(), payload)
+        except Exception:
+            self._refuse("the first frame must be a ChannelHello")
+            return
+        factory = self.server.channels.get(hello.channel)
+        if factory is None:
+            self._refuse(f"unknown channel {hello.channel!r}; this server has {sorted(self.server.channels)}")
+            return
+        token = self.server.token
+        if token and not hmac.compare_digest(hello.token.encode(), token.encode()):
+            self._refuse("invalid internal token")
+            return
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self.handler = factory(self)
+        self.send(common_pb2.ChannelHello(channel=hello.channel).SerializeToString())
+
+    def _refuse(self, error: str) -> None:
+        self.send(common_pb2.ChannelHello(error=error).SerializeToString())
+        self._fail(error)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.server.connections.discard(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if self.handler is not None:
+            self.handler.closed(exc)
+
+
+class ChannelServer:
+    """Serves named channels on one TCP port (the service's data port)."""
+
+    def __init__(self, channels: Mapping[str, HandlerFactory], token: str | None = None) -> None:
+        self.channels = dict(channels)
+        self.token = token
+        self.connections: set[ServerConnection] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen (port 0 picks a free one); returns the port."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: ServerConnection(self), host, port, backlog=1024)
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close()
+
+
+class ClientConnection(_Framer):
+    """A client's channel connection: frames after the hello go to `on_frame`."""
+
+    def __init__(
+        self, channel: str, token: str | None, on_frame: Callable[[memoryview], None], on_closed: Callable[[], None]
+    ) -> None:
+        super().__init__()
+        self.channel = channel
+        self.token = token or ""
+        self._on_frame = on_frame
+        self._on_closed = on_closed
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.send(common_pb2.ChannelHello(channel=self.channel, token=self.token).SerializeToString())
+
+    def on_frame(self, payload: memoryview) -> None:
+        if self.ready.done():
+            self._on_frame(payload)
+            return
+        hello = parse(common_pb2.ChannelHello(), payload)
+        if hello.error:
+            error = Unauthenticated if "token" in hello.error else Unavailable
+            self.ready.set_exception(error(f"data channel {self.channel!r} refused: {hello.error}"))
+            self.close()
+            return
+        self.ready.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.ready.done():
+            self.ready.set_exception(Unavailable(f"data channel {self.channel!r} closed before its hello"))
+        self._on_closed()
+
+
+async def connect(
+    address: str,
+    channel: str,
+    token: str | None,
+    on_frame: Callable[[memoryview], None],
+    on_closed: Callable[[], None],
+    timeout_s: float = HELLO_TIMEOUT_S,
+) -> ClientConnection:
+    """Open a channel to `address` ("host:port") and wait for the server's hello."""
+    host, _, port = address.rpartition(":")
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            _transport, conn = await loop.create_connection(
+                lambda: ClientConnection(channel, token, on_frame, on_closed), host, int(port)
+            )
+            await conn.ready
+    except (OSError, TimeoutError) as exc:
+        raise Unavailable(f"cannot open data channel {channel!r} to {address}: {exc}") from None
+    return conn
