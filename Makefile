@@ -11,6 +11,8 @@ TOOLS := .tools
 MODEL_DIR := .cache/models/shoal-tiny-moe
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
+# Router processes `make run` starts on the OpenAI port (make run ROUTERS=2).
+ROUTERS ?= 1
 # Public request traces (read by path, never copied into the repository).
 TRACES ?= ../shared/traces
 
@@ -100,7 +102,7 @@ tiny-model: $(MODEL_DIR)/config.json ## Build the tiny test checkpoint (random w
 
 .PHONY: run
 run: $(STAMP) redis $(MODEL_DIR)/config.json ## Start the whole platform locally (Ctrl-C stops it)
-	@exec $(PY) -m cli run --model $(MODEL_DIR)
+	@exec $(PY) -m cli run --model $(MODEL_DIR) --routers $(ROUTERS)
 
 .PHONY: bench
 bench: ## Run every benchmark (bench-* targets)

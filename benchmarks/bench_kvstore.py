@@ -1,19 +1,28 @@
-"""kvstore throughput: 1,000 Puts then 1,000 Gets of 256 KiB blocks, 1 and 4 clients.
+"""kvstore throughput against redis-server and a memory copy, every path, 256 KiB and 2 MiB blocks.
 
-Compared in the same run with a real redis-server holding the same blocks
-(SET/GET with redis-py) and with a plain in-process memory copy of the same
-bytes (the ceiling). The kvstore runs as its own process; each client is a
-process too. Two kvstore paths are measured: the default client (which uses
-the shared-memory path, since the store is on this host) and gRPC only.
+Each client is a process; the kvstore and redis-server are processes of
+their own. A client Puts its share of the blocks one at a time, then Gets
+them back one at a time (the same sequential single-block operations for
+every system), 1 and 4 clients, 256 MiB of 256 KiB blocks and 512 MiB of
+2 MiB blocks. Systems, all measured in the same run:
 
-Run: make bench-kvstore   (or python -m benchmarks.bench_kvstore)
-Last line: bench-kvstore: get_vs_redis=<ratio> put_vs_redis=<ratio> get_vs_memcpy=<ratio>
-(throughput ratios with 4 clients; >1 means the kvstore is faster).
+  kvstore remote   the data channel (another process, no shared memory: how a
+                   worker on another host, or the chart's separate pod, moves KV)
+  kvstore gRPC     the same store over gRPC only (what the data channel replaced)
+  kvstore local    the same-host shared-memory path (reads are a memory copy)
+  redis            redis-server over TCP, SET and GET with redis-py
+  memcpy           an in-process copy of the same bytes (the ceiling)
+
+Then the prefill-to-decode hand-off as the workers do it: one process puts
+a request's blocks in one call (32 blocks of 2 MiB), another gets them in one
+call, over the data channel; MB/s = bytes / (put time + get time).
+
+Run: make bench-kvstore. Last line (the worst ratio over clients and block sizes):
+bench-kvstore: remote_get_vs_redis=<x> remote_put_vs_redis=<x> local_get_vs_memcpy=<x> handoff_mb_per_s=<x>
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing
 import os
@@ -24,23 +33,26 @@ import time
 from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 
-from shared.processes import free_port, redis_server_argv, wait_for_port
+from shared.processes import free_port, keep_big_buffers_in_the_heap, redis_server_argv, wait_for_port
+from shared.types.kv import KVBlock
 from tests.support.blocks import blocks
 
-BLOCK = 256 * 1024
-OPS = 1000
+KIB = 1024
+MIB = 1024 * KIB
+SIZES = {256 * KIB: 1024, 2 * MIB: 256}  # block size -> blocks per run
+HANDOFF_BLOCKS = 32
+HANDOFF_ROUNDS = 8
 
 
 @dataclass
 class Result:
     system: str
+    block: int
     clients: int
     put_mb_s: float
     get_mb_s: float
     put_p50_ms: float
-    put_p99_ms: float
     get_p50_ms: float
-    get_p99_ms: float
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -48,109 +60,156 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def _client(system: str, target: str, index: int, count: int, barrier: Barrier, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    mine = blocks(count, size=BLOCK, start=index * count)
+Timings = tuple[float, float, float, float, list[float], list[float]]
+
+
+def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier) -> Timings:
+    import redis
+
+    client = redis.Redis.from_url(target) if system == "redis" else None
+    copies: dict[bytes, bytearray] = {}
+    buffer = bytearray(len(mine[0].payload))
     put_times: list[float] = []
     get_times: list[float] = []
+    barrier.wait()
+    start = time.perf_counter()
+    for b in mine:
+        t0 = time.perf_counter()
+        if client is not None:
+            client.set(b.hash, b.payload)
+        else:
+            copies[b.hash] = bytearray(b.payload)
+        put_times.append(time.perf_counter() - t0)
+    put_end = time.perf_counter()
+    barrier.wait()
+    get_start = time.perf_counter()
+    for b in mine:
+        t0 = time.perf_counter()
+        if client is not None:
+            got = client.get(b.hash)
+            assert isinstance(got, bytes) and len(got) == len(b.payload)
+        else:
+            buffer[:] = copies[b.hash]
+        get_times.append(time.perf_counter() - t0)
+    return start, put_end, get_start, time.perf_counter(), put_times, get_times
 
+
+async def _kvstore_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier) -> Timings:
+    from shared.rpc.kvstore_client import KVStoreClient
+
+    client = KVStoreClient(target, local=system == "kvstore local", data_channel=system != "kvstore gRPC")
+    await client.get([mine[0].hash])  # settle the path before timing
+    assert client.uses_local_path == (system == "kvstore local")
+    assert client.uses_data_channel == (system != "kvstore gRPC")
+    loop = asyncio.get_running_loop()
+    put_times: list[float] = []
+    get_times: list[float] = []
+    await loop.run_in_executor(None, barrier.wait)
+    start = time.perf_counter()
+    for b in mine:
+        t0 = time.perf_counter()
+        await client.put([b])
+        put_times.append(time.perf_counter() - t0)
+    put_end = time.perf_counter()
+    await loop.run_in_executor(None, barrier.wait)
+    get_start = time.perf_counter()
+    for b in mine:
+        t0 = time.perf_counter()
+        got = await client.get([b.hash])
+        get_times.append(time.perf_counter() - t0)
+        assert got and len(got[0].payload) == len(b.payload)
+    end = time.perf_counter()
+    await client.delete([b.hash for b in mine])  # every run starts from the same empty store (untimed)
+    await client.close()
+    return start, put_end, get_start, end, put_times, get_times
+
+
+def _client(
+    system: str, target: str, size: int, index: int, count: int, barrier: Barrier, out: multiprocessing.Queue[Timings]
+) -> None:
+    keep_big_buffers_in_the_heap()  # as every service process does (shared/processes.run_service)
+    mine = blocks(count, size=size, start=index * count + size)  # distinct names per size and client
     if system in ("redis", "memcpy"):
-        import redis
-
-        client = redis.Redis.from_url(target) if system == "redis" else None
-        copies: dict[bytes, bytearray] = {}
-        buffer = bytearray(BLOCK)
-        barrier.wait()
-        start = time.perf_counter()
-        for b in mine:
-            t0 = time.perf_counter()
-            if client is not None:
-                client.set(b.hash, b.payload)
-            else:
-                copies[b.hash] = bytearray(b.payload)
-            put_times.append(time.perf_counter() - t0)
-        put_end = time.perf_counter()
-        barrier.wait()
-        get_start = time.perf_counter()
-        for b in mine:
-            t0 = time.perf_counter()
-            if client is not None:
-                client.get(b.hash)
-            else:
-                buffer[:] = copies[b.hash]
-            get_times.append(time.perf_counter() - t0)
-        end = time.perf_counter()
+        out.put(_sync_client(system, target, mine, barrier))
     else:
-        from shared.rpc.kvstore_client import KVStoreClient
-
-        async def run() -> tuple[float, float, float, float]:
-            client = KVStoreClient(target, local=system == "kvstore")
-            await client.stats()
-            await client.get([mine[0].hash])  # settle the transport choice before timing
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, barrier.wait)
-            start = time.perf_counter()
-            for b in mine:
-                t0 = time.perf_counter()
-                await client.put([b])
-                put_times.append(time.perf_counter() - t0)
-            put_end = time.perf_counter()
-            await loop.run_in_executor(None, barrier.wait)
-            get_start = time.perf_counter()
-            for b in mine:
-                t0 = time.perf_counter()
-                got = await client.get([b.hash])
-                get_times.append(time.perf_counter() - t0)
-                assert got and len(got[0].payload) == BLOCK
-            end = time.perf_counter()
-            await client.close()
-            return start, put_end, get_start, end
-
-        start, put_end, get_start, end = asyncio.run(run())
-    out.put((start, put_end, get_start, end, put_times, get_times))
+        out.put(asyncio.run(_kvstore_client(system, target, mine, barrier)))
 
 
-def measure(system: str, target: str, clients: int) -> Result:
+def measure(system: str, target: str, size: int, count: int, clients: int) -> Result:
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(clients)
-    queue = context.Queue()
-    per_client = OPS // clients
+    queue: multiprocessing.Queue[Timings] = context.Queue()
+    per_client = count // clients
     processes = [
-        context.Process(target=_client, args=(system, target, i, per_client, barrier, queue)) for i in range(clients)
+        context.Process(target=_client, args=(system, target, size, i, per_client, barrier, queue))
+        for i in range(clients)
     ]
     for process in processes:
         process.start()
     reports = [queue.get(timeout=600) for _ in processes]
     for process in processes:
         process.join(60)
-    megabytes = per_client * clients * BLOCK / 2**20
+    megabytes = per_client * clients * size / MIB
     put_span = max(r[1] for r in reports) - min(r[0] for r in reports)
     get_span = max(r[3] for r in reports) - min(r[2] for r in reports)
-    puts = [t for r in reports for t in r[4]]
-    gets = [t for r in reports for t in r[5]]
     return Result(
         system,
+        size,
         clients,
         megabytes / put_span,
         megabytes / get_span,
-        _percentile(puts, 0.5),
-        _percentile(puts, 0.99),
-        _percentile(gets, 0.5),
-        _percentile(gets, 0.99),
+        _percentile([t for r in reports for t in r[4]], 0.5),
+        _percentile([t for r in reports for t in r[5]], 0.5),
     )
 
 
+def _handoff_side(target: str, role: str, rounds: int, out: multiprocessing.Queue[list[float]]) -> None:
+    """The prefill worker's put (role "put") or the decode worker's get (role "get"), timed per round."""
+    from shared.rpc.kvstore_client import KVStoreClient
+
+    keep_big_buffers_in_the_heap()
+
+    async def run() -> list[float]:
+        client = KVStoreClient(target, local=False)
+        times = []
+        for round_ in range(rounds):
+            batch = blocks(HANDOFF_BLOCKS, size=2 * MIB, start=10**6 + round_ * HANDOFF_BLOCKS)
+            t0 = time.perf_counter()
+            if role == "put":
+                assert await client.store_blocks(batch, timeout_s=60)
+            else:
+                got = await client.fetch_prefix([b.hash for b in batch], timeout_s=60)
+                assert len(got) == HANDOFF_BLOCKS
+            times.append(time.perf_counter() - t0)
+        await client.close()
+        return times
+
+    out.put(asyncio.run(run()))
+
+
+def handoff(target: str) -> float:
+    """MB/s of a P/D hand-off through the store: put by one process, then got by another."""
+    context = multiprocessing.get_context("spawn")
+    queue: multiprocessing.Queue[list[float]] = context.Queue()
+    timings = {}
+    for role in ("put", "get"):
+        process = context.Process(target=_handoff_side, args=(target, role, HANDOFF_ROUNDS, queue))
+        process.start()
+        timings[role] = queue.get(timeout=600)
+        process.join(60)
+    moved = HANDOFF_BLOCKS * 2 * HANDOFF_ROUNDS  # MiB
+    return float(moved / (sum(timings["put"]) + sum(timings["get"])))
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4])
-    args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="bench-kvstore-")
     redis_port, kv_port = free_port(), free_port()
     redis_proc = subprocess.Popen(redis_server_argv(redis_port, workdir), stdout=subprocess.DEVNULL)
     env = {
         **os.environ,
         "SHOAL_KVSTORE_GRPC_PORT": str(kv_port),
-        "SHOAL_KVSTORE_MEMORY_BYTES": str(2**30),
-        "SHOAL_KVSTORE_MAX_BLOCK_BYTES": str(2**20),
+        "SHOAL_KVSTORE_MEMORY_BYTES": str(6 * 2**30),
+        "SHOAL_KVSTORE_MAX_BLOCK_BYTES": str(4 * MIB),
         "SHOAL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "SHOAL_LOG_LEVEL": "WARNING",
     }
@@ -160,35 +219,39 @@ def main() -> None:
         wait_for_port("127.0.0.1", redis_port, 10)
         wait_for_port("127.0.0.1", kv_port, 60)
         targets = {
-            "kvstore": f"127.0.0.1:{kv_port}",
-            "kvstore-grpc": f"127.0.0.1:{kv_port}",
+            "kvstore remote": f"127.0.0.1:{kv_port}",
+            "kvstore gRPC": f"127.0.0.1:{kv_port}",
+            "kvstore local": f"127.0.0.1:{kv_port}",
             "redis": f"redis://127.0.0.1:{redis_port}/0",
             "memcpy": "",
         }
-        for clients in args.clients:
-            for system, target in targets.items():
-                if system == "redis":
+        for size, count in SIZES.items():
+            for clients in (1, 4):
+                for system, target in targets.items():
                     subprocess.run(["redis-cli", "-p", str(redis_port), "flushall"], check=True, capture_output=True)
-                results.append(measure(system, target, clients))
+                    results.append(measure(system, target, size, count, clients))
+        handoff_mb_s = handoff(targets["kvstore remote"])
     finally:
         kv_proc.terminate()
         redis_proc.terminate()
         kv_proc.wait(10)
         redis_proc.wait(10)
 
-    columns = ("put MB/s", "get MB/s", "put p50", "put p99", "get p50", "get p99")
-    print(f"{'system':<14}{'clients':>8}" + "".join(f"{c:>10}" for c in columns))
+    print(f"{'system':<16}{'block':>8}{'clients':>8}{'put MB/s':>10}{'get MB/s':>10}{'put p50':>10}{'get p50':>10}")
     for r in results:
         print(
-            f"{r.system:<14}{r.clients:>8}{r.put_mb_s:>10.0f}{r.get_mb_s:>10.0f}"
-            f"{r.put_p50_ms:>8.2f}ms{r.put_p99_ms:>8.2f}ms{r.get_p50_ms:>8.2f}ms{r.get_p99_ms:>8.2f}ms"
+            f"{r.system:<16}{r.block // KIB:>6}Ki{r.clients:>8}{r.put_mb_s:>10.0f}{r.get_mb_s:>10.0f}"
+            f"{r.put_p50_ms:>8.2f}ms{r.get_p50_ms:>8.2f}ms"
         )
-    top = max(args.clients)
-    by = {r.system: r for r in results if r.clients == top}
-    kv, rd, mc = by["kvstore"], by["redis"], by["memcpy"]
+    print(f"P/D hand-off over the data channel ({HANDOFF_BLOCKS} x 2 MiB per request): {handoff_mb_s:.0f} MB/s")
+    by = {(r.system, r.block, r.clients): r for r in results}
+    cases = [(size, clients) for size in SIZES for clients in (1, 4)]
+    get_ratio = min(by["kvstore remote", *c].get_mb_s / by["redis", *c].get_mb_s for c in cases)
+    put_ratio = min(by["kvstore remote", *c].put_mb_s / by["redis", *c].put_mb_s for c in cases)
+    local_ratio = min(by["kvstore local", *c].get_mb_s / by["memcpy", *c].get_mb_s for c in cases)
     print(
-        f"bench-kvstore: get_vs_redis={kv.get_mb_s / rd.get_mb_s:.2f} put_vs_redis={kv.put_mb_s / rd.put_mb_s:.2f} "
-        f"get_vs_memcpy={kv.get_mb_s / mc.get_mb_s:.2f}"
+        f"bench-kvstore: remote_get_vs_redis={get_ratio:.2f} remote_put_vs_redis={put_ratio:.2f} "
+        f"local_get_vs_memcpy={local_ratio:.2f} handoff_mb_per_s={handoff_mb_s:.0f}"
     )
 
 

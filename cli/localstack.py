@@ -18,7 +18,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,15 @@ def http_ready(url: str) -> bool:
         return False
 
 
+def router_ready(url: str, pid: int) -> bool:
+    """The router process `pid` answers /health on `url` (which several routers may share)."""
+    try:
+        response = httpx.get(f"{url}/health", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and response.json().get("pid") == pid
+
+
 def redis_ready(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
@@ -71,6 +80,8 @@ class StackConfig:
     workers: list[tuple[str, str]] = field(default_factory=lambda: [("prefill", "reference"), ("decode", "reference")])
     # How far each pool may grow above its initial size under load.
     headroom: int = 0
+    # Router processes sharing the OpenAI port (SO_REUSEPORT: the kernel spreads connections over them).
+    routers: int = 1
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -151,19 +162,26 @@ class LocalStack:
         self.endpoints.workers = {w["worker_id"]: w["address"] for w in registered}
         self.endpoints.worker_http = {w["worker_id"]: w["http_address"] for w in registered if w["http_address"]}
 
-        self.supervisor.start(
-            "router",
-            [python, "-m", "services.router"],
-            {
-                **env,
-                "SHOAL_ROUTER_MODEL_PATH": model,
-                "SHOAL_ROUTER_HTTP_PORT": str(router_port),
-                "SHOAL_ROUTER_KVSTORE_ADDRESS": kvstore,
-            },
-            ready=lambda: http_ready(f"{router}/health"),
-        )
+        for index in range(self.config.routers):
+            name = "router" if self.config.routers == 1 else f"router-{index}"
+            self.supervisor.start(
+                name,
+                [python, "-m", "services.router"],
+                {
+                    **env,
+                    "SHOAL_ROUTER_MODEL_PATH": model,
+                    "SHOAL_ROUTER_HTTP_PORT": str(router_port),
+                    "SHOAL_ROUTER_KVSTORE_ADDRESS": kvstore,
+                    "SHOAL_ROUTER_REUSE_PORT": "true" if self.config.routers > 1 else "false",
+                },
+                ready=self._router_ready(router, name),
+            )
         self.endpoints.router = router
         return self.endpoints
+
+    def _router_ready(self, url: str, name: str) -> Callable[[], bool]:
+        """With several routers on the port, a health check may land on another: wait for this one's pid."""
+        return lambda: router_ready(url, self.supervisor.pid(name))
 
     def _wait_for_workers(
         self, controller: str, token: str, count: int, timeout_s: float = 180.0
@@ -184,10 +202,14 @@ class LocalStack:
 def local_stack(model: Path, workers: list[tuple[str, str]], **env: str) -> Iterator[tuple[Endpoints, Supervisor]]:
     """The stack on free ports with these workers, its services' output kept quiet (tests, benchmarks)."""
     supervisor = Supervisor(grace_s=5)
-    stack = LocalStack(
-        StackConfig(model_path=model, router_port=free_port(), controller_port=free_port(), workers=workers, env=env),
-        supervisor,
+    config = StackConfig(
+        model_path=model,
+        router_port=free_port(),
+        controller_port=free_port(),
+        workers=workers,
+        env=env,
     )
+    stack = LocalStack(config, supervisor)
     captured = io.StringIO()
     real_stdout, sys.stdout = sys.stdout, captured  # keep the services' logs out of the test report
     try:
@@ -199,12 +221,13 @@ def local_stack(model: Path, workers: list[tuple[str, str]], **env: str) -> Iter
         supervisor.stop_all()
 
 
-def run_local_stack(model_path: Path = DEFAULT_MODEL) -> int:
+def run_local_stack(model_path: Path = DEFAULT_MODEL, routers: int = 1) -> int:
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     try:
         # The decode pool may grow by one worker under load: the autoscaler at work.
-        endpoints = LocalStack(StackConfig(model_path=model_path, headroom=1), supervisor).start()
+        config = StackConfig(model_path=model_path, headroom=1, routers=routers)
+        endpoints = LocalStack(config, supervisor).start()
         print(
             f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1   (try: curl {endpoints.router}/v1/models)\n"
             f"  admin API    {endpoints.controller}/docs   token: {endpoints.admin_token}\n"

@@ -21,11 +21,12 @@ app.add_typer(graph_app, name="graph")
 @app.command()
 def run(
     model: Path = typer.Option(Path(".cache/models/shoal-tiny-moe"), help="Checkpoint to serve."),
+    routers: int = typer.Option(1, min=1, max=64, help="Router processes sharing the OpenAI port."),
 ) -> None:
     """Start the whole platform as local processes (what `make run` does)."""
     from cli.localstack import run_local_stack
 
-    raise typer.Exit(run_local_stack(model))
+    raise typer.Exit(run_local_stack(model, routers))
 
 
 @app.command()

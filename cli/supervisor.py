@@ -46,6 +46,10 @@ class Supervisor:
             time.sleep(0.2)
         return process
 
+    def pid(self, name: str) -> int:
+        """The pid of the started process with this name."""
+        return next(p.popen.pid for p in self.processes if p.name == name)
+
     def check_alive(self) -> None:
         """Raise StartupError if a started process has died (or a stop was asked for)."""
         for process in self.processes:

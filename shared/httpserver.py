@@ -33,6 +33,7 @@ from shared.telemetry.logging import get_logger
 log = get_logger("shoal.router.http")
 
 KEEPALIVE_S = 5.0
+LINGER_S = 2.0
 MAX_HEADER_BYTES = 64 * 2**10
 _REASONS = {
     100: b"Continue", 200: b"OK", 204: b"No Content", 400: b"Bad Request", 401: b"Unauthorized",
@@ -248,6 +249,9 @@ class _Connection(asyncio.Protocol):
 
     def response_done(self, keep_alive: bool) -> None:
         self._task = None
+        if self._refused:
+            self._linger()
+            return
         if not keep_alive:
             self.close()
             return
@@ -273,6 +277,13 @@ class _Connection(asyncio.Protocol):
             Responder(self, False, False).send_json(status, body)
         else:
             self.close()
+
+    def _linger(self) -> None:
+        """After refusing a request: send our end's FIN and keep reading (and dropping) what the client still
+        sends for a moment, so it reads the refusal instead of a connection reset."""
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.server.loop.call_later(LINGER_S, self.close)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 
 from services.kvstore.arena import Arena
+from services.kvstore.channel import CHANNEL as KV_CHANNEL
+from services.kvstore.channel import KVChannel
 from services.kvstore.local import LocalEndpoint
 from services.kvstore.server import KVStoreMetrics, KVStoreServicer
 from services.kvstore.store import BlockStore
@@ -16,6 +18,7 @@ from services.kvstore.tiers.disk import DiskTier
 from services.kvstore.tiers.memory import MemoryTier
 from shared.config.services import KVStoreSettings
 from shared.policies.eviction import make_policy
+from shared.rpc.channel import ChannelServer
 from shared.rpc.server import GrpcServer, run_until_signal
 from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from shared.state.kvevents import KVEventPublisher
@@ -48,6 +51,10 @@ class KVStoreApp:
                 arena_id=self.arena.geometry.arena_id.hex(),
             )
         self.servicer = KVStoreServicer(self.store, self.metrics, settings.max_block_bytes, local_info)
+        self.channels = ChannelServer(
+            {KV_CHANNEL: lambda conn: KVChannel(self.store, self.metrics, settings.max_block_bytes, conn)},
+            settings.internal_token,
+        )
         self.redis = connect(settings.redis_url)
         self.publisher = KVEventPublisher(self.redis, settings.store_id)
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
@@ -71,6 +78,8 @@ class KVStoreApp:
             [SERVICE_NAME],
             settings.internal_token,
         )
+        data_port = await self.channels.start(settings.host, settings.data_port)
+        self.servicer.data_address = settings.advertised(data_port)
         _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
         self._events.start()
         log.info("kvstore serving", address=self.address, memory_bytes=settings.memory_bytes)
@@ -79,6 +88,7 @@ class KVStoreApp:
         await self.publisher.tick(self.store.drain_events(), self.store.stored_hashes)
 
     async def _close(self) -> None:
+        await self.channels.stop()
         await self._events.stop()
         if self.local is not None:
             await self.local.stop()

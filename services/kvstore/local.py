@@ -107,7 +107,7 @@ class LocalEndpoint:
         if offset < 0 or end > len(staging):
             raise InvalidArgument("block lies outside the staging file", param="offset")
         if not 0 <= crc <= 0xFFFFFFFF:
-            raise InvalidArgument("crc32 out of range", param="crc32")
+            raise InvalidArgument("crc32c out of range", param="crc32c")
         return KVBlock(block_hash, staging[offset : offset + header_len], staging[offset + header_len : end], crc)
 
 

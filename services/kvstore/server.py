@@ -27,12 +27,17 @@ MAX_HASHES = 65536
 MAX_PIN_TTL_S = 24 * 3600
 
 
-def _check_hashes(hashes: list[BlockHash]) -> None:
+def check_hashes(hashes: list[BlockHash]) -> None:
     if len(hashes) > MAX_HASHES:
         raise InvalidArgument(f"at most {MAX_HASHES} hashes per call, got {len(hashes)}", param="hashes")
     bad = next((h for h in hashes if len(h) != HASH_BYTES), None)
     if bad is not None:
         raise InvalidArgument(f"every hash must be {HASH_BYTES} bytes, got one of {len(bad)}", param="hashes")
+
+
+def check_pin_ttl(ttl_s: int) -> None:
+    if ttl_s > MAX_PIN_TTL_S:
+        raise InvalidArgument(f"pin_ttl_s is at most {MAX_PIN_TTL_S}", param="pin_ttl_s")
 
 
 class _StoreCollector(Collector):
@@ -87,6 +92,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         self.metrics = metrics
         self.max_block_bytes = max_block_bytes
         self.local = local
+        # host:port of the store's data channels, set once they listen.
+        self.data_address = ""
 
     async def Put(
         self, request_iterator: AsyncIterator[kvstore_pb2.PutRequest], context: Context
@@ -101,8 +108,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             if request.WhichOneof("part") == "options":
                 if not first:
                     raise InvalidArgument("put options must come first in the stream", param="options")
-                if request.options.pin_ttl_s > MAX_PIN_TTL_S:
-                    raise InvalidArgument(f"pin_ttl_s is at most {MAX_PIN_TTL_S}", param="pin_ttl_s")
+                check_pin_ttl(request.options.pin_ttl_s)
                 session, pin_ttl = request.options.session_id, request.options.pin_ttl_s
             elif request.WhichOneof("part") == "chunk":
                 block = assembler.feed(request.chunk)
@@ -124,7 +130,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     async def Get(self, request: kvstore_pb2.GetRequest, context: Context) -> AsyncIterator[common_pb2.BlockChunk]:
         hashes = list(request.hashes)
-        _check_hashes(hashes)
+        check_hashes(hashes)
         started = time.perf_counter()
         for block_hash in hashes:
             block = await self.store.get(block_hash)
@@ -140,18 +146,18 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
 
     async def Lookup(self, request: kvstore_pb2.LookupRequest, context: Context) -> kvstore_pb2.LookupResponse:
         hashes = list(request.hashes)
-        _check_hashes(hashes)
+        check_hashes(hashes)
         tiers = self.store.lookup(hashes)
         return kvstore_pb2.LookupResponse(matched=len(tiers), tiers=tiers)  # type: ignore[arg-type]
 
     async def Delete(self, request: kvstore_pb2.DeleteRequest, context: Context) -> kvstore_pb2.DeleteResponse:
         hashes = list(request.hashes)
-        _check_hashes(hashes)
+        check_hashes(hashes)
         return kvstore_pb2.DeleteResponse(deleted=await self.store.delete(hashes))
 
     async def Pin(self, request: kvstore_pb2.PinRequest, context: Context) -> kvstore_pb2.PinResponse:
         hashes = list(request.hashes)
-        _check_hashes(hashes)
+        check_hashes(hashes)
         if not request.session_id:
             raise InvalidArgument("session_id is required", param="session_id")
         if request.ttl_s > MAX_PIN_TTL_S:
@@ -180,5 +186,10 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 )
             )
         return kvstore_pb2.StatsResponse(
-            tiers=tiers, hits=store.hits, misses=store.misses, pinned_blocks=store.pinned_count, local=self.local
+            tiers=tiers,
+            hits=store.hits,
+            misses=store.misses,
+            pinned_blocks=store.pinned_count,
+            local=self.local,
+            data_address=self.data_address,
         )

@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 
 from services.kvstore.tiers.disk import DiskTier
 from services.kvstore.tiers.memory import MemoryTier, block_cost
@@ -29,6 +30,8 @@ from shared.types.kv import KVBlock
 
 log = get_logger("shoal.kvstore.store")
 
+# Victims considered per look at the eviction order (a full scan per write would be O(blocks)).
+EVICTION_SCAN = 64
 MEMORY = kvstore_pb2.TIER_MEMORY
 DISK = kvstore_pb2.TIER_DISK
 
@@ -168,27 +171,38 @@ class BlockStore:
                 )
 
     async def _evict_from_memory(self, size: int) -> bool:
-        """Move or drop one block, preferring those whose slot a block of `size` can reuse."""
-        order = list(self._memory_policy.candidates())
-        same = [h for h in order if h in self.memory and self.memory.same_class(h, size)]
-        chosen = set(same)
-        for victim in same + [h for h in order if h not in chosen]:
-            block = self.memory.get(victim)
-            if block is None:
-                continue
-            if self.disk is not None and await self._room_on_disk(self.disk.file_size(block)):
-                await asyncio.to_thread(self.disk.write, block)
-                self.disk.added(block)
-                self._disk_policy.inserted(victim, "")
-            elif self.pinned(victim):
-                continue
-            else:
-                self.events.append(("remove", victim))
-            self.memory.pop(victim)
-            self._memory_policy.removed(victim)
-            self.memory.evictions += 1
-            return True
-        return False
+        """Move or drop one block, preferring, among the next few victims, one whose slot a block of `size`
+        can reuse. Takes what it considers up front: reads reorder the policy while a move awaits the disk."""
+        considered = 0
+        while True:
+            batch = list(islice(self._memory_policy.candidates(), considered, considered + EVICTION_SCAN))
+            if not batch:
+                return False
+            in_memory = [h for h in batch if h in self.memory]
+            same = [h for h in in_memory if self.memory.same_class(h, size)] if considered == 0 else []
+            chosen = set(same)
+            for victim in same + [h for h in in_memory if h not in chosen]:
+                if await self._evict(victim):
+                    return True
+            considered += len(batch)
+
+    async def _evict(self, victim: BlockHash) -> bool:
+        """Move `victim` to disk if there is room, else drop it unless pinned."""
+        block = self.memory.get(victim)
+        if block is None:
+            return False
+        if self.disk is not None and await self._room_on_disk(self.disk.file_size(block)):
+            await asyncio.to_thread(self.disk.write, block)
+            self.disk.added(block)
+            self._disk_policy.inserted(victim, "")
+        elif self.pinned(victim):
+            return False
+        else:
+            self.events.append(("remove", victim))
+        self.memory.pop(victim)
+        self._memory_policy.removed(victim)
+        self.memory.evictions += 1
+        return True
 
     async def _room_on_disk(self, size: int) -> bool:
         disk = self.disk

@@ -62,7 +62,7 @@ class ServeStream:
 
     # -- reading ------------------------------------------------------------------
 
-    def frame(self, payload: memoryview) -> None:
+    def frame(self, payload: memoryview | bytearray) -> None:
         """A ServeRequest from the caller: admit its starts, apply its cancels."""
         message = parse(worker_pb2.ServeRequest(), payload)
         for start in message.starts:

@@ -8,8 +8,8 @@ no network round trip and no server work. Only the server writes.
     index            open-addressing table of 32-byte entries:
                      hash[16] | slot offset u64 | gen u32 | length u32
     data             slots: frame (40 B) | header | payload | trailer gen u64
-                     frame = gen u64 | hash[16] | header_len u32 | payload_len u32 | crc32 u32 | pad u32
-                     (crc32 is of the payload, as in shoal.v1.BlockMeta)
+                     frame = gen u64 | hash[16] | header_len u32 | payload_len u32 | crc32c u32 | pad u32
+                     (crc32c is of the payload, as in shoal.v1.BlockMeta)
 
 Both entries and slots are seqlocks: the writer makes `gen` odd, writes, then
 makes it even again (the slot's trailer repeats its gen). A reader accepts
@@ -28,14 +28,13 @@ import contextlib
 import mmap
 import platform
 import struct
-import zlib
 from dataclasses import dataclass
 
 from shared.hashing import HASH_BYTES, BlockHash
-from shared.types.kv import KVBlock
+from shared.types.kv import KVBlock, checksum
 
 MAGIC = b"SHKVARN1"
-VERSION = 1
+VERSION = 2  # 2: the frame's checksum is CRC-32C (1 had zlib's CRC-32)
 HEADER_BYTES = 4096
 ENTRY = struct.Struct(f"<{HASH_BYTES}sQII")
 FRAME = struct.Struct(f"<Q{HASH_BYTES}sIIII")
@@ -154,7 +153,7 @@ class ArenaReader:
             payload = bytes(view[body + header_len : body + header_len + payload_len])
             (trailer,) = TRAILER.unpack_from(view, body + header_len + payload_len)
             if trailer == gen and FRAME.unpack_from(view, start)[0] == gen:
-                if not _TSO and zlib.crc32(payload) != crc:
+                if not _TSO and checksum(payload) != crc:
                     continue
                 return KVBlock(block, header, payload, crc)
         return None

@@ -2,7 +2,7 @@
 
     hello {"op": "hello", "staging": path}        -> {"ok": true}
     put   {"op": "put", "session": s, "pin_ttl": n,
-           "blocks": [[offset, hash_hex, header_len, payload_len, payload_crc32], ...]}
+           "blocks": [[offset, hash_hex, header_len, payload_len, payload_crc32c], ...]}
                                                   -> {"stored": n, "duplicates": m}
     touch {"op": "touch", "hits": [hash_hex, ...], "misses": n}   (no reply)
 

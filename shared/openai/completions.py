@@ -319,6 +319,16 @@ class Completions:
         self, request: Request, responder: Responder, kind: str, tracked: _Tracked, span: trace.Span | None
     ) -> None:
         try:
+            await self._answer(request, responder, kind, tracked, span)
+        except asyncio.CancelledError:
+            if not responder.disconnected:
+                raise
+            tracked.done(499)  # the client went away: closing its chunks cancelled the request on its worker
+
+    async def _answer(
+        self, request: Request, responder: Responder, kind: str, tracked: _Tracked, span: trace.Span | None
+    ) -> None:
+        try:
             check_api_key(self.backend.api_keys, request.header(b"authorization"))
             job, stream, include_usage = await self._job(kind, request.body, _hints(request))
             if span is not None:
@@ -333,10 +343,6 @@ class Completions:
                 await self._stream(responder, kind, job, first, chunks, include_usage, tracked)
             else:
                 self._whole(responder, kind, job, first, await self._rest(first, chunks, tracked), tracked)
-        except asyncio.CancelledError:
-            if not responder.disconnected:
-                raise
-            tracked.done(499)  # the client went away: closing the chunks cancels the request on its worker
         except ShoalError as exc:
             tracked.done(HTTP_STATUS[exc.code][0])
             _send_error(responder, exc)

@@ -27,7 +27,8 @@ class EvictionPolicy(Protocol):
         """A block left the tier (evicted, deleted, moved)."""
 
     def candidates(self) -> Iterator[BlockHash]:
-        """Blocks in eviction order, first victim first (pinned ones are skipped by the store)."""
+        """Blocks in eviction order, first victim first (pinned ones are skipped by the store). Lazy:
+        take what you need (itertools.islice) before changing the policy."""
 
 
 class LRUPolicy:
@@ -48,7 +49,7 @@ class LRUPolicy:
         self._order.pop(block, None)
 
     def candidates(self) -> Iterator[BlockHash]:
-        return iter(list(self._order))
+        return iter(self._order)
 
 
 class SessionLRUPolicy:

@@ -9,13 +9,12 @@ bad checksum, an oversized header.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Iterator
 
 from shared.errors import InvalidArgument
 from shared.hashing import HASH_BYTES, BlockHash
 from shared.rpc.shoal.v1 import common_pb2
-from shared.types.kv import KVBlock
+from shared.types.kv import KVBlock, checksum
 
 CHUNK_BYTES = 1 << 20
 MAX_HEADER_BYTES = 4096
@@ -28,7 +27,7 @@ class CorruptBlock(InvalidArgument):
 def block_chunks(blocks: Iterable[KVBlock]) -> Iterator[common_pb2.BlockChunk]:
     for block in blocks:
         payload = block.payload
-        meta = common_pb2.BlockMeta(hash=block.hash, size=len(payload), crc32=block.checksum(), header=block.header)
+        meta = common_pb2.BlockMeta(hash=block.hash, size=len(payload), crc32c=block.checksum(), header=block.header)
         yield common_pb2.BlockChunk(begin=meta)
         view = memoryview(payload)
         for start in range(0, len(payload), CHUNK_BYTES):
@@ -89,9 +88,9 @@ class BlockAssembler:
             return None
         payload = b"".join(self._parts)
         self._meta, self._parts = None, []
-        if zlib.crc32(payload) != meta.crc32:
-            raise CorruptBlock(f"block {meta.hash.hex()} is corrupt (CRC-32 mismatch)", param="crc32")
-        return KVBlock(meta.hash, meta.header, payload, meta.crc32)
+        if checksum(payload) != meta.crc32c:
+            raise CorruptBlock(f"block {meta.hash.hex()} is corrupt (CRC-32C mismatch)", param="crc32c")
+        return KVBlock(meta.hash, meta.header, payload, meta.crc32c)
 
     def _expect_no_open_block(self) -> None:
         if self._meta is not None:

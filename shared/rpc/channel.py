@@ -36,12 +36,13 @@ log = get_logger("shoal.rpc.channel")
 _LENGTH = struct.Struct("<I")
 MAX_FRAME_BYTES = 64 * 2**20
 HELLO_TIMEOUT_S = 5.0
+LINGER_S = 2.0
 
 
 M = TypeVar("M", bound=Message)
 
 
-def parse(message: M, payload: memoryview) -> M:
+def parse(message: M, payload: memoryview | bytearray) -> M:
     """Parse a frame into `message` without copying it to bytes first (protobuf reads any buffer)."""
     message.ParseFromString(payload)  # type: ignore[arg-type]
     return message
@@ -50,58 +51,109 @@ def parse(message: M, payload: memoryview) -> M:
 class ChannelHandler(Protocol):
     """The server side of one accepted connection."""
 
-    def frame(self, payload: memoryview) -> None:
-        """One frame from the client (the view is valid only during the call)."""
+    def frame(self, payload: memoryview | bytearray) -> None:
+        """One frame from the client (a bytearray is the handler's to keep; a view is valid only during
+        the call)."""
 
     def closed(self, error: Exception | None) -> None:
         """The connection ended (error: why, when it was not a clean close)."""
 
 
-class _Framer(asyncio.Protocol, abc.ABC):
-    """Splits the byte stream into frames; subclasses decide what a frame means."""
+# Frames at least this large are read straight into a buffer of their own (no copy in user space);
+# smaller ones are parsed out of a shared receive buffer, many per read.
+BIG_FRAME_BYTES = 64 * 2**10
+_SCRATCH_BYTES = 4 * BIG_FRAME_BYTES
+
+
+class _Framer(asyncio.BufferedProtocol, abc.ABC):
+    """Splits the byte stream into frames; subclasses decide what a frame means.
+
+    Reads go into a receive buffer where small frames are parsed in place, many per read. When a
+    frame's length says it is big (KV payloads), the rest of it is read straight into a bytearray
+    of its own, which the subclass receives and may keep: the kernel's copy is the only one.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._scratch = bytearray(_SCRATCH_BYTES)
+        self._start = 0  # unparsed bytes are _scratch[_start:_end]
+        self._end = 0
+        self._big: bytearray | None = None
+        self._big_got = 0
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
+        self._discarding = False
         self.is_closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio.Transport; they have its methods.
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        end = len(buffer)
-        view = memoryview(buffer)
-        try:
-            while end - start >= 4:
-                (length,) = _LENGTH.unpack_from(buffer, start)
-                if length > MAX_FRAME_BYTES:
-                    self._fail(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-                    return
-                if end - start - 4 < length:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._big is not None:
+            return memoryview(self._big)[self._big_got :]
+        if self._end == len(self._scratch):  # full: move the unparsed tail to the front
+            self._scratch[: self._end - self._start] = self._scratch[self._start : self._end]
+            self._end -= self._start
+            self._start = 0
+        return memoryview(self._scratch)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._discarding:
+            self._start = self._end = 0
+            self._big = None
+            return
+        big = self._big
+        if big is not None:
+            self._big_got += nbytes
+            if self._big_got == len(big):
+                self._big = None
+                self.on_frame(big)
+            return
+        self._end += nbytes
+        self._parse()
+
+    def _parse(self) -> None:
+        scratch = self._scratch
+        while not self.is_closed and not self._discarding and self._end - self._start >= 4:
+            start = self._start
+            (length,) = _LENGTH.unpack_from(scratch, start)
+            if length > MAX_FRAME_BYTES:
+                self._fail(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+                return
+            have = self._end - start - 4
+            if length >= BIG_FRAME_BYTES:
+                big = bytearray(length)
+                taken = min(have, length)
+                big[:taken] = scratch[start + 4 : start + 4 + taken]
+                self._start = start + 4 + taken
+                if taken < length:
+                    self._big, self._big_got = big, taken
                     break
+                self.on_frame(big)
+                continue
+            if have < length:
+                break
+            with memoryview(scratch) as view:
                 self.on_frame(view[start + 4 : start + 4 + length])
-                start += 4 + length
-                if self.is_closed:
-                    return
-        finally:
-            view.release()
-        if start:
-            del buffer[:start]
+            self._start = start + 4 + length
+        if self._start == self._end:
+            self._start = self._end = 0
 
     @abc.abstractmethod
-    def on_frame(self, payload: memoryview) -> None:
-        """One whole frame (the view is valid only during the call)."""
+    def on_frame(self, payload: memoryview | bytearray) -> None:
+        """One whole frame. A bytearray (a big frame) is the receiver's to keep; a memoryview is valid
+        only during the call."""
 
     def send(self, payload: bytes) -> None:
         """Queue one frame (never blocks; see `drain`)."""
         if self.transport is not None and not self.is_closed:
             self.transport.write(_LENGTH.pack(len(payload)) + payload)
+
+    def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        """Queue one frame per part without joining them (big payloads are not copied here)."""
+        if self.transport is not None and not self.is_closed:
+            self.transport.writelines([piece for part in parts for piece in (_LENGTH.pack(len(part)), part)])
 
     async def drain(self) -> None:
         """Wait while the peer reads more slowly than we send."""
@@ -121,6 +173,15 @@ class _Framer(asyncio.Protocol, abc.ABC):
         if self.transport is not None and not self.is_closed:
             self.transport.close()
         self.is_closed = True
+
+    def close_after_reply(self) -> None:
+        """Close once the peer has our last frames: stop reading frames, send our FIN, drop what still
+        comes in for a moment. Closing at once, with the peer's bytes unread, would reset the connection
+        and could destroy the reply on its way."""
+        self._discarding = True
+        if self.transport is not None and not self.is_closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
@@ -151,7 +212,7 @@ class ServerConnection(_Framer):
         if self.handler is None:
             self._fail("no hello within the timeout")
 
-    def on_frame(self, payload: memoryview) -> None:
+    def on_frame(self, payload: memoryview | bytearray) -> None:
         if self.handler is not None:
             self.handler.frame(payload)
             return
@@ -174,8 +235,9 @@ class ServerConnection(_Framer):
         self.send(common_pb2.ChannelHello(channel=hello.channel).SerializeToString())
 
     def _refuse(self, error: str) -> None:
+        log.warning("data channel refused", reason=error)
         self.send(common_pb2.ChannelHello(error=error).SerializeToString())
-        self._fail(error)
+        self.close_after_reply()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -213,7 +275,11 @@ class ClientConnection(_Framer):
     """A client's channel connection: frames after the hello go to `on_frame`."""
 
     def __init__(
-        self, channel: str, token: str | None, on_frame: Callable[[memoryview], None], on_closed: Callable[[], None]
+        self,
+        channel: str,
+        token: str | None,
+        on_frame: Callable[[memoryview | bytearray], None],
+        on_closed: Callable[[], None],
     ) -> None:
         super().__init__()
         self.channel = channel
@@ -226,7 +292,7 @@ class ClientConnection(_Framer):
         super().connection_made(transport)
         self.send(common_pb2.ChannelHello(channel=self.channel, token=self.token).SerializeToString())
 
-    def on_frame(self, payload: memoryview) -> None:
+    def on_frame(self, payload: memoryview | bytearray) -> None:
         if self.ready.done():
             self._on_frame(payload)
             return
@@ -249,7 +315,7 @@ async def connect(
     address: str,
     channel: str,
     token: str | None,
-    on_frame: Callable[[memoryview], None],
+    on_frame: Callable[[memoryview | bytearray], None],
     on_closed: Callable[[], None],
     timeout_s: float = HELLO_TIMEOUT_S,
 ) -> ClientConnection:

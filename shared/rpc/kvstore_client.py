@@ -24,6 +24,7 @@ from shared.kvlocal.client import LocalAccess
 from shared.rpc.blocks import BlockAssembler, CorruptBlock, block_chunks
 from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
 from shared.rpc.errors import from_rpc_error
+from shared.rpc.kvchannel import KVChannelClient
 from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from shared.telemetry.logging import get_logger
 from shared.telemetry.tracing import tracer
@@ -43,38 +44,67 @@ class Lookup:
 
 
 class KVStoreClient:
-    """Talks gRPC, and the shared-memory fast path when the store is on this host.
+    """Moves KV bytes on the fastest path the store offers this process; gRPC for everything else.
 
-    With `local` (the default), the first call asks the store whether it
-    offers the fast path and whether this process can use it; reads and
-    writes then go through shared memory, and a block not in the arena (on
-    disk, say) is fetched over gRPC. Any failure of the fast path turns it
-    off for this client.
+    The first Put or Get asks the store (Stats) which paths it offers. On the
+    same host (with `local`, the default) reads and writes go through shared
+    memory, and a block not in the arena (on disk, say) comes over the data
+    channel. Elsewhere they go over the "kv" data channel
+    (shared/rpc/kvchannel.py). gRPC carries the bytes only when the store
+    offers neither. A failing fast path is turned off for this client; a
+    failing data channel fails that call (request paths read it as "not
+    cached").
     """
 
-    def __init__(self, address: str, token: str | None = None, timeout_s: float = 10.0, local: bool = True) -> None:
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        timeout_s: float = 10.0,
+        local: bool = True,
+        data_channel: bool = True,
+    ) -> None:
         self.address = address
+        self.token = token
+        self._want_data = data_channel
         self.timeout_s = timeout_s
         self._channel = open_channel(address, token)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._want_local = local
+        self._decided = False
         self._local: LocalAccess | None = None
+        self._data: KVChannelClient | None = None
 
     @property
     def uses_local_path(self) -> bool:
         return self._local is not None
 
-    async def _local_path(self) -> LocalAccess | None:
-        if self._want_local:
-            self._want_local = False  # decided once
+    @property
+    def uses_data_channel(self) -> bool:
+        return self._data is not None
+
+    async def _decide(self) -> None:
+        """Ask the store once which paths it offers this process."""
+        if self._decided:
+            return
+        try:
+            stats = await self.stats()
+        except ShoalError:
+            return  # decided on a later call, once the store answers
+        self._decided = True
+        if stats.data_address and self._want_data:
+            self._data = KVChannelClient(stats.data_address, self.token)
+        info = stats.local
+        if self._want_local and info.arena_path:
             try:
-                info = (await self.stats()).local
-                if info.arena_path:
-                    self._local = await LocalAccess.connect(info.arena_path, info.socket_path, info.arena_id)
+                self._local = await LocalAccess.connect(info.arena_path, info.socket_path, info.arena_id)
             except ShoalError:
                 self._local = None
             if self._local is not None:
                 log.info("kvstore fast path in use", address=self.address)
+
+    async def _local_path(self) -> LocalAccess | None:
+        await self._decide()
         return self._local
 
     async def _drop_local(self, error: Exception) -> None:
@@ -86,6 +116,8 @@ class KVStoreClient:
     async def close(self) -> None:
         if self._local is not None:
             await self._local.close()
+        if self._data is not None:
+            await self._data.close()
         await self._channel.close()
 
     def _error(self, exc: grpc.RpcError) -> ShoalError:
@@ -108,6 +140,9 @@ class KVStoreClient:
                 return kvstore_pb2.PutResponse(stored=stored, duplicates=duplicates)
             except (Unavailable, OSError, TimeoutError) as exc:
                 await self._drop_local(exc)
+        if self._data is not None:
+            with _tracer.start_as_current_span("kvstore.put (data channel)"):
+                return await self._data.put(blocks, session_id, pin_ttl_s, timeout_s or self.timeout_s)
         return await self._grpc_put(blocks, session_id, pin_ttl_s, timeout_s)
 
     async def _grpc_put(
@@ -131,7 +166,7 @@ class KVStoreClient:
         """The named blocks in order; with prefix_only, up to the first missing one."""
         local = await self._local_path()
         if local is None:
-            return await self._grpc_get(hashes, prefix_only, timeout_s)
+            return await self._remote_get(hashes, prefix_only, timeout_s)
         with _tracer.start_as_current_span("kvstore.get (shared memory)"):
             found, missing = local.get(hashes, prefix_only)
         try:
@@ -140,11 +175,19 @@ class KVStoreClient:
             await self._drop_local(exc)
         if not missing:
             return found
-        remote = await self._grpc_get([hashes[i] for i in missing], prefix_only, timeout_s)
+        remote = await self._remote_get([hashes[i] for i in missing], prefix_only, timeout_s)
         if prefix_only:
             return found + remote
         by_hash = {block.hash: block for block in found + remote}
         return [by_hash[h] for h in hashes if h in by_hash]
+
+    async def _remote_get(
+        self, hashes: Sequence[BlockHash], prefix_only: bool, timeout_s: float | None
+    ) -> list[KVBlock]:
+        if self._data is not None:
+            with _tracer.start_as_current_span("kvstore.get (data channel)"):
+                return await self._data.get(hashes, prefix_only, timeout_s or self.timeout_s)
+        return await self._grpc_get(hashes, prefix_only, timeout_s)
 
     async def _grpc_get(self, hashes: Sequence[BlockHash], prefix_only: bool, timeout_s: float | None) -> list[KVBlock]:
         assembler = BlockAssembler(MAX_BLOCK_BYTES)

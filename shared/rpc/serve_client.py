@@ -200,7 +200,7 @@ class ServeSession:
         message, self._outbox = self._outbox, worker_pb2.ServeRequest()
         conn.send(message.SerializeToString())
 
-    def _received(self, payload: memoryview) -> None:
+    def _received(self, payload: memoryview | bytearray) -> None:
         reply = parse(worker_pb2.ServeResponse(), payload)
         if reply.events or reply.engine_steps != self._last_steps or reply.in_engine == 0:
             self._last_progress = time.monotonic()

@@ -108,7 +108,7 @@ async def running_router(redis_url: str, model_path: Path, **overrides: Any) -> 
     app = RouterApp(router_settings(redis_url, model_path, **overrides))
     await app.start()
     try:
-        port = await app.serve_http(port=0)
+        port = await app.serve_http()
         yield RunningRouter(app, f"http://127.0.0.1:{port}")
     finally:
         await app.http.stop(grace_s=1.0)

@@ -1,8 +1,9 @@
 """The disk tier: one file per block in a folder, found again after a restart.
 
 A block file is a fixed frame — magic, header length, payload length, a
-CRC-32 of the hash, header and payload, the hash — followed by the header and
-payload. Files are written to a temporary name and renamed into place, so a
+CRC-32C of the hash, header and payload, the hash — followed by the header and
+payload. Files written before CRC-32C (magic SHKVBLK1, zlib's CRC-32) are
+still read. Files are written to a temporary name and renamed into place, so a
 reader never sees a partial block and a crash leaves at most a stray
 temporary file (removed at start). At start the folder is scanned, every
 file's checksum verified, and corrupt or truncated files deleted, never
@@ -15,22 +16,24 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.hashing import HASH_BYTES, BlockHash
 from shared.telemetry.logging import get_logger
-from shared.types.kv import KVBlock
+from shared.types.kv import KVBlock, checksum
 
 log = get_logger("shoal.kvstore.disk")
 
-MAGIC = b"SHKVBLK1"
+MAGIC = b"SHKVBLK2"
+_CHECKSUMS: dict[bytes, Callable[[bytes], int]] = {MAGIC: checksum, b"SHKVBLK1": zlib.crc32}
 _FRAME = struct.Struct(f"<8sIQI{HASH_BYTES}s")
 SUFFIX = ".blk"
 
 
 def encode(block: KVBlock) -> bytes:
     body = block.hash + block.header + block.payload
-    frame = _FRAME.pack(MAGIC, len(block.header), len(block.payload), zlib.crc32(body), block.hash)
+    frame = _FRAME.pack(MAGIC, len(block.header), len(block.payload), checksum(body), block.hash)
     return frame + block.header + block.payload
 
 
@@ -39,11 +42,12 @@ def decode(data: bytes) -> KVBlock | None:
     if len(data) < _FRAME.size:
         return None
     magic, header_len, payload_len, crc, block_hash = _FRAME.unpack_from(data)
-    if magic != MAGIC or len(data) != _FRAME.size + header_len + payload_len:
+    algorithm = _CHECKSUMS.get(magic)
+    if algorithm is None or len(data) != _FRAME.size + header_len + payload_len:
         return None
     header = data[_FRAME.size : _FRAME.size + header_len]
     payload = data[_FRAME.size + header_len :]
-    if zlib.crc32(block_hash + header + payload) != crc:
+    if algorithm(block_hash + header + payload) != crc:
         return None
     return KVBlock(block_hash, header, payload)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
@@ -35,7 +36,9 @@ def build_server(router: RouterApp) -> HttpServer:
     async def health(request: Request) -> Response:
         app = _router(request)
         workers = len(app.directory.serving())
-        return json_response({"status": "ok", "workers": workers, "inflight": app.dispatcher.requests})
+        return json_response(
+            {"status": "ok", "workers": workers, "inflight": app.dispatcher.requests, "pid": os.getpid()}
+        )
 
     @api.get("/metrics")
     async def metrics(request: Request) -> Response:

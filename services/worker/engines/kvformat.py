@@ -12,14 +12,14 @@ parts as opaque bytes.
 from __future__ import annotations
 
 import json
-import zlib
 from dataclasses import asdict, dataclass
 
 from services.worker.engines.base import KVBlock
 from shared.errors import InvalidArgument
 from shared.hashing import BlockHash
+from shared.types.kv import checksum
 
-FORMAT = "shoal-kv/1"
+FORMAT = "shoal-kv/2"  # 2: the header carries the payload's CRC-32C (1: zlib CRC-32)
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,10 @@ class KVGeometry:
         return self.layers * 2 * self.block_size * self.kv_heads * self.head_dim * self.itemsize
 
 
-def encode_block(geometry: KVGeometry, block_hash: BlockHash, payload: bytes) -> KVBlock:
-    header = {"format": FORMAT, **asdict(geometry), "hash": block_hash.hex(), "crc32": zlib.crc32(payload)}
-    return KVBlock(block_hash, json.dumps(header, separators=(",", ":")).encode(), payload)
+def encode_block(geometry: KVGeometry, block_hash: BlockHash, payload: bytes | bytearray) -> KVBlock:
+    crc = checksum(payload)
+    header = {"format": FORMAT, **asdict(geometry), "hash": block_hash.hex(), "crc32c": crc}
+    return KVBlock(block_hash, json.dumps(header, separators=(",", ":")).encode(), payload, crc)
 
 
 def check_block(geometry: KVGeometry, block: KVBlock) -> None:
@@ -63,5 +64,5 @@ def check_block(geometry: KVGeometry, block: KVBlock) -> None:
             f"imported KV block holds {len(block.payload)} bytes; expected {geometry.payload_bytes}",
             param="kv_source",
         )
-    if zlib.crc32(block.payload) != header.get("crc32"):
+    if block.checksum() != header.get("crc32c"):
         raise InvalidArgument("imported KV block is corrupt (checksum mismatch)", param="kv_source")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from shared.rpc.errors import from_rpc_error
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.shoal.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from shared.state.kvevents import KVEventFollower
-from shared.types.kv import KVBlock
+from shared.types.kv import KVBlock, checksum
 from tests.integration.worker.test_worker_service import _Index
 from tests.support.blocks import block, blocks
 from tests.support.services import running_kvstore
@@ -28,10 +27,14 @@ from tests.support.services import running_kvstore
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("local", [True, False], ids=["shared-memory", "grpc"])
-async def test_put_get_lookup_round_trip(redis_url: str, local: bool) -> None:
+@pytest.mark.parametrize(
+    ("local", "data_channel"),
+    [(True, True), (False, True), (False, False)],
+    ids=["shared-memory", "data-channel", "grpc"],
+)
+async def test_put_get_lookup_round_trip(redis_url: str, local: bool, data_channel: bool) -> None:
     async with running_kvstore(redis_url) as app:
-        client = KVStoreClient(app.address, local=local)
+        client = KVStoreClient(app.address, local=local, data_channel=data_channel)
         stored = blocks(5, size=3 * CHUNK_BYTES + 17)  # several chunks per block
         response = await client.put(stored)
         assert (response.stored, response.duplicates) == (5, 0)
@@ -47,6 +50,7 @@ async def test_put_get_lookup_round_trip(redis_url: str, local: bool) -> None:
         assert await client.delete([stored[0].hash]) == 1
         assert (await client.lookup([stored[0].hash])).matched == 0
         assert client.uses_local_path is local
+        assert client.uses_data_channel is data_channel
         await client.close()  # flushes the reads a local client served itself
         observer = KVStoreClient(app.address, local=False)
         stats = await observer.stats()
@@ -100,14 +104,14 @@ async def _raw_put(address: str, messages: list[kvstore_pb2.PutRequest]) -> None
 
 
 def _begin(b: KVBlock, **change: object) -> kvstore_pb2.PutRequest:
-    meta = common_pb2.BlockMeta(hash=b.hash, size=len(b.payload), crc32=zlib.crc32(b.payload), header=b.header)
+    meta = common_pb2.BlockMeta(hash=b.hash, size=len(b.payload), crc32c=checksum(b.payload), header=b.header)
     for field, value in change.items():
         setattr(meta, field, value)
     return kvstore_pb2.PutRequest(chunk=common_pb2.BlockChunk(begin=meta))
 
 
-def _data(payload: bytes) -> kvstore_pb2.PutRequest:
-    return kvstore_pb2.PutRequest(chunk=common_pb2.BlockChunk(data=payload))
+def _data(payload: bytes | bytearray) -> kvstore_pb2.PutRequest:
+    return kvstore_pb2.PutRequest(chunk=common_pb2.BlockChunk(data=bytes(payload)))
 
 
 B = block(1, size=1000)
@@ -118,7 +122,7 @@ B = block(1, size=1000)
     [
         ([_begin(B, hash=b"short"), _data(B.payload)], f"{HASH_BYTES} bytes"),
         ([_data(B.payload)], "before its begin"),
-        ([_begin(B, crc32=1), _data(B.payload)], "CRC-32 mismatch"),
+        ([_begin(B, crc32c=1), _data(B.payload)], "CRC-32C mismatch"),
         ([_begin(B), _data(B.payload[:10])], "ended after 10 of 1000 bytes"),
         ([_begin(B), _data(B.payload + b"x")], "more than its declared"),
         ([_begin(B, size=10**9)], "exceeds the limit"),

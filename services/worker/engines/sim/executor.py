@@ -78,7 +78,7 @@ class SimExecutor:
         self.eos_token_ids: tuple[int, ...] = (2,)
         self.experts = ExpertLoadModel(num_layers, num_experts, top_k=2, seed=self.failures.seed)
         self.geometry: KVGeometry | None = None
-        self._payloads: dict[int, bytes] = {}
+        self._payloads: dict[int, bytes | bytearray] = {}
         self._seen: set[str] = set()
         self._rng = np.random.default_rng(self.failures.seed)
         self._stalled = False

@@ -340,25 +340,26 @@ class BlockMeta(_message.Message):
 
     HASH_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
-    CRC32_FIELD_NUMBER: _builtins.int
     HEADER_FIELD_NUMBER: _builtins.int
+    CRC32C_FIELD_NUMBER: _builtins.int
     hash: _builtins.bytes
     """16-byte digest from shared/hashing.py; names the block and its prefix."""
     size: _builtins.int
-    crc32: _builtins.int
     header: _builtins.bytes
     """At most 4 KiB."""
+    crc32c: _builtins.int
+    """CRC-32C (Castagnoli) of the payload, checked by whoever receives the bytes."""
     def __init__(
         self,
         *,
         hash: _builtins.bytes = ...,
         size: _builtins.int = ...,
-        crc32: _builtins.int = ...,
         header: _builtins.bytes = ...,
+        crc32c: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32", b"crc32", "hash", b"hash", "header", b"header", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crc32c", b"crc32c", "hash", b"hash", "header", b"header", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

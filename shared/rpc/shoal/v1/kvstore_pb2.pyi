@@ -322,9 +322,12 @@ class StatsResponse(_message.Message):
     MISSES_FIELD_NUMBER: _builtins.int
     PINNED_BLOCKS_FIELD_NUMBER: _builtins.int
     LOCAL_FIELD_NUMBER: _builtins.int
+    DATA_ADDRESS_FIELD_NUMBER: _builtins.int
     hits: _builtins.int
     misses: _builtins.int
     pinned_blocks: _builtins.int
+    data_address: _builtins.str
+    """host:port of the store's data channels: the "kv" channel below."""
     @_builtins.property
     def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]: ...
     @_builtins.property
@@ -339,14 +342,136 @@ class StatsResponse(_message.Message):
         misses: _builtins.int = ...,
         pinned_blocks: _builtins.int = ...,
         local: Global___LocalAccess | None = ...,
+        data_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["local", b"local"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits", "local", b"local", "misses", b"misses", "pinned_blocks", b"pinned_blocks", "tiers", b"tiers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data_address", b"data_address", "hits", b"hits", "local", b"local", "misses", b"misses", "pinned_blocks", b"pinned_blocks", "tiers", b"tiers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatsResponse: _TypeAlias = StatsResponse  # noqa: Y015
+
+@_typing.final
+class KVChannelRequest(_message.Message):
+    """The "kv" data channel (common.proto: ChannelHello) on the kvstore's data
+    port: KV bytes at memory speed, for clients that do not share its memory.
+    The client sends a KVChannelRequest frame; a put's request is followed by
+    one frame per block holding its payload, in the order of `put.blocks`. The
+    store answers each request, in order, with a KVChannelReply frame; a get's
+    reply is followed by one frame per block it lists, holding its payload.
+    Checksums (BlockMeta.crc32) are checked by whoever receives the bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GET_FIELD_NUMBER: _builtins.int
+    PUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def get(self) -> Global___KVChannelGet: ...
+    @_builtins.property
+    def put(self) -> Global___KVChannelPut: ...
+    def __init__(
+        self,
+        *,
+        get: Global___KVChannelGet | None = ...,
+        put: Global___KVChannelPut | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["get", b"get", "op", b"op", "put", b"put"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["get", "put"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___KVChannelRequest: _TypeAlias = KVChannelRequest  # noqa: Y015
+
+@_typing.final
+class KVChannelGet(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HASHES_FIELD_NUMBER: _builtins.int
+    PREFIX_ONLY_FIELD_NUMBER: _builtins.int
+    prefix_only: _builtins.bool
+    """Stop at the first block the store does not hold."""
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        prefix_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes", "prefix_only", b"prefix_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVChannelGet: _TypeAlias = KVChannelGet  # noqa: Y015
+
+@_typing.final
+class KVChannelPut(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PIN_TTL_S_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    pin_ttl_s: _builtins.int
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockMeta]: ...
+    def __init__(
+        self,
+        *,
+        blocks: _abc.Iterable[_common_pb2.BlockMeta] | None = ...,
+        session_id: _builtins.str = ...,
+        pin_ttl_s: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "pin_ttl_s", b"pin_ttl_s", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVChannelPut: _TypeAlias = KVChannelPut  # noqa: Y015
+
+@_typing.final
+class KVChannelReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    STORED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    stored: _builtins.int
+    """A put: as PutResponse."""
+    duplicates: _builtins.int
+    error_code: _builtins.str
+    """The request failed (the error taxonomy's code, shared/errors.py, and a message)."""
+    error_message: _builtins.str
+    @_builtins.property
+    def blocks(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BlockMeta]:
+        """A get: the blocks found, in the order asked (with prefix_only, the held prefix)."""
+
+    def __init__(
+        self,
+        *,
+        blocks: _abc.Iterable[_common_pb2.BlockMeta] | None = ...,
+        stored: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        error_code: _builtins.str = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "duplicates", b"duplicates", "error_code", b"error_code", "error_message", b"error_message", "stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVChannelReply: _TypeAlias = KVChannelReply  # noqa: Y015
 
 @_typing.final
 class LocalAccess(_message.Message):
