@@ -180,6 +180,9 @@ class Scheduler:
         # force a preemption at their next block boundary; a request alone on
         # the engine only needs its own blocks.
         if need + len(self.running) > self.blocks.num_available and (self.running or need > self.blocks.num_available):
+            # A request that waits holds nothing: the cached prefix it found stays evictable for the
+            # requests ahead of it, and it looks again at its next turn.
+            self._let_go(seq)
             return None
         for _ in range(need):
             block = self.blocks.allocate()
@@ -188,6 +191,11 @@ class Scheduler:
         seq.state = State.RUNNING
         seq.admitted = True
         return Item(seq, seq.num_computed, length, seq.num_computed + length == len(seq.tokens))
+
+    def _let_go(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed = 0
 
     def _cacheable_blocks(self, seq: Sequence) -> int:
         # At least one token is always computed, to produce the next token's logits.
@@ -217,9 +225,7 @@ class Scheduler:
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.blocks.release(seq.block_ids)
-        seq.block_ids = []
-        seq.num_computed = 0
+        self._let_go(seq)
         seq.state = State.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1

@@ -1,12 +1,16 @@
-"""Block manager and detokenizer invariants (pure bookkeeping, no model)."""
+"""The scheduler, the block manager and the detokenizer (pure bookkeeping, no model)."""
 
 from __future__ import annotations
 
 import pytest
 
+from services.worker.engines.base import Finish
 from services.worker.engines.blocks import BlockManager
 from services.worker.engines.detokenize import OutputText
+from services.worker.engines.scheduler import Scheduler, SchedulerConfig, Sequence
 from services.worker.engines.sim.executor import ByteDetokenizer
+from shared.hashing import BlockHasher
+from tests.support.engines import request
 
 pytestmark = pytest.mark.unit
 
@@ -72,3 +76,63 @@ def test_resumed_text_is_not_released_again() -> None:
     out = OutputText(ByteDetokenizer(), prompt=[20], resume=_bytes("abc"), stop=())
     out.add(_bytes("d"))
     assert out.take(final=True) == "d"
+
+
+# -- the scheduler --------------------------------------------------------------------
+
+
+def _scheduler(num_blocks: int, max_running: int = 8) -> Scheduler:
+    config = SchedulerConfig(max_running, max_batch_tokens=64, max_waiting=64, max_context=1024, eos_token_ids=())
+    return Scheduler(config, BlockManager(num_blocks, block_size=4), BlockHasher("m", 4), lambda _id, _block: None)
+
+
+def _sequence(scheduler: Scheduler, request_id: str, prompt: list[int], max_tokens: int = 4) -> Sequence:
+    seq = scheduler.new_sequence(request(request_id, prompt, max_tokens), OutputText(ByteDetokenizer(), prompt, [], ()))
+    scheduler.add(seq)
+    return seq
+
+
+def _run_to_end(scheduler: Scheduler, seq: Sequence) -> None:
+    """Step until `seq` finishes (one sampled token per step), then release it."""
+    for _ in range(100):
+        items = scheduler.schedule()
+        scheduler.complete(items, [17 if item.sample else None for item in items])
+        if seq.finish is not None:
+            scheduler.finish(seq)
+            return
+    raise AssertionError("the sequence never finished")
+
+
+PREFIX = list(range(20, 28))  # two full blocks of 4
+
+
+def test_a_request_that_cannot_be_admitted_holds_no_cached_prefix() -> None:
+    scheduler = _scheduler(num_blocks=6)
+    _run_to_end(scheduler, _sequence(scheduler, "warm", [*PREFIX, 30], max_tokens=1))
+    assert scheduler.blocks.match_prefix(scheduler.hasher.hashes(PREFIX)) != []  # the prefix is cached
+    running = _sequence(scheduler, "big", list(range(40, 52)), max_tokens=8)  # holds 3 blocks, more to come
+    scheduler.schedule()
+    assert running in scheduler.running
+    available = scheduler.blocks.num_available
+    waiting = _sequence(scheduler, "shares-the-prefix", [*PREFIX, *range(60, 68)], max_tokens=8)
+    assert scheduler.schedule()[0].seq is running  # only the running request steps
+    assert waiting in scheduler.waiting
+    assert waiting.block_ids == []  # it took no reference on the prefix while it waits
+    assert scheduler.blocks.num_available == available
+
+
+def test_a_waiting_request_cannot_starve_the_head_of_the_queue() -> None:
+    scheduler = _scheduler(num_blocks=6)
+    _run_to_end(scheduler, _sequence(scheduler, "warm", [*PREFIX, 30], max_tokens=1))
+    running = _sequence(scheduler, "big", list(range(40, 52)), max_tokens=1)
+    scheduler.schedule()
+    waiting = _sequence(scheduler, "shares-the-prefix", [*PREFIX, *range(60, 68)], max_tokens=4)
+    scheduler.schedule()  # cannot fit beside `running`: it waits
+    scheduler.finish(running, Finish.LENGTH)
+    # A request preempted earlier goes back to the head of the queue; it needs 5 of the 6 blocks.
+    head = scheduler.new_sequence(request("head", list(range(80, 97)), 2), OutputText(ByteDetokenizer(), [], [], ()))
+    scheduler.waiting.appendleft(head)
+    admitted = [item.seq for item in scheduler.schedule()]
+    assert admitted == [head]  # the cached prefix was evictable, not pinned by the request behind it
+    _run_to_end(scheduler, head)
+    _run_to_end(scheduler, waiting)
