@@ -107,7 +107,7 @@ class ControllerApp:
             submit or celery_submit(settings),
             ReconcileMetrics(self.metrics_registry),
             cold_starts=self.launcher.cold_starts.get if self.launcher else lambda _pool: None,
-            job_stale_s=settings.job_stale_s,
+            job_lease_s=settings.job_lease_s,
         )
         self.graphs = GraphStore(self.redis)
         self.graph_runner = GraphRunner(

@@ -83,6 +83,9 @@ class ReconcileMetrics:
         self.ready = Gauge("shoal_controller_ready_replicas", "Workers serving", ["pool"], registry=registry)
         self.starting = Gauge("shoal_controller_starting_replicas", "Workers starting", ["pool"], registry=registry)
         self.jobs = Counter("shoal_controller_jobs", "Jobs opened by kind", ["kind"], registry=registry)
+        self.pool_errors = Counter(
+            "shoal_controller_pool_errors", "Reconcile passes that failed for a pool", ["pool"], registry=registry
+        )
 
 
 class Reconciler:
@@ -93,7 +96,7 @@ class Reconciler:
         submit: Callable[[Job], None],
         metrics: ReconcileMetrics,
         cold_starts: Callable[[str], float | None] = lambda _pool: None,
-        job_stale_s: float = 20.0,
+        job_lease_s: float = 30.0,
     ) -> None:
         self.redis = redis
         self.desired = DesiredState(redis)
@@ -104,12 +107,14 @@ class Reconciler:
         self.submit = submit
         self.metrics = metrics
         self.cold_starts = cold_starts
-        self.job_stale_s = job_stale_s
+        self.job_lease_s = job_lease_s
         self.states: dict[str, PolicyState] = {}
         self.history: defaultdict[str, deque[WorkSample]] = defaultdict(deque)
         self.refused: defaultdict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self._last_work = "0-0"
         self.last: dict[str, PoolStatus] = {}
+        # The last error of each pool whose reconcile failed (cleared when it succeeds again).
+        self.pool_errors: dict[str, str] = {}
         self._pending_decisions: list[PoolStatus] = []
 
     # -- observation --------------------------------------------------------------
@@ -168,33 +173,54 @@ class Reconciler:
         paused = await self.desired.paused()
         workers = await self.registry.list_workers()
         models = {m.name: m for m in await self.desired.models()}
-        open_jobs = [j for j in await self.jobs.list(limit=10_000) if not j.state.final]
+        open_jobs = await self.jobs.open_jobs()
         removing = {j.params["worker_id"]: j for j in open_jobs if j.kind == SCALE_DOWN}
         statuses: list[PoolStatus] = []
         for pool in await self.desired.pools():
             model = models.get(pool.model)
             if model is None:
                 continue
-            instances = await self.actuator.instances(pool.name)
-            mine = [w for w in workers if w.info.pool == pool.name]
-            ready = [w for w in mine if w.schedulable and w.worker_id not in removing]
-            draining = len(mine) - len(ready)
-            registered = {w.worker_id for w in mine}
-            starting = sum(
-                1 for i in instances.instances if i.state is InstanceState.STARTING and i.worker_id not in registered
-            )
-            cold = self.cold_starts(pool.name) or DEFAULT_COLD_START_S
-            snapshot = self._snapshot(pool, ready, starting, now, cold)
-            decision = self._decide(pool, snapshot, paused, keep_state=act)
-            acted = False
-            if act and not paused:
-                acted = await self._act(pool, model, decision, snapshot, ready, removing)
-            statuses.append(self._status(pool, snapshot, decision, draining, cold, acted))
-            if act:
-                self._record(statuses[-1])
+            try:
+                status = await self._reconcile_pool(pool, model, workers, removing, now, paused, act)
+            except Exception as exc:
+                log.exception("reconciling a pool failed; the other pools go on", pool=pool.name)
+                self.metrics.pool_errors.labels(pool.name).inc()
+                self.pool_errors[pool.name] = f"{type(exc).__name__}: {exc}"
+                continue
+            self.pool_errors.pop(pool.name, None)
+            statuses.append(status)
         if act:
             await self._resubmit_stale(open_jobs, now)
         return statuses
+
+    async def _reconcile_pool(
+        self,
+        pool: PoolPublic,
+        model: ModelPublic,
+        workers: list[WorkerRecord],
+        removing: dict[str, Job],
+        now: float,
+        paused: bool,
+        act: bool,
+    ) -> PoolStatus:
+        instances = await self.actuator.instances(pool.name)
+        mine = [w for w in workers if w.info.pool == pool.name]
+        ready = [w for w in mine if w.schedulable and w.worker_id not in removing]
+        draining = len(mine) - len(ready)
+        registered = {w.worker_id for w in mine}
+        starting = sum(
+            1 for i in instances.instances if i.state is InstanceState.STARTING and i.worker_id not in registered
+        )
+        cold = self.cold_starts(pool.name) or DEFAULT_COLD_START_S
+        snapshot = self._snapshot(pool, ready, starting, now, cold)
+        decision = self._decide(pool, snapshot, paused, keep_state=act)
+        acted = False
+        if act and not paused:
+            acted = await self._act(pool, model, decision, snapshot, ready, removing)
+        status = self._status(pool, snapshot, decision, draining, cold, acted)
+        if act:
+            self._record(status)
+        return status
 
     def _decide(self, pool: PoolPublic, snapshot: PoolSnapshot, paused: bool, keep_state: bool) -> ScalingDecision:
         state = self.states.get(pool.name, PolicyState())
@@ -291,12 +317,16 @@ class Reconciler:
             )
 
     async def _resubmit_stale(self, open_jobs: list[Job], now: float) -> None:
+        """Hand again to the runners the jobs whose runner died (lease lapsed) or that none picked up.
+
+        Only the lease counts, not silence: a runner renews it during calls that take minutes. A
+        resubmitted task that finds another live runner on the job leaves it alone (JobStore.claim)."""
         for job in open_jobs:
-            alive_at = max(job.heartbeat_at, job.updated_at)
-            if job.state is JobState.RUNNING and now - alive_at > self.job_stale_s:
-                log.warning("job stalled (its worker died?); resubmitting", job_id=job.id, phase=job.phase)
-                await self.jobs.update(job, state=JobState.PENDING, message="resubmitted after its worker stopped")
-                self.submit(job)
+            lapsed = job.state is JobState.RUNNING and job.lease_until < now
+            forgotten = job.state is JobState.PENDING and now - job.updated_at > self.job_lease_s
+            if lapsed or forgotten:
+                log.warning("job has no live runner; resubmitting", job_id=job.id, phase=job.phase, state=job.state)
+                self.submit(await self.jobs.update(job, message="resubmitted: its runner stopped"))
 
 
 async def read_decisions(redis: Redis, limit: int = 100) -> list[dict[str, object]]:

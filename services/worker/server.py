@@ -245,6 +245,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return load_report(self.engine.load())
 
     async def Drain(self, request: worker_pb2.DrainRequest, context: Context) -> worker_pb2.DrainResponse:
+        if request.resume:
+            self.engine.draining = False
+            load = self.engine.load()
+            return worker_pb2.DrainResponse(
+                drained=False, running_requests=load.running_requests, waiting_requests=load.waiting_requests
+            )
         self.engine.draining = True
         drained = await self.engine.wait_idle(max(0.0, request.wait_s))
         load = self.engine.load()

@@ -322,8 +322,11 @@ class ControllerSettings(CommonSettings):
     deployment_prefix: str = Field(
         default="shoal-worker-", description="Worker Deployment name = prefix + pool name (kubernetes actuator)."
     )
-    job_stale_s: float = Field(
-        default=20.0, gt=0, description="A running job silent this long is resubmitted (its Celery worker died)."
+    job_lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="A job's runner holds it under a lease this long, renewed every third of it; a job whose "
+        "lease lapsed (its Celery worker died) is resubmitted.",
     )
     expert_stats_interval_s: float = Field(
         default=15.0, gt=0, description="Seconds between samples of each expert-parallel instance's balance."

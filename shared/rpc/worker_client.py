@@ -105,6 +105,11 @@ class WorkerClient:
         response: worker_pb2.DrainResponse = await self._unary("Drain", request, wait_s + CONTROL_TIMEOUT_S)
         return response
 
+    async def resume(self) -> worker_pb2.DrainResponse:
+        """Undo a drain: the worker admits new requests again."""
+        response: worker_pb2.DrainResponse = await self._unary("Drain", worker_pb2.DrainRequest(resume=True))
+        return response
+
     async def expert_stats(self, window_s: float = 0.0) -> worker_pb2.ExpertStatsResponse:
         request = worker_pb2.ExpertStatsRequest(window_s=window_s)
         response: worker_pb2.ExpertStatsResponse = await self._unary("ExpertStats", request)
@@ -132,15 +137,19 @@ class WorkerClient:
         return response
 
 
-def drain_blocking(address: str, wait_s: float, token: str | None = None) -> worker_pb2.DrainResponse:
-    """Drain from synchronous code (Celery tasks): one call, its own channel."""
+def drain_blocking(
+    address: str, wait_s: float, token: str | None = None, resume: bool = False
+) -> worker_pb2.DrainResponse:
+    """Drain (or with `resume`, undo a drain) from synchronous code (Celery tasks): one call, its own channel."""
     import grpc as sync_grpc
 
     metadata = [("authorization", f"Bearer {token}")] if token else None
     with sync_grpc.insecure_channel(address) as channel:
         try:
             response: worker_pb2.DrainResponse = worker_pb2_grpc.WorkerStub(channel).Drain(
-                worker_pb2.DrainRequest(wait_s=wait_s), timeout=wait_s + CONTROL_TIMEOUT_S, metadata=metadata
+                worker_pb2.DrainRequest(wait_s=wait_s, resume=resume),
+                timeout=wait_s + CONTROL_TIMEOUT_S,
+                metadata=metadata,
             )
         except sync_grpc.RpcError as exc:
             raise from_rpc_error(exc, address) from None

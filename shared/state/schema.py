@@ -15,7 +15,9 @@ number on the same server (see the controller settings).
 | doc:{name} | HASH version, body | - | controller | versioned JSON documents (pools, models, expert maps) |
 | lock:{name} | STRING | lock TTL | controller jobs | mutual exclusion (one migration at a time) |
 | decisions | STREAM | MAXLEN ~DECISIONS_MAXLEN | controller | reconcile decisions and their reasons |
-| jobs | HASH id -> JSON | - | controller, Celery | long operations and their progress |
+| job:{id} | STRING JSON, versioned (CAS) | FINISHED_TTL once finished | controller, Celery | a long job, its progress |
+| jobs:open | SET | - | controller, Celery | ids of jobs not finished (the reconcile loop's sweep) |
+| jobs:index | ZSET id -> created_at | - | controller, Celery | every job, for listing (expired ones pruned as met) |
 | metrics:router | STREAM | MAXLEN ~METRICS_MAXLEN | router | per-interval request statistics |
 | graphs | HASH id -> JSON | - | controller | agent graphs: per-step state, plan, result |
 | experts:history:{worker} | STREAM (capped) | - | controller | an expert-parallel instance's balance over time |
@@ -46,7 +48,8 @@ WORKERS: Final = _key("workers")
 CORDONED: Final = _key("cordoned")
 KV_EVENTS: Final = _key("kv", "events")
 DECISIONS: Final = _key("decisions")
-JOBS: Final = _key("jobs")
+OPEN_JOBS: Final = _key("jobs", "open")
+JOB_INDEX: Final = _key("jobs", "index")
 # Agent graphs: hash of graph id -> GraphRecord JSON (shared/types/graphs.py).
 GRAPHS: Final = _key("graphs")
 ROUTER_METRICS: Final = _key("metrics", "router")
@@ -71,6 +74,10 @@ DOC_KEY_PREFIX: Final = _key("doc") + ":"
 
 def doc(name: str) -> str:
     return _key("doc", name)
+
+
+def job(job_id: str) -> str:
+    return _key("job", job_id)
 
 
 def lock(name: str) -> str:

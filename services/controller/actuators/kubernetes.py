@@ -3,11 +3,14 @@
 Scaling sets the Deployment's replicas through its `scale` subresource.
 Removal is drain-first: the job has drained the chosen worker (its pod), so
 the actuator marks that pod with the lowest `pod-deletion-cost` and lowers the
-replicas by one, which makes the ReplicaSet delete exactly that pod. A pod
-annotation records the request, so a retried removal never lowers the
-replicas twice. Readiness comes from the pods' Ready condition. The RBAC this
-needs (get/patch on deployments/scale and pods, list pods) is in the Helm
-chart. The `kubernetes` client is synchronous, so calls run in a thread.
+replicas by one, which makes the ReplicaSet delete exactly that pod. The pod's
+annotations record the request and the replica count it asks for, written
+before the replicas are lowered: a retry after a crash in between lowers
+them (they are still one above the recorded count), a retry after the
+decrement does not (they equal it), so the replicas drop exactly once.
+Readiness comes from the pods' Ready condition. The RBAC this needs
+(get/patch on deployments/scale and pods, list pods) is in the Helm chart.
+The `kubernetes` client is synchronous, so calls run in a thread.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from shared.types.pools import ModelPublic, PoolPublic
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 REMOVAL = "shoal.io/removal-requested"
+# The Deployment's replica count the removal asks for (its count when the pod was marked, minus one).
+REMOVAL_REPLICAS = "shoal.io/removal-replicas"
 POOL_LABEL = "shoal.io/pool"
 
 
@@ -71,20 +76,28 @@ class KubernetesActuator:
                 return  # already gone: nothing left to do
             raise Unavailable(f"kubernetes API: {exc.status} {exc.reason}") from None
         annotations = (pod.metadata.annotations if pod.metadata else None) or {}
+        deployment = self.deployment(pool.name)
+        scale = await self._call(self.apps.read_namespaced_deployment_scale, deployment, self.namespace)
+        replicas = int(scale.spec.replicas or 0)
         if annotations.get(REMOVAL) == "true":
-            return  # a retried removal: the replicas were lowered already
+            recorded = annotations.get(REMOVAL_REPLICAS)
+            if recorded is None or replicas != int(recorded) + 1:
+                return  # lowered already (or changed since by someone else): never lower twice
+            target = int(recorded)  # a crash came between the annotation and the decrement: finish it
+        else:
+            target = max(0, replicas - 1)
+            await self._call(
+                self.core.patch_namespaced_pod,
+                worker_id,
+                self.namespace,
+                {
+                    "metadata": {
+                        "annotations": {DELETION_COST: "-1000000", REMOVAL: "true", REMOVAL_REPLICAS: str(target)}
+                    }
+                },
+            )
         await self._call(
-            self.core.patch_namespaced_pod,
-            worker_id,
-            self.namespace,
-            {"metadata": {"annotations": {DELETION_COST: "-1000000", REMOVAL: "true"}}},
-        )
-        scale = await self._call(self.apps.read_namespaced_deployment_scale, self.deployment(pool.name), self.namespace)
-        await self._call(
-            self.apps.patch_namespaced_deployment_scale,
-            self.deployment(pool.name),
-            self.namespace,
-            {"spec": {"replicas": max(0, int(scale.spec.replicas) - 1)}},
+            self.apps.patch_namespaced_deployment_scale, deployment, self.namespace, {"spec": {"replicas": target}}
         )
 
     async def instances(self, pool: str) -> PoolInstances:

@@ -240,10 +240,12 @@ def build_api(controller: ControllerApp) -> FastAPI:
 
     @v1.post("/workers/{worker_id}/uncordon")
     async def uncordon(worker_id: WorkerId, request: Request, _: Operator) -> dict[str, Any]:
+        """Routers send to the worker again, and a drained worker admits again."""
         app = _app(request)
-        await _worker(app, worker_id)
+        record = await _worker(app, worker_id)
+        await app.worker_clients.get(record.info.address).resume()
         await app.registry.set_cordoned(worker_id, False)
-        return {"worker_id": worker_id, "cordoned": False}
+        return {"worker_id": worker_id, "cordoned": False, "draining": False}
 
     # -- experts ----------------------------------------------------------------
 
@@ -379,7 +381,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
 
     @v1.get("/jobs")
     async def list_jobs(request: Request, _: Viewer, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Any]:
-        return [job.model_dump(mode="json") for job in await _app(request).jobs.list(limit)]
+        return [job.model_dump(mode="json") for job in await _app(request).jobs.recent(limit)]
 
     @v1.get("/jobs/{job_id}")
     async def get_job(job_id: JobId, request: Request, _: Viewer) -> Any:
@@ -436,7 +438,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
     async def cluster(request: Request, _: Viewer) -> dict[str, Any]:
         app = _app(request)
         pools, workers, jobs = await asyncio.gather(
-            app.desired.pools(), app.registry.list_workers(), app.jobs.list(1000)
+            app.desired.pools(), app.registry.list_workers(), app.jobs.open_jobs()
         )
         return {
             "models": [m.name for m in await app.desired.models()],
@@ -449,7 +451,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
                 for p in pools
             },
             "workers": len(workers),
-            "jobs_running": sum(1 for j in jobs if not j.state.final),
+            "jobs_running": len(jobs),
             "paused": await app.desired.paused(),
         }
 

@@ -9,7 +9,11 @@ release: free the copies the new map no longer uses.
 
 Before the commit, a cancel or any failure rolls back (staged copies
 discarded, the old map keeps serving): the job ends ROLLED_BACK. After it,
-only the release is left; a retried job resumes there. The job id is per
+only the release is left; a retried job resumes there. Whether the commit
+happened is read from the worker, never assumed: a commit whose reply was
+lost, or a job retried after its runner died around the commit, finds the
+new map version serving and goes on to the release; when the worker cannot
+say, the job fails saying so rather than claiming a rollback. The job id is per
 instance, so a second migration cannot start while one is in flight (and
 the worker refuses one too).
 
@@ -29,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from services.controller.jobs.store import Job, JobState, JobStore
+from services.controller.jobs.store import Job, JobState, JobStore, runner_name
 from shared.errors import FailedPrecondition, ShoalError, Unavailable
 from shared.policies.placement import PLACEMENT_POLICIES, Topology, balance_of, vacate_last_rank
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
@@ -86,13 +90,13 @@ def _target(plan: dict[str, Any]) -> common_pb2.ExpertMap:
 
 
 async def run_migration(job_id: str, jobs: JobStore, address: str, token: str | None) -> Job:
-    job = await jobs.get(job_id)
-    if job.state.final:
-        return job
-    job = await jobs.update(job, state=JobState.RUNNING, attempts=job.attempts + 1)
+    job = await jobs.claim(job_id, runner_name())
+    if job is None:
+        return await jobs.get(job_id)  # finished, or a live runner has it
     client = WorkerClient(address, token)
     try:
-        return await migrate_with(job, jobs, client)
+        async with jobs.leased(job):
+            return await migrate_with(job, jobs, client)
     finally:
         await client.close()
 
@@ -106,6 +110,8 @@ async def migrate_with(job: Job, jobs: JobStore, client: WorkerClient) -> Job:
         job = await _join(job, jobs, client, int(resize["ranks"]), str(resize["master"]))
         if job.state.final:
             return job
+    if job.phase == "stage" and await _committed(client, int(job.result["version"])):
+        job = await jobs.update(job, phase="release", progress=0.8, message="committed (found serving on retry)")
     if job.phase in ("", "plan", "stage"):  # before the commit: a failure rolls back
         try:
             if job.phase in ("", "plan"):
@@ -192,9 +198,31 @@ async def _stage_and_commit(job: Job, jobs: JobStore, client: WorkerClient) -> J
     job = await jobs.update(job)
     if job.cancel_requested:
         return await _roll_back(job, jobs, client, "cancelled before the commit")
-    commit = await client.commit_expert_map(migration_id, plan["version"])
+    try:
+        commit = await client.commit_expert_map(migration_id, plan["version"])
+    except ShoalError as exc:
+        served = await _committed(client, int(plan["version"]))
+        if served is None:
+            return await jobs.update(
+                job,
+                state=JobState.FAILED,
+                message=f"the commit's outcome is unknown ({exc.message}) and the worker does not answer; "
+                f"read its expert map version before acting",
+            )
+        if not served:
+            raise
+        log.warning("the commit landed but its reply was lost", job_id=job.id, error=exc.message)
+        return await jobs.update(job, phase="release", progress=0.8, result=plan, message="committed (reply lost)")
     result = {**plan, "stall_s": commit.stall_s}
     return await jobs.update(job, phase="release", progress=0.8, result=result, message="committed")
+
+
+async def _committed(client: WorkerClient, version: int) -> bool | None:
+    """Whether the worker serves map `version` (or later) now; None when it cannot be asked."""
+    try:
+        return int((await client.expert_stats()).expert_map_version) >= version
+    except ShoalError:
+        return None
 
 
 async def _roll_back(job: Job, jobs: JobStore, client: WorkerClient, why: str) -> Job:

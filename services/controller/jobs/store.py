@@ -1,25 +1,69 @@
-"""Long operations (jobs) and their progress, in Redis.
+"""Long operations (jobs) and their progress, in Redis, written with compare-and-set and run under a lease.
 
-A job is a JSON document in the `jobs` hash: what it does, its state, a
-progress fraction and message, and `heartbeat_at`, refreshed while a Celery
-task works on it. The reconcile loop resubmits a `running` job whose
-heartbeat stopped (its worker died): tasks are idempotent and resume from the
-phase the job records. Cancelling sets `cancel_requested`; the task stops at
-its next check and leaves the cluster as the job's final message states.
+A job is a JSON document under its own key, with a version every write
+bumps. A write names the version it read; a Lua script refuses it when the
+document changed since, and the writer re-reads, applies its own changes
+again and retries, so a cancel request made meanwhile is never lost.
+
+A runner (a Celery task, or the controller's own loop in tests) *claims* a
+job before working on it: the claim records the runner and a lease. While
+the runner works, `leased` renews the lease in the background, also during
+calls that legitimately take minutes (staging experts, regrouping ranks).
+Every write of a runner that lost the job (its lease lapsed and another
+runner claimed it) fails with LostLease, so a job never runs twice at once.
+The reconcile loop resubmits a job whose lease lapsed (its runner died), or
+that nobody picked up; a resubmitted task that finds the job claimed by a
+live runner leaves it alone. Tasks are idempotent and resume from the phase
+the job records.
+
+Open jobs are in a set the reconcile loop reads every tick; every job is in
+an index by creation time for listing. A finished job's document expires
+after FINISHED_TTL_S and the indexes forget it as they meet it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import os
+import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
 from shared.state import schema
+from shared.telemetry.logging import get_logger
+
+log = get_logger("shoal.controller.jobs")
+
+FINISHED_TTL_S = 7 * 24 * 3600
+DEFAULT_LEASE_S = 30.0
+_WRITE_TRIES = 20
+
+# KEYS: the job's key, the open set, the index. ARGV: expected version, new document, id, created_at,
+# finished (0/1), time to live of a finished document.
+_COMPARE_AND_SET = """
+local current = redis.call('GET', KEYS[1])
+local version = 0
+if current then version = cjson.decode(current)['version'] end
+if version ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[5] == '1' then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[6])
+  redis.call('SREM', KEYS[2], ARGV[3])
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[3])
+end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
+return 1
+"""
 
 
 class JobState(enum.StrEnum):
@@ -45,32 +89,32 @@ class Job(BaseModel):
     message: str = ""
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
-    heartbeat_at: float = 0.0
     attempts: int = 0
     cancel_requested: bool = False
     result: dict[str, Any] = Field(default_factory=dict)
+    # Compare-and-set: bumped by every write.
+    version: int = 0
+    # The runner working on the job, and until when its lease holds (time.time()).
+    owner: str = ""
+    lease_until: float = 0.0
+
+    def leased(self, now: float) -> bool:
+        return bool(self.owner) and self.lease_until > now
+
+
+class LostLease(FailedPrecondition):
+    """Another runner holds the job now: this one must stop."""
 
 
 class JobStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._cas = redis.register_script(_COMPARE_AND_SET)
 
-    async def create(self, kind: str, params: dict[str, Any], job_id: str | None = None) -> tuple[Job, bool]:
-        """A new job, or the existing unfinished one with the same id (created=False)."""
-        job_id = job_id or f"{kind}-{uuid.uuid4().hex[:10]}"
-        existing = await self.find(job_id)
-        if existing is not None and not existing.state.final:
-            return existing, False
-        job = Job(id=job_id, kind=kind, params=params)
-        await self.save(job)
-        return job, True
-
-    async def save(self, job: Job) -> None:
-        job.updated_at = time.time()
-        await self.redis.hset(schema.JOBS, job.id, job.model_dump_json())
+    # -- reading ----------------------------------------------------------------
 
     async def find(self, job_id: str) -> Job | None:
-        raw = await self.redis.hget(schema.JOBS, job_id)
+        raw = await self.redis.get(schema.job(job_id))
         return Job.model_validate_json(raw) if raw else None
 
     async def get(self, job_id: str) -> Job:
@@ -79,36 +123,140 @@ class JobStore:
             raise NotFound(f"no job {job_id!r}", param="job_id")
         return job
 
-    async def list(self, limit: int = 200) -> list[Job]:
-        raw = await self.redis.hvals(schema.JOBS)
-        jobs = sorted((Job.model_validate_json(r) for r in raw), key=lambda j: j.created_at, reverse=True)
-        return jobs[:limit]
+    async def recent(self, limit: int = 200) -> list[Job]:
+        """The newest jobs first."""
+        ids = _names(await self.redis.zrevrange(schema.JOB_INDEX, 0, limit - 1))
+        jobs = await self._load(ids)
+        gone = [i for i in ids if i not in {j.id for j in jobs}]
+        if gone:
+            await self.redis.zrem(schema.JOB_INDEX, *gone)  # their documents expired
+        return jobs
+
+    async def open_jobs(self) -> list[Job]:
+        """Jobs not finished yet (what the reconcile loop looks after)."""
+        ids = _names(await self.redis.smembers(schema.OPEN_JOBS))
+        jobs = await self._load(ids)
+        done = [i for i in ids if i not in {j.id for j in jobs if not j.state.final}]
+        if done:
+            await self.redis.srem(schema.OPEN_JOBS, *done)
+        return sorted((j for j in jobs if not j.state.final), key=lambda j: j.created_at)
+
+    async def _load(self, ids: list[str]) -> list[Job]:
+        if not ids:
+            return []
+        raws = await self.redis.mget([schema.job(i) for i in ids])
+        return [Job.model_validate_json(raw) for raw in raws if raw]
+
+    # -- writing ------------------------------------------------------------------
+
+    async def _write(self, job: Job, expected: int) -> bool:
+        done = await self._cas(
+            keys=[schema.job(job.id), schema.OPEN_JOBS, schema.JOB_INDEX],
+            args=[expected, job.model_dump_json(), job.id, job.created_at, int(job.state.final), FINISHED_TTL_S],
+        )
+        return bool(done)
+
+    async def create(self, kind: str, params: dict[str, Any], job_id: str | None = None) -> tuple[Job, bool]:
+        """A new job, or the existing unfinished one with the same id (created=False)."""
+        job_id = job_id or f"{kind}-{uuid.uuid4().hex[:10]}"
+        for _ in range(_WRITE_TRIES):
+            existing = await self.find(job_id)
+            if existing is not None and not existing.state.final:
+                return existing, False
+            previous = existing.version if existing is not None else 0
+            job = Job(id=job_id, kind=kind, params=params, version=previous + 1)
+            if await self._write(job, previous):
+                return job, True
+        raise Unavailable(f"job {job_id} keeps changing; try again", job_id=job_id)
 
     async def update(self, job: Job, **changes: Any) -> Job:
-        # Never lose a cancel request made while the task held an older copy.
-        stored = await self.find(job.id)
-        if stored is not None and stored.cancel_requested:
-            changes.setdefault("cancel_requested", True)
-        for key, value in changes.items():
-            setattr(job, key, value)
-        job.heartbeat_at = time.time()
-        await self.save(job)
-        return job
+        """Apply `changes` to the stored job (compare-and-set; see the module doc) and return it.
+
+        A runner's write (`job` names an owner) raises LostLease when another runner holds the job now."""
+        for _ in range(_WRITE_TRIES):
+            new = job.model_copy(update={**changes, "version": job.version + 1, "updated_at": time.time()})
+            if await self._write(new, job.version):
+                return new
+            stored = await self.get(job.id)
+            if job.owner and stored.owner != job.owner:
+                raise LostLease(f"job {job.id} is run by {stored.owner or 'no one'} now", job_id=job.id)
+            job = stored  # someone else wrote (a cancel, a lease renewal): apply ours on top of theirs
+        raise Unavailable(f"job {job.id} keeps changing; try again", job_id=job.id)
+
+    async def _modify(self, job_id: str, change: Callable[[Job], dict[str, Any] | None]) -> Job | None:
+        """Read, change, compare-and-set, until it holds: `change` returns the fields to set, or None to
+        leave the job as it is (then None is returned)."""
+        for _ in range(_WRITE_TRIES):
+            job = await self.get(job_id)
+            changes = change(job)
+            if changes is None:
+                return None
+            new = job.model_copy(update={**changes, "version": job.version + 1, "updated_at": time.time()})
+            if await self._write(new, job.version):
+                return new
+        raise Unavailable(f"job {job_id} keeps changing; try again", job_id=job_id)
 
     async def request_cancel(self, job_id: str) -> Job:
         job = await self.get(job_id)
         if job.state.final:
             raise FailedPrecondition(f"job {job_id} already {job.state.value}", job_id=job_id)
-        job.cancel_requested = True
-        await self.save(job)
-        return job
+        cancelled = await self._modify(job_id, lambda j: {"cancel_requested": True})
+        assert cancelled is not None
+        return cancelled
 
-    async def prune(self, keep_s: float = 24 * 3600) -> int:
-        cutoff = time.time() - keep_s
-        old = [j.id for j in await self.list(limit=100_000) if j.state.final and j.updated_at < cutoff]
-        if old:
-            await self.redis.hdel(schema.JOBS, *old)
-        return len(old)
+    # -- running ------------------------------------------------------------------
+
+    async def claim(self, job_id: str, runner: str, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+        """Take the job to run it: the job (state RUNNING, leased to `runner`), or None when it is finished
+        or another live runner holds it."""
+
+        def take(job: Job) -> dict[str, Any] | None:
+            if job.state.final or (job.leased(time.time()) and job.owner != runner):
+                return None
+            return {
+                "owner": runner,
+                "lease_until": time.time() + lease_s,
+                "state": JobState.RUNNING,
+                "attempts": job.attempts + 1,
+            }
+
+        return await self._modify(job_id, take)
+
+    @asynccontextmanager
+    async def leased(self, job: Job, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[None]:
+        """Keep renewing `job`'s lease while the block runs (a runner works inside it)."""
+        keeper = asyncio.create_task(self._renew(job, lease_s))
+        try:
+            yield
+        finally:
+            keeper.cancel()
+            with suppress(asyncio.CancelledError):
+                await keeper
+
+    async def _renew(self, job: Job, lease_s: float) -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                stored = await self.find(job.id)
+                if stored is None or stored.state.final or stored.owner != job.owner:
+                    return
+                await self.update(stored, lease_until=time.time() + lease_s)
+            except LostLease:
+                log.warning("job taken over by another runner", job_id=job.id)
+                return
+            except (RedisError, ShoalError) as exc:
+                # Redis away for a moment: try again at the next third; two misses in a row lose the lease.
+                log.warning("could not renew a job's lease", job_id=job.id, error=str(exc))
+
+
+def runner_name() -> str:
+    """A name for one run of a job: its host, its process, and a nonce (a retry in the same process is
+    another runner)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _names(raw: Any) -> list[str]:
+    return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
 
 
 def job_summary(job: Job) -> dict[str, Any]:

@@ -231,7 +231,7 @@ async def test_scheduled_rebalancing_records_balance_and_migrates(
             ) as front:
                 job = None
                 for _ in range(300):
-                    jobs = [j for j in await front.app.jobs.list() if j.kind == MIGRATE]
+                    jobs = [j for j in await front.app.jobs.recent() if j.kind == MIGRATE]
                     if jobs:
                         job = await wait_job(front, jobs[0].id)
                         break

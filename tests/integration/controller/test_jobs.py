@@ -117,7 +117,7 @@ async def test_a_job_survives_its_celery_worker_and_the_controller_being_killed(
     second: ManagedProcess | None = None
     try:
         async with running_worker(redis_url, model_path=tiny_model, worker_id="w-1", **SLOW) as worker:
-            async with running_controller(redis_url, celery=True, job_stale_s=2.0) as front:
+            async with running_controller(redis_url, celery=True, job_lease_s=2.0) as front:
                 await declare_pool(front, tiny_model)
                 async with running_router(redis_url, tiny_model) as router:
                     request = asyncio.create_task(stream_completion(router.url))
@@ -128,7 +128,7 @@ async def test_a_job_survives_its_celery_worker_and_the_controller_being_killed(
                     # ... and the controller goes down with it.
                     assert await request == (200, TOKENS)
             second = celery_worker(redis_url, "celery-2")
-            async with running_controller(redis_url, celery=True, job_stale_s=2.0) as front:
+            async with running_controller(redis_url, celery=True, job_lease_s=2.0) as front:
                 # The restarted controller sees the job's heartbeat stop and resubmits it; it resumes at its phase.
                 assert await until(lambda: _phase_is(front, job["id"], "wait-gone"), 60)
                 await worker.drain_and_stop()

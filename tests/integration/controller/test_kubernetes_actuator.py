@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from services.controller.actuators.base import InstanceState
-from services.controller.actuators.kubernetes import POOL_LABEL, REMOVAL, KubernetesActuator
+from services.controller.actuators.kubernetes import POOL_LABEL, REMOVAL, REMOVAL_REPLICAS, KubernetesActuator
 from shared.errors import Unavailable
 from shared.types.pools import ModelCreate, ModelPublic, PoolCreate, PoolPublic
 from tests.support.fake_kubernetes import FakeCluster, fake_kubernetes
@@ -58,6 +58,24 @@ async def test_scale_instances_and_a_drain_first_removal(cluster: FakeCluster, k
     survivor = next(iter(cluster.pods))
     cluster.pods[survivor]["metadata"]["annotations"][REMOVAL] = "true"
     await actuator.remove(POOL, survivor)  # marked already: a retry after the replicas were lowered
+    assert cluster.deployments["shoal-worker-decode"] == 2
+
+
+async def test_a_removal_interrupted_after_marking_the_pod_is_finished_by_its_retry(
+    cluster: FakeCluster, kubeconfig: Path
+) -> None:
+    actuator = KubernetesActuator(NAMESPACE, "shoal-worker-", kubeconfig)
+    await actuator.scale_to(POOL, MODEL, 3)
+    chosen = (await actuator.instances("decode")).instances[0].worker_id
+    # The controller marked the pod and crashed before lowering the replicas.
+    cluster.pods[chosen]["metadata"]["annotations"].update(
+        {REMOVAL: "true", REMOVAL_REPLICAS: "2", "controller.kubernetes.io/pod-deletion-cost": "-1000000"}
+    )
+    assert cluster.deployments["shoal-worker-decode"] == 3
+    await actuator.remove(POOL, chosen)  # the retried job
+    assert cluster.deployments["shoal-worker-decode"] == 2
+    assert chosen not in cluster.pods  # exactly the drained pod went away
+    await actuator.remove(POOL, chosen)  # and a further retry changes nothing
     assert cluster.deployments["shoal-worker-decode"] == 2
 
     await actuator.delete_pool("decode")

@@ -583,16 +583,22 @@ class DrainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     WAIT_S_FIELD_NUMBER: _builtins.int
+    RESUME_FIELD_NUMBER: _builtins.int
     wait_s: _builtins.float
     """Wait up to this long for running requests to finish; 0 returns at once."""
+    resume: _builtins.bool
+    """Stop draining instead: admit new requests again (a cancelled scale-down,
+    an uncordoned worker). wait_s is ignored.
+    """
     def __init__(
         self,
         *,
         wait_s: _builtins.float = ...,
+        resume: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait_s", b"wait_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["resume", b"resume", "wait_s", b"wait_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -146,6 +146,7 @@ class WorkerServicer:
 
     def Drain(self, request, context):
         """Stop admitting new requests; optionally wait until running ones finish.
+        With `resume`, admit them again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

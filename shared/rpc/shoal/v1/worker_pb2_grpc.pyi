@@ -52,7 +52,9 @@ class WorkerStub:
     GetLoad: _grpc.UnaryUnaryMultiCallable[_worker_pb2.GetLoadRequest, _common_pb2.LoadReport]
     """The worker's current load (also sent with every heartbeat)."""
     Drain: _grpc.UnaryUnaryMultiCallable[_worker_pb2.DrainRequest, _worker_pb2.DrainResponse]
-    """Stop admitting new requests; optionally wait until running ones finish."""
+    """Stop admitting new requests; optionally wait until running ones finish.
+    With `resume`, admit them again.
+    """
     ExpertStats: _grpc.UnaryUnaryMultiCallable[_worker_pb2.ExpertStatsRequest, _worker_pb2.ExpertStatsResponse]
     """Per-layer, per-expert routed-token counts over a sliding window."""
     StageExperts: _grpc.UnaryUnaryMultiCallable[_worker_pb2.StageExpertsRequest, _worker_pb2.StageExpertsResponse]
@@ -90,7 +92,9 @@ class WorkerAsyncStub(WorkerStub):
     GetLoad: _aio.UnaryUnaryMultiCallable[_worker_pb2.GetLoadRequest, _common_pb2.LoadReport]  # type: ignore[assignment]
     """The worker's current load (also sent with every heartbeat)."""
     Drain: _aio.UnaryUnaryMultiCallable[_worker_pb2.DrainRequest, _worker_pb2.DrainResponse]  # type: ignore[assignment]
-    """Stop admitting new requests; optionally wait until running ones finish."""
+    """Stop admitting new requests; optionally wait until running ones finish.
+    With `resume`, admit them again.
+    """
     ExpertStats: _aio.UnaryUnaryMultiCallable[_worker_pb2.ExpertStatsRequest, _worker_pb2.ExpertStatsResponse]  # type: ignore[assignment]
     """Per-layer, per-expert routed-token counts over a sliding window."""
     StageExperts: _aio.UnaryUnaryMultiCallable[_worker_pb2.StageExpertsRequest, _worker_pb2.StageExpertsResponse]  # type: ignore[assignment]
@@ -167,7 +171,9 @@ class WorkerServicer(metaclass=_abc_1.ABCMeta):
         request: _worker_pb2.DrainRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_worker_pb2.DrainResponse, _abc.Awaitable[_worker_pb2.DrainResponse]]:
-        """Stop admitting new requests; optionally wait until running ones finish."""
+        """Stop admitting new requests; optionally wait until running ones finish.
+        With `resume`, admit them again.
+        """
 
     @_abc_1.abstractmethod
     def ExpertStats(
