@@ -91,7 +91,7 @@ class ControllerApp:
         self.redis = connect(settings.redis_url)
         self.desired = DesiredState(self.redis)
         self.registry = WorkerRegistry(self.redis)
-        self.jobs = JobStore(self.redis)
+        self.jobs = JobStore(self.redis, settings.job_lease_s)
         self.actuator = make_actuator(settings, self.redis)
         # Local workers find the cluster where the controller does.
         worker_env = {"SHOAL_REDIS_URL": settings.redis_url}

@@ -101,13 +101,12 @@ class Reconciler:
         self.redis = redis
         self.desired = DesiredState(redis)
         self.registry = WorkerRegistry(redis)
-        self.jobs = JobStore(redis)
+        self.jobs = JobStore(redis, job_lease_s)
         self.docs = DocumentStore(redis)
         self.actuator = actuator
         self.submit = submit
         self.metrics = metrics
         self.cold_starts = cold_starts
-        self.job_lease_s = job_lease_s
         self.states: dict[str, PolicyState] = {}
         self.history: defaultdict[str, deque[WorkSample]] = defaultdict(deque)
         self.refused: defaultdict[str, deque[tuple[float, int]]] = defaultdict(deque)
@@ -323,7 +322,7 @@ class Reconciler:
         resubmitted task that finds another live runner on the job leaves it alone (JobStore.claim)."""
         for job in open_jobs:
             lapsed = job.state is JobState.RUNNING and job.lease_until < now
-            forgotten = job.state is JobState.PENDING and now - job.updated_at > self.job_lease_s
+            forgotten = job.state is JobState.PENDING and now - job.updated_at > self.jobs.lease_s
             if lapsed or forgotten:
                 log.warning("job has no live runner; resubmitting", job_id=job.id, phase=job.phase, state=job.state)
                 self.submit(await self.jobs.update(job, message="resubmitted: its runner stopped"))

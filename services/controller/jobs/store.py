@@ -107,8 +107,9 @@ class LostLease(FailedPrecondition):
 
 
 class JobStore:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.redis = redis
+        self.lease_s = lease_s
         self._cas = redis.register_script(_COMPARE_AND_SET)
 
     # -- reading ----------------------------------------------------------------
@@ -206,7 +207,7 @@ class JobStore:
 
     # -- running ------------------------------------------------------------------
 
-    async def claim(self, job_id: str, runner: str, lease_s: float = DEFAULT_LEASE_S) -> Job | None:
+    async def claim(self, job_id: str, runner: str) -> Job | None:
         """Take the job to run it: the job (state RUNNING, leased to `runner`), or None when it is finished
         or another live runner holds it."""
 
@@ -215,7 +216,7 @@ class JobStore:
                 return None
             return {
                 "owner": runner,
-                "lease_until": time.time() + lease_s,
+                "lease_until": time.time() + self.lease_s,
                 "state": JobState.RUNNING,
                 "attempts": job.attempts + 1,
             }
@@ -223,9 +224,9 @@ class JobStore:
         return await self._modify(job_id, take)
 
     @asynccontextmanager
-    async def leased(self, job: Job, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[None]:
+    async def leased(self, job: Job) -> AsyncIterator[None]:
         """Keep renewing `job`'s lease while the block runs (a runner works inside it)."""
-        keeper = asyncio.create_task(self._renew(job, lease_s))
+        keeper = asyncio.create_task(self._renew(job))
         try:
             yield
         finally:
@@ -233,14 +234,14 @@ class JobStore:
             with suppress(asyncio.CancelledError):
                 await keeper
 
-    async def _renew(self, job: Job, lease_s: float) -> None:
+    async def _renew(self, job: Job) -> None:
         while True:
-            await asyncio.sleep(lease_s / 3)
+            await asyncio.sleep(self.lease_s / 3)
             try:
                 stored = await self.find(job.id)
                 if stored is None or stored.state.final or stored.owner != job.owner:
                     return
-                await self.update(stored, lease_until=time.time() + lease_s)
+                await self.update(stored, lease_until=time.time() + self.lease_s)
             except LostLease:
                 log.warning("job taken over by another runner", job_id=job.id)
                 return

@@ -26,7 +26,7 @@ def _run(body: Callable[[ControllerSettings, Redis, JobStore], Awaitable[Job]]) 
     async def run() -> str:
         redis = connect(settings.redis_url)
         try:
-            return (await body(settings, redis, JobStore(redis))).state.value
+            return (await body(settings, redis, JobStore(redis, settings.job_lease_s))).state.value
         finally:
             await redis.aclose()
 
