@@ -64,6 +64,8 @@ _UNFINISHED = common_pb2.FINISH_REASON_UNSPECIFIED
 class _Progress:
     started: float = field(default_factory=time.monotonic)
     produced: list[int] = field(default_factory=list)
+    # Characters of text handed to the client so far: a resumed attempt streams from there.
+    sent_chars: int = 0
     failed: set[str] = field(default_factory=set)
     attempts: int = 0
     session_worker: str = ""
@@ -246,6 +248,7 @@ class Dispatcher:
 
     def _first_chunk(self, handed: Prefilled, progress: _Progress) -> Chunk:
         progress.produced.append(handed.first_token)
+        progress.sent_chars += len(handed.first_text)
         if handed.finish == _UNFINISHED:
             return Chunk(handed.first_text, 1)
         usage = handed.usage
@@ -286,11 +289,13 @@ class Dispatcher:
             sampling=job.sampling,
             session_id=job.session_id,
             resume_token_ids=progress.produced,
+            resume_text_chars=progress.sent_chars,
         )
         return self.streams.get(address).start(request, remaining, attempt.source, job.trace_context, job.coalesce_ms)
 
     def _chunk(self, job: Job, attempt: _Attempt, event: worker_pb2.StreamEvent, progress: _Progress) -> Chunk:
         progress.produced.extend(event.token_ids)
+        progress.sent_chars += len(event.text)
         if event.finish_reason == _UNFINISHED:
             return Chunk(event.text, len(event.token_ids))
         usage = event.usage

@@ -120,6 +120,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt=list(request.prompt_token_ids),
             sampling=self._sampling(request.sampling),
             resume=list(request.resume_token_ids),
+            resume_text_chars=request.resume_text_chars,
             imported=imported or [],
         )
 

@@ -58,6 +58,8 @@ class EngineRequest:
     imported: list[KVBlock] = field(default_factory=list)
     # Return the prompt's full blocks with the final output (prefill for P/D).
     export_prompt_kv: bool = False
+    # Characters of the resumed tokens' text the client already has (see OutputText).
+    resume_text_chars: int = 0
 
 
 @dataclass(slots=True)

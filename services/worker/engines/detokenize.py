@@ -25,17 +25,28 @@ class Detokenizer(Protocol):
 class OutputText:
     """The text of one request's output, released in safe increments."""
 
-    def __init__(self, tokenizer: Detokenizer, prompt: list[int], resume: list[int], stop: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        tokenizer: Detokenizer,
+        prompt: list[int],
+        resume: list[int],
+        stop: tuple[str, ...],
+        resume_text_chars: int = 0,
+    ) -> None:
         self._tokenizer = tokenizer
-        self._ids = prompt[-_CONTEXT_TOKENS:] + list(resume)
-        self._prefix_offset = max(0, len(self._ids) - _CONTEXT_TOKENS)
+        self._ids = prompt[-_CONTEXT_TOKENS:]
+        self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._stop = tuple(s for s in stop if s)
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        self.text = tokenizer.decode(list(resume)) if resume else ""
-        self._emitted = len(self.text)
-        self._searched = self._emitted
+        self.text = ""
+        self._searched = 0
         self.stopped = False
+        # Tokens generated elsewhere are replayed one by one, as their first worker added them, so the text
+        # (and what of it is still pending) is the same; the client already has `resume_text_chars` of it.
+        for token in resume:
+            self.add([token])
+        self._emitted = min(resume_text_chars, len(self.text))
 
     def add(self, token_ids: list[int]) -> None:
         """Append generated tokens; sets `stopped` if a stop string appeared."""

@@ -233,7 +233,9 @@ class BatchingEngine:
         if not request.sampling.greedy and request.sampling.seed is None:
             # A fixed seed per request keeps its tokens identical across preemption.
             request.sampling = replace(request.sampling, seed=random.getrandbits(63))
-        output = OutputText(self.executor.tokenizer, request.prompt, request.resume, request.sampling.stop)
+        output = OutputText(
+            self.executor.tokenizer, request.prompt, request.resume, request.sampling.stop, request.resume_text_chars
+        )
         seq = scheduler.new_sequence(request, output)
         self._streams[request.request_id] = _Stream(asyncio.get_running_loop(), sink)
         self._seqs[request.request_id] = seq

@@ -54,12 +54,19 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    RESUME_TEXT_CHARS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Unique per request; used by Abort and in traces."""
     model: _builtins.str
     """Must match the model the worker serves."""
     session_id: _builtins.str
     """Keeps an agent's turns together; also tags pinned KV in the kvstore."""
+    resume_text_chars: _builtins.int
+    """Characters of text the client already received for resume_token_ids
+    (text lags tokens by an incomplete UTF-8 sequence or a held-back piece of
+    a possible stop string). The worker streams the text from there, so the
+    client's text is what one uninterrupted run would have sent.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -80,10 +87,11 @@ class GenerateRequest(_message.Message):
         sampling: _common_pb2.SamplingParams | None = ...,
         session_id: _builtins.str = ...,
         resume_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        resume_text_chars: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "resume_token_ids", b"resume_token_ids", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "resume_text_chars", b"resume_text_chars", "resume_token_ids", b"resume_token_ids", "sampling", b"sampling", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
