@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import FrameType
 
 from shared.processes import ManagedProcess, spawn
@@ -20,10 +21,19 @@ class StartupError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class _Spec:
+    argv: Sequence[str]
+    env: Mapping[str, str] | None
+    ready: Callable[[], bool] | None
+    timeout_s: float
+
+
 class Supervisor:
     def __init__(self, grace_s: float = 15.0) -> None:
         self.grace_s = grace_s
         self.processes: list[ManagedProcess] = []
+        self._specs: dict[str, _Spec] = {}
         self._stop = threading.Event()
 
     def start(
@@ -37,6 +47,7 @@ class Supervisor:
         """Start a process and wait until `ready()` is true (or it dies, or time runs out)."""
         process = spawn(name, argv, env)
         self.processes.append(process)
+        self._specs[name] = _Spec(argv, env, ready, timeout_s)
         deadline = time.monotonic() + timeout_s
         while ready is not None and not ready():
             if not process.alive():
@@ -44,6 +55,19 @@ class Supervisor:
             if time.monotonic() > deadline or self._stop.is_set():
                 raise StartupError(f"{name} was not ready within {timeout_s:.0f}s")
             time.sleep(0.2)
+        return process
+
+    def restart(self, name: str, grace_s: float = 0.0) -> ManagedProcess:
+        """Start the process with this name again as it was first started (stopping it first if it still
+        runs: SIGTERM, SIGKILL after `grace_s`) and wait until it is ready. It keeps its place in the stop
+        order. Fault tests kill a process their own way, then restart it."""
+        old = next(p for p in self.processes if p.name == name)
+        old.terminate(grace_s)
+        spec = self._specs[name]
+        index = self.processes.index(old)
+        process = self.start(name, spec.argv, spec.env, spec.ready, spec.timeout_s)
+        self.processes.remove(process)
+        self.processes[index] = process
         return process
 
     def pid(self, name: str) -> int:

@@ -6,7 +6,9 @@ stored and served; only the index events wait (followers resync later).
 
 from __future__ import annotations
 
+import asyncio
 import os
+from contextlib import suppress
 
 from services.kvstore.arena import Arena
 from services.kvstore.channel import CHANNEL as KV_CHANNEL
@@ -60,6 +62,7 @@ class KVStoreApp:
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
         self.server: GrpcServer | None = None
         self.metrics_port = 0
+        self._opening: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -68,7 +71,6 @@ class KVStoreApp:
 
     async def start(self) -> None:
         settings = self.settings
-        await self.store.open()
         if self.local is not None:
             await self.local.start()
         self.server = await GrpcServer.create(
@@ -82,12 +84,25 @@ class KVStoreApp:
         self.servicer.data_address = settings.advertised(data_port)
         _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
         self._events.start()
+        # Serving first: a disk tier of any size must not hold the port (and the probes) back.
+        self._opening = asyncio.create_task(self._open_disk(), name="kvstore-disk-listing")
         log.info("kvstore serving", address=self.address, memory_bytes=settings.memory_bytes)
+
+    async def _open_disk(self) -> None:
+        try:
+            await self.store.open()
+        except OSError:
+            # The store keeps serving from memory; a spill finds the folder's trouble again and backs off.
+            log.exception("the disk tier's folder could not be listed; its earlier blocks are not served")
 
     async def _publish_events(self) -> None:
         await self.publisher.tick(self.store.drain_events(), self.store.stored_hashes)
 
     async def _close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._opening
         await self.channels.stop()
         await self._events.stop()
         if self.local is not None:

@@ -183,6 +183,9 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                     bytes=store.disk.used_bytes,
                     capacity_bytes=store.disk.capacity_bytes,
                     evictions=store.disk.evictions,
+                    loading=store.disk_loading,
+                    corrupt_dropped=store.disk.corrupt_dropped,
+                    write_failures=store.disk.write_failures,
                 )
             )
         return kvstore_pb2.StatsResponse(

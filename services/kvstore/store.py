@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from services.kvstore.tiers.disk import DiskTier
+from services.kvstore.tiers.disk import DiskFull, DiskTier
 from services.kvstore.tiers.memory import MemoryTier, block_cost
 from shared.errors import Overloaded
 from shared.hashing import BlockHash
@@ -61,16 +61,22 @@ class BlockStore:
         self.events: list[tuple[str, BlockHash]] = []
         self.hits = 0
         self.misses = 0
+        # True until `open` has indexed what the disk tier held before a restart.
+        self.disk_loading = disk is not None
 
     async def open(self) -> None:
-        """Rebuild the disk tier's index from its folder (after a restart)."""
-        if self.disk is None:
+        """Index the disk tier's blocks from its folder (after a restart). The store serves meanwhile:
+        blocks written or evicted during the listing keep their own state."""
+        disk = self.disk
+        if disk is None:
             return
-        found = await asyncio.to_thread(self.disk.scan)
-        for block in found:
+        found = await asyncio.to_thread(disk.listing)
+        adopted = disk.adopt(found)
+        self.disk_loading = False
+        for block in adopted:
             self._disk_policy.inserted(block, "")
             self.events.append(("add", block))
-        log.info("disk tier loaded", blocks=len(found), corrupt_dropped=self.disk.corrupt_dropped)
+        log.info("disk tier loaded", blocks=len(adopted), corrupt_dropped=disk.corrupt_dropped)
 
     # -- queries --------------------------------------------------------------
 
@@ -191,9 +197,7 @@ class BlockStore:
         block = self.memory.get(victim)
         if block is None:
             return False
-        if self.disk is not None and await self._room_on_disk(self.disk.file_size(block)):
-            await asyncio.to_thread(self.disk.write, block)
-            self.disk.added(block)
+        if await self._spill(block):
             self._disk_policy.inserted(victim, "")
         elif self.pinned(victim):
             return False
@@ -202,6 +206,18 @@ class BlockStore:
         self.memory.pop(victim)
         self._memory_policy.removed(victim)
         self.memory.evictions += 1
+        return True
+
+    async def _spill(self, block: KVBlock) -> bool:
+        """Move a block's bytes to the disk tier; False when there is none, it is full or it refuses."""
+        disk = self.disk
+        if disk is None or not await self._room_on_disk(disk.file_size(block)):
+            return False
+        try:
+            await asyncio.to_thread(disk.write, block)
+        except DiskFull:
+            return False  # dropped instead (or kept, if pinned); the tier rests before the next try
+        disk.added(block)
         return True
 
     async def _room_on_disk(self, size: int) -> bool:

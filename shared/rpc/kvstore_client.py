@@ -13,8 +13,10 @@ because recomputing would hide a bug.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -35,6 +37,11 @@ _tracer = tracer("shoal.kvstore.client")
 
 # Generous: a read of a block larger than anything a worker produces.
 MAX_BLOCK_BYTES = 256 * 2**20
+# At most this often, a client whose fast paths failed asks the store which it offers now.
+RECHECK_S = 1.0
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -51,9 +58,11 @@ class KVStoreClient:
     memory, and a block not in the arena (on disk, say) comes over the data
     channel. Elsewhere they go over the "kv" data channel
     (shared/rpc/kvchannel.py). gRPC carries the bytes only when the store
-    offers neither. A failing fast path is turned off for this client; a
-    failing data channel fails that call (request paths read it as "not
-    cached").
+    offers neither. A data channel the store closed or refuses fails that call
+    (request paths read it as "not cached") and makes the client ask the
+    store again, at most once per RECHECK_S, which paths it offers: a
+    restarted store has a new arena and data port. A failing shared-memory
+    path is turned off for that arena (it is used again only for a new one).
     """
 
     def __init__(
@@ -72,7 +81,10 @@ class KVStoreClient:
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._want_local = local
         self._decided = False
+        self._next_check = 0.0
         self._local: LocalAccess | None = None
+        self._local_arena = ""
+        self._failed_arena = ""
         self._data: KVChannelClient | None = None
 
     @property
@@ -84,9 +96,13 @@ class KVStoreClient:
         return self._data is not None
 
     async def _decide(self) -> None:
-        """Ask the store once which paths it offers this process."""
+        """Ask the store which paths it offers this process (again after they failed, see the class doc)."""
         if self._decided:
             return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + RECHECK_S
         try:
             stats = await self.stats()
         except ShoalError:
@@ -95,12 +111,13 @@ class KVStoreClient:
         if stats.data_address and self._want_data:
             self._data = KVChannelClient(stats.data_address, self.token)
         info = stats.local
-        if self._want_local and info.arena_path:
+        if self._want_local and info.arena_path and info.arena_id != self._failed_arena:
             try:
                 self._local = await LocalAccess.connect(info.arena_path, info.socket_path, info.arena_id)
             except ShoalError:
                 self._local = None
             if self._local is not None:
+                self._local_arena = info.arena_id
                 log.info("kvstore fast path in use", address=self.address)
 
     async def _local_path(self) -> LocalAccess | None:
@@ -108,10 +125,26 @@ class KVStoreClient:
         return self._local
 
     async def _drop_local(self, error: Exception) -> None:
-        log.warning("kvstore fast path failed; using gRPC", address=self.address, error=str(error))
+        log.warning("kvstore fast path failed; using the data channel", address=self.address, error=str(error))
+        self._failed_arena = self._local_arena
+        await self._forget_paths()
+
+    async def _forget_paths(self) -> None:
+        """Drop the fast paths; the next call asks the store which it offers (it may have restarted)."""
+        self._decided = False
         local, self._local = self._local, None
+        data, self._data = self._data, None
         if local is not None:
             await local.close()
+        if data is not None:
+            await data.close()
+
+    async def _on_data_channel(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except Unavailable:
+            await self._forget_paths()  # closed or refused: the store may have restarted on a new port
+            raise
 
     async def close(self) -> None:
         if self._local is not None:
@@ -142,7 +175,9 @@ class KVStoreClient:
                 await self._drop_local(exc)
         if self._data is not None:
             with _tracer.start_as_current_span("kvstore.put (data channel)"):
-                return await self._data.put(blocks, session_id, pin_ttl_s, timeout_s or self.timeout_s)
+                return await self._on_data_channel(
+                    self._data.put(blocks, session_id, pin_ttl_s, timeout_s or self.timeout_s)
+                )
         return await self._grpc_put(blocks, session_id, pin_ttl_s, timeout_s)
 
     async def _grpc_put(
@@ -186,7 +221,7 @@ class KVStoreClient:
     ) -> list[KVBlock]:
         if self._data is not None:
             with _tracer.start_as_current_span("kvstore.get (data channel)"):
-                return await self._data.get(hashes, prefix_only, timeout_s or self.timeout_s)
+                return await self._on_data_channel(self._data.get(hashes, prefix_only, timeout_s or self.timeout_s))
         return await self._grpc_get(hashes, prefix_only, timeout_s)
 
     async def _grpc_get(self, hashes: Sequence[BlockHash], prefix_only: bool, timeout_s: float | None) -> list[KVBlock]:

@@ -109,12 +109,15 @@ async def test_disk_tier_is_found_again_and_corrupt_files_are_dropped(tmp_path: 
     data[-10] ^= 0xFF
     victim.write_bytes(bytes(data))
     (disk / "leftover.tmp123").write_bytes(b"half a write")
+    (disk / "not-a-block.blk").write_bytes(b"x" * 100)
 
     second = store(tmp_path, memory_blocks=1, disk_blocks=10)
     await second.open()
-    assert second.disk is not None and second.disk.corrupt_dropped == 1
-    assert not victim.exists() and not (disk / "leftover.tmp123").exists()
+    # Start-up only lists the folder: what cannot be a block goes at once, a corrupt block when read.
+    assert second.disk is not None and len(second.disk) == 4 and second.disk.corrupt_dropped == 1
+    assert not (disk / "leftover.tmp123").exists() and not (disk / "not-a-block.blk").exists()
     assert await second.get(saved[1].hash) is None
+    assert second.disk.corrupt_dropped == 2 and not victim.exists() and len(second.disk) == 3
     for intact in (saved[0], saved[2], saved[3]):
         assert await second.get(intact.hash) == intact
 

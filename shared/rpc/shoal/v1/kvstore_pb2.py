@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from shared.rpc.shoal.v1 import common_pb2 as shoal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/v1/kvstore.proto\x12\x08shoal.v1\x1a\x15shoal/v1/common.proto\"3\n\nPutOptions\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpin_ttl_s\x18\x02 \x01(\r\"d\n\nPutRequest\x12\'\n\x07options\x18\x01 \x01(\x0b\x32\x14.shoal.v1.PutOptionsH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.shoal.v1.BlockChunkH\x00\x42\x06\n\x04part\"1\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"1\n\nGetRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x13\n\x0bprefix_only\x18\x02 \x01(\x08\"\x1f\n\rLookupRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"@\n\x0eLookupResponse\x12\x0f\n\x07matched\x18\x01 \x01(\r\x12\x1d\n\x05tiers\x18\x02 \x03(\x0e\x32\x0e.shoal.v1.Tier\"\x1f\n\rDeleteRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"?\n\nPinRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\r\n\x05ttl_s\x18\x03 \x01(\r\"\x1d\n\x0bPinResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"s\n\tTierStats\x12\x1c\n\x04tier\x18\x01 \x01(\x0e\x32\x0e.shoal.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\"\xa4\x01\n\rStatsResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.shoal.v1.TierStats\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x04 \x01(\x04\x12$\n\x05local\x18\x05 \x01(\x0b\x32\x15.shoal.v1.LocalAccess\x12\x14\n\x0c\x64\x61ta_address\x18\x06 \x01(\t\"f\n\x10KVChannelRequest\x12%\n\x03get\x18\x01 \x01(\x0b\x32\x16.shoal.v1.KVChannelGetH\x00\x12%\n\x03put\x18\x02 \x01(\x0b\x32\x16.shoal.v1.KVChannelPutH\x00\x42\x04\n\x02op\"3\n\x0cKVChannelGet\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x13\n\x0bprefix_only\x18\x02 \x01(\x08\"Z\n\x0cKVChannelPut\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.shoal.v1.BlockMeta\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tpin_ttl_s\x18\x03 \x01(\r\"\x84\x01\n\x0eKVChannelReply\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.shoal.v1.BlockMeta\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\"H\n\x0bLocalAccess\x12\x12\n\narena_path\x18\x01 \x01(\t\x12\x13\n\x0bsocket_path\x18\x02 \x01(\t\x12\x10\n\x08\x61rena_id\x18\x03 \x01(\t*<\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_MEMORY\x10\x01\x12\r\n\tTIER_DISK\x10\x02\x32\xdc\x02\n\x07KVStore\x12\x34\n\x03Put\x12\x14.shoal.v1.PutRequest\x1a\x15.shoal.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x14.shoal.v1.GetRequest\x1a\x14.shoal.v1.BlockChunk0\x01\x12;\n\x06Lookup\x12\x17.shoal.v1.LookupRequest\x1a\x18.shoal.v1.LookupResponse\x12;\n\x06\x44\x65lete\x12\x17.shoal.v1.DeleteRequest\x1a\x18.shoal.v1.DeleteResponse\x12\x32\n\x03Pin\x12\x14.shoal.v1.PinRequest\x1a\x15.shoal.v1.PinResponse\x12\x38\n\x05Stats\x12\x16.shoal.v1.StatsRequest\x1a\x17.shoal.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16shoal/v1/kvstore.proto\x12\x08shoal.v1\x1a\x15shoal/v1/common.proto\"3\n\nPutOptions\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tpin_ttl_s\x18\x02 \x01(\r\"d\n\nPutRequest\x12\'\n\x07options\x18\x01 \x01(\x0b\x32\x14.shoal.v1.PutOptionsH\x00\x12%\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x14.shoal.v1.BlockChunkH\x00\x42\x06\n\x04part\"1\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\r\x12\x12\n\nduplicates\x18\x02 \x01(\r\"1\n\nGetRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x13\n\x0bprefix_only\x18\x02 \x01(\x08\"\x1f\n\rLookupRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"@\n\x0eLookupResponse\x12\x0f\n\x07matched\x18\x01 \x01(\r\x12\x1d\n\x05tiers\x18\x02 \x03(\x0e\x32\x0e.shoal.v1.Tier\"\x1f\n\rDeleteRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"?\n\nPinRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06hashes\x18\x02 \x03(\x0c\x12\r\n\x05ttl_s\x18\x03 \x01(\r\"\x1d\n\x0bPinResponse\x12\x0e\n\x06pinned\x18\x01 \x01(\r\"\x0e\n\x0cStatsRequest\"\xb5\x01\n\tTierStats\x12\x1c\n\x04tier\x18\x01 \x01(\x0e\x32\x0e.shoal.v1.Tier\x12\x0e\n\x06\x62locks\x18\x02 \x01(\x04\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x11\n\tevictions\x18\x05 \x01(\x04\x12\x0f\n\x07loading\x18\x06 \x01(\x08\x12\x17\n\x0f\x63orrupt_dropped\x18\x07 \x01(\x04\x12\x16\n\x0ewrite_failures\x18\x08 \x01(\x04\"\xa4\x01\n\rStatsResponse\x12\"\n\x05tiers\x18\x01 \x03(\x0b\x32\x13.shoal.v1.TierStats\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x04 \x01(\x04\x12$\n\x05local\x18\x05 \x01(\x0b\x32\x15.shoal.v1.LocalAccess\x12\x14\n\x0c\x64\x61ta_address\x18\x06 \x01(\t\"f\n\x10KVChannelRequest\x12%\n\x03get\x18\x01 \x01(\x0b\x32\x16.shoal.v1.KVChannelGetH\x00\x12%\n\x03put\x18\x02 \x01(\x0b\x32\x16.shoal.v1.KVChannelPutH\x00\x42\x04\n\x02op\"3\n\x0cKVChannelGet\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x13\n\x0bprefix_only\x18\x02 \x01(\x08\"Z\n\x0cKVChannelPut\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.shoal.v1.BlockMeta\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tpin_ttl_s\x18\x03 \x01(\r\"\x84\x01\n\x0eKVChannelReply\x12#\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x13.shoal.v1.BlockMeta\x12\x0e\n\x06stored\x18\x02 \x01(\r\x12\x12\n\nduplicates\x18\x03 \x01(\r\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\"H\n\x0bLocalAccess\x12\x12\n\narena_path\x18\x01 \x01(\t\x12\x13\n\x0bsocket_path\x18\x02 \x01(\t\x12\x10\n\x08\x61rena_id\x18\x03 \x01(\t*<\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\x0f\n\x0bTIER_MEMORY\x10\x01\x12\r\n\tTIER_DISK\x10\x02\x32\xdc\x02\n\x07KVStore\x12\x34\n\x03Put\x12\x14.shoal.v1.PutRequest\x1a\x15.shoal.v1.PutResponse(\x01\x12\x33\n\x03Get\x12\x14.shoal.v1.GetRequest\x1a\x14.shoal.v1.BlockChunk0\x01\x12;\n\x06Lookup\x12\x17.shoal.v1.LookupRequest\x1a\x18.shoal.v1.LookupResponse\x12;\n\x06\x44\x65lete\x12\x17.shoal.v1.DeleteRequest\x1a\x18.shoal.v1.DeleteResponse\x12\x32\n\x03Pin\x12\x14.shoal.v1.PinRequest\x1a\x15.shoal.v1.PinResponse\x12\x38\n\x05Stats\x12\x16.shoal.v1.StatsRequest\x1a\x17.shoal.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shoal.v1.kvstore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TIER']._serialized_start=1337
-  _globals['_TIER']._serialized_end=1397
+  _globals['_TIER']._serialized_start=1404
+  _globals['_TIER']._serialized_end=1464
   _globals['_PUTOPTIONS']._serialized_start=59
   _globals['_PUTOPTIONS']._serialized_end=110
   _globals['_PUTREQUEST']._serialized_start=112
@@ -56,20 +56,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINRESPONSE']._serialized_end=577
   _globals['_STATSREQUEST']._serialized_start=579
   _globals['_STATSREQUEST']._serialized_end=593
-  _globals['_TIERSTATS']._serialized_start=595
-  _globals['_TIERSTATS']._serialized_end=710
-  _globals['_STATSRESPONSE']._serialized_start=713
-  _globals['_STATSRESPONSE']._serialized_end=877
-  _globals['_KVCHANNELREQUEST']._serialized_start=879
-  _globals['_KVCHANNELREQUEST']._serialized_end=981
-  _globals['_KVCHANNELGET']._serialized_start=983
-  _globals['_KVCHANNELGET']._serialized_end=1034
-  _globals['_KVCHANNELPUT']._serialized_start=1036
-  _globals['_KVCHANNELPUT']._serialized_end=1126
-  _globals['_KVCHANNELREPLY']._serialized_start=1129
-  _globals['_KVCHANNELREPLY']._serialized_end=1261
-  _globals['_LOCALACCESS']._serialized_start=1263
-  _globals['_LOCALACCESS']._serialized_end=1335
-  _globals['_KVSTORE']._serialized_start=1400
-  _globals['_KVSTORE']._serialized_end=1748
+  _globals['_TIERSTATS']._serialized_start=596
+  _globals['_TIERSTATS']._serialized_end=777
+  _globals['_STATSRESPONSE']._serialized_start=780
+  _globals['_STATSRESPONSE']._serialized_end=944
+  _globals['_KVCHANNELREQUEST']._serialized_start=946
+  _globals['_KVCHANNELREQUEST']._serialized_end=1048
+  _globals['_KVCHANNELGET']._serialized_start=1050
+  _globals['_KVCHANNELGET']._serialized_end=1101
+  _globals['_KVCHANNELPUT']._serialized_start=1103
+  _globals['_KVCHANNELPUT']._serialized_end=1193
+  _globals['_KVCHANNELREPLY']._serialized_start=1196
+  _globals['_KVCHANNELREPLY']._serialized_end=1328
+  _globals['_LOCALACCESS']._serialized_start=1330
+  _globals['_LOCALACCESS']._serialized_end=1402
+  _globals['_KVSTORE']._serialized_start=1467
+  _globals['_KVSTORE']._serialized_end=1815
 # @@protoc_insertion_point(module_scope)

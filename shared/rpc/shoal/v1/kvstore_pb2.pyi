@@ -291,11 +291,22 @@ class TierStats(_message.Message):
     BYTES_FIELD_NUMBER: _builtins.int
     CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     EVICTIONS_FIELD_NUMBER: _builtins.int
+    LOADING_FIELD_NUMBER: _builtins.int
+    CORRUPT_DROPPED_FIELD_NUMBER: _builtins.int
+    WRITE_FAILURES_FIELD_NUMBER: _builtins.int
     tier: Global___Tier.ValueType
     blocks: _builtins.int
     bytes: _builtins.int
     capacity_bytes: _builtins.int
     evictions: _builtins.int
+    loading: _builtins.bool
+    """Disk tier: true while the blocks found after a restart are still being listed
+    (they read as absent until then).
+    """
+    corrupt_dropped: _builtins.int
+    """Disk tier: block files dropped because they failed their checksum or were no block."""
+    write_failures: _builtins.int
+    """Disk tier: writes the disk refused (full, failing); each pauses spilling for a while."""
     def __init__(
         self,
         *,
@@ -304,10 +315,13 @@ class TierStats(_message.Message):
         bytes: _builtins.int = ...,
         capacity_bytes: _builtins.int = ...,
         evictions: _builtins.int = ...,
+        loading: _builtins.bool = ...,
+        corrupt_dropped: _builtins.int = ...,
+        write_failures: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "bytes", b"bytes", "capacity_bytes", b"capacity_bytes", "evictions", b"evictions", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocks", b"blocks", "bytes", b"bytes", "capacity_bytes", b"capacity_bytes", "corrupt_dropped", b"corrupt_dropped", "evictions", b"evictions", "loading", b"loading", "tier", b"tier", "write_failures", b"write_failures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
