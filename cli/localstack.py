@@ -33,6 +33,9 @@ from cli.supervisor import StartupError, Supervisor
 from shared.processes import free_port, redis_server_argv
 
 DEFAULT_MODEL = Path(".cache/models/shoal-tiny-moe")
+# `make run`'s Redis keeps its append-only file here: pools and models made through the admin API are
+# still there at the next `make run` (delete the folder for a clean start).
+RUN_DATA = Path(".cache/run")
 
 
 def grpc_ready(address: str, service: str = "") -> bool:
@@ -83,6 +86,8 @@ class StackConfig:
     # Router processes sharing the OpenAI port (SO_REUSEPORT: the kernel spreads connections over them).
     routers: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    # Where Redis keeps its append-only file (desired state survives a restart); a fresh folder if None.
+    data_dir: Path | None = None
 
 
 @dataclass
@@ -112,7 +117,8 @@ class LocalStack:
         self.config = config
         self.supervisor = supervisor
         self.endpoints = Endpoints()
-        self._data_dir = tempfile.mkdtemp(prefix="shoal-run-")
+        self._data_dir = str(config.data_dir) if config.data_dir else tempfile.mkdtemp(prefix="shoal-run-")
+        Path(self._data_dir).mkdir(parents=True, exist_ok=True)
 
     def start(self) -> Endpoints:
         """Start every process in dependency order; raises StartupError if one fails."""
@@ -122,7 +128,9 @@ class LocalStack:
         model_name = env.get("SHOAL_ROUTER_MODEL_NAME", "shoal-tiny-moe")
         if "SHOAL_REDIS_URL" not in env:
             port = free_port()
-            self.supervisor.start("redis", redis_server_argv(port, self._data_dir), ready=lambda: redis_ready(port))
+            # An append-only file: desired state (pools, models) survives a restart of Redis.
+            argv = redis_server_argv(port, self._data_dir, persistent=True)
+            self.supervisor.start("redis", argv, ready=lambda: redis_ready(port))
             env["SHOAL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         self.endpoints.redis_url = env["SHOAL_REDIS_URL"]
 
@@ -226,7 +234,7 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL, routers: int = 1) -> int:
     supervisor.install_signal_handlers()
     try:
         # The decode pool may grow by one worker under load: the autoscaler at work.
-        config = StackConfig(model_path=model_path, headroom=1, routers=routers)
+        config = StackConfig(model_path=model_path, headroom=1, routers=routers, data_dir=RUN_DATA)
         endpoints = LocalStack(config, supervisor).start()
         print(
             f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1   (try: curl {endpoints.router}/v1/models)\n"

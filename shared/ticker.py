@@ -25,6 +25,8 @@ class Ticker:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        """Start ticking (again, after a stop)."""
+        self._stop.clear()
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def _run(self) -> None:

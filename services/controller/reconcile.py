@@ -12,7 +12,9 @@ second) and asks the pool's scaling policy what should be. Then it acts:
 
 Everything a tick does is derived from observed state, so ticks are
 idempotent and the loop survives its own restart and a Redis restart (the
-observed state comes back with the workers' next heartbeats). Every decision
+observed state comes back with the workers' next heartbeats). If Redis lost
+its data (the `cluster` mark is gone), the tick first writes back the
+documents the previous tick read: desired state outlives a wipe. Every decision
 is recorded with its reason: in a capped Redis stream, in a status document
 per pool, and as metrics. Jobs whose worker died are resubmitted.
 """
@@ -43,7 +45,7 @@ from shared.policies.scaling import (
 )
 from shared.state import schema
 from shared.state.registry import WorkerRegistry
-from shared.state.versioned import DocumentStore
+from shared.state.versioned import DocumentStore, Versioned
 from shared.state.workstats import read_work
 from shared.telemetry.logging import get_logger
 from shared.types.pools import ModelPublic, PoolPublic
@@ -86,6 +88,11 @@ class ReconcileMetrics:
         self.pool_errors = Counter(
             "shoal_controller_pool_errors", "Reconcile passes that failed for a pool", ["pool"], registry=registry
         )
+        self.state_restores = Counter(
+            "shoal_controller_state_restores",
+            "Times Redis had lost its data and the desired state last seen was written back",
+            registry=registry,
+        )
 
 
 class Reconciler:
@@ -115,6 +122,8 @@ class Reconciler:
         # The last error of each pool whose reconcile failed (cleared when it succeeds again).
         self.pool_errors: dict[str, str] = {}
         self._pending_decisions: list[PoolStatus] = []
+        # Every document (desired state) as the last tick read it: written back if Redis loses its data.
+        self._documents: dict[str, Versioned] = {}
 
     # -- observation --------------------------------------------------------------
 
@@ -168,6 +177,8 @@ class Reconciler:
     async def tick(self, act: bool = True) -> list[PoolStatus]:
         """One reconcile pass; with act=False (dry run) decide and report, but change nothing."""
         now = time.time()
+        if act:
+            await self._restore_if_lost()
         await self._ingest_work(now)
         paused = await self.desired.paused()
         workers = await self.registry.list_workers()
@@ -190,7 +201,19 @@ class Reconciler:
             statuses.append(status)
         if act:
             await self._resubmit_stale(open_jobs, now)
+            self._documents = await self.docs.snapshot()
         return statuses
+
+    async def _restore_if_lost(self) -> None:
+        """Redis lost its data (wiped, or restarted without its file) when the cluster mark is gone: write
+        back the documents the last tick saw, then mark it again. Workers register again by themselves."""
+        if await self.redis.exists(schema.CLUSTER):
+            return
+        if self._documents:
+            restored = await self.docs.restore(self._documents)
+            self.metrics.state_restores.inc()
+            log.error("Redis lost Shoal's state; the desired state last seen is written back", documents=restored)
+        await self.redis.set(schema.CLUSTER, "1", nx=True)
 
     async def _reconcile_pool(
         self,

@@ -1,8 +1,11 @@
 """The router's in-memory view of the workers, refreshed from the Redis registry.
 
 Polled every `interval_s` (a new worker takes traffic within one poll; one
-whose lease lapses, or that drains or is cordoned, stops receiving new
-requests at the next). Requests never wait for Redis: they read this view.
+whose lease lapses, that deregisters, drains or is cordoned, stops receiving
+new requests at the next). Requests never wait for Redis: they read this
+view, which outlives a Redis outage, and an entry that vanished without its
+worker deregistering (Redis wiped, or restarted empty) stays until the lease
+it last announced lapses, by which time the worker has registered again.
 A worker that fails a call is also benched locally for a few seconds, so
 retries go elsewhere before its lease has time to lapse.
 """
@@ -40,8 +43,20 @@ class WorkerDirectory:
             log.warning("worker registry unreachable; keeping the last view", error=str(exc))
             return
         fresh = {r.worker_id: r for r in records if r.info.model == self.model}
-        for gone in set(self.records) - set(fresh):
-            self._on_gone(gone)
+        vanished = sorted(set(self.records) - set(fresh))
+        if vanished:
+            try:
+                left = await self.registry.left(vanished)
+            except (RedisError, OSError) as exc:
+                log.warning("worker registry unreachable; keeping the last view", error=str(exc))
+                return
+            now = time.time()
+            for worker_id in vanished:
+                record = self.records[worker_id]
+                if worker_id not in left and record.updated_at + record.info.lease_ttl_s > now:
+                    fresh[worker_id] = record  # Redis lost the entry (wiped or restarted); its lease still holds
+                else:
+                    self._on_gone(worker_id)
         self.records = fresh
         self.refreshes += 1
 

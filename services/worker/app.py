@@ -103,6 +103,7 @@ class WorkerApp:
             data_address=settings.advertised(self.data_port),
             http_address=settings.advertised(self.http_port) if self.http is not None else "",
             started_at=time.time(),
+            lease_ttl_s=settings.lease_ttl_s,
         )
         self.heartbeat = Heartbeat(
             self.registry, info, self.engine.load, settings.heartbeat_interval_s, settings.lease_ttl_s

@@ -13,7 +13,13 @@ A follower (the router's KV index) applies batches in order. A sequence gap
 epoch is detected and repaired from the snapshot: the follower keeps applying
 new events, and as soon as a snapshot at least as recent as what it has
 applied exists, replaces that publisher's set with it. A publisher that
-stops cleanly publishes `clear`.
+stops cleanly publishes `clear`. A publisher that goes quiet after entries a
+follower missed shows no gap, so once per resync interval the follower also
+reads each publisher's snapshot mark (epoch and sequence, not the hashes): a
+publisher writes the mark only after the entries it covers, so a mark still
+ahead of what the follower applied one interval later (the follower read the
+stream to its end meanwhile) means those entries are gone, and the snapshot
+replaces the publisher's set.
 """
 
 from __future__ import annotations
@@ -160,7 +166,12 @@ class KVEventFollower:
         self.last_id = "0-0"
         self.gaps = 0
         self.resyncs = 0
+        # Publishers found behind their snapshot mark for a whole interval (their lost entries not gaps).
+        self.losses = 0
         self.ready = asyncio.Event()
+        self._last_check = 0.0
+        # Publishers whose mark was ahead of what was applied at the last check, and that mark.
+        self._suspects: dict[str, tuple[str, int]] = {}
 
     async def bootstrap(self) -> None:
         """Load every snapshot, then start after the stream's current end."""
@@ -214,8 +225,37 @@ class KVEventFollower:
         state.seq = seq
         return needs
 
+    async def _check_marks(self) -> None:
+        """Resync publishers whose entries were lost while they went quiet (module doc)."""
+        names = list(self.publishers)
+        if not names:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for publisher in names:
+                pipe.hmget(schema.kv_snapshot(publisher), ["epoch", "seq"])
+            marks = await pipe.execute()
+        suspects: dict[str, tuple[str, int]] = {}
+        for publisher, (epoch_raw, seq_raw) in zip(names, marks, strict=True):
+            state = self.publishers.get(publisher)
+            if state is None or epoch_raw is None:
+                continue
+            mark = (epoch_raw.decode(), int(seq_raw))
+            if mark[0] == state.epoch and mark[1] <= state.seq:
+                continue  # caught up
+            if self._suspects.get(publisher) == mark:
+                # Ahead a whole interval ago and still: the entries in between are lost.
+                self.losses += 1
+                log.warning("kv events of a quiet publisher were lost; resyncing", publisher=publisher)
+                await self._load_snapshot(publisher, force=True)
+            else:
+                suspects[publisher] = mark
+        self._suspects = suspects
+
     async def _repair(self) -> None:
         now = time.monotonic()
+        if now - self._last_check >= self.resync_interval_s:
+            self._last_check = now
+            await self._check_marks()
         for publisher, state in list(self.publishers.items()):
             if state.resync and now - state.last_attempt >= self.resync_interval_s:
                 state.last_attempt = now

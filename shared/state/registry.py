@@ -3,15 +3,18 @@
 A worker's entry is one hash, `worker:{id}`, whose TTL is its lease. Each
 heartbeat rewrites the entry and renews the TTL in one transaction, so an entry
 is always whole. A worker that stops heartbeating disappears when its lease
-lapses, without anyone deleting it; a clean stop deletes it at once. Readers
-(router, controller) list entries with `list_workers`; ids whose entry has
-lapsed are pruned from the index then.
+lapses, without anyone deleting it; a clean stop deletes it at once and
+leaves a `left:{id}` mark for one lease. Readers (router, controller) list
+entries with `list_workers`; ids whose entry has lapsed are pruned from the
+index then. An entry can also vanish because Redis lost its data (wiped, or
+restarted without its file): the mark tells the two apart, so the router
+keeps serving a vanished worker until its last lease would have lapsed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -60,12 +63,23 @@ class WorkerRegistry:
             pipe.sadd(schema.WORKERS, info.worker_id)
             await pipe.execute()
 
-    async def deregister(self, worker_id: str) -> None:
+    async def deregister(self, worker_id: str, lease_ttl_s: float = 0.0) -> None:
+        """Remove the entry, and say for one lease that the worker left on purpose (readers that keep a
+        vanished entry until its lease lapses, in case Redis lost it, drop this one at once)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(schema.worker(worker_id))
             pipe.srem(schema.WORKERS, worker_id)
             pipe.srem(schema.CORDONED, worker_id)
+            if lease_ttl_s > 0:
+                pipe.set(schema.worker_left(worker_id), "1", px=int(lease_ttl_s * 1000))
             await pipe.execute()
+
+    async def left(self, worker_ids: Sequence[str]) -> set[str]:
+        """Those of `worker_ids` that deregistered within their last lease."""
+        if not worker_ids:
+            return set()
+        marks = await self.redis.mget([schema.worker_left(w) for w in worker_ids])
+        return {w for w, mark in zip(worker_ids, marks, strict=True) if mark is not None}
 
     async def list_workers(self) -> list[WorkerRecord]:
         """Every worker whose lease is live, sorted by id."""
@@ -152,6 +166,6 @@ class Heartbeat:
         await self._ticker.stop()
         if deregister:
             try:
-                await self.registry.deregister(self.info.worker_id)
+                await self.registry.deregister(self.info.worker_id, self.lease_ttl_s)
             except (RedisError, OSError) as exc:
                 log.warning("deregister failed; the lease will lapse", error=str(exc))

@@ -9,6 +9,8 @@ number on the same server (see the controller settings).
 | --- | --- | --- | --- | --- |
 | workers | SET | - | registry | ids of registered workers (index; stale ids pruned on read) |
 | worker:{id} | HASH info, load, updated_at | lease | worker heartbeat | entry; gone when the lease lapses |
+| left:{id} | STRING "1" | lease | worker deregistration | the worker left on purpose (not a lost entry) |
+| cluster | STRING id | - | controller | present while Redis holds Shoal's state; gone after a wipe |
 | cordoned | SET | - | controller | worker ids that get no new requests |
 | kv:events | STREAM | MAXLEN ~KV_EVENTS_MAXLEN | workers, kvstore | block added/removed events |
 | kv:snapshot:{pub} | HASH epoch, seq, hashes | SNAPSHOT_TTL | publishers | a publisher's whole block set |
@@ -45,6 +47,8 @@ def _key(*parts: str) -> str:
 
 
 WORKERS: Final = _key("workers")
+# Written by the controller; its absence means Redis lost its data (wiped, or restarted without it).
+CLUSTER: Final = _key("cluster")
 CORDONED: Final = _key("cordoned")
 KV_EVENTS: Final = _key("kv", "events")
 DECISIONS: Final = _key("decisions")
@@ -60,6 +64,10 @@ WORKER_KEY_PREFIX: Final = _key("worker") + ":"
 
 def worker(worker_id: str) -> str:
     return _key("worker", worker_id)
+
+
+def worker_left(worker_id: str) -> str:
+    return _key("left", worker_id)
 
 
 KV_SNAPSHOT_PREFIX: Final = _key("kv", "snapshot") + ":"

@@ -33,6 +33,14 @@ return {1, next}
 """
 
 
+# Puts a document back exactly as it was (same version), unless it exists again meanwhile.
+_RESTORE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[1], 'body', ARGV[2])
+return 1
+"""
+
+
 class VersionConflict(FailedPrecondition):
     """Someone else wrote the document since it was read."""
 
@@ -47,6 +55,7 @@ class DocumentStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._cas = redis.register_script(_CAS)
+        self._restore = redis.register_script(_RESTORE)
 
     async def get(self, name: str) -> Versioned | None:
         raw = await self.redis.hmget(schema.doc(name), ["version", "body"])
@@ -84,6 +93,28 @@ class DocumentStore:
 
     async def delete(self, name: str) -> bool:
         return bool(await self.redis.delete(schema.doc(name)))
+
+    async def snapshot(self) -> dict[str, Versioned]:
+        """Every document, as it is now."""
+        names = await self.names("")
+        if not names:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hmget(schema.doc(name), ["version", "body"])
+            raws = await pipe.execute()
+        return {
+            name: Versioned(int(raw[0]), json.loads(bytes(raw[1])))
+            for name, raw in zip(names, raws, strict=True)
+            if raw[0] is not None
+        }
+
+    async def restore(self, documents: dict[str, Versioned]) -> int:
+        """Write back documents Redis lost, each at its old version; returns how many were missing."""
+        restored = 0
+        for name, doc in documents.items():
+            restored += int(await self._restore(keys=[schema.doc(name)], args=[doc.version, json.dumps(doc.body)]))
+        return restored
 
     async def names(self, prefix: str) -> list[str]:
         """Names of documents starting with `prefix`."""

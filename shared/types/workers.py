@@ -29,6 +29,8 @@ class WorkerInfo(BaseModel):
     # host:port of the worker's own OpenAI API (SHOAL_WORKER_HTTP_PORT), when it serves one.
     http_address: str = ""
     started_at: float = 0.0
+    # The worker's registry lease: a reader may trust its last entry this long after `updated_at`.
+    lease_ttl_s: float = 0.0
 
 
 class WorkerLoad(BaseModel):
