@@ -1,14 +1,24 @@
-"""Faults around a live expert migration: a commit whose reply is lost."""
+"""Faults around a live expert migration on a real 2-rank instance (processes, gloo).
+
+A commit whose reply is lost; a rank that cannot stage its copies; a runner
+that dies between stage and commit; a runner that stalls past its lease while
+another finishes the job. A runner's death or stall is injected at an exact
+step inside this process (the worker processes are real): that is where a
+SIGKILL or SIGSTOP of a Celery worker would leave the job.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from services.controller.jobs.migrate import MIGRATE, migrate_with
-from services.controller.jobs.store import JobStore
+from services.controller.jobs.migrate import MIGRATE, migrate_with, run_migration
+from services.controller.jobs.store import JobState, JobStore, LostLease
 from shared.errors import Unavailable
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.rpc.worker_client import WorkerClient
@@ -47,3 +57,114 @@ async def test_a_commit_whose_reply_is_lost_is_recorded_as_committed(
         finally:
             await client.close()
             await lossy.close()
+
+
+async def test_a_rank_that_cannot_stage_rolls_the_migration_back_instead_of_hanging(
+    redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any, tmp_path: Path
+) -> None:
+    follower_model = tmp_path / "rank1-model"
+    shutil.copytree(tiny_model, follower_model)
+    with ep_worker_processes(redis_url, tiny_model, 2, "ep-oom", rank_models={1: follower_model}) as (address, _):
+        (follower_model / "model.safetensors").unlink()  # rank 1's disk loses the checkpoint it serves from
+        client = WorkerClient(address)
+        try:
+            before = await client.expert_stats()
+            jobs = JobStore(redis)
+            job, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
+            final = await asyncio.wait_for(migrate_with(job, jobs, client), 120)  # before the fix: a hang
+            assert final.state is JobState.ROLLED_BACK and "rank 1 could not stage" in final.message
+            assert (await client.expert_stats()).expert_map == before.expert_map
+            assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
+        finally:
+            await client.close()
+
+
+class RunnerKilled(BaseException):
+    """Injected: the runner's process dies here (nothing after this line of the runner runs)."""
+
+
+class DiesAtCommit(WorkerClient):
+    async def commit_expert_map(self, migration_id: str, version: int) -> worker_pb2.CommitExpertMapResponse:
+        raise RunnerKilled
+
+
+class Recording(WorkerClient):
+    """Records the calls that change the instance."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.changes: list[str] = []
+
+    async def stage_experts(self, request: worker_pb2.StageExpertsRequest) -> worker_pb2.StageExpertsResponse:
+        self.changes.append("stage")
+        return await super().stage_experts(request)
+
+    async def commit_expert_map(self, migration_id: str, version: int) -> worker_pb2.CommitExpertMapResponse:
+        self.changes.append("commit")
+        return await super().commit_expert_map(migration_id, version)
+
+    async def release_experts(self, migration_id: str, discard_staged: bool) -> worker_pb2.ReleaseExpertsResponse:
+        self.changes.append("release")
+        return await super().release_experts(migration_id, discard_staged)
+
+
+LEASE_S = 1.0
+
+
+async def _after_lease(jobs: JobStore, job_id: str) -> None:
+    """Wait until the job's lease has lapsed (its runner stopped renewing it)."""
+    lapse = (await jobs.get(job_id)).lease_until - time.time()
+    await asyncio.sleep(max(0.0, lapse) + 0.1)
+
+
+async def test_a_runner_killed_between_stage_and_commit_is_finished_by_the_next(
+    redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-killed") as (address, _):
+        client = WorkerClient(address)
+        dying = DiesAtCommit(address)
+        try:
+            before = await client.expert_stats()
+            jobs = JobStore(redis, lease_s=LEASE_S)
+            job, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
+            first = await jobs.claim(job.id, "runner-1")
+            assert first is not None
+            with pytest.raises(RunnerKilled):
+                async with jobs.leased(first):
+                    await migrate_with(first, jobs, dying)
+            assert (await jobs.get(job.id)).phase == "stage"
+            await _after_lease(jobs, job.id)
+            final = await run_migration(job.id, jobs, address, None)  # what the resubmitted task runs
+            assert final.state is JobState.SUCCEEDED, final.message
+            assert final.attempts == 2
+            assert (await client.expert_stats()).expert_map.version == before.expert_map.version + 1  # once
+            assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
+        finally:
+            await client.close()
+            await dying.close()
+
+
+async def test_a_runner_that_lost_its_lease_changes_nothing_when_it_wakes(
+    redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-stalled") as (address, _):
+        client = WorkerClient(address)
+        stale = Recording(address)
+        try:
+            before = await client.expert_stats()
+            jobs = JobStore(redis, lease_s=LEASE_S)
+            job, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
+            stalled = await jobs.claim(job.id, "runner-1")  # ... and then it stalls (SIGSTOP) past its lease
+            assert stalled is not None
+            await _after_lease(jobs, job.id)
+            final = await run_migration(job.id, jobs, address, None)
+            assert final.state is JobState.SUCCEEDED, final.message
+            with pytest.raises(LostLease):  # it wakes, with its old copy of the job
+                await migrate_with(stalled, jobs, stale)
+            assert stale.changes == []  # no stage, no rollback of the other runner's work
+            assert (await jobs.get(job.id)).state is JobState.SUCCEEDED
+            assert (await client.expert_stats()).expert_map.version == before.expert_map.version + 1
+            assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
+        finally:
+            await client.close()
+            await stale.close()

@@ -189,18 +189,30 @@ def _ep_env(redis_url: str, model_path: Path, worker_id: str, ranks: int, master
 
 @contextlib.contextmanager
 def ep_worker_processes(
-    redis_url: str, model_path: Path, ranks: int, worker_id: str = "ep-worker", local_followers: bool = False
+    redis_url: str,
+    model_path: Path,
+    ranks: int,
+    worker_id: str = "ep-worker",
+    local_followers: bool = False,
+    rank_models: dict[int, Path] | None = None,
 ) -> Iterator[tuple[str, list[ManagedProcess]]]:
     """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes).
 
-    `local_followers`: start rank 0 alone; it starts the others as its children (as in a pod)."""
+    `local_followers`: start rank 0 alone; it starts the others as its children (as in a pod).
+    `rank_models`: a copy of the checkpoint for some ranks (as on separate hosts)."""
     port = free_port()
     env = {**_ep_env(redis_url, model_path, worker_id, ranks, free_port()), "SHOAL_WORKER_GRPC_PORT": str(port)}
     if local_followers:
         env["SHOAL_WORKER_EP_LOCAL_FOLLOWERS"] = "true"
     argv = [sys.executable, "-m", "services.worker"]
+    models = rank_models or {}
     processes = [
-        spawn(f"rank{r}", argv, {**env, "SHOAL_WORKER_EP_RANK": str(r)}, out=io.StringIO())
+        spawn(
+            f"rank{r}",
+            argv,
+            {**env, "SHOAL_WORKER_EP_RANK": str(r), "SHOAL_WORKER_MODEL_PATH": str(models.get(r, model_path))},
+            out=io.StringIO(),
+        )
         for r in range(1 if local_followers else ranks)
     ]
     try:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from services.controller.jobs.store import Job, JobState, JobStore, runner_name
+from services.controller.jobs.store import Job, JobState, JobStore, LostLease, runner_name
 from shared.errors import FailedPrecondition, ShoalError, Unavailable
 from shared.policies.placement import PLACEMENT_POLICIES, Topology, balance_of, vacate_last_rank
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
@@ -131,6 +131,8 @@ async def migrate_with(job: Job, jobs: JobStore, client: WorkerClient) -> Job:
                 job = await jobs.update(job, phase=phase, progress=0.1, result={**job.result, **plan})
             if job.phase == "stage":
                 job = await _stage_and_commit(job, jobs, client)
+        except LostLease:
+            raise  # another runner has the job now: this one touches nothing more (no rollback of its work)
         except ShoalError as exc:
             log.warning("migration failed before its commit; rolling back", job_id=job.id, error=exc.message)
             return await _roll_back(job, jobs, client, f"failed before the commit: {exc.message}")

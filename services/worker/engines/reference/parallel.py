@@ -55,10 +55,13 @@ from services.worker.engines.reference.executor import ReferenceExecutor
 from services.worker.engines.reference.model import ExpertWeights, LayerWeights, load_expert
 from services.worker.engines.scheduler import Item, Sequence
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shared.telemetry.logging import get_logger
 
 GROUP_TIMEOUT = timedelta(minutes=10)  # the first rank may wait for the others to load their weights
 PROBE_TIMEOUT = timedelta(seconds=5)
 JOINER_KEY = "shoal/joiner"  # what a joining rank says of itself at its rendezvous
+
+log = get_logger("shoal.worker.parallel")
 
 
 def backend_for(device: torch.device) -> str:
@@ -312,16 +315,38 @@ class ExpertParallelExecutor(ReferenceExecutor):
         assert model is not None
         if kind == "stage":
             self._migration, self._target, layers, from_peer = body
-            assert self._target is not None
-            if from_peer:
-                self._receive_from_peers(self._target, layers)
-            for layer in layers:
-                for expert, holders in enumerate(self._target.holders[layer]):
-                    if self.rank in holders and expert not in model.layers[layer].experts:
+            target = self._target
+            assert target is not None
+            gained = [
+                (layer, expert)
+                for layer in layers
+                for expert, holders in enumerate(target.holders[layer])
+                if self.rank in holders and expert not in model.layers[layer].experts
+            ]
+            # Whatever can fail on one rank (memory, an unreadable checkpoint) happens before any transfer,
+            # and every rank learns of it: a rank that raised alone would leave the others in a collective.
+            failed = 0
+            try:
+                if from_peer:
+                    buffers = {key: self._expert_buffers() for key in gained}
+                else:
+                    for layer, expert in gained:
                         if (layer, expert) not in self._staged:
                             weights = load_expert(self.checkpoint, layer, expert, self.dtype, self.device)
                             self._staged[layer, expert] = weights
-                        copies, size = copies + 1, size + self._staged[layer, expert].nbytes
+            except Exception:
+                log.exception("this rank could not stage its expert copies", rank=self.rank)
+                failed = self.rank + 1
+            failed = _agree_max(failed)
+            if failed:
+                raise FailedPrecondition(
+                    f"rank {failed - 1} could not stage its expert copies (out of memory, or its checkpoint "
+                    "unreadable: see that rank's log); the migration must roll back"
+                )
+            if from_peer:
+                self._receive_from_peers(target, layers, buffers)
+            for key in gained:
+                copies, size = copies + 1, size + self._staged[key].nbytes
         elif kind == "commit":
             assert self._target is not None
             missing = sum(
@@ -353,8 +378,11 @@ class ExpertParallelExecutor(ReferenceExecutor):
         dist.all_reduce(totals)
         return int(totals[0]), int(totals[1])
 
-    def _receive_from_peers(self, target: ExpertMap, layers: list[int]) -> None:
-        """Copy every gained expert from a rank that serves it now (see `stage`)."""
+    def _receive_from_peers(
+        self, target: ExpertMap, layers: list[int], buffers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Copy every gained expert from a rank that serves it now (see `stage`) into `buffers`, allocated
+        beforehand (this rank's gains)."""
         model = self.model
         assert model is not None
         for layer in layers:
@@ -367,7 +395,8 @@ class ExpertParallelExecutor(ReferenceExecutor):
                         dist.send(weights.w13.contiguous(), receiver)
                         dist.send(weights.w2.contiguous(), receiver)
                     elif self.rank == receiver:
-                        w13, w2 = self._expert_buffers()
+                        # Sender and receivers walk the same list: a receiver takes every copy sent to it.
+                        w13, w2 = buffers.get((layer, expert)) or self._expert_buffers()
                         dist.recv(w13, source)
                         dist.recv(w2, source)
                         self._staged[layer, expert] = ExpertWeights(w13, w2)
