@@ -34,7 +34,7 @@ import uvloop
 _COLORS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
 
 
-def _die_with_parent(argv: Sequence[str]) -> list[str]:
+def die_with_parent(argv: Sequence[str]) -> list[str]:
     """`argv` behind `setpriv --pdeathsig`, where the system has it (Linux)."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
@@ -107,7 +107,7 @@ def spawn(
     _color_index += 1
     full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     popen = subprocess.Popen(
-        _die_with_parent(argv),
+        die_with_parent(argv),
         env=full_env,
         cwd=cwd,
         stdin=subprocess.DEVNULL,

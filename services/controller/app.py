@@ -47,7 +47,9 @@ LAUNCH_INTERVAL_S = 0.5
 
 
 def celery_tools(settings: ControllerSettings) -> ToolRunner:
-    """Run a registered tool on the Celery worker: one attempt, revoked when it times out or is cancelled."""
+    """Run a registered tool on the Celery worker: one attempt, in a process of its own there, which the task
+    kills at the attempt's timeout, or when revoked (this side gave up: it timed out waiting, or the graph was
+    cancelled)."""
     from services.controller.jobs.celery_app import configure
 
     app = configure(settings)
@@ -55,11 +57,12 @@ def celery_tools(settings: ControllerSettings) -> ToolRunner:
     async def run(name: str, args: dict[str, str], timeout_s: float) -> str:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        result = await asyncio.to_thread(app.send_task, "shoal.agent_tool", args=[name, args])
+        result = await asyncio.to_thread(app.send_task, "shoal.agent_tool", args=[name, args, timeout_s])
         try:
+            # The task stops its tool at timeout_s after it starts; waiting in the queue counts here too.
             return str(await asyncio.to_thread(result.get, timeout=timeout_s, disable_sync_subtasks=False))
         except (CeleryTimeout, asyncio.CancelledError) as exc:
-            await asyncio.to_thread(result.revoke, terminate=True)
+            await asyncio.to_thread(result.revoke)
             if isinstance(exc, CeleryTimeout):
                 raise TimeoutError(f"tool {name!r} took over {timeout_s:g}s") from None
             raise

@@ -21,7 +21,9 @@ number on the same server (see the controller settings).
 | jobs:open | SET | - | controller, Celery | ids of jobs not finished (the reconcile loop's sweep) |
 | jobs:index | ZSET id -> created_at | - | controller, Celery | every job, for listing (expired ones pruned as met) |
 | metrics:router | STREAM | MAXLEN ~METRICS_MAXLEN | router | per-interval request statistics |
-| graphs | HASH id -> JSON | - | controller | agent graphs: per-step state, plan, result |
+| graph:{id} | STRING JSON | FINISHED_TTL once finished | controller | an agent graph: per-step state, plan, result |
+| graphs:open | SET | - | controller | ids of graphs not finished |
+| graphs:index | ZSET id -> created_at | - | controller | every graph, for listing (expired ones pruned as met) |
 | experts:history:{worker} | STREAM (capped) | - | controller | an expert-parallel instance's balance over time |
 | session:{id} | STRING worker id | SESSION_TTL | routers | the worker an agent session last ran on |
 """
@@ -54,8 +56,8 @@ KV_EVENTS: Final = _key("kv", "events")
 DECISIONS: Final = _key("decisions")
 OPEN_JOBS: Final = _key("jobs", "open")
 JOB_INDEX: Final = _key("jobs", "index")
-# Agent graphs: hash of graph id -> GraphRecord JSON (shared/types/graphs.py).
-GRAPHS: Final = _key("graphs")
+OPEN_GRAPHS: Final = _key("graphs", "open")
+GRAPH_INDEX: Final = _key("graphs", "index")
 ROUTER_METRICS: Final = _key("metrics", "router")
 
 
@@ -86,6 +88,10 @@ def doc(name: str) -> str:
 
 def job(job_id: str) -> str:
     return _key("job", job_id)
+
+
+def graph(graph_id: str) -> str:
+    return _key("graph", graph_id)
 
 
 def lock(name: str) -> str:

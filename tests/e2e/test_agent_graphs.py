@@ -161,6 +161,46 @@ async def test_a_cancelled_graph_stops(stack: Endpoints) -> None:
     assert again.status_code == 409 and "already cancelled" in again.json()["error"]["message"]
 
 
+def _cpu_s(celery: int) -> float:
+    """CPU seconds used so far by the Celery worker, its finished children, and any tool process alive."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = sum(int(f) for f in Path(f"/proc/{celery}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"agents.sandbox" in (proc / "cmdline").read_bytes():
+                total += sum(int(f) for f in (proc / "stat").read_text().rsplit(")", 1)[1].split()[11:13])
+        except OSError:
+            continue  # it ended while we looked
+    return total / ticks
+
+
+async def _cpu_used(celery: int, window_s: float) -> float:
+    before = _cpu_s(celery)
+    await asyncio.sleep(window_s)
+    return _cpu_s(celery) - before
+
+
+@pytest.mark.parametrize("stop", ["timeout", "cancel"])
+async def test_a_tool_that_is_given_up_on_stops_working(running: tuple[Endpoints, Supervisor], stop: str) -> None:
+    stack, supervisor = running
+    step = {"id": "busy", "kind": "tool", "tool": "spin", "args": {"seconds": "600"}, "retries": 0}
+    spec = {"sla": {"deadline_s": 900}, "steps": [{**step, "timeout_s": 1 if stop == "timeout" else 600}]}
+    graph_id = (await submit(stack, spec))["id"]
+    celery = supervisor.pid("celery")
+    for _ in range(200):
+        if await _cpu_used(celery, 0.1) > 0.05:
+            break  # the tool is computing
+    if stop == "cancel":
+        assert (await admin(stack, "POST", f"/v1/graphs/{graph_id}/cancel")).status_code == 200
+    record = await finished(stack, graph_id, timeout_s=30)
+    assert record["state"] == ("failed" if stop == "timeout" else "cancelled")
+    if stop == "timeout":
+        assert "timed out" in record["steps"]["busy"]["error"]
+    await asyncio.sleep(1.0)  # the task sees the revoke within its poll
+    # A thread left spinning would use a whole core: the stopped tool uses none.
+    assert await _cpu_used(celery, 2.0) < 0.5
+
+
 async def test_session_affinity_raises_prefix_cache_hits(
     running: tuple[Endpoints, Supervisor], tiny_model: Path
 ) -> None:

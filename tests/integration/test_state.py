@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from shared.config.services import EngineKind, WorkerRole
 from shared.state import schema
+from shared.state.records import FINISHED_TTL_S, RecordIndex, RecordKeys
 from shared.state.redis import connect
 from shared.state.registry import Heartbeat, WorkerRegistry
 from shared.state.versioned import DocumentStore, VersionConflict
@@ -93,3 +94,26 @@ async def test_stale_write_is_refused_with_the_current_version(redis: Redis) -> 
     assert await store.names("pool:") == ["pool:a"]
     assert await store.delete("pool:a")
     assert await store.get("pool:a") is None
+
+
+async def test_records_expire_once_finished_and_listings_forget_them(redis: Redis) -> None:
+    records = RecordIndex(redis, RecordKeys(schema.graph, schema.GRAPH_INDEX, schema.OPEN_GRAPHS))
+    for index in range(3):
+        await records.put(f"g{index}", f'{{"n": {index}, "done": false}}', created_at=index, finished=False)
+    await records.put("g0", '{"n": 0, "done": true}', created_at=0, finished=True)
+    assert await records.recent(10) == [
+        b'{"n": 2, "done": false}',
+        b'{"n": 1, "done": false}',
+        b'{"n": 0, "done": true}',
+    ]
+    assert 0 < await redis.ttl(schema.graph("g0")) <= FINISHED_TTL_S  # finished: expires
+    assert await redis.ttl(schema.graph("g1")) == -1  # running: kept
+    assert sorted(await records.open(lambda raw: b'"done": true' in raw)) == [
+        b'{"n": 1, "done": false}',
+        b'{"n": 2, "done": false}',
+    ]
+
+    await redis.delete(schema.graph("g0"))  # what its expiry does
+    assert len(await records.recent(10)) == 2
+    assert await redis.zcard(schema.GRAPH_INDEX) == 2  # the index forgot it as it met it
+    assert await redis.scard(schema.OPEN_GRAPHS) == 2

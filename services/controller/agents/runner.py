@@ -40,6 +40,7 @@ from services.controller.agents.tools import RETRIEVERS
 from shared.errors import FailedPrecondition, NotFound
 from shared.policies.agents import Hardware, Plan, plan, plan_steps, replan
 from shared.state import schema
+from shared.state.records import RecordIndex, RecordKeys
 from shared.telemetry.logging import get_logger
 from shared.types.graphs import (
     PLACEHOLDER,
@@ -62,22 +63,30 @@ PIN_MAX_S = 3600
 
 
 class GraphStore:
+    """Graph records (shared/state/records.py): expiring once finished, listed newest first."""
+
     def __init__(self, redis: Redis) -> None:
-        self.redis = redis
+        self.records = RecordIndex(redis, RecordKeys(schema.graph, schema.GRAPH_INDEX, schema.OPEN_GRAPHS))
 
     async def save(self, record: GraphRecord) -> None:
-        await self.redis.hset(schema.GRAPHS, record.id, record.model_dump_json())
+        await self.records.put(record.id, record.model_dump_json(), record.created_at, record.state.final)
 
     async def get(self, graph_id: str) -> GraphRecord:
-        raw = await self.redis.hget(schema.GRAPHS, graph_id)
+        raw = await self.records.get(graph_id)
         if raw is None:
             raise NotFound(f"no graph {graph_id!r}", param="graph_id")
         return GraphRecord.model_validate_json(raw)
 
-    async def list(self, limit: int = 100) -> list[GraphRecord]:
-        raw = await self.redis.hvals(schema.GRAPHS)
-        records = sorted((GraphRecord.model_validate_json(r) for r in raw), key=lambda g: g.created_at, reverse=True)
-        return records[:limit]
+    async def recent(self, limit: int = 100) -> list[GraphRecord]:
+        return [GraphRecord.model_validate_json(raw) for raw in await self.records.recent(limit)]
+
+    async def running(self) -> list[GraphRecord]:
+        """Graphs not finished."""
+        return [GraphRecord.model_validate_json(raw) for raw in await self.records.open(_finished)]
+
+
+def _finished(raw: bytes) -> bool:
+    return GraphRecord.model_validate_json(raw).state.final
 
 
 ToolRunner = Callable[[str, dict[str, str], float], Awaitable[str]]
@@ -149,8 +158,8 @@ class GraphRunner:
 
     async def fail_orphans(self) -> None:
         """Graphs a previous controller left running cannot resume their in-flight calls: fail them."""
-        for record in await self.store.list(limit=10_000):
-            if not record.state.final and record.id not in self.tasks:
+        for record in await self.store.running():
+            if record.id not in self.tasks:
                 record.state, record.error, record.finished_at = (
                     RunState.FAILED,
                     "the controller restarted",

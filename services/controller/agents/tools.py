@@ -1,7 +1,8 @@
 """Registered tools (run by the Celery worker) and retrievers (run by the controller) for graph steps.
 
 A tool takes its rendered string arguments and returns text; raising fails
-the attempt (the runner retries within the step's limit). A retriever takes
+the attempt (the runner retries within the step's limit). Each call runs in a
+process of its own (sandbox.py), so a timeout or a cancel stops it. A retriever takes
 a query and top_k and returns passages. Both are plain functions registered
 here by name; the names are what graph specs may use.
 """
@@ -13,6 +14,7 @@ import functools
 import math
 import operator
 import re
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +40,11 @@ def calculator(args: dict[str, str]) -> str:
         if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
             return float(node.value)
         if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-            if isinstance(node.op, ast.Pow) and abs(evaluate(node.right)) > 64:
+            # Each side once: evaluating an operand twice (to check an exponent, say) is exponential in a chain.
+            left, right = evaluate(node.left), evaluate(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 64:
                 raise ValueError("exponent too large")
-            return _OPERATORS[type(node.op)](evaluate(node.left), evaluate(node.right))
+            return _OPERATORS[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and type(node.op) in _OPERATORS:
             return _OPERATORS[type(node.op)](evaluate(node.operand))
         raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
@@ -62,10 +66,21 @@ def always_fails(args: dict[str, str]) -> str:
     raise RuntimeError(args.get("message", "this tool always fails"))
 
 
+def spin(args: dict[str, str]) -> str:
+    """Keeps a core busy for `seconds` (at most 3600), then returns them: a diagnostic for timeouts and
+    cancellation (a call that was stopped stops using the CPU)."""
+    seconds = min(3600.0, float(args.get("seconds", "1")))
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return f"{seconds:g}"
+
+
 TOOLS: dict[str, ToolFunction] = {
     "calculator": calculator,
     "word-count": word_count,
     "always-fails": always_fails,
+    "spin": spin,
 }
 
 

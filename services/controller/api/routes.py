@@ -409,7 +409,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
     async def list_graphs(
         request: Request, _: Viewer, limit: int = Query(default=50, ge=1, le=1000)
     ) -> list[GraphRecord]:
-        return await _app(request).graphs.list(limit)
+        return await _app(request).graphs.recent(limit)
 
     @v1.get("/graphs/{graph_id}")
     async def get_graph(graph_id: GraphId, request: Request, _: Viewer) -> GraphRecord:

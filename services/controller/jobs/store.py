@@ -39,11 +39,11 @@ from redis.exceptions import RedisError
 
 from shared.errors import FailedPrecondition, NotFound, ShoalError, Unavailable
 from shared.state import schema
+from shared.state.records import FINISHED_TTL_S, RecordIndex, RecordKeys
 from shared.telemetry.logging import get_logger
 
 log = get_logger("shoal.controller.jobs")
 
-FINISHED_TTL_S = 7 * 24 * 3600
 DEFAULT_LEASE_S = 30.0
 _WRITE_TRIES = 20
 
@@ -110,12 +110,13 @@ class JobStore:
     def __init__(self, redis: Redis, lease_s: float = DEFAULT_LEASE_S) -> None:
         self.redis = redis
         self.lease_s = lease_s
+        self.records = RecordIndex(redis, RecordKeys(schema.job, schema.JOB_INDEX, schema.OPEN_JOBS))
         self._cas = redis.register_script(_COMPARE_AND_SET)
 
     # -- reading ----------------------------------------------------------------
 
     async def find(self, job_id: str) -> Job | None:
-        raw = await self.redis.get(schema.job(job_id))
+        raw = await self.records.get(job_id)
         return Job.model_validate_json(raw) if raw else None
 
     async def get(self, job_id: str) -> Job:
@@ -126,27 +127,12 @@ class JobStore:
 
     async def recent(self, limit: int = 200) -> list[Job]:
         """The newest jobs first."""
-        ids = _names(await self.redis.zrevrange(schema.JOB_INDEX, 0, limit - 1))
-        jobs = await self._load(ids)
-        gone = [i for i in ids if i not in {j.id for j in jobs}]
-        if gone:
-            await self.redis.zrem(schema.JOB_INDEX, *gone)  # their documents expired
-        return jobs
+        return [Job.model_validate_json(raw) for raw in await self.records.recent(limit)]
 
     async def open_jobs(self) -> list[Job]:
         """Jobs not finished yet (what the reconcile loop looks after)."""
-        ids = _names(await self.redis.smembers(schema.OPEN_JOBS))
-        jobs = await self._load(ids)
-        done = [i for i in ids if i not in {j.id for j in jobs if not j.state.final}]
-        if done:
-            await self.redis.srem(schema.OPEN_JOBS, *done)
-        return sorted((j for j in jobs if not j.state.final), key=lambda j: j.created_at)
-
-    async def _load(self, ids: list[str]) -> list[Job]:
-        if not ids:
-            return []
-        raws = await self.redis.mget([schema.job(i) for i in ids])
-        return [Job.model_validate_json(raw) for raw in raws if raw]
+        jobs = [Job.model_validate_json(raw) for raw in await self.records.open(_finished)]
+        return sorted(jobs, key=lambda j: j.created_at)
 
     # -- writing ------------------------------------------------------------------
 
@@ -256,8 +242,8 @@ def runner_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _names(raw: Any) -> list[str]:
-    return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
+def _finished(raw: bytes) -> bool:
+    return Job.model_validate_json(raw).state.final
 
 
 def job_summary(job: Job) -> dict[str, Any]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from celery import Task
+from celery.worker import state as worker_state
 from redis.asyncio import Redis
 
 from services.controller.actuators.factory import make_actuator
-from services.controller.agents.tools import TOOLS
+from services.controller.agents.sandbox import run_tool_process
 from services.controller.desired import DesiredState
 from services.controller.jobs.celery_app import celery_app
 from services.controller.jobs.migrate import MIGRATE, run_migration
@@ -52,10 +54,12 @@ def migrate_experts(job_id: str) -> str:
     return _run(body)
 
 
-@celery_app.task(name="shoal.agent_tool")  # type: ignore[untyped-decorator]
-def agent_tool(name: str, args: dict[str, str]) -> str:
-    """One attempt of an agent graph's registered tool (the runner retries and times out)."""
-    return TOOLS[name](args)
+@celery_app.task(name="shoal.agent_tool", bind=True)  # type: ignore[untyped-decorator]
+def agent_tool(task: Task, name: str, args: dict[str, str], timeout_s: float) -> str:
+    """One attempt of an agent graph's registered tool, in a process of its own, stopped at `timeout_s` or
+    when the task is revoked (the controller revokes it when it gives up: a timeout or a cancelled graph)."""
+    task_id = task.request.id
+    return run_tool_process(name, args, timeout_s, cancelled=lambda: task_id in worker_state.revoked)
 
 
 TASKS = {"scale-down": "shoal.scale_down", MIGRATE: "shoal.migrate_experts"}
