@@ -218,8 +218,8 @@ class MigrationAwarePolicy:
         mean = loads.mean()
         w = weight[grid]  # [ranks, s]
         for _ in range(topo.ranks * s):
-            if loads.max() / mean <= target * (1 + self.tolerance):
-                break
+            if mean <= 0 or loads.max() / mean <= target * (1 + self.tolerance):
+                break  # balanced (or no load seen yet: nothing to balance by)
             hot = int(loads.argmax())
             # new max of the pair after swapping slot a of `hot` with slot b of rank r: [r, a, b]
             delta = w[hot][None, :, None] - w[:, None, :]

@@ -23,7 +23,7 @@ from shared.errors import Unavailable
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.integration.controller.test_expert_migration import PROMPTS, expected, greedy, swapped_plan
-from tests.support.services import ep_worker_processes
+from tests.support.services import ep_joiner, ep_worker_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,6 +85,11 @@ class RunnerKilled(BaseException):
 
 class DiesAtCommit(WorkerClient):
     async def commit_expert_map(self, migration_id: str, version: int) -> worker_pb2.CommitExpertMapResponse:
+        raise RunnerKilled
+
+
+class DiesAtStage(WorkerClient):
+    async def stage_experts(self, request: worker_pb2.StageExpertsRequest) -> worker_pb2.StageExpertsResponse:
         raise RunnerKilled
 
 
@@ -168,3 +173,34 @@ async def test_a_runner_that_lost_its_lease_changes_nothing_when_it_wakes(
         finally:
             await client.close()
             await stale.close()
+
+
+async def test_a_runner_killed_after_a_rank_joined_is_finished_by_the_next(
+    redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
+) -> None:
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-grow") as (address, _):
+        master, joiner = ep_joiner(redis_url, tiny_model, 3, "ep-grow")
+        client = WorkerClient(address)
+        dying = DiesAtStage(address)
+        try:
+            jobs = JobStore(redis, lease_s=LEASE_S)
+            params = {"address": address, "resize": {"ranks": 3, "master": master}, "source": "checkpoint"}
+            job, _ = await jobs.create(MIGRATE, params)
+            first = await jobs.claim(job.id, "runner-1")
+            assert first is not None
+            with pytest.raises(RunnerKilled):  # the new rank has joined; the runner dies before any stage
+                async with jobs.leased(first):
+                    await asyncio.wait_for(migrate_with(first, jobs, dying), 300)
+            assert (await client.expert_stats()).expert_map.num_ranks == 3
+            await _after_lease(jobs, job.id)
+            final = await run_migration(job.id, jobs, address, None)
+            assert final.state is JobState.SUCCEEDED, final.message
+            assert final.attempts == 2 and final.result["ranks"] == 3  # it did not try to join again
+            stats = await client.expert_stats()
+            width = stats.expert_map.slots_per_rank
+            assert all(-1 not in layer.slot_experts[2 * width :] for layer in stats.expert_map.layers)
+            assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
+        finally:
+            joiner.terminate(grace_s=10)
+            await client.close()
+            await dying.close()
