@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from services.controller.jobs.migrate import MIGRATE, migrate_with, run_migration
-from services.controller.jobs.store import JobState, JobStore, LostLease
+from services.controller.jobs.store import Job, JobState, JobStore, LostLease
 from shared.errors import Unavailable
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.rpc.worker_client import WorkerClient
@@ -116,10 +116,22 @@ class Recording(WorkerClient):
 LEASE_S = 1.0
 
 
-async def _after_lease(jobs: JobStore, job_id: str) -> None:
-    """Wait until the job's lease has lapsed (its runner stopped renewing it)."""
+async def _claimed(redis: Any, params: dict[str, Any]) -> tuple[JobStore, Job]:
+    """A migration job (leases of LEASE_S), claimed by a first runner."""
+    jobs = JobStore(redis, lease_s=LEASE_S)
+    job, _ = await jobs.create(MIGRATE, params)
+    first = await jobs.claim(job.id, "runner-1")
+    assert first is not None
+    return jobs, first
+
+
+async def _finished_by_the_next(jobs: JobStore, job_id: str, address: str) -> Job:
+    """Once the first runner's lease has lapsed, what the resubmitted task runs; it must succeed."""
     lapse = (await jobs.get(job_id)).lease_until - time.time()
     await asyncio.sleep(max(0.0, lapse) + 0.1)
+    final = await run_migration(job_id, jobs, address, None)
+    assert final.state is JobState.SUCCEEDED, final.message
+    return final
 
 
 async def test_a_runner_killed_between_stage_and_commit_is_finished_by_the_next(
@@ -130,17 +142,12 @@ async def test_a_runner_killed_between_stage_and_commit_is_finished_by_the_next(
         dying = DiesAtCommit(address)
         try:
             before = await client.expert_stats()
-            jobs = JobStore(redis, lease_s=LEASE_S)
-            job, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
-            first = await jobs.claim(job.id, "runner-1")
-            assert first is not None
+            jobs, first = await _claimed(redis, {"address": address, "plan": swapped_plan(before)})
             with pytest.raises(RunnerKilled):
                 async with jobs.leased(first):
                     await migrate_with(first, jobs, dying)
-            assert (await jobs.get(job.id)).phase == "stage"
-            await _after_lease(jobs, job.id)
-            final = await run_migration(job.id, jobs, address, None)  # what the resubmitted task runs
-            assert final.state is JobState.SUCCEEDED, final.message
+            assert (await jobs.get(first.id)).phase == "stage"
+            final = await _finished_by_the_next(jobs, first.id, address)
             assert final.attempts == 2
             assert (await client.expert_stats()).expert_map.version == before.expert_map.version + 1  # once
             assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
@@ -157,17 +164,13 @@ async def test_a_runner_that_lost_its_lease_changes_nothing_when_it_wakes(
         stale = Recording(address)
         try:
             before = await client.expert_stats()
-            jobs = JobStore(redis, lease_s=LEASE_S)
-            job, _ = await jobs.create(MIGRATE, {"address": address, "plan": swapped_plan(before)})
-            stalled = await jobs.claim(job.id, "runner-1")  # ... and then it stalls (SIGSTOP) past its lease
-            assert stalled is not None
-            await _after_lease(jobs, job.id)
-            final = await run_migration(job.id, jobs, address, None)
-            assert final.state is JobState.SUCCEEDED, final.message
+            # The first runner claims the job, then stalls (SIGSTOP) past its lease.
+            jobs, stalled = await _claimed(redis, {"address": address, "plan": swapped_plan(before)})
+            await _finished_by_the_next(jobs, stalled.id, address)
             with pytest.raises(LostLease):  # it wakes, with its old copy of the job
                 await migrate_with(stalled, jobs, stale)
             assert stale.changes == []  # no stage, no rollback of the other runner's work
-            assert (await jobs.get(job.id)).state is JobState.SUCCEEDED
+            assert (await jobs.get(stalled.id)).state is JobState.SUCCEEDED
             assert (await client.expert_stats()).expert_map.version == before.expert_map.version + 1
             assert [await greedy(client, i, "after") for i in range(len(PROMPTS))] == expected
         finally:
@@ -183,18 +186,13 @@ async def test_a_runner_killed_after_a_rank_joined_is_finished_by_the_next(
         client = WorkerClient(address)
         dying = DiesAtStage(address)
         try:
-            jobs = JobStore(redis, lease_s=LEASE_S)
             params = {"address": address, "resize": {"ranks": 3, "master": master}, "source": "checkpoint"}
-            job, _ = await jobs.create(MIGRATE, params)
-            first = await jobs.claim(job.id, "runner-1")
-            assert first is not None
+            jobs, first = await _claimed(redis, params)
             with pytest.raises(RunnerKilled):  # the new rank has joined; the runner dies before any stage
                 async with jobs.leased(first):
                     await asyncio.wait_for(migrate_with(first, jobs, dying), 300)
             assert (await client.expert_stats()).expert_map.num_ranks == 3
-            await _after_lease(jobs, job.id)
-            final = await run_migration(job.id, jobs, address, None)
-            assert final.state is JobState.SUCCEEDED, final.message
+            final = await _finished_by_the_next(jobs, first.id, address)
             assert final.attempts == 2 and final.result["ranks"] == 3  # it did not try to join again
             stats = await client.expert_stats()
             width = stats.expert_map.slots_per_rank
