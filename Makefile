@@ -68,6 +68,14 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 test: $(STAMP) redis lint helm-lint ## Run every test (unit, integration, e2e), after lint and helm-lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+.PHONY: test-faults
+test-faults: $(STAMP) redis ## Only the fault-injection suite (tests/faults; also part of make test)
+	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
+
+.PHONY: test-fuzz
+test-fuzz: $(STAMP) redis ## Schemathesis on both HTTP APIs, 500 examples per operation (CI; not in make test)
+	$(PY) -m pytest tests/fuzz -m fuzz -s --timeout=3000 $(PYTEST_ARGS)
+
 .PHONY: test-images
 test-images: $(STAMP) ## Build the image and bring the docker-compose stack up (Docker, or podman when no daemon)
 	bash deploy/container-host.sh
