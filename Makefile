@@ -9,6 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TOOLS := .tools
 MODEL_DIR := .cache/models/shoal-tiny-moe
+MODEL_B_DIR := .cache/models/shoal-tiny-moe-b
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 # Router processes `make run` starts on the OpenAI port (make run ROUTERS=2).
@@ -105,12 +106,15 @@ helm-lint: $(HELM) ## helm lint + template (defaults and each example), manifest
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(PY) -m cli tiny-model $(MODEL_DIR)
 
+$(MODEL_B_DIR)/config.json: | $(STAMP)
+	$(PY) -m cli tiny-model $(MODEL_B_DIR) --variant b
+
 .PHONY: tiny-model
 tiny-model: $(MODEL_DIR)/config.json ## Build the tiny test checkpoint (random weights, fixed seed)
 
 .PHONY: run
-run: $(STAMP) redis $(MODEL_DIR)/config.json ## Start the whole platform locally (Ctrl-C stops it)
-	@exec $(PY) -m cli run --model $(MODEL_DIR) --routers $(ROUTERS)
+run: $(STAMP) redis $(MODEL_DIR)/config.json $(MODEL_B_DIR)/config.json ## Start the whole platform locally, two models behind one endpoint (Ctrl-C stops it)
+	@exec $(PY) -m cli run --model $(MODEL_DIR) --second $(MODEL_B_DIR) --routers $(ROUTERS)
 
 .PHONY: bench
 bench: ## Run every benchmark (bench-* targets)

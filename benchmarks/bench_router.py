@@ -131,7 +131,7 @@ def overhead(model: Path) -> Overhead:
         "SHOAL_LOG_LEVEL": "WARNING",
         "SHOAL_WORKER_MAX_WAITING": "4096",
     }
-    with local_stack(model, [("mixed", "sim"), ("mixed", "sim")], **env) as (endpoints, _):
+    with local_stack(model, [("mixed", "sim"), ("mixed", "sim")], env) as (endpoints, _):
         addresses = list(endpoints.worker_http.values())
         chat_url = f"{endpoints.router}/v1/chat/completions"
         wrk(chat_url, CHAT, 32, seconds=3)  # warm-up: sessions open, caches filled
@@ -213,7 +213,7 @@ def chat(model: Path, preset: str, conversations: int = 16, turns: int = 3) -> C
         "SHOAL_LOG_LEVEL": "WARNING",
         "SHOAL_ROUTER_PD_MIN_UNCACHED_TOKENS": "100000",
     }
-    with local_stack(model, [("mixed", "reference"), ("mixed", "reference")], **env) as (endpoints, _):
+    with local_stack(model, [("mixed", "reference"), ("mixed", "reference")], env) as (endpoints, _):
         ttfts: list[float] = []
         usage: list[tuple[int, int]] = []
 

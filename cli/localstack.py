@@ -2,8 +2,9 @@
 
 Redis on a free port (unless SHOAL_REDIS_URL is set), the kvstore, the
 controller's Celery worker, the controller (which starts the workers of its
-bootstrap pools through the local actuator), then the router, each waited on
-until its health check answers. Public ports come from the usual variables
+bootstrap pools through the local actuator), then the router (which serves
+every model the controller holds), each waited on until its health check
+answers. Public ports come from the usual variables
 (SHOAL_ROUTER_HTTP_PORT, SHOAL_CONTROLLER_HTTP_PORT) or the StackConfig;
 internal ones are picked free. The admin token is SHOAL_ADMIN_TOKEN, or a
 fresh one that `make run` prints.
@@ -88,6 +89,8 @@ class StackConfig:
     env: dict[str, str] = field(default_factory=dict)
     # Where Redis keeps its append-only file (desired state survives a restart); a fresh folder if None.
     data_dir: Path | None = None
+    # Further models behind the same router, each served by one mixed pool of one worker: (name, checkpoint).
+    more_models: list[tuple[str, Path]] = field(default_factory=list)
 
 
 @dataclass
@@ -103,13 +106,18 @@ class Endpoints:
 
 
 def bootstrap_document(config: StackConfig, model_name: str, model_path: str) -> dict[str, Any]:
-    """The models and pools the controller creates at start: one pool per role."""
+    """The models and pools the controller creates at start: one pool per role of the first model, one
+    mixed pool (named as its model) for each further model."""
     pools: dict[str, dict[str, Any]] = {}
     for role, engine in config.workers:
         pool = pools.setdefault(role, {"name": role, "model": model_name, "role": role, "engine": engine})
         pool["min_replicas"] = pool.get("min_replicas", 0) + 1
         pool["max_replicas"] = pool["min_replicas"] + config.headroom
-    return {"models": [{"name": model_name, "path": model_path}], "pools": list(pools.values())}
+    models = [{"name": model_name, "path": model_path}]
+    for name, path in config.more_models:
+        models.append({"name": name, "path": str(path.resolve())})
+        pools[name] = {"name": name, "model": name, "role": "mixed", "min_replicas": 1, "max_replicas": 1}
+    return {"models": models, "pools": list(pools.values())}
 
 
 class LocalStack:
@@ -166,7 +174,7 @@ class LocalStack:
             ready=lambda: http_ready(f"{controller}/health"),
         )
         self.endpoints.controller, self.endpoints.admin_token = controller, token
-        registered = self._wait_for_workers(controller, token, len(self.config.workers))
+        registered = self._wait_for_workers(controller, token, len(self.config.workers) + len(self.config.more_models))
         self.endpoints.workers = {w["worker_id"]: w["address"] for w in registered}
         self.endpoints.worker_http = {w["worker_id"]: w["http_address"] for w in registered if w["http_address"]}
 
@@ -177,7 +185,6 @@ class LocalStack:
                 [python, "-m", "services.router"],
                 {
                     **env,
-                    "SHOAL_ROUTER_MODEL_PATH": model,
                     "SHOAL_ROUTER_HTTP_PORT": str(router_port),
                     "SHOAL_ROUTER_KVSTORE_ADDRESS": kvstore,
                     "SHOAL_ROUTER_REUSE_PORT": "true" if self.config.routers > 1 else "false",
@@ -207,15 +214,22 @@ class LocalStack:
 
 
 @contextmanager
-def local_stack(model: Path, workers: list[tuple[str, str]], **env: str) -> Iterator[tuple[Endpoints, Supervisor]]:
-    """The stack on free ports with these workers, its services' output kept quiet (tests, benchmarks)."""
+def local_stack(
+    model: Path,
+    workers: list[tuple[str, str]],
+    env: dict[str, str] | None = None,
+    more_models: list[tuple[str, Path]] | None = None,
+) -> Iterator[tuple[Endpoints, Supervisor]]:
+    """The stack on free ports with these workers and settings, its services' output kept quiet (tests,
+    benchmarks)."""
     supervisor = Supervisor(grace_s=5)
     config = StackConfig(
         model_path=model,
         router_port=free_port(),
         controller_port=free_port(),
         workers=workers,
-        env=env,
+        env=env or {},
+        more_models=more_models or [],
     )
     stack = LocalStack(config, supervisor)
     captured = io.StringIO()
@@ -229,12 +243,18 @@ def local_stack(model: Path, workers: list[tuple[str, str]], **env: str) -> Iter
         supervisor.stop_all()
 
 
-def run_local_stack(model_path: Path = DEFAULT_MODEL, routers: int = 1) -> int:
+def run_local_stack(model_path: Path = DEFAULT_MODEL, second: Path | None = None, routers: int = 1) -> int:
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     try:
         # The decode pool may grow by one worker under load: the autoscaler at work.
-        config = StackConfig(model_path=model_path, headroom=1, routers=routers, data_dir=RUN_DATA)
+        config = StackConfig(
+            model_path=model_path,
+            headroom=1,
+            routers=routers,
+            data_dir=RUN_DATA,
+            more_models=[(second.name, second)] if second else [],
+        )
         endpoints = LocalStack(config, supervisor).start()
         print(
             f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1   (try: curl {endpoints.router}/v1/models)\n"

@@ -8,6 +8,7 @@ import typer
 
 from cli.admin import COMMANDS
 from cli.graphs import catalogue, graph_app
+from cli.models import alias_app, model_app
 from cli.sim import sim
 
 app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
@@ -16,17 +17,20 @@ for command in COMMANDS:
 app.command()(sim)
 app.command()(catalogue)
 app.add_typer(graph_app, name="graph")
+app.add_typer(model_app, name="model")
+app.add_typer(alias_app, name="alias")
 
 
 @app.command()
 def run(
-    model: Path = typer.Option(Path(".cache/models/shoal-tiny-moe"), help="Checkpoint to serve."),
+    model: Path = typer.Option(Path(".cache/models/shoal-tiny-moe"), help="Checkpoint served by a P/D pair."),
+    second: Path | None = typer.Option(None, help="A second checkpoint, served by one worker of its own."),
     routers: int = typer.Option(1, min=1, max=64, help="Router processes sharing the OpenAI port."),
 ) -> None:
     """Start the whole platform as local processes (what `make run` does)."""
     from cli.localstack import run_local_stack
 
-    raise typer.Exit(run_local_stack(model, routers))
+    raise typer.Exit(run_local_stack(model, second, routers))
 
 
 @app.command()
@@ -42,14 +46,20 @@ def probe(
 
 
 @app.command("tiny-model")
-def tiny_model(out: Path = typer.Argument(Path(".cache/models/shoal-tiny-moe")), force: bool = False) -> None:
-    """Build the tiny random-weight test checkpoint (no downloads)."""
-    from services.worker.tiny_model import build_tiny_model
+def tiny_model(
+    out: Path = typer.Argument(Path(".cache/models/shoal-tiny-moe")),
+    variant: str = typer.Option("a", help="a: 8 experts; b: 4 experts and another vocabulary."),
+    force: bool = False,
+) -> None:
+    """Build a tiny random-weight test checkpoint (no downloads)."""
+    from services.worker.tiny_model import VARIANTS, build_tiny_model
 
+    if variant not in VARIANTS:
+        raise typer.BadParameter(f"variant must be one of {sorted(VARIANTS)}")
     if (out / "config.json").exists() and not force:
         typer.echo(f"{out} already holds a model")
         return
-    build_tiny_model(out)
+    build_tiny_model(out, variant=VARIANTS[variant])
     typer.echo(f"tiny model written to {out}")
 
 

@@ -65,9 +65,10 @@ class Supervisor:
         old.terminate(grace_s)
         spec = self._specs[name]
         index = self.processes.index(old)
+        self.processes.remove(old)  # so pid(name), which a readiness check may ask, is the new process's
         process = self.start(name, spec.argv, spec.env, spec.ready, spec.timeout_s)
         self.processes.remove(process)
-        self.processes[index] = process
+        self.processes.insert(index, process)
         return process
 
     def pid(self, name: str) -> int:

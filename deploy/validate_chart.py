@@ -7,7 +7,7 @@ For the default values and each values file given:
 * every Shoal container sets only SHOAL_* variables its service reads, with
   values its settings class accepts (secret and downward-API values are
   stood in for by well-formed samples);
-* the controller's bootstrap document holds models and pools the controller
+* the controller's bootstrap document holds models, aliases and pools the controller
   accepts, one worker Deployment per pool, and the actuator's Role may
   scale exactly those Deployments.
 
@@ -81,11 +81,17 @@ def check_bootstrap(docs: list[dict[str, Any]], problems: list[str]) -> None:
     document = yaml.safe_load(bootstrap["data"]["bootstrap.yaml"])
     pools = []
     try:
-        for item in document["models"]:
-            ModelCreate(**item)
+        models = {ModelCreate(**item).name for item in document["models"]}
         pools = [PoolCreate(**item) for item in document["pools"]]
     except ValueError as exc:
         problems.append(f"bootstrap: the controller would refuse it: {exc}")
+    else:
+        for pool in pools:
+            if pool.model not in models:
+                problems.append(f"bootstrap: pool {pool.name} serves {pool.model!r}, which `models` does not hold")
+        for alias, target in (document.get("aliases") or {}).items():
+            if target not in models or alias in models:
+                problems.append(f"bootstrap: alias {alias} -> {target!r}: not a model, or the alias is one")
     deployments = {
         d["metadata"]["name"] for d in docs if d["kind"] == "Deployment" and "-worker-" in d["metadata"]["name"]
     }

@@ -48,3 +48,9 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Mixtral checkpoint with tokenizer (built once, fixed seed)."""
     return models.build(tmp_path_factory.mktemp("models") / models.TINY_MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second tiny checkpoint, unlike the first: 4 experts, another vocabulary and tokenizer."""
+    return models.build_b(tmp_path_factory.mktemp("models") / models.TINY_MODEL_B_NAME)

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from shared.config import EngineKind, KVStoreSettings, RouterSettings, WorkerRole, WorkerSettings
 from shared.policies.eviction import POLICIES
 from shared.policies.routing import PRESETS
-from shared.types.pools import SLO, Capacity, ScalingSpec
+from shared.types.pools import SLO, Capacity, ModelCreate, ScalingSpec
 
 NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
@@ -57,6 +57,7 @@ def schema() -> dict[str, Any]:
     pool = obj(
         {
             "name": {"type": "string", "pattern": NAME},
+            "model": {"type": "string", "pattern": NAME},
             "role": {"enum": [r.value for r in WorkerRole]},
             "engine": {"enum": [e.value for e in EngineKind]},
             "gpuType": {"type": "string", "minLength": 1},
@@ -103,16 +104,21 @@ def schema() -> dict[str, Any]:
                         "apiKeys": {"type": "array", "items": {"type": "string", "minLength": 1}},
                     }
                 ),
-                "model": obj(
-                    {
-                        "name": {"type": "string", "pattern": NAME},
-                        "path": {"type": "string", "minLength": 1},
-                        "blockSize": {"type": "integer", "minimum": 1, "maximum": 1024},
-                        "volume": FREE,
-                        "mountPath": {"type": "string"},
-                    },
-                    required=["name", "path"],
-                ),
+                "models": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": obj(
+                        {
+                            "name": {"type": "string", "pattern": NAME},
+                            "path": {"type": "string", "minLength": 1},
+                            "blockSize": bound(ModelCreate, "block_size"),
+                            "contextLength": bound(ModelCreate, "context_length"),
+                        },
+                        required=["name", "path"],
+                    ),
+                },
+                "aliases": {"type": "object", "additionalProperties": {"type": "string", "pattern": NAME}},
+                "modelStorage": obj({"volume": FREE, "mountPath": {"type": "string"}}),
                 "redis": obj(
                     {
                         "enabled": {"type": "boolean"},
@@ -155,7 +161,7 @@ def schema() -> dict[str, Any]:
                 "podSecurityContext": FREE,
                 "securityContext": FREE,
             },
-            required=["image", "model", "pools", "secrets", "redis", "router", "kvstore", "controller"],
+            required=["image", "models", "pools", "secrets", "redis", "router", "kvstore", "controller"],
         ),
     }
 

@@ -28,7 +28,7 @@ from services.controller.jobs.store import Job, JobStore
 from services.controller.launcher import LocalLauncher
 from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconciler
 from shared.config import ControllerSettings
-from shared.errors import AlreadyExists, FailedPrecondition
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.httpapi import http_server
 from shared.policies.agents import Hardware
 from shared.policies.scaling import PolicyState
@@ -39,7 +39,7 @@ from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
 from shared.telemetry.metrics import new_registry
 from shared.ticker import Ticker
-from shared.types.pools import ModelCreate, PoolCreate
+from shared.types.pools import AliasSpec, ModelCreate, PoolCreate
 
 log = get_logger("shoal.controller")
 
@@ -197,7 +197,7 @@ class ControllerApp:
         return entries
 
     async def bootstrap(self, path: Path) -> None:
-        """Create the models and pools a YAML file lists, unless they exist."""
+        """Create the models, pools and aliases a YAML file lists, unless they exist."""
         document = yaml.safe_load(await asyncio.to_thread(path.read_text)) or {}
         for model in document.get("models", []):
             with contextlib.suppress(AlreadyExists):
@@ -205,6 +205,11 @@ class ControllerApp:
         for pool in document.get("pools", []):
             with contextlib.suppress(AlreadyExists):
                 await self.desired.create_pool(PoolCreate(**pool))
+        for alias, target in (document.get("aliases") or {}).items():
+            try:
+                await self.desired.alias(alias)  # an alias switched since is left where it points
+            except NotFound:
+                await self.desired.set_alias(alias, AliasSpec(model=target))
 
     async def start(self) -> None:
         await self.graph_runner.fail_orphans()

@@ -8,7 +8,10 @@ second) and asks the pool's scaling policy what should be. Then it acts:
 * fewer: first cancel workers still starting, then open one drain-first
   scale-down job per excess ready worker (least loaded first); the job drains
   the worker and only then has the actuator stop it;
-* a manual override or the pause switch wins over the policy.
+* a manual override or the pause switch wins over the policy;
+* a deleted model's pools go to zero (after the routers have stopped
+  admitting it, so requests in flight finish on their drained workers), then
+  the pools and the model are deleted.
 
 Everything a tick does is derived from observed state, so ticks are
 idempotent and the loop survives its own restart and a Redis restart (the
@@ -48,7 +51,7 @@ from shared.state.registry import WorkerRegistry
 from shared.state.versioned import DocumentStore, Versioned
 from shared.state.workstats import read_work
 from shared.telemetry.logging import get_logger
-from shared.types.pools import ModelPublic, PoolPublic
+from shared.types.pools import ModelPublic, ModelState, PoolPublic
 from shared.types.workers import WorkerRecord
 
 log = get_logger("shoal.controller.reconcile")
@@ -56,6 +59,8 @@ log = get_logger("shoal.controller.reconcile")
 HISTORY_S = 300
 SCALE_DOWN = "scale-down"
 DEFAULT_COLD_START_S = 10.0
+# Routers read the model catalog every second: a deleted model's workers keep serving this long first.
+ROUTER_NOTICE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,8 @@ class Reconciler:
                 else:
                     work_sample = WorkSample(second, work.requests, work.prefill_tokens, work.decode_tokens)
                 history.append(work_sample)
-            if entry.refused:
-                self.refused[entry.model].append((entry.t, entry.refused))
+            for model, count in entry.refused.items():
+                self.refused[model].append((entry.t, count))
         for history in self.history.values():
             while history and history[0].t < now - HISTORY_S:
                 history.popleft()
@@ -186,12 +191,16 @@ class Reconciler:
         open_jobs = await self.jobs.open_jobs()
         removing = {j.params["worker_id"]: j for j in open_jobs if j.kind == SCALE_DOWN}
         statuses: list[PoolStatus] = []
-        for pool in await self.desired.pools():
+        pools = await self.desired.pools()
+        for pool in pools:
             model = models.get(pool.model)
             if model is None:
                 continue
             try:
                 status = await self._reconcile_pool(pool, model, workers, removing, now, paused, act)
+                if act and model.state is ModelState.DELETING and status.ready + status.starting + status.draining == 0:
+                    await self._retire(pool)
+                    continue
             except Exception as exc:
                 log.exception("reconciling a pool failed; the other pools go on", pool=pool.name)
                 self.metrics.pool_errors.labels(pool.name).inc()
@@ -200,9 +209,21 @@ class Reconciler:
             self.pool_errors.pop(pool.name, None)
             statuses.append(status)
         if act:
+            served = {pool.model for pool in await self.desired.pools()}
+            for model in models.values():
+                if model.state is ModelState.DELETING and model.name not in served:
+                    await self.desired.forget_model(model.name)
+                    log.info("model deleted: its pools drained and are gone", model=model.name)
             await self._resubmit_stale(open_jobs, now)
             self._documents = await self.docs.snapshot()
         return statuses
+
+    async def _retire(self, pool: PoolPublic) -> None:
+        """A deleted model's pool whose workers are all gone: delete it."""
+        await self.actuator.delete_pool(pool.name)
+        await self.desired.delete_pool(pool.name)
+        self.states.pop(pool.name, None)
+        log.info("pool of a deleted model retired", pool=pool.name, model=pool.model)
 
     async def _restore_if_lost(self) -> None:
         """Redis lost its data (wiped, or restarted without its file) when the cluster mark is gone: write
@@ -235,7 +256,7 @@ class Reconciler:
         )
         cold = self.cold_starts(pool.name) or DEFAULT_COLD_START_S
         snapshot = self._snapshot(pool, ready, starting, now, cold)
-        decision = self._decide(pool, snapshot, paused, keep_state=act)
+        decision = self._decide(pool, model, snapshot, paused, keep_state=act, now=now)
         acted = False
         if act and not paused:
             acted = await self._act(pool, model, decision, snapshot, ready, removing)
@@ -244,8 +265,17 @@ class Reconciler:
             self._record(status)
         return status
 
-    def _decide(self, pool: PoolPublic, snapshot: PoolSnapshot, paused: bool, keep_state: bool) -> ScalingDecision:
+    def _decide(
+        self, pool: PoolPublic, model: ModelPublic, snapshot: PoolSnapshot, paused: bool, keep_state: bool, now: float
+    ) -> ScalingDecision:
         state = self.states.get(pool.name, PolicyState())
+        if model.state is ModelState.DELETING:
+            # Routers stop admitting the model within ROUTER_NOTICE_S; until then its workers keep serving.
+            if now < (model.deleting_since or 0.0) + ROUTER_NOTICE_S:
+                return ScalingDecision(
+                    snapshot.current, ScalingReason.MODEL_DELETED, "model deleted: routers stop admitting it", state
+                )
+            return ScalingDecision(0, ScalingReason.MODEL_DELETED, "model deleted: draining its workers", state)
         if paused:
             return ScalingDecision(snapshot.current, ScalingReason.PAUSED, "scaling is paused", state)
         if pool.replicas_override is not None:

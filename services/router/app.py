@@ -1,8 +1,12 @@
-"""The router process: the HTTP API, the worker view, the KV index, the dispatcher.
+"""The router process: the HTTP API, the model catalog, the worker view, the KV index, the dispatcher.
 
-Background work keeps the hot path free of Redis: the worker directory is
-refreshed every 250 ms and the KV index follows the event stream, both into
-memory that requests read. Several routers can run side by side (processes
+One router serves every model (models.py): a request is routed among its
+model's workers only, and its prompt is templated, tokenized and cut into
+blocks by its model. Background work keeps the hot path free of Redis: the
+model catalog is refreshed every second, the worker directory every 250 ms,
+and the KV index follows the event stream, all into memory that requests
+read (block hashes are seeded with the model's name, so one index serves
+every model). Several routers can run side by side (processes
 sharing a port, or replicas): each follows the KV event stream itself, and
 they share the session map through Redis (shared/state/sessions.py), so a
 session keeps its worker and a prompt gets the same P/D decision whichever
@@ -12,10 +16,8 @@ router takes it.
 from __future__ import annotations
 
 import itertools
-import json
 import uuid
 from collections.abc import AsyncGenerator
-from pathlib import Path
 
 import yaml
 from redis.exceptions import RedisError
@@ -25,16 +27,16 @@ from services.router.dispatch import Dispatcher, KVStoreTarget
 from services.router.http.api import build_server
 from services.router.inflight import InflightCounts
 from services.router.metrics import RouterMetrics
+from services.router.models import CATALOG_INTERVAL_S, ModelCatalog
 from services.router.pd import Handoff
 from services.router.pinning import Pinner
 from shared.config.services import RouterSettings
-from shared.errors import FailedPrecondition
 from shared.hashing import BlockHasher
 from shared.httpapi import listening_socket
 from shared.kvindex import KVIndex
 from shared.openai.completions import EdgeMetrics
 from shared.openai.jobs import Chunk, Hints, Job
-from shared.openai.prompts import PromptBuilder
+from shared.openai.models import ServedModel, load_model
 from shared.policies.routing import PDPolicy, Router, load_config
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
@@ -46,6 +48,7 @@ from shared.state.kvevents import KVEventFollower
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 from shared.state.sessions import SessionMap
+from shared.state.versioned import DocumentStore
 from shared.state.workstats import WorkRecorder
 from shared.telemetry.logging import get_logger
 from shared.telemetry.metrics import new_registry
@@ -62,13 +65,6 @@ SESSION_FLUSH_S = 0.1
 class RouterApp:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
-        if settings.model_path is None:
-            raise FailedPrecondition(
-                "the router needs SHOAL_ROUTER_MODEL_PATH: the checkpoint folder with the tokenizer and chat template"
-            )
-        self.prompts = PromptBuilder(settings.model_path)
-        self.max_context = _max_context(settings.model_path)
-        self.hasher = BlockHasher(settings.model_name, settings.block_size)
         self.metrics = RouterMetrics(new_registry())
         self.redis = connect(settings.redis_url)
         self.events_redis = connect(settings.redis_url)
@@ -80,12 +76,17 @@ class RouterApp:
             lambda a: ServeSession(a, settings.internal_token, settings.stall_s, self.metrics.stalls.inc)
         )
         self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, settings.internal_token))
-        self.directory = WorkerDirectory(WorkerRegistry(self.redis), settings.model_name, self._worker_gone)
+        configured = (
+            load_model(settings.model_name, settings.model_path, settings.block_size) if settings.model_path else None
+        )
+        self.catalog = ModelCatalog(DocumentStore(self.redis), configured)
+        self._hashers: dict[tuple[str, int], BlockHasher] = {}
+        self.directory = WorkerDirectory(WorkerRegistry(self.redis), self._worker_gone)
         self.follower = KVEventFollower(self.events_redis, self.index)
         self.router_id = f"router-{uuid.uuid4().hex[:8]}"
         # Request ids: this router's random prefix and a counter (unique across routers and restarts).
         self._request_ids = (f"{self.router_id[7:]}{n:x}" for n in itertools.count())
-        self.work = WorkRecorder(self.redis, self.router_id, settings.model_name)
+        self.work = WorkRecorder(self.redis, self.router_id)
         self.sessions = SessionMap(self.redis)
         self.worker_inflight = InflightCounts()
         config = load_config(yaml.safe_load(settings.routing_config.read_text()) if settings.routing_config else None)
@@ -129,15 +130,18 @@ class RouterApp:
         )
         self.http = build_server(self)
         self._discovery = Ticker("discovery", DISCOVERY_INTERVAL_S, self.directory.refresh)
+        self._models = Ticker("models", CATALOG_INTERVAL_S, self.catalog.refresh)
         self._events = Ticker("kv-index", 0.001, self._follow)
         self._stats = Ticker("work-stats", 1.0, self._flush_work)
         self._sessions = Ticker("sessions", SESSION_FLUSH_S, self.sessions.flush)
 
     # -- the OpenAI API's backend (shared/openai/completions.py) --------------------
 
-    @property
-    def model_name(self) -> str:
-        return self.settings.model_name
+    def model(self, name: str) -> ServedModel:
+        return self.catalog.model(name)
+
+    def models(self) -> list[ServedModel]:
+        return self.catalog.models()
 
     @property
     def api_keys(self) -> list[str]:
@@ -167,14 +171,18 @@ class RouterApp:
         except (RedisError, OSError) as exc:
             log.warning("work stats not published", error=str(exc))
 
-    def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
+    def job(self, model: ServedModel, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
+        key = (model.name, model.block_size)
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            hasher = self._hashers[key] = BlockHasher(*key)
         return Job(
             request_id=next(self._request_ids),
-            model=model,
+            model=model.name,
             prompt=prompt,
             sampling=sampling,
-            hashes=self.hasher.hashes(prompt),
-            block_size=self.settings.block_size,
+            hashes=hasher.hashes(prompt),
+            block_size=model.block_size,
             session_id=hints.session,
             pool=hints.pool,
             pin_s=hints.pin_s,
@@ -183,14 +191,18 @@ class RouterApp:
 
     async def start(self) -> None:
         await self.directory.refresh()
+        await self.catalog.refresh()
         self._discovery.start()
+        self._models.start()
         self._events.start()
         self._stats.start()
         self._sessions.start()
-        log.info("router ready", model=self.settings.model_name, workers=len(self.directory.records))
+        models = [m.name for m in self.catalog.models()]
+        log.info("router ready", models=models, workers=len(self.directory.records))
 
     async def stop(self) -> None:
         await self._discovery.stop()
+        await self._models.stop()
         await self._events.stop()
         await self._stats.stop()
         await self._sessions.stop()
@@ -221,10 +233,3 @@ class RouterApp:
             await self.http.stop(SHUTDOWN_GRACE_S)
         finally:
             await self.stop()
-
-
-def _max_context(model_path: Path) -> int:
-    config = model_path / "config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text()).get("max_position_embeddings", 4096))
-    return 4096

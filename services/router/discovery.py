@@ -1,4 +1,4 @@
-"""The router's in-memory view of the workers, refreshed from the Redis registry.
+"""The router's in-memory view of the workers of every model, refreshed from the Redis registry.
 
 Polled every `interval_s` (a new worker takes traffic within one poll; one
 whose lease lapses, that deregisters, drains or is cordoned, stops receiving
@@ -27,9 +27,8 @@ BENCH_S = 3.0
 
 
 class WorkerDirectory:
-    def __init__(self, registry: WorkerRegistry, model: str, on_gone: Callable[[str], None]) -> None:
+    def __init__(self, registry: WorkerRegistry, on_gone: Callable[[str], None]) -> None:
         self.registry = registry
-        self.model = model
         self._on_gone = on_gone
         self.records: dict[str, WorkerRecord] = {}
         self._benched: dict[str, float] = {}
@@ -42,7 +41,7 @@ class WorkerDirectory:
             # Keep serving with the last view; leases are re-read next time.
             log.warning("worker registry unreachable; keeping the last view", error=str(exc))
             return
-        fresh = {r.worker_id: r for r in records if r.info.model == self.model}
+        fresh = {r.worker_id: r for r in records}
         vanished = sorted(set(self.records) - set(fresh))
         if vanished:
             try:
@@ -64,13 +63,15 @@ class WorkerDirectory:
         """Keep a worker that just failed out of new decisions for a few seconds."""
         self._benched[worker_id] = time.monotonic() + BENCH_S
 
-    def serving(self) -> list[WorkerRecord]:
-        """Workers that may take new requests now."""
+    def serving(self, model: str | None = None) -> list[WorkerRecord]:
+        """Workers (of `model`, or of every model) that may take new requests now."""
         now = time.monotonic()
         return [
             record
             for record in self.records.values()
-            if record.schedulable and self._benched.get(record.worker_id, 0.0) <= now
+            if record.schedulable
+            and self._benched.get(record.worker_id, 0.0) <= now
+            and (model is None or record.info.model == model)
         ]
 
     def pool(self, worker_id: str) -> str | None:

@@ -156,7 +156,7 @@ class Dispatcher:
         )
 
     def _serving(self, job: Job) -> list[WorkerRecord]:
-        records = self.directory.serving()
+        records = self.directory.serving(job.model)
         if job.pool:
             preferred = [r for r in records if r.info.pool == job.pool]
             return preferred or records
@@ -165,7 +165,7 @@ class Dispatcher:
     def _decide(self, job: Job, phase: Phase, views: list[WorkerView], progress: _Progress) -> Decision:
         eligible = [v for v in views if v.worker_id not in progress.failed]
         decision = self.router.route(self._request_view(job, phase, progress), eligible)
-        self.metrics.decisions.labels(phase.value, decision.reason.value).inc()
+        self.metrics.decisions.labels(job.model, phase.value, decision.reason.value).inc()
         return decision
 
     def _account(self, prefill_worker: str, decode_worker: str, chunk: Chunk) -> None:
@@ -180,9 +180,9 @@ class Dispatcher:
         if decode_pool is not None:
             self.work.record(decode_pool, requests=1, decode_tokens=chunk.completion_tokens)
 
-    def _refuse(self, decision: Decision) -> ShoalError:
+    def _refuse(self, job: Job, decision: Decision) -> ShoalError:
         if self.work is not None:
-            self.work.refused()
+            self.work.refused(job.model)
         if decision.reason is Reason.ALL_OVERLOADED:
             return Overloaded("every worker for this model is at capacity; retry shortly", retry_after_s=1.0)
         return Unavailable("no worker is serving this model right now", retry_after_s=2.0)
@@ -267,7 +267,7 @@ class Dispatcher:
             if decision.worker_id is None:
                 if progress.attempts:
                     raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
-                raise self._refuse(decision)
+                raise self._refuse(job, decision)
             source = self._store_source(job, decision.worker_id, views) if not progress.produced else None
             attempt = _Attempt(decision.worker_id, decision.worker_id, source)
         if job.session_id:

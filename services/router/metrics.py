@@ -15,7 +15,9 @@ class RouterMetrics:
         # Requests, TTFT, TBT, end to end and tokens, as the OpenAI endpoints measure them.
         self.edge = EdgeMetrics(metrics, "shoal_router")
         self.decisions = metrics.counter(
-            "shoal_router_routing_decisions", "Routing decisions by phase and reason", ["phase", "reason"]
+            "shoal_router_routing_decisions",
+            "Routing decisions by model, phase and reason",
+            ["model", "phase", "reason"],
         )
         self.retries = metrics.counter(
             "shoal_router_retries", "Requests moved to another worker (retry before, resume after a token)", ["kind"]

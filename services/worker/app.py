@@ -24,6 +24,7 @@ from shared.config.services import WorkerSettings
 from shared.errors import FailedPrecondition
 from shared.httpserver import HttpServer
 from shared.openai.completions import EdgeMetrics
+from shared.openai.models import ServedModel
 from shared.openai.prompts import PromptBuilder
 from shared.rpc.channel import ChannelServer
 from shared.rpc.serve_client import CHANNEL as SERVE_CHANNEL
@@ -116,7 +117,8 @@ class WorkerApp:
         if self.settings.model_path is None:
             raise FailedPrecondition("SHOAL_WORKER_HTTP_PORT needs SHOAL_WORKER_MODEL_PATH (the tokenizer)")
         edge = EdgeMetrics(LoopMetrics(self.metrics.registry), "shoal_worker_http")
-        backend = EngineBackend(self.servicer, PromptBuilder(self.settings.model_path), edge)
+        model = ServedModel(self.engine.model_name, self.engine.max_context, PromptBuilder(self.settings.model_path))
+        backend = EngineBackend(self.servicer, model, edge)
         self.http = direct_server(backend)
         self.http_port = await self.http.start(self.settings.host, port)
         log.info("worker serving the OpenAI API directly", port=self.http_port)

@@ -17,36 +17,33 @@ from fastapi import FastAPI
 
 from services.worker.engines.base import Engine
 from services.worker.server import WorkerServicer
+from shared.errors import NotFound
 from shared.httpapi import install_error_handlers
 from shared.httpserver import HttpServer
 from shared.openai.api import openai_server
 from shared.openai.completions import EdgeMetrics
 from shared.openai.jobs import Chunk, Hints, Job
-from shared.openai.prompts import PromptBuilder
+from shared.openai.models import ServedModel
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 
 
 class EngineBackend:
     """The OpenAI endpoints' backend for one worker: requests go straight to its engine."""
 
-    def __init__(self, servicer: WorkerServicer, prompts: PromptBuilder, edge_metrics: EdgeMetrics) -> None:
+    def __init__(self, servicer: WorkerServicer, model: ServedModel, edge_metrics: EdgeMetrics) -> None:
         self.servicer = servicer
         self.engine: Engine = servicer.engine
-        self._prompts = prompts
+        self._model = model
         self._edge_metrics = edge_metrics
         self._ids = (f"direct-{n:x}" for n in itertools.count())
 
-    @property
-    def model_name(self) -> str:
-        return self.engine.model_name
+    def model(self, name: str) -> ServedModel:
+        if name != self._model.name:
+            raise NotFound(f"The model `{name}` does not exist.", param="model")
+        return self._model
 
-    @property
-    def max_context(self) -> int:
-        return self.engine.max_context
-
-    @property
-    def prompts(self) -> PromptBuilder:
-        return self._prompts
+    def models(self) -> list[ServedModel]:
+        return [self._model]
 
     @property
     def api_keys(self) -> list[str]:
@@ -56,8 +53,8 @@ class EngineBackend:
     def edge_metrics(self) -> EdgeMetrics:
         return self._edge_metrics
 
-    def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
-        return Job(request_id=next(self._ids), model=model, prompt=prompt, sampling=sampling)
+    def job(self, model: ServedModel, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
+        return Job(request_id=next(self._ids), model=model.name, prompt=prompt, sampling=sampling)
 
     async def stream(self, job: Job) -> AsyncGenerator[Chunk, None]:
         request = self.servicer.engine_request(

@@ -196,6 +196,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         wanted = engine_request.sampling.max_tokens
         engine_request.sampling = replace(engine_request.sampling, max_tokens=1)
         engine_request.export_prompt_kv = True
+        engine_request.continues = wanted > 1
         tokens: list[int] = []
         text = ""
         final: TokenOutput | None = None

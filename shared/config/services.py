@@ -248,10 +248,14 @@ class RouterSettings(CommonSettings):
         default=None, description="YAML routing document (filters, scorers, picker); overrides routing_preset."
     )
     model_path: Path | None = Field(
-        default=None, description="Checkpoint folder holding the tokenizer and chat template."
+        default=None,
+        description=(
+            "A checkpoint folder (tokenizer, chat template) served as model_name even when the admin API "
+            "holds no such model: a router without a controller. Unset: serve the admin API's models only."
+        ),
     )
-    model_name: str = Field(default="shoal-tiny-moe", min_length=1, description="Model the router serves.")
-    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block (as the workers use).")
+    model_name: str = Field(default="shoal-tiny-moe", min_length=1, description="The name model_path is served as.")
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block of model_path's workers.")
     kvstore_address: str | None = Field(
         default=None, description="kvstore host:port for P/D hand-off and shared prefixes; unset disables both."
     )

@@ -10,7 +10,6 @@ clients and the fuzzer see one API.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -39,13 +38,11 @@ def json_response(payload: dict[str, Any], status: int = 200) -> Response:
 
 def openai_server(backend: Backend, api: FastAPI) -> HttpServer:
     """The HTTP server of `backend`'s OpenAI API, with `api` answering every other path."""
-    created = int(time.time())
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
         check_api_key(backend.api_keys, request.headers.get("authorization"))
-        model = {"id": backend.model_name, "object": "model", "created": created, "owned_by": "shoal"}
-        return json_response({"object": "list", "data": [model]})
+        return json_response({"object": "list", "data": [model.listing() for model in backend.models()]})
 
     base_openapi = api.openapi
 

@@ -29,10 +29,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from pydantic import BaseModel, ValidationError
 
-from shared.errors import Internal, InvalidArgument, NotFound, ShoalError, Unauthenticated
+from shared.errors import Internal, InvalidArgument, ShoalError, Unauthenticated
 from shared.httpapi import HTTP_STATUS, describe_validation, error_body, error_parts
 from shared.httpserver import Request, Responder
 from shared.openai.jobs import Chunk, Hints, Job
+from shared.openai.models import ServedModel
 from shared.openai.prompts import PromptBuilder
 from shared.openai.schemas import ChatCompletionRequest, CompletionRequest
 from shared.rpc.shoal.v1 import common_pb2
@@ -51,38 +52,33 @@ WHOLE_RESPONSE_COALESCE_MS = 500
 
 
 class EdgeMetrics:
-    """Per-request metrics of the OpenAI endpoints, named `{prefix}_requests_total` and so on."""
+    """Per-request metrics of the OpenAI endpoints, named `{prefix}_requests_total` and so on, by model
+    (the model a request ran on; "" for one refused before its model was known)."""
 
     def __init__(self, metrics: LoopMetrics, prefix: str) -> None:
         self.requests: LoopCounter = metrics.counter(
-            f"{prefix}_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"]
+            f"{prefix}_requests", "Requests by model, endpoint and HTTP status", ["model", "endpoint", "status"]
         )
         self.ttft: LoopHistogram = metrics.histogram(
-            f"{prefix}_ttft_seconds", "Request arrival to first token", LATENCY_BUCKETS
+            f"{prefix}_ttft_seconds", "Request arrival to first token", LATENCY_BUCKETS, ["model"]
         )
         self.tbt: LoopHistogram = metrics.histogram(
-            f"{prefix}_tbt_seconds", "Time between streamed tokens", LATENCY_BUCKETS
+            f"{prefix}_tbt_seconds", "Time between streamed tokens", LATENCY_BUCKETS, ["model"]
         )
         self.e2e: LoopHistogram = metrics.histogram(
-            f"{prefix}_e2e_seconds", "Request arrival to last token", LATENCY_BUCKETS
+            f"{prefix}_e2e_seconds", "Request arrival to last token", LATENCY_BUCKETS, ["model"]
         )
-        self.tokens: LoopCounter = metrics.counter(f"{prefix}_tokens", "Tokens by kind", ["kind"])
+        self.tokens: LoopCounter = metrics.counter(f"{prefix}_tokens", "Tokens by model and kind", ["model", "kind"])
 
 
 class Backend(Protocol):
     """Where the endpoints run requests: the router's dispatcher, or one worker's engine."""
 
-    @property
-    def model_name(self) -> str:
-        """The model clients name."""
+    def model(self, name: str) -> ServedModel:
+        """The model (or alias) clients call `name`; raises NotFound (404) for one not served."""
 
-    @property
-    def max_context(self) -> int:
-        """Prompt plus completion tokens the model takes."""
-
-    @property
-    def prompts(self) -> PromptBuilder:
-        """The model's tokenizer and chat template."""
+    def models(self) -> list[ServedModel]:
+        """Every model and alias served, as `/v1/models` lists them."""
 
     @property
     def api_keys(self) -> Sequence[str]:
@@ -92,7 +88,7 @@ class Backend(Protocol):
     def edge_metrics(self) -> EdgeMetrics:
         """Where the endpoints count requests and time tokens."""
 
-    def job(self, model: str, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
+    def job(self, model: ServedModel, prompt: list[int], sampling: common_pb2.SamplingParams, hints: Hints) -> Job:
         """The job for a validated, tokenized request (ids, block hashes, deadline)."""
 
     def stream(self, job: Job) -> AsyncGenerator[Chunk, None]:
@@ -103,11 +99,12 @@ class Backend(Protocol):
 class _Tracked:
     """Timing and counters of one request, reported when it ends."""
 
-    __slots__ = ("endpoint", "last_token", "metrics", "reported", "started")
+    __slots__ = ("endpoint", "last_token", "metrics", "model", "reported", "started")
 
     def __init__(self, metrics: EdgeMetrics, endpoint: str) -> None:
         self.metrics = metrics
         self.endpoint = endpoint
+        self.model = ""
         self.started = time.monotonic()
         self.last_token: float | None = None
         self.reported = False
@@ -116,19 +113,19 @@ class _Tracked:
         if chunk.tokens:
             now = time.monotonic()
             if self.last_token is None:
-                self.metrics.ttft.observe(now - self.started)
+                self.metrics.ttft.labels(self.model).observe(now - self.started)
             else:
-                self.metrics.tbt.observe(now - self.last_token)
+                self.metrics.tbt.labels(self.model).observe(now - self.last_token)
             self.last_token = now
-            self.metrics.tokens.labels("completion").inc(chunk.tokens)
+            self.metrics.tokens.labels(self.model, "completion").inc(chunk.tokens)
 
     def done(self, status: int) -> None:
         if self.reported:  # a client that hangs up as its response ends is counted once
             return
         self.reported = True
-        self.metrics.requests.labels(self.endpoint, str(status)).inc()
+        self.metrics.requests.labels(self.model, self.endpoint, str(status)).inc()
         if status == 200:
-            self.metrics.e2e.observe(time.monotonic() - self.started)
+            self.metrics.e2e.labels(self.model).observe(time.monotonic() - self.started)
 
 
 class _Events:
@@ -244,29 +241,29 @@ class Completions:
         request: ChatCompletionRequest | CompletionRequest
         if kind == "chat":
             chat: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
-            self._check_model(chat.model)
-            prompt = await self._chat_prompt(chat)
+            model = self.backend.model(chat.model)
+            prompt = await self._chat_prompt(model.prompts, chat)
             request, wanted = chat, chat.wanted_tokens
         else:
             text: CompletionRequest = _parse(CompletionRequest, body)
-            self._check_model(text.model)
-            prompt = await self._completion_prompt(text)
+            model = self.backend.model(text.model)
+            prompt = await self._completion_prompt(model.prompts, text)
             request, wanted = text, text.max_tokens
-        job = self._sized(request, prompt, wanted, hints)
+        job = self._sized(model, request, prompt, wanted, hints)
         if not request.stream:
             job.coalesce_ms = WHOLE_RESPONSE_COALESCE_MS
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         return job, request.stream, include_usage
 
-    async def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        prompts = self.backend.prompts
+    @staticmethod
+    async def _chat_prompt(prompts: PromptBuilder, request: ChatCompletionRequest) -> list[int]:
         messages = [{"role": m.role, "content": m.text()} for m in request.messages]
         if sum(len(m["content"]) for m in messages) > INLINE_PROMPT_CHARS:
             return await asyncio.to_thread(prompts.chat, messages)
         return prompts.chat(messages)
 
-    async def _completion_prompt(self, request: CompletionRequest) -> list[int]:
-        prompts = self.backend.prompts
+    @staticmethod
+    async def _completion_prompt(prompts: PromptBuilder, request: CompletionRequest) -> list[int]:
         if isinstance(request.prompt, str):
             if len(request.prompt) > INLINE_PROMPT_CHARS:
                 prompt = await asyncio.to_thread(prompts.encode, request.prompt)
@@ -281,14 +278,15 @@ class Completions:
             raise InvalidArgument(f"prompt holds token ids outside the vocabulary (< {vocab})", param="prompt")
         return ids
 
-    def _check_model(self, model: str) -> None:
-        if model != self.backend.model_name:
-            raise NotFound(f"The model `{model}` does not exist.", param="model")
-
     def _sized(
-        self, request: ChatCompletionRequest | CompletionRequest, prompt: list[int], wanted: int | None, hints: Hints
+        self,
+        model: ServedModel,
+        request: ChatCompletionRequest | CompletionRequest,
+        prompt: list[int],
+        wanted: int | None,
+        hints: Hints,
     ) -> Job:
-        context = self.backend.max_context
+        context = model.max_context
         if len(prompt) >= context:
             raise InvalidArgument(
                 f"This model's maximum context length is {context} tokens; the prompt has {len(prompt)}.",
@@ -301,7 +299,7 @@ class Completions:
                 f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
                 param="max_tokens",
             )
-        return self.backend.job(request.model, prompt, _sampling(request, max_tokens), hints)
+        return self.backend.job(model, prompt, _sampling(request, max_tokens), hints)
 
     # -- serving --------------------------------------------------------------------
 
@@ -331,6 +329,7 @@ class Completions:
         try:
             check_api_key(self.backend.api_keys, request.header(b"authorization"))
             job, stream, include_usage = await self._job(kind, request.body, _hints(request))
+            tracked.model = job.model
             if span is not None:
                 propagate.inject(job.trace_context)
             first, chunks = await self._start(job, tracked)

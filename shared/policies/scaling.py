@@ -50,6 +50,7 @@ class ScalingReason(enum.StrEnum):
     FIXED = "fixed"
     MANUAL = "manual-override"
     PAUSED = "paused"
+    MODEL_DELETED = "model-deleted"
 
 
 @dataclass(frozen=True)

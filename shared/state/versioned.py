@@ -94,9 +94,9 @@ class DocumentStore:
     async def delete(self, name: str) -> bool:
         return bool(await self.redis.delete(schema.doc(name)))
 
-    async def snapshot(self) -> dict[str, Versioned]:
-        """Every document, as it is now."""
-        names = await self.names("")
+    async def snapshot(self, prefixes: tuple[str, ...] = ("",)) -> dict[str, Versioned]:
+        """Every document (or those whose names start with one of `prefixes`), as it is now."""
+        names = [name for name in await self.names("") if name.startswith(prefixes)]
         if not names:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -2,7 +2,7 @@
 
 Routers publish one entry a second: for every pool, the requests finished
 and the prefill and decode tokens its workers did for them, plus the requests
-refused for want of a worker. The controller reads the stream to forecast
+refused for want of a worker, by model. The controller reads the stream to forecast
 each pool's demand. An entry is small and the stream is capped (MAXLEN), so
 this costs one XADD per router per second.
 """
@@ -29,12 +29,11 @@ class PoolWork:
 class WorkRecorder:
     """Accumulates work in memory (router hot path: no I/O) and flushes it to Redis."""
 
-    def __init__(self, redis: Redis, router_id: str, model: str) -> None:
+    def __init__(self, redis: Redis, router_id: str) -> None:
         self.redis = redis
         self.router_id = router_id
-        self.model = model
         self._pools: defaultdict[str, PoolWork] = defaultdict(PoolWork)
-        self._refused = 0
+        self._refused: defaultdict[str, int] = defaultdict(int)
 
     def record(self, pool: str, requests: float = 0, prefill_tokens: float = 0, decode_tokens: float = 0) -> None:
         work = self._pools[pool]
@@ -42,17 +41,16 @@ class WorkRecorder:
         work.prefill_tokens += prefill_tokens
         work.decode_tokens += decode_tokens
 
-    def refused(self) -> None:
-        self._refused += 1
+    def refused(self, model: str) -> None:
+        self._refused[model] += 1
 
     async def flush(self) -> None:
         pools, self._pools = self._pools, defaultdict(PoolWork)
-        refused, self._refused = self._refused, 0
+        refused, self._refused = self._refused, defaultdict(int)
         if not pools and not refused:
             return
         entry = {
             "t": time.time(),
-            "model": self.model,
             "refused": refused,
             "pools": {name: [w.requests, w.prefill_tokens, w.decode_tokens] for name, w in pools.items()},
         }
@@ -67,8 +65,8 @@ class WorkRecorder:
 @dataclass(frozen=True)
 class WorkEntry:
     t: float
-    model: str
-    refused: int
+    # Requests refused for want of a worker, by model.
+    refused: dict[str, int]
     pools: dict[str, PoolWork]
 
 
@@ -80,6 +78,7 @@ async def read_work(redis: Redis, after: str) -> tuple[list[WorkEntry], str]:
     for entry_id, fields in raw:
         data = json.loads(fields[b"data"])
         pools = {name: PoolWork(*values) for name, values in data["pools"].items()}
-        entries.append(WorkEntry(float(data["t"]), str(data["model"]), int(data["refused"]), pools))
+        refused = {str(model): int(n) for model, n in data["refused"].items()}
+        entries.append(WorkEntry(float(data["t"]), refused, pools))
         last = entry_id.decode()
     return entries, last

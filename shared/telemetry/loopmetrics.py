@@ -81,14 +81,12 @@ class LoopGauge(_Family):
         return family
 
 
-class LoopHistogram:
-    """An unlabelled histogram: `observe` is one bisect and two additions."""
+class _Buckets:
+    __slots__ = ("bounds", "counts", "sum")
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
-        self.name = name
-        self.documentation = documentation
-        self.bounds = sorted(buckets)
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+    def __init__(self, bounds: list[float]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
@@ -99,12 +97,51 @@ class LoopHistogram:
     def count(self) -> int:
         return sum(self.counts)
 
-    def metric(self) -> Metric:
-        cumulative, total = [], 0
+    def cumulative(self) -> list[tuple[str, float]]:
+        out, total = [], 0
         for bound, count in zip([*self.bounds, float("inf")], self.counts, strict=True):
             total += count
-            cumulative.append((_bound(bound), total))
-        return HistogramMetricFamily(self.name, self.documentation, buckets=cumulative, sum_value=self.sum)
+            out.append((_bound(bound), float(total)))
+        return out
+
+
+class LoopHistogram:
+    """A histogram: `observe` is one bisect and two additions (on a child, with labels)."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(buckets)
+        self.labelnames = tuple(labelnames)
+        self.children: dict[tuple[str, ...], _Buckets] = {}
+        if not labelnames:
+            self.children[()] = _Buckets(self.bounds)
+
+    def labels(self, *values: str) -> _Buckets:
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
+            child = self.children[values] = _Buckets(self.bounds)
+        return child
+
+    def _one(self) -> _Buckets:
+        if self.labelnames:
+            raise ValueError(f"{self.name} has labels {self.labelnames}: use .labels(...)")
+        return self.children[()]
+
+    def observe(self, value: float) -> None:
+        self._one().observe(value)
+
+    @property
+    def count(self) -> int:
+        return sum(child.count for child in self.children.values())
+
+    def metric(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, child in self.children.items():
+            family.add_metric(list(labels), child.cumulative(), child.sum)
+        return family
 
 
 def _bound(value: float) -> str:
@@ -129,8 +166,10 @@ class LoopMetrics(Collector):
     def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> LoopGauge:
         return self._add(LoopGauge(name, documentation, labelnames))
 
-    def histogram(self, name: str, documentation: str, buckets: Sequence[float]) -> LoopHistogram:
-        return self._add(LoopHistogram(name, documentation, buckets))
+    def histogram(
+        self, name: str, documentation: str, buckets: Sequence[float], labelnames: Sequence[str] = ()
+    ) -> LoopHistogram:
+        return self._add(LoopHistogram(name, documentation, buckets, labelnames))
 
     def _add(self, metric: M) -> M:
         self._metrics.append(metric)

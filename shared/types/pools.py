@@ -6,6 +6,7 @@ These pydantic models are the admin API's bodies (`PoolCreate`, `PoolUpdate`,
 
 from __future__ import annotations
 
+import enum
 import re
 from typing import Any
 
@@ -55,8 +56,11 @@ class ScalingSpec(BaseModel):
 class ModelBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(default="", max_length=4096, description="Checkpoint folder on the workers' hosts.")
+    path: str = Field(default="", max_length=4096, description="Checkpoint folder on the workers' and routers' hosts.")
     block_size: int = Field(default=16, ge=1, le=1024)
+    context_length: int | None = Field(
+        default=None, ge=16, le=10_000_000, description="Tokens a request may span; unset: the checkpoint's own."
+    )
 
 
 class ModelCreate(ModelBase):
@@ -70,9 +74,30 @@ class ModelUpdate(BaseModel):
 
     path: str | None = Field(default=None, max_length=4096)
     block_size: int | None = Field(default=None, ge=1, le=1024)
+    context_length: int | None = Field(default=None, ge=16, le=10_000_000)
+
+
+class ModelState(enum.StrEnum):
+    SERVING = "serving"
+    # Deleted through the API: routers stop admitting it, then its pools drain and go, then it goes.
+    DELETING = "deleting"
 
 
 class ModelPublic(ModelCreate):
+    version: int = 0
+    state: ModelState = ModelState.SERVING
+    # When it entered DELETING (epoch seconds).
+    deleting_since: float | None = None
+
+
+class AliasSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=63, description="The model the alias points at.")
+
+
+class AliasPublic(AliasSpec):
+    name: str
     version: int = 0
 
 

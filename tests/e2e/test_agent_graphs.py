@@ -37,8 +37,7 @@ def running(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
     with local_stack(
         tiny_model,
         [("decode", "sim"), ("decode", "sim")],
-        SHOAL_WORKER_SIM_SPEEDUP="4.0",
-        SHOAL_ROUTER_ROUTING_PRESET="session-affinity",
+        {"SHOAL_WORKER_SIM_SPEEDUP": "4.0", "SHOAL_ROUTER_ROUTING_PRESET": "session-affinity"},
     ) as stack:
         yield stack
 

@@ -77,7 +77,9 @@ async def test_pd_output_equals_colocated_through_processes(pd_stack: Endpoints,
 
 @pytest.fixture
 def sim_stack(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
-    with local_stack(tiny_model, [("decode", "sim"), ("decode", "sim")], SHOAL_WORKER_SIM_SPEEDUP="1.0") as running:
+    with local_stack(
+        tiny_model, [("decode", "sim"), ("decode", "sim")], {"SHOAL_WORKER_SIM_SPEEDUP": "1.0"}
+    ) as running:
         yield running
 
 

@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from shared.config import EngineKind
+from shared.hashing import BlockHasher
 from shared.state import schema
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningRouter, running_router, running_worker
@@ -45,7 +46,8 @@ async def _cached_tokens(router: RunningRouter, index: int) -> int:
 
 def _views(router: RunningRouter, prompts: Sequence[int]) -> list[dict[str, int]]:
     """What the router's index says each worker holds of each prompt (what its decisions read)."""
-    hashes = [router.app.hasher.hashes(_prompt(i)) for i in prompts]
+    hasher = BlockHasher(MODEL, router.app.model(MODEL).block_size)
+    hashes = [hasher.hashes(_prompt(i)) for i in prompts]
     return [router.app.index.prefix_lengths(h, WORKERS) for h in hashes]
 
 

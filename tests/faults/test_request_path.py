@@ -59,7 +59,7 @@ async def _streamed_text(router: str, body: dict[str, object], on_piece: object 
 @pytest.fixture
 def slow_pair(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
     env = {"SHOAL_WORKER_SIM_SPEEDUP": "1.0", "SHOAL_ROUTER_STALL_S": str(STALL_S)}
-    with local_stack(tiny_model, [("decode", "sim"), ("decode", "sim")], **env) as running:
+    with local_stack(tiny_model, [("decode", "sim"), ("decode", "sim")], env) as running:
         yield running
 
 
@@ -152,7 +152,8 @@ async def test_a_client_gone_before_a_whole_response_cancels_it(redis_url: str, 
         assert worker.engine.load().running_requests == 0
         assert front.app.dispatcher.requests == 0
         metrics = (await _get(front.url, "/metrics")).text
-        assert _metric(metrics, 'shoal_router_requests_total{endpoint="completion",status="499"}') == 1
+        cancelled = f'shoal_router_requests_total{{endpoint="completion",model="{MODEL}",status="499"}}'
+        assert _metric(metrics, cancelled) == 1
 
 
 async def _get(base: str, path: str) -> httpx.Response:

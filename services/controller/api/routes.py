@@ -1,4 +1,4 @@
-"""The admin REST API: models, pools, workers, scaling, jobs, agent graphs, cluster status.
+"""The admin REST API: models and their aliases, pools, workers, scaling, jobs, agent graphs, cluster status.
 
 Every route needs a bearer token whose role allows it (viewer < operator <
 admin): reading needs viewer, operating on workers, scaling and jobs needs
@@ -16,7 +16,7 @@ import hmac
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.controller.agents.tools import RETRIEVERS, TOOLS
@@ -33,7 +33,16 @@ from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
 from shared.telemetry.metrics import render
 from shared.types.graphs import GraphRecord, GraphSpec, RunState, check_graph
-from shared.types.pools import ModelCreate, ModelPublic, ModelUpdate, PoolCreate, PoolPublic, PoolUpdate
+from shared.types.pools import (
+    AliasPublic,
+    AliasSpec,
+    ModelCreate,
+    ModelPublic,
+    ModelUpdate,
+    PoolCreate,
+    PoolPublic,
+    PoolUpdate,
+)
 
 if TYPE_CHECKING:
     from services.controller.app import ControllerApp
@@ -163,9 +172,34 @@ def build_api(controller: ControllerApp) -> FastAPI:
     async def update_model(name: Name, body: ModelUpdate, request: Request, _: Admin) -> ModelPublic:
         return await _app(request).desired.update_model(name, body)
 
-    @v1.delete("/models/{name}", status_code=204)
+    @v1.delete(
+        "/models/{name}",
+        status_code=204,
+        responses={202: {"model": ModelPublic, "description": "Deleting: its pools drain first, then it goes"}},
+    )
     async def delete_model(name: Name, request: Request, _: Admin) -> Response:
-        await _app(request).desired.delete_model(name)
+        deleting = await _app(request).desired.delete_model(name)
+        if deleting is None:
+            return Response(status_code=204)
+        return JSONResponse(deleting.model_dump(mode="json"), status_code=202)
+
+    # -- aliases ----------------------------------------------------------------
+
+    @v1.get("/aliases")
+    async def list_aliases(request: Request, _: Viewer) -> list[AliasPublic]:
+        return await _app(request).desired.aliases()
+
+    @v1.get("/aliases/{name}")
+    async def get_alias(name: Name, request: Request, _: Viewer) -> AliasPublic:
+        return await _app(request).desired.alias(name)
+
+    @v1.put("/aliases/{name}")
+    async def set_alias(name: Name, body: AliasSpec, request: Request, _: Admin) -> AliasPublic:
+        return await _app(request).desired.set_alias(name, body)
+
+    @v1.delete("/aliases/{name}", status_code=204)
+    async def delete_alias(name: Name, request: Request, _: Admin) -> Response:
+        await _app(request).desired.delete_alias(name)
         return Response(status_code=204)
 
     # -- pools ------------------------------------------------------------------

@@ -60,6 +60,9 @@ class EngineRequest:
     export_prompt_kv: bool = False
     # Characters of the resumed tokens' text the client already has (see OutputText).
     resume_text_chars: int = 0
+    # Ending at its length, the request goes on elsewhere (a P/D prefill): text that may still change
+    # with the next token (an incomplete character, a possible stop string) is left to the next worker.
+    continues: bool = False
 
 
 @dataclass(slots=True)

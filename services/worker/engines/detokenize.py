@@ -2,7 +2,7 @@
 
 Tokens arrive one step at a time; their text is the difference between
 decoding a short window with and without them, so multi-byte characters split
-across tokens come out whole (a trailing U+FFFD means "wait for more"). Stop
+across tokens come out whole (a trailing U+FFFD means "wait for more", until the last token). Stop
 strings are searched in the accumulated text; text that might be the start of
 a stop string is held back until it is known not to be, so a client never
 sees any part of a stop string.
@@ -53,10 +53,16 @@ class OutputText:
         if self.stopped:
             return
         self._ids.extend(token_ids)
+        self._release(final=False)
+
+    def _release(self, final: bool) -> None:
+        """Move the pending tokens' text into `text`: while streaming, not while it ends in an incomplete
+        character (the next token may complete it); at the end, whatever it is, so the whole text is the
+        decoding of every token, replacement characters included."""
         decode = self._tokenizer.decode
         prefix = decode(self._ids[self._prefix_offset : self._read_offset])
         full = decode(self._ids[self._prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
             return
         self.text += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
@@ -78,6 +84,8 @@ class OutputText:
 
     def take(self, final: bool) -> str:
         """Text not yet released; on `final`, everything left."""
+        if final and not self.stopped:
+            self._release(final=True)
         end = len(self.text) if final or self.stopped else max(self._emitted, len(self.text) - self._partial_stop())
         delta = self.text[self._emitted : end]
         self._emitted = end

@@ -507,7 +507,7 @@ class BatchingEngine:
         self.observer.on_finish(seq.finish or Finish.ABORT, seq.num_prompt, generated, seq.num_cached)
         output = TokenOutput(
             token_ids=seq.pending,
-            text=seq.output.take(final=True),
+            text=seq.output.take(final=not (seq.request.continues and seq.finish is Finish.LENGTH)),
             finish=seq.finish,
             prompt_tokens=seq.num_prompt,
             completion_tokens=seq.num_generated,

@@ -47,12 +47,38 @@ async def test_models_and_pools_crud_with_versions(redis_url: str) -> None:
         patched = await call(front, "PATCH", "/v1/pools/decode", json={"max_replicas": 3, "slo": {"tbt_p90_s": 0.1}})
         assert patched.json()["max_replicas"] == 3 and patched.json()["slo"]["tbt_p90_s"] == 0.1
         assert patched.json()["version"] == 2
-        assert (await call(front, "DELETE", "/v1/models/tiny")).status_code == 409  # a pool serves it
         scaled = await call(front, "POST", "/v1/pools/decode/scale", token=OPERATOR, json={"replicas": 2})
         assert scaled.json()["replicas_override"] == 2
         assert (await call(front, "DELETE", "/v1/pools/decode")).status_code == 204
         assert (await call(front, "GET", "/v1/pools/decode", token=VIEWER)).status_code == 404
-        assert (await call(front, "DELETE", "/v1/models/tiny")).status_code == 204
+        assert (await call(front, "DELETE", "/v1/models/tiny")).status_code == 204  # no pool: gone at once
+        assert (await call(front, "GET", "/v1/models/tiny", token=VIEWER)).status_code == 404
+
+
+async def test_aliases_and_deleting_a_served_model(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        assert (await call(front, "POST", "/v1/models", json=MODEL)).status_code == 201
+        assert (await call(front, "POST", "/v1/pools", json=POOL)).status_code == 201
+        alias = await call(front, "PUT", "/v1/aliases/stable", json={"model": "tiny"})
+        assert alias.status_code == 200 and alias.json() == {"name": "stable", "model": "tiny", "version": 1}
+        assert (await call(front, "GET", "/v1/aliases", token=VIEWER)).json() == [alias.json()]
+        assert (await call(front, "PUT", "/v1/aliases/tiny", json={"model": "tiny"})).status_code == 409  # a model
+        assert (await call(front, "PUT", "/v1/aliases/other", json={"model": "missing"})).status_code == 404
+        assert (await call(front, "POST", "/v1/models", json={**MODEL, "name": "stable"})).status_code == 409
+        pointed = await call(front, "DELETE", "/v1/models/tiny")
+        assert pointed.status_code == 409 and "stable" in pointed.text  # move the alias first
+        assert (await call(front, "DELETE", "/v1/aliases/stable")).status_code == 204
+        deleting = await call(front, "DELETE", "/v1/models/tiny")
+        assert deleting.status_code == 202 and deleting.json()["state"] == "deleting"
+        assert (await call(front, "POST", "/v1/pools", json={**POOL, "name": "more"})).status_code == 409
+        assert (await call(front, "PUT", "/v1/aliases/late", json={"model": "tiny"})).status_code == 409
+        # Its pool has no worker to drain: the reconcile loop retires the pool, then the model.
+        for _ in range(200):
+            if (await call(front, "GET", "/v1/models/tiny", token=VIEWER)).status_code == 404:
+                break
+            await asyncio.sleep(0.05)
+        assert (await call(front, "GET", "/v1/models/tiny", token=VIEWER)).status_code == 404
+        assert (await call(front, "GET", "/v1/pools/decode", token=VIEWER)).status_code == 404
 
 
 @pytest.mark.parametrize(

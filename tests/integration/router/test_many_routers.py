@@ -11,6 +11,7 @@ import pytest
 
 from services.worker.app import WorkerApp
 from shared.config import EngineKind, WorkerRole
+from shared.hashing import BlockHasher
 from shared.processes import free_port
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningRouter, running_kvstore, running_router, running_worker
@@ -48,7 +49,7 @@ async def test_routers_on_one_port_share_the_connections(redis_url: str, tiny_mo
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
         for _ in range(24):
             assert (await _post(f"http://127.0.0.1:{port}", body)).status_code == 200
-        served = [r.app.metrics.edge.requests.labels("completion", "200").value for r in routers]
+        served = [r.app.metrics.edge.requests.labels(MODEL, "completion", "200").value for r in routers]
         assert sum(served) == 24
         assert min(served) > 0  # the kernel spread new connections over both processes
 
@@ -91,7 +92,8 @@ async def test_pd_decisions_agree_across_routers(redis_url: str, tiny_model: Pat
         # The decode worker now holds the prompt: the other router learns it from the KV events and, as the first
         # router would, serves the repeat without a hand-off.
         for _ in range(100):
-            hashes = second.app.hasher.hashes(second.app.prompts.encode(prompt))
+            served = second.app.model(MODEL)
+            hashes = BlockHasher(MODEL, served.block_size).hashes(served.prompts.encode(prompt))
             if second.app.index.prefix_lengths(hashes, list(second.app.directory.records)).get(
                 next(w for w, r in second.app.directory.records.items() if r.info.role is WorkerRole.DECODE), 0
             ):

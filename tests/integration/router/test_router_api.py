@@ -88,7 +88,7 @@ async def test_chat_template_matches_transformers(redis_url: str, tiny_model: Pa
         expected = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=False
         )
-        assert front.app.prompts.chat(messages) == list(expected)
+        assert front.app.model(MODEL).prompts.chat(messages) == list(expected)
 
 
 async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> httpx.Response:

@@ -1,0 +1,116 @@
+"""The models a router serves, followed from the admin API's desired state.
+
+Every CATALOG_INTERVAL_S the router reads the model, pool and alias documents
+(one scan and one pipelined read) and serves each model that has a pool and
+is not being deleted, under its name, and each alias of such a model under
+the alias's name. A request names a model or an alias; an alias resolves to
+its model when the request is admitted, so switching an alias moves new
+requests only, and responses name the model that answered (as OpenAI's do
+for its aliases).
+
+A model's tokenizer and chat template are loaded off the event loop when it
+first appears or its document changes, from the checkpoint folder the admin
+API holds: the router needs that folder too (make run: the same machine; the
+chart: the models volume on the router). A model whose folder cannot be read
+is not served, and the refresh says why, once per document version. The
+model configured on the router itself (SHOAL_ROUTER_MODEL_PATH) is served
+besides, for a router without a controller. Requests read the catalog in
+memory; a Redis outage keeps the last view, and so does a Redis that lost its
+data (no documents, and the controller's `cluster` mark gone) until the
+controller has written the documents back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from shared.errors import NotFound
+from shared.openai.models import ServedModel, load_model
+from shared.state import schema
+from shared.state.versioned import DocumentStore, Versioned
+from shared.telemetry.logging import get_logger
+from shared.types.pools import ModelState
+
+log = get_logger("shoal.router.models")
+
+CATALOG_INTERVAL_S = 1.0
+MODEL, POOL, ALIAS = "model:", "pool:", "alias:"
+
+
+class ModelCatalog:
+    def __init__(self, docs: DocumentStore, configured: ServedModel | None = None) -> None:
+        self.docs = docs
+        self.configured = configured
+        # Name or alias -> the model it resolves to, and what /v1/models lists.
+        self._resolve: dict[str, ServedModel] = {configured.name: configured} if configured else {}
+        self._listing: list[ServedModel] = [configured] if configured else []
+        # Models loaded from the admin API's documents, with the document version they were loaded from.
+        self._loaded: dict[str, tuple[int, ServedModel]] = {}
+        self._unloadable: dict[str, int] = {}
+        self.refreshes = 0
+
+    def model(self, name: str) -> ServedModel:
+        model = self._resolve.get(name)
+        if model is None:
+            raise NotFound(f"The model `{name}` does not exist.", param="model")
+        return model
+
+    def models(self) -> list[ServedModel]:
+        return self._listing
+
+    async def refresh(self) -> None:
+        try:
+            documents = await self.docs.snapshot((MODEL, POOL, ALIAS))
+            # Redis lost its data (wiped, or restarted empty): the controller writes the documents back.
+            lost = not documents and bool(self._loaded) and not await self.docs.redis.exists(schema.CLUSTER)
+        except (RedisError, OSError) as exc:
+            log.warning("admin state unreachable; keeping the models served", error=str(exc))
+            return
+        if lost:
+            log.warning("admin state lost from Redis; keeping the models served until it is restored")
+            return
+        pooled = {doc.body.get("model") for name, doc in documents.items() if name.startswith(POOL)}
+        wanted = {
+            model_name: doc
+            for name, doc in documents.items()
+            if name.startswith(MODEL)
+            and (model_name := name.removeprefix(MODEL)) in pooled
+            and doc.body.get("state") != ModelState.DELETING
+        }
+        loaded = {}
+        for name, doc in wanted.items():
+            model = await self._load(name, doc)
+            if model is not None:
+                loaded[name] = (doc.version, model)
+        self._loaded = loaded
+        models = {name: model for name, (_, model) in loaded.items()}
+        if self.configured is not None:
+            models.setdefault(self.configured.name, self.configured)
+        aliases = {
+            name.removeprefix(ALIAS): dataclasses.replace(models[target], name=name.removeprefix(ALIAS), root=target)
+            for name, doc in documents.items()
+            if name.startswith(ALIAS) and (target := str(doc.body.get("model"))) in models
+        }
+        self._resolve = {**models, **{alias: models[entry.root] for alias, entry in aliases.items()}}
+        self._listing = sorted([*models.values(), *aliases.values()], key=lambda m: m.name)
+        self.refreshes += 1
+
+    async def _load(self, name: str, doc: Versioned) -> ServedModel | None:
+        """The model of this document version: the one loaded before, or loaded now (None: unreadable)."""
+        previous = self._loaded.get(name)
+        if previous is not None and previous[0] == doc.version:
+            return previous[1]
+        body: dict[str, Any] = doc.body
+        try:
+            path, block_size = Path(body.get("path", "")), int(body.get("block_size", 16))
+            return await asyncio.to_thread(load_model, name, path, block_size, body.get("context_length"))
+        except Exception as exc:  # a missing folder, a broken tokenizer: that model is not served, the rest are
+            if self._unloadable.get(name) != doc.version:
+                self._unloadable[name] = doc.version
+                log.error("model not served: its checkpoint cannot be read here", model=name, error=str(exc))
+            return None
