@@ -34,7 +34,8 @@ COPY protos protos
 COPY cli cli
 COPY simulator simulator
 RUN /opt/shoal/bin/pip install --no-deps . \
- && /opt/shoal/bin/python -m cli tiny-model /opt/models/shoal-tiny-moe
+ && /opt/shoal/bin/python -m cli tiny-model /opt/models/shoal-tiny-moe \
+ && /opt/shoal/bin/python -m cli tiny-model /opt/models/shoal-tiny-moe-b --variant b
 
 FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 shoal \
@@ -46,8 +47,7 @@ COPY --from=build --chown=shoal:shoal /opt/models /models
 ENV PATH=/opt/shoal/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SHOAL_LOG_FORMAT=json \
-    SHOAL_WORKER_MODEL_PATH=/models/shoal-tiny-moe \
-    SHOAL_ROUTER_MODEL_PATH=/models/shoal-tiny-moe
+    SHOAL_WORKER_MODEL_PATH=/models/shoal-tiny-moe
 USER 10001:10001
 WORKDIR /home/shoal
 ENTRYPOINT ["python", "-m"]

@@ -76,9 +76,7 @@ class RouterApp:
             lambda a: ServeSession(a, settings.internal_token, settings.stall_s, self.metrics.stalls.inc)
         )
         self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, settings.internal_token))
-        configured = (
-            load_model(settings.model_name, settings.model_path, settings.block_size) if settings.model_path else None
-        )
+        configured = [load_model(name, folder, settings.block_size) for name, folder in settings.model_folders()]
         self.catalog = ModelCatalog(DocumentStore(self.redis), configured)
         self._hashers: dict[tuple[str, int], BlockHasher] = {}
         self.directory = WorkerDirectory(WorkerRegistry(self.redis), self._worker_gone)

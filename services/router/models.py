@@ -12,9 +12,9 @@ A model's tokenizer and chat template are loaded off the event loop when it
 first appears or its document changes, from the checkpoint folder the admin
 API holds: the router needs that folder too (make run: the same machine; the
 chart: the models volume on the router). A model whose folder cannot be read
-is not served, and the refresh says why, once per document version. The
-model configured on the router itself (SHOAL_ROUTER_MODEL_PATH) is served
-besides, for a router without a controller. Requests read the catalog in
+is not served, and the refresh says why, once per document version. Models
+configured on the router itself (SHOAL_ROUTER_MODELS) are served besides, for
+a router without a controller (docker-compose, whose workers are static). Requests read the catalog in
 memory; a Redis outage keeps the last view, and so does a Redis that lost its
 data (no documents, and the controller's `cluster` mark gone) until the
 controller has written the documents back.
@@ -43,12 +43,12 @@ MODEL, POOL, ALIAS = "model:", "pool:", "alias:"
 
 
 class ModelCatalog:
-    def __init__(self, docs: DocumentStore, configured: ServedModel | None = None) -> None:
+    def __init__(self, docs: DocumentStore, configured: list[ServedModel] | None = None) -> None:
         self.docs = docs
-        self.configured = configured
+        self.configured = configured or []
         # Name or alias -> the model it resolves to, and what /v1/models lists.
-        self._resolve: dict[str, ServedModel] = {configured.name: configured} if configured else {}
-        self._listing: list[ServedModel] = [configured] if configured else []
+        self._resolve: dict[str, ServedModel] = {model.name: model for model in self.configured}
+        self._listing: list[ServedModel] = list(self.configured)
         # Models loaded from the admin API's documents, with the document version they were loaded from.
         self._loaded: dict[str, tuple[int, ServedModel]] = {}
         self._unloadable: dict[str, int] = {}
@@ -89,8 +89,8 @@ class ModelCatalog:
                 loaded[name] = (doc.version, model)
         self._loaded = loaded
         models = {name: model for name, (_, model) in loaded.items()}
-        if self.configured is not None:
-            models.setdefault(self.configured.name, self.configured)
+        for model in self.configured:
+            models.setdefault(model.name, model)
         aliases = {
             name.removeprefix(ALIAS): dataclasses.replace(models[target], name=name.removeprefix(ALIAS), root=target)
             for name, doc in documents.items()

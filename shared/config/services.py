@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 import socket
 import tempfile
 import uuid
@@ -247,15 +248,14 @@ class RouterSettings(CommonSettings):
     routing_config: Path | None = Field(
         default=None, description="YAML routing document (filters, scorers, picker); overrides routing_preset."
     )
-    model_path: Path | None = Field(
-        default=None,
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
         description=(
-            "A checkpoint folder (tokenizer, chat template) served as model_name even when the admin API "
-            "holds no such model: a router without a controller. Unset: serve the admin API's models only."
+            "Models served even when the admin API holds none (a router without a controller), as "
+            "NAME=CHECKPOINT_FOLDER items (JSON list or comma-separated); the admin API's models are served besides."
         ),
     )
-    model_name: str = Field(default="shoal-tiny-moe", min_length=1, description="The name model_path is served as.")
-    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block of model_path's workers.")
+    block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV block of those models' workers.")
     kvstore_address: str | None = Field(
         default=None, description="kvstore host:port for P/D hand-off and shared prefixes; unset disables both."
     )
@@ -295,7 +295,19 @@ class RouterSettings(CommonSettings):
             raise ValueError(f"must be one of {', '.join(sorted(PRESETS))}")
         return value
 
-    _split_keys = field_validator("api_keys", mode="before")(_split_list)
+    _split_keys = field_validator("api_keys", "models", mode="before")(_split_list)
+
+    @field_validator("models")
+    @classmethod
+    def _named_folders(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, _, folder = item.partition("=")
+            if not re.match(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", name) or not folder:
+                raise ValueError(f"models item {item!r} is not NAME=CHECKPOINT_FOLDER with a DNS-label NAME")
+        return value
+
+    def model_folders(self) -> list[tuple[str, Path]]:
+        return [(item.partition("=")[0], Path(item.partition("=")[2])) for item in self.models]
 
 
 class ControllerSettings(CommonSettings):

@@ -27,7 +27,7 @@ class PromptBuilder:
         tokenizer_file = model_path / "tokenizer.json"
         if not tokenizer_file.is_file():
             raise FailedPrecondition(
-                f"{model_path} has no tokenizer.json; set SHOAL_ROUTER_MODEL_PATH to the served checkpoint"
+                f"{model_path} has no tokenizer.json: a model's path must be its checkpoint folder, with its tokenizer"
             )
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         config_file = model_path / "tokenizer_config.json"

@@ -55,7 +55,6 @@ def second_router(running: tuple[Endpoints, Supervisor], model: Path, preset: st
     env = {
         **os.environ,
         "SHOAL_REDIS_URL": endpoints.redis_url,
-        "SHOAL_ROUTER_MODEL_PATH": str(model),
         "SHOAL_ROUTER_HTTP_PORT": str(port),
         "SHOAL_ROUTER_ROUTING_PRESET": preset,
         "SHOAL_LOG_LEVEL": "WARNING",

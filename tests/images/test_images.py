@@ -26,7 +26,7 @@ pytestmark = pytest.mark.images
 
 TAG = "shoal:dev"  # what docker-compose.yml runs
 ADMIN_TOKEN = "images-test-admin-token"
-HEALTH_CHECKED = ["redis", "kvstore", "worker-prefill", "worker-decode", "controller", "router"]
+HEALTH_CHECKED = ["redis", "kvstore", "worker-prefill", "worker-decode", "worker-b", "controller", "router"]
 SERVICES = [*HEALTH_CHECKED, "celery"]
 DEV_TOOLS = ["pytest", "mypy", "ruff", "schemathesis", "hypothesis", "grpc_tools"]
 
@@ -109,6 +109,16 @@ def test_a_streamed_chat_completion_comes_back_through_the_router(stack: tuple[C
     finishes = [choice["finish_reason"] for c in chunks for choice in c["choices"] if choice["finish_reason"]]
     assert finishes in (["length"], ["stop"])
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_both_models_are_served_behind_the_one_endpoint(stack: tuple[ComposeStack, str, str]) -> None:
+    _, router, _ = stack
+    listed = httpx.get(f"{router}/v1/models", timeout=30).json()["data"]
+    assert sorted(m["id"] for m in listed) == ["shoal-tiny-moe", "shoal-tiny-moe-b"]
+    body = {"model": "shoal-tiny-moe-b", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    response = httpx.post(f"{router}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == "shoal-tiny-moe-b" and response.json()["usage"]["completion_tokens"] == 4
 
 
 def test_a_scale_command_goes_through_the_admin_api(stack: tuple[ComposeStack, str, str]) -> None:

@@ -75,7 +75,7 @@ async def running_kvstore(redis_url: str, **overrides: Any) -> AsyncIterator[KVS
 
 
 def router_settings(redis_url: str, model_path: Path, **overrides: Any) -> RouterSettings:
-    defaults: dict[str, Any] = {"redis_url": redis_url, "model_path": model_path, "http_port": 0}
+    defaults: dict[str, Any] = {"redis_url": redis_url, "models": [f"{TINY_MODEL_NAME}={model_path}"], "http_port": 0}
     return load_settings(RouterSettings, **{**defaults, **overrides})
 
 

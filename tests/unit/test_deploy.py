@@ -56,6 +56,14 @@ def test_environment_names_and_values_are_what_the_service_reads(name: str, monk
     load_settings(cls)  # raises with the variable and the fix when a value is invalid
 
 
+def test_the_router_serves_the_model_of_every_worker_from_the_same_folder() -> None:
+    served = dict(item.split("=", 1) for item in environment(SERVICES["router"])["SHOAL_ROUTER_MODELS"].split(","))
+    workers = [environment(spec) for spec in SHOAL.values() if spec["command"][0] == "services.worker"]
+    # A worker's model defaults to the image's tiny model (its settings default and the image's ENV).
+    kept = {(w.get("SHOAL_WORKER_MODEL_NAME", "shoal-tiny-moe"), w.get("SHOAL_WORKER_MODEL_PATH")) for w in workers}
+    assert kept == set(served.items())
+
+
 def test_ports_match_make_run_and_the_health_checks() -> None:
     stack = StackConfig()
     router, controller = environment(SERVICES["router"]), environment(SERVICES["controller"])
