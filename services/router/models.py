@@ -1,20 +1,22 @@
 """The models a router serves, followed from the admin API's desired state.
 
-Every CATALOG_INTERVAL_S the router reads the model, pool and alias documents
-(one scan and one pipelined read) and serves each model that has a pool and
-is not being deleted, under its name, and each alias of such a model under
-the alias's name. A request names a model or an alias; an alias resolves to
-its model when the request is admitted, so switching an alias moves new
-requests only, and responses name the model that answered (as OpenAI's do
-for its aliases).
+Every CATALOG_INTERVAL_S the router reads a counter the document store bumps
+on every write of a model, pool or alias document and, when it moved (or
+FULL_READ_S passed), the documents themselves (one scan and one pipelined
+read). It serves each model that has a pool and is not being deleted, under
+its name, and each alias of such a model under the alias's name. A request
+names a model or an alias; an alias resolves to its model when the request
+is admitted, so switching an alias moves new requests only, and responses
+name the model that answered (as OpenAI's do for its aliases).
 
 A model's tokenizer and chat template are loaded off the event loop when it
 first appears or its document changes, from the checkpoint folder the admin
 API holds: the router needs that folder too (make run: the same machine; the
 chart: the models volume on the router). A model whose folder cannot be read
-is not served, and the refresh says why, once per document version. Models
-configured on the router itself (SHOAL_ROUTER_MODELS) are served besides, for
-a router without a controller (docker-compose, whose workers are static). Requests read the catalog in
+is not served (tried again at each full read), and the router says why, once
+per document version. Models configured on the router itself
+(SHOAL_ROUTER_MODELS) are served besides, for a router without a controller
+(docker-compose, whose workers are static). Requests read the catalog in
 memory; a Redis outage keeps the last view, and so does a Redis that lost its
 data (no documents, and the controller's `cluster` mark gone) until the
 controller has written the documents back.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +42,9 @@ from shared.types.pools import ModelState
 log = get_logger("shoal.router.models")
 
 CATALOG_INTERVAL_S = 1.0
-MODEL, POOL, ALIAS = "model:", "pool:", "alias:"
+# The documents are read again when their change counter moves, and at least this often regardless.
+FULL_READ_S = 30.0
+MODEL, POOL, ALIAS = schema.CATALOG_DOCS
 
 
 class ModelCatalog:
@@ -52,7 +57,8 @@ class ModelCatalog:
         # Models loaded from the admin API's documents, with the document version they were loaded from.
         self._loaded: dict[str, tuple[int, ServedModel]] = {}
         self._unloadable: dict[str, int] = {}
-        self.refreshes = 0
+        self._changes: bytes | None = None
+        self._read_at = float("-inf")
 
     def model(self, name: str) -> ServedModel:
         model = self._resolve.get(name)
@@ -65,7 +71,10 @@ class ModelCatalog:
 
     async def refresh(self) -> None:
         try:
-            documents = await self.docs.snapshot((MODEL, POOL, ALIAS))
+            changes = await self.docs.redis.get(schema.CATALOG_CHANGES)
+            if changes is not None and changes == self._changes and time.monotonic() < self._read_at + FULL_READ_S:
+                return
+            documents = await self.docs.snapshot(schema.CATALOG_DOCS)
             # Redis lost its data (wiped, or restarted empty): the controller writes the documents back.
             lost = not documents and bool(self._loaded) and not await self.docs.redis.exists(schema.CLUSTER)
         except (RedisError, OSError) as exc:
@@ -98,7 +107,7 @@ class ModelCatalog:
         }
         self._resolve = {**models, **{alias: models[entry.root] for alias, entry in aliases.items()}}
         self._listing = sorted([*models.values(), *aliases.values()], key=lambda m: m.name)
-        self.refreshes += 1
+        self._changes, self._read_at = changes, time.monotonic()
 
     async def _load(self, name: str, doc: Versioned) -> ServedModel | None:
         """The model of this document version: the one loaded before, or loaded now (None: unreadable)."""

@@ -80,6 +80,10 @@ def kv_snapshot(publisher: str) -> str:
 
 
 DOC_KEY_PREFIX: Final = _key("doc") + ":"
+# Documents routers serve from (models, pools, aliases), and a counter bumped whenever one is written,
+# so a router reads them again only when they changed.
+CATALOG_DOCS: Final = ("model:", "pool:", "alias:")
+CATALOG_CHANGES: Final = _key("catalog", "changes")
 
 
 def doc(name: str) -> str:

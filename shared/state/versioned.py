@@ -75,7 +75,12 @@ class DocumentStore:
                 name=name,
                 current_version=int(version),
             )
+        await self._changed(name)
         return int(version)
+
+    async def _changed(self, name: str) -> None:
+        if name.startswith(schema.CATALOG_DOCS):
+            await self.redis.incr(schema.CATALOG_CHANGES)
 
     async def update(self, name: str, change: Callable[[Any], Any], attempts: int = 50) -> Versioned:
         """Apply `change(old_body or None)` atomically, retrying on conflict."""
@@ -92,7 +97,9 @@ class DocumentStore:
         raise VersionConflict(f"document {name!r} kept changing; gave up after {attempts} attempts", name=name)
 
     async def delete(self, name: str) -> bool:
-        return bool(await self.redis.delete(schema.doc(name)))
+        deleted = bool(await self.redis.delete(schema.doc(name)))
+        await self._changed(name)
+        return deleted
 
     async def snapshot(self, prefixes: tuple[str, ...] = ("",)) -> dict[str, Versioned]:
         """Every document (or those whose names start with one of `prefixes`), as it is now."""
@@ -114,6 +121,7 @@ class DocumentStore:
         restored = 0
         for name, doc in documents.items():
             restored += int(await self._restore(keys=[schema.doc(name)], args=[doc.version, json.dumps(doc.body)]))
+            await self._changed(name)
         return restored
 
     async def names(self, prefix: str) -> list[str]:
