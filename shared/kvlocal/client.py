@@ -43,6 +43,9 @@ class LocalAccess:
         self._lock = asyncio.Lock()
         self._hits: list[str] = []
         self._misses = 0
+        # Closed (the store failed a call, or the client let go): writes that were waiting for the lock
+        # fail Unavailable instead of writing into an unmapped staging file.
+        self.closed = False
 
     @classmethod
     async def connect(cls, arena_path: str, socket_path: str, arena_id_hex: str) -> LocalAccess | None:
@@ -86,6 +89,7 @@ class LocalAccess:
         hits, self._hits = self._hits, []
         misses, self._misses = self._misses, 0
         async with self._lock:
+            self._check_open()
             self._out.write(protocol.encode({"op": "touch", "hits": hits, "misses": misses}))
             await self._out.drain()
 
@@ -127,6 +131,7 @@ class LocalAccess:
         async with self._lock:
             start = 0
             while start < len(blocks):
+                self._check_open()
                 end, size = start, 0
                 while end < len(blocks) and (end == start or size + _size(blocks[end]) <= STAGING_BYTES):
                     size += _size(blocks[end])
@@ -152,9 +157,16 @@ class LocalAccess:
                 start = end
         return stored, duplicates
 
+    def _check_open(self) -> None:
+        if self.closed:
+            raise Unavailable("the kvstore's shared-memory path was closed")
+
     async def close(self) -> None:
+        if self.closed:
+            return
         with contextlib.suppress(OSError, Unavailable, RuntimeError):
             await self.flush_touches(force=True)
+        self.closed = True
         self._out.close()
         with contextlib.suppress(OSError, RuntimeError):
             await self._out.wait_closed()

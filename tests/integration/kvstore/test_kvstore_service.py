@@ -11,7 +11,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from shared.errors import InvalidArgument, Overloaded
+from shared.errors import InvalidArgument, Overloaded, Unavailable
 from shared.hashing import HASH_BYTES
 from shared.rpc.blocks import CHUNK_BYTES
 from shared.rpc.client import open_channel
@@ -254,3 +254,25 @@ async def test_local_put_refuses_blocks_outside_the_staging_file(redis_url: str,
         assert replies[0] == {"ok": True}
         assert "outside the staging file" in str(replies[1])
         assert "16 bytes" in str(replies[2])
+
+
+async def test_writes_queued_behind_a_failed_local_write_fail_over_instead_of_crashing(redis_url: str) -> None:
+    """Concurrent puts share the shared-memory path; when one fails (the store died) the path is closed,
+    and a put that was waiting for it must fail over like the first (it used to write into the unmapped
+    staging file and raise ValueError, failing a P/D prefill)."""
+    async with running_kvstore(redis_url) as app:
+        client = KVStoreClient(app.address)
+        await client.put(blocks(1, size=4096))
+        local = client._local
+        assert local is not None and client.uses_local_path
+        async with local._lock:  # a put in flight holds the path ...
+            queued = asyncio.create_task(local.put(blocks(2, size=4096, start=10)))
+            await asyncio.sleep(0.01)
+            closing = asyncio.create_task(local.close())  # ... when the store fails it and the client lets go
+            await asyncio.sleep(0.01)
+        with pytest.raises(Unavailable):
+            await queued
+        await closing
+        # The client itself goes on: the next write takes another path.
+        assert await client.store_blocks(blocks(2, size=4096, start=20), timeout_s=10.0)
+        await client.close()
