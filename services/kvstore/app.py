@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 from contextlib import suppress
+from pathlib import Path
 
 from services.kvstore.arena import Arena
 from services.kvstore.channel import CHANNEL as KV_CHANNEL
@@ -39,6 +40,7 @@ class KVStoreApp:
     def __init__(self, settings: KVStoreSettings) -> None:
         self.settings = settings
         disk = DiskTier(settings.disk_path, settings.disk_bytes) if settings.disk_path else None
+        _reclaim_dead(settings.memory_path, settings.store_id)
         name = f"shoal-kv-{settings.store_id}-{os.getpid()}"
         self.arena = Arena(settings.memory_path / f"{name}.arena", settings.memory_bytes, settings.max_block_bytes)
         self.store = BlockStore(MemoryTier(self.arena), disk, lambda: make_policy(settings.eviction))
@@ -120,3 +122,28 @@ class KVStoreApp:
         assert self.server is not None
         await run_until_signal(self.server, self.settings.shutdown_grace_s)
         await self._close()
+
+
+def _reclaim_dead(folder: Path, store_id: str) -> None:
+    """Remove the arenas and sockets a killed predecessor of this store left, and staging files of
+    killed clients: files in /dev/shm are memory, and a SIGKILL skips every cleanup. Their names carry
+    their process's pid; a file whose process no longer exists (in this pid namespace) is dead."""
+    own = [*folder.glob(f"shoal-kv-{store_id}-*.arena"), *folder.glob(f"shoal-kv-{store_id}-*.sock")]
+    staging = list(folder.glob("shoal-kv-staging-*"))
+    pids = [(path, path.stem.rsplit("-", 1)[-1]) for path in own]
+    pids += [(path, path.name.removeprefix("shoal-kv-staging-").split("-", 1)[0]) for path in staging]
+    for path, pid in pids:
+        if pid.isdigit() and not _alive(int(pid)):
+            with suppress(OSError):
+                path.unlink()
+                log.info("removed a file a killed process left", path=str(path))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user
+    return True

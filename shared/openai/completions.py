@@ -331,6 +331,8 @@ class Completions:
             job, stream, include_usage = await self._job(kind, request.body, _hints(request))
             tracked.model = job.model
             if span is not None:
+                # The OpenTelemetry GenAI convention's name: traces filter by model as metrics do.
+                span.set_attribute("gen_ai.request.model", job.model)
                 propagate.inject(job.trace_context)
             first, chunks = await self._start(job, tracked)
         except ShoalError as exc:

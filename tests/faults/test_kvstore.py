@@ -106,10 +106,12 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
     expected = await _uninterrupted(prefill, range(total + AFTER_RESTART))
 
     fault = asyncio.Event()
+    killed: list[int] = []
 
     async def kill_under_load() -> None:
         await fault.wait()
-        os.killpg(supervisor.pid("kvstore"), signal.SIGKILL)  # while hand-offs write and read it
+        killed.append(supervisor.pid("kvstore"))
+        os.killpg(killed[0], signal.SIGKILL)  # while hand-offs write and read it
 
     killer = asyncio.create_task(kill_under_load())
     outputs = await _load(endpoints.router, fault)
@@ -126,6 +128,8 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
         # Restarted (empty, on its port), it takes the hand-offs again once the clients have reconnected
         # (their gRPC channels back off up to 2 s; their fast paths are looked up again within 1 s).
         await asyncio.to_thread(supervisor.restart, "kvstore")
+        # The killed store's arena (memory in /dev/shm) was reclaimed by its successor.
+        assert not [name for name in os.listdir("/dev/shm") if name.endswith(f"-{killed[0]}.arena")]
         store = KVStoreClient(endpoints.kvstore)
         try:
             for index in range(total, total + AFTER_RESTART):

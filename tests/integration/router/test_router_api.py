@@ -314,6 +314,7 @@ async def test_one_trace_spans_router_prefill_kvstore_and_decode(redis_url: str,
         assert response.status_code == 200
     spans = exporter.get_finished_spans()
     http = next(s for s in spans if s.kind.name == "SERVER" and "/v1/completions" in s.name)
+    assert http.attributes is not None and http.attributes["gen_ai.request.model"] == MODEL
     trace_id = http.context.trace_id
     names = {s.name for s in spans if s.context.trace_id == trace_id}
     assert "/shoal.v1.Worker/Prefill" in names
