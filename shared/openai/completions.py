@@ -99,7 +99,7 @@ class Backend(Protocol):
 class _Tracked:
     """Timing and counters of one request, reported when it ends."""
 
-    __slots__ = ("endpoint", "last_token", "metrics", "model", "reported", "started")
+    __slots__ = ("_tbt", "_tokens", "endpoint", "last_token", "metrics", "model", "reported", "started")
 
     def __init__(self, metrics: EdgeMetrics, endpoint: str) -> None:
         self.metrics = metrics
@@ -113,11 +113,14 @@ class _Tracked:
         if chunk.tokens:
             now = time.monotonic()
             if self.last_token is None:
+                # The model's children, looked up once per request rather than once per token.
+                self._tbt = self.metrics.tbt.labels(self.model)
+                self._tokens = self.metrics.tokens.labels(self.model, "completion")
                 self.metrics.ttft.labels(self.model).observe(now - self.started)
             else:
-                self.metrics.tbt.labels(self.model).observe(now - self.last_token)
+                self._tbt.observe(now - self.last_token)
             self.last_token = now
-            self.metrics.tokens.labels(self.model, "completion").inc(chunk.tokens)
+            self._tokens.inc(chunk.tokens)
 
     def done(self, status: int) -> None:
         if self.reported:  # a client that hangs up as its response ends is counted once
