@@ -121,7 +121,9 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
     assert outputs == {i: expected[i] for i in range(total)}
     async with httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
         metrics = (await http.get("/metrics")).text
-        assert _metric(metrics, 'shoal_router_pd_total{outcome="disaggregated"}') == total  # every one handed off
+        # Every request answered before the kill was handed off; after it, a prefill whose store died may fail
+        # and fall back to recomputing on the decode side (the outputs above are the same either way).
+        assert _metric(metrics, 'shoal_router_pd_total{outcome="disaggregated"}') >= total // 3
         assert _metric(metrics, 'shoal_router_retries_total{kind="resume"}') == 0  # no stream was cut
         assert _metric(metrics, 'shoal_router_retries_total{kind="retry"}') == 0
 
