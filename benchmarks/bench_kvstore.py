@@ -11,7 +11,12 @@ every system), 1 and 4 clients, 256 MiB of 256 KiB blocks and 512 MiB of
   kvstore gRPC     the same store over gRPC only (what the data channel replaced)
   kvstore local    the same-host shared-memory path (reads are a memory copy)
   redis            redis-server over TCP, SET and GET with redis-py
-  memcpy           an in-process copy of the same bytes (the ceiling)
+  tcp floor        the least any TCP store can cost here: a process per
+                   connection with blocking sockets keeps blocks in a dict and
+                   answers a 37-byte request with the payload (no index, no
+                   checksum, no event loop): the ceiling for the remote rows
+  memcpy           an in-process copy of the same bytes (the ceiling for the
+                   shared-memory path)
 
 Then the prefill-to-decode hand-off as the workers do it: one process puts
 a request's blocks in one call (32 blocks of 2 MiB), another gets them in one
@@ -26,12 +31,16 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
+
+import uvloop
 
 from shared.processes import free_port, keep_big_buffers_in_the_heap, redis_server_argv, wait_for_port
 from shared.types.kv import KVBlock
@@ -63,10 +72,72 @@ def _percentile(values: list[float], q: float) -> float:
 Timings = tuple[float, float, float, float, list[float], list[float]]
 
 
+_FLOOR_REQUEST = struct.Struct("<c32sI")  # op (b"p" or b"g"), block name, payload length
+
+
+def _floor_connection(conn: socket.socket) -> None:
+    """Serve one floor client: puts kept in a dict, gets answered with the payload as it is."""
+    stored: dict[bytes, bytearray] = {}
+    header = bytearray(_FLOOR_REQUEST.size)
+    while _recv_exactly(conn, memoryview(header)):
+        op, name, length = _FLOOR_REQUEST.unpack(header)
+        if op == b"p":
+            payload = bytearray(length)
+            _recv_exactly(conn, memoryview(payload))
+            stored[name] = payload
+            conn.sendall(b"k")
+        else:
+            payload = stored[name]
+            conn.sendall(struct.pack("<I", len(payload)))
+            conn.sendall(payload)
+
+
+def _floor_server(port: int) -> None:
+    keep_big_buffers_in_the_heap()  # as the kvstore does: a put's buffer is not a fresh mapping
+    listener = socket.create_server(("127.0.0.1", port))
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if os.fork() == 0:
+            listener.close()
+            _floor_connection(conn)
+            os._exit(0)
+        conn.close()
+
+
+def _recv_exactly(conn: socket.socket, view: memoryview) -> bool:
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+class _FloorClient:
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self.conn = socket.create_connection((host, int(port)))
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.length = bytearray(4)
+
+    def put(self, block: KVBlock) -> None:
+        self.conn.sendall(_FLOOR_REQUEST.pack(b"p", block.hash, len(block.payload)))
+        self.conn.sendall(block.payload)
+        _recv_exactly(self.conn, memoryview(self.length)[:1])
+
+    def get_into(self, block: KVBlock, buffer: bytearray) -> None:
+        self.conn.sendall(_FLOOR_REQUEST.pack(b"g", block.hash, 0))
+        _recv_exactly(self.conn, memoryview(self.length))
+        _recv_exactly(self.conn, memoryview(buffer)[: struct.unpack("<I", self.length)[0]])
+
+
 def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier) -> Timings:
     import redis
 
     client = redis.Redis.from_url(target) if system == "redis" else None
+    floor = _FloorClient(target) if system == "tcp floor" else None
     copies: dict[bytes, bytearray] = {}
     buffer = bytearray(len(mine[0].payload))
     put_times: list[float] = []
@@ -77,6 +148,8 @@ def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier
         t0 = time.perf_counter()
         if client is not None:
             client.set(b.hash, b.payload)
+        elif floor is not None:
+            floor.put(b)
         else:
             copies[b.hash] = bytearray(b.payload)
         put_times.append(time.perf_counter() - t0)
@@ -88,6 +161,8 @@ def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier
         if client is not None:
             got = client.get(b.hash)
             assert isinstance(got, bytes) and len(got) == len(b.payload)
+        elif floor is not None:
+            floor.get_into(b, buffer)
         else:
             buffer[:] = copies[b.hash]
         get_times.append(time.perf_counter() - t0)
@@ -129,10 +204,10 @@ def _client(
 ) -> None:
     keep_big_buffers_in_the_heap()  # as every service process does (shared/processes.run_service)
     mine = blocks(count, size=size, start=index * count + size)  # distinct names per size and client
-    if system in ("redis", "memcpy"):
+    if system in ("redis", "tcp floor", "memcpy"):
         out.put(_sync_client(system, target, mine, barrier))
     else:
-        out.put(asyncio.run(_kvstore_client(system, target, mine, barrier)))
+        out.put(uvloop.run(_kvstore_client(system, target, mine, barrier)))
 
 
 def measure(system: str, target: str, size: int, count: int, clients: int) -> Result:
@@ -184,7 +259,7 @@ def _handoff_side(target: str, role: str, rounds: int, out: multiprocessing.Queu
         await client.close()
         return times
 
-    out.put(asyncio.run(run()))
+    out.put(uvloop.run(run()))
 
 
 def handoff(target: str) -> float:
@@ -203,8 +278,10 @@ def handoff(target: str) -> float:
 
 def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench-kvstore-")
-    redis_port, kv_port = free_port(), free_port()
+    redis_port, kv_port, floor_port = free_port(), free_port(), free_port()
     redis_proc = subprocess.Popen(redis_server_argv(redis_port, workdir), stdout=subprocess.DEVNULL)
+    floor_proc = multiprocessing.get_context("fork").Process(target=_floor_server, args=(floor_port,), daemon=True)
+    floor_proc.start()
     env = {
         **os.environ,
         "SHOAL_KVSTORE_GRPC_PORT": str(kv_port),
@@ -217,12 +294,14 @@ def main() -> None:
     results: list[Result] = []
     try:
         wait_for_port("127.0.0.1", redis_port, 10)
+        wait_for_port("127.0.0.1", floor_port, 10)
         wait_for_port("127.0.0.1", kv_port, 60)
         targets = {
             "kvstore remote": f"127.0.0.1:{kv_port}",
             "kvstore gRPC": f"127.0.0.1:{kv_port}",
             "kvstore local": f"127.0.0.1:{kv_port}",
             "redis": f"redis://127.0.0.1:{redis_port}/0",
+            "tcp floor": f"127.0.0.1:{floor_port}",
             "memcpy": "",
         }
         for size, count in SIZES.items():
@@ -234,6 +313,7 @@ def main() -> None:
     finally:
         kv_proc.terminate()
         redis_proc.terminate()
+        floor_proc.kill()
         kv_proc.wait(10)
         redis_proc.wait(10)
 
@@ -248,6 +328,12 @@ def main() -> None:
     cases = [(size, clients) for size in SIZES for clients in (1, 4)]
     get_ratio = min(by["kvstore remote", *c].get_mb_s / by["redis", *c].get_mb_s for c in cases)
     put_ratio = min(by["kvstore remote", *c].put_mb_s / by["redis", *c].put_mb_s for c in cases)
+    floor_get = [by["tcp floor", *c].get_mb_s / by["redis", *c].get_mb_s for c in cases]
+    floor_put = [by["tcp floor", *c].put_mb_s / by["redis", *c].put_mb_s for c in cases]
+    print(
+        f"tcp floor vs redis (the most any store over one TCP connection per client reaches here): "
+        f"get {min(floor_get):.2f}-{max(floor_get):.2f}x, put {min(floor_put):.2f}-{max(floor_put):.2f}x"
+    )
     local_ratio = min(by["kvstore local", *c].get_mb_s / by["memcpy", *c].get_mb_s for c in cases)
     print(
         f"bench-kvstore: remote_get_vs_redis={get_ratio:.2f} remote_put_vs_redis={put_ratio:.2f} "

@@ -81,6 +81,9 @@ class KVChannel:
                 raise InvalidArgument(f"block header of {len(meta.header)} bytes exceeds {MAX_HEADER_BYTES}")
 
     def _enqueue(self, request: kvstore_pb2.KVChannelRequest, payloads: list[bytes | bytearray]) -> None:
+        idle = not self._queue and (self._runner is None or self._runner.done())
+        if idle and request.WhichOneof("op") == "get" and self._answer_now(request.get):
+            return
         self._queue.append((request, payloads))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
@@ -99,18 +102,41 @@ class KVChannel:
                 log.exception("kv channel request failed")
                 self.conn.send(_error(Internal(f"{type(exc).__name__}: {exc}")))
 
+    def _answer_now(self, get: kvstore_pb2.KVChannelGet) -> bool:
+        """Answer a get in this turn of the event loop (no task) when it needs no disk read."""
+        hashes = list(get.hashes)
+        try:
+            check_hashes(hashes)
+        except ShoalError as exc:
+            self.conn.send(_error(exc))
+            return True
+        if any(self.store.only_on_disk(block_hash) for block_hash in hashes):
+            return False
+        found: list[KVBlock] = []
+        for block_hash in hashes:
+            block = self.store.get_now(block_hash)
+            if block is not None:
+                found.append(block)
+            elif get.prefix_only:
+                break
+        self._send_blocks(found)
+        return True
+
     async def _get(self, get: kvstore_pb2.KVChannelGet) -> None:
         hashes = list(get.hashes)
         check_hashes(hashes)
-        reply = kvstore_pb2.KVChannelReply()
         found: list[KVBlock] = []
         for block_hash in hashes:
             block = await self.store.get(block_hash)
-            if block is None:
-                if get.prefix_only:
-                    break
-                continue
-            found.append(block)
+            if block is not None:
+                found.append(block)
+            elif get.prefix_only:
+                break
+        self._send_blocks(found)
+
+    def _send_blocks(self, found: list[KVBlock]) -> None:
+        reply = kvstore_pb2.KVChannelReply()
+        for block in found:
             reply.blocks.add(hash=block.hash, size=len(block.payload), crc32c=block.checksum(), header=block.header)
         self.conn.send_parts([reply.SerializeToString(), *(block.payload for block in found)])
         self.metrics.bytes.labels("out").inc(sum(len(block.payload) for block in found))

@@ -97,14 +97,25 @@ class BlockStore:
             tiers.append(tier)
         return tiers
 
-    async def get(self, block: BlockHash) -> KVBlock | None:
+    def only_on_disk(self, block: BlockHash) -> bool:
+        """Reading `block` waits for the disk (see `get_now`)."""
+        return self.disk is not None and block not in self.memory and block in self.disk
+
+    def get_now(self, block: BlockHash) -> KVBlock | None:
+        """`get` for a block that is not only on disk: answered without leaving the event loop's turn."""
         stored = self.memory.get(block)
         if stored is not None:
             self._memory_policy.accessed(block, "")
             self.hits += 1
-            return stored
+        else:
+            self.misses += 1
+        return stored
+
+    async def get(self, block: BlockHash) -> KVBlock | None:
+        if not self.only_on_disk(block):
+            return self.get_now(block)
         disk = self.disk
-        if disk is not None and block in disk:
+        if disk is not None:
             stored = await asyncio.to_thread(disk.read, block)
             if stored is not None:
                 self._disk_policy.accessed(block, "")

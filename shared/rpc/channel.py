@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import ctypes
 import hmac
 import struct
 from collections.abc import Callable, Mapping
@@ -63,6 +64,20 @@ class ChannelHandler(Protocol):
 # smaller ones are parsed out of a shared receive buffer, many per read.
 BIG_FRAME_BYTES = 64 * 2**10
 _SCRATCH_BYTES = 4 * BIG_FRAME_BYTES
+# One read into the shared buffer takes at most this much: the start of a big frame that arrives in
+# it must be copied out, so reading less there bounds that copy (a read still holds ~100 small frames).
+_SCRATCH_READ_BYTES = 16 * 2**10
+
+# A bytearray whose bytes are not zeroed first: a big frame's buffer is written whole by the socket
+# before anyone sees it, and zeroing megabytes per frame costs as much as a tenth of the transfer.
+_new_bytearray = ctypes.pythonapi.PyByteArray_FromStringAndSize
+_new_bytearray.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_new_bytearray.restype = ctypes.py_object
+
+
+def _unfilled(length: int) -> bytearray:
+    buffer: bytearray = _new_bytearray(None, length)
+    return buffer
 
 
 class _Framer(asyncio.BufferedProtocol, abc.ABC):
@@ -92,11 +107,11 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
             return memoryview(self._big)[self._big_got :]
-        if self._end == len(self._scratch):  # full: move the unparsed tail to the front
+        if self._end > len(self._scratch) - _SCRATCH_READ_BYTES:  # move the unparsed tail to the front
             self._scratch[: self._end - self._start] = self._scratch[self._start : self._end]
             self._end -= self._start
             self._start = 0
-        return memoryview(self._scratch)[self._end :]
+        return memoryview(self._scratch)[self._end : self._end + _SCRATCH_READ_BYTES]
 
     def buffer_updated(self, nbytes: int) -> None:
         if self._discarding:
@@ -123,7 +138,7 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
                 return
             have = self._end - start - 4
             if length >= BIG_FRAME_BYTES:
-                big = bytearray(length)
+                big = _unfilled(length)
                 taken = min(have, length)
                 big[:taken] = scratch[start + 4 : start + 4 + taken]
                 self._start = start + 4 + taken
