@@ -31,6 +31,7 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.supervisor import StartupError, Supervisor
+from shared.config.base import redacted_url, with_password
 from shared.processes import free_port, redis_server_argv
 
 DEFAULT_MODEL = Path(".cache/models/shoal-tiny-moe")
@@ -66,11 +67,11 @@ def router_ready(url: str, pid: int) -> bool:
     return response.status_code == 200 and response.json().get("pid") == pid
 
 
-def redis_ready(port: int) -> bool:
+def redis_ready(port: int, password: str) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            sock.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            return sock.recv(32) == b"+OK\r\n+PONG\r\n"
     except OSError:
         return False
 
@@ -100,6 +101,8 @@ class Endpoints:
     router: str = ""
     controller: str = ""
     admin_token: str = ""
+    # An OpenAI API key made through the admin API at start (no limits).
+    api_key: str = ""
     workers: dict[str, str] = field(default_factory=dict)
     # Worker id -> host:port of its own OpenAI API, for workers started with SHOAL_WORKER_HTTP_PORT.
     worker_http: dict[str, str] = field(default_factory=dict)
@@ -134,13 +137,19 @@ class LocalStack:
         env = {**os.environ, **self.config.env}
         model = str(self.config.model_path.resolve())
         model_name = env.get("SHOAL_ROUTER_MODEL_NAME", "shoal-tiny-moe")
+        # Secrets of this run: Redis's password and the internal token (every gRPC call and data channel).
+        env.setdefault("SHOAL_INTERNAL_TOKEN", secrets.token_hex(16))
+        # The key agent graphs' LLM steps present to the router (a static key: the router has no limits on it).
+        graphs_key = env.setdefault("SHOAL_CONTROLLER_ROUTER_API_KEYS", f"sk-graphs-{secrets.token_hex(16)}")
+        env.setdefault("SHOAL_ROUTER_API_KEYS", graphs_key)
         if "SHOAL_REDIS_URL" not in env:
             port = free_port()
+            password = env.setdefault("SHOAL_REDIS_PASSWORD", secrets.token_hex(16))
             # An append-only file: desired state (pools, models) survives a restart of Redis.
-            argv = redis_server_argv(port, self._data_dir, persistent=True)
-            self.supervisor.start("redis", argv, ready=lambda: redis_ready(port))
+            argv = redis_server_argv(port, self._data_dir, persistent=True, password=password)
+            self.supervisor.start("redis", argv, ready=lambda: redis_ready(port, password))
             env["SHOAL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-        self.endpoints.redis_url = env["SHOAL_REDIS_URL"]
+        self.endpoints.redis_url = with_password(env["SHOAL_REDIS_URL"], env.get("SHOAL_REDIS_PASSWORD", ""))
 
         kv_port = free_port()
         kvstore = f"127.0.0.1:{kv_port}"
@@ -175,6 +184,7 @@ class LocalStack:
         )
         self.endpoints.controller, self.endpoints.admin_token = controller, token
         registered = self._wait_for_workers(controller, token, len(self.config.workers) + len(self.config.more_models))
+        self.endpoints.api_key = env.get("SHOAL_API_KEY") or self._create_api_key(controller, token)
         self.endpoints.workers = {w["worker_id"]: w["address"] for w in registered}
         self.endpoints.worker_http = {w["worker_id"]: w["http_address"] for w in registered if w["http_address"]}
 
@@ -197,6 +207,14 @@ class LocalStack:
     def _router_ready(self, url: str, name: str) -> Callable[[], bool]:
         """With several routers on the port, a health check may land on another: wait for this one's pid."""
         return lambda: router_ready(url, self.supervisor.pid(name))
+
+    @staticmethod
+    def _create_api_key(controller: str, token: str) -> str:
+        response = httpx.post(
+            f"{controller}/v1/keys", json={"name": "local"}, headers={"authorization": f"Bearer {token}"}, timeout=10
+        )
+        response.raise_for_status()
+        return str(response.json()["key"])
 
     def _wait_for_workers(
         self, controller: str, token: str, count: int, timeout_s: float = 180.0
@@ -257,10 +275,12 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL, second: Path | None = None
         )
         endpoints = LocalStack(config, supervisor).start()
         print(
-            f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1   (try: curl {endpoints.router}/v1/models)\n"
+            f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1\n"
+            f"  API key      {endpoints.api_key}\n"
+            f"               (curl -H 'Authorization: Bearer {endpoints.api_key}' {endpoints.router}/v1/models)\n"
             f"  admin API    {endpoints.controller}/docs   token: {endpoints.admin_token}\n"
             f"               (export SHOAL_ADMIN_TOKEN={endpoints.admin_token}; .venv/bin/shoal status)\n"
-            f"  redis        {endpoints.redis_url}\n  kvstore      {endpoints.kvstore}\n"
+            f"  redis        {redacted_url(endpoints.redis_url)}\n  kvstore      {endpoints.kvstore}\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -122,9 +122,20 @@ def spawn(
     return ManagedProcess(name, popen)
 
 
-def redis_server_argv(port: int, data_dir: str, persistent: bool = False) -> list[str]:
-    """Command line of a loopback-only redis-server on `port`, with data in `data_dir`."""
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir]
+def redis_server_argv(port: int, data_dir: str, persistent: bool = False, password: str | None = None) -> list[str]:
+    """Command line of a loopback-only redis-server on `port`, with data in `data_dir`, asking for `password`.
+
+    The password goes in a config file only the owner can read (written to `data_dir`), not on the command
+    line, where every local user would see it in the process list."""
+    argv = ["redis-server"]
+    if password:
+        config = os.path.join(data_dir, "redis-auth.conf")
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f'requirepass "{password}"\n')
+        argv.append(config)
+    argv += ["--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir]
     argv += ["--save", "", "--appendonly", "yes" if persistent else "no", "--protected-mode", "yes"]
     return argv
 

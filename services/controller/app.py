@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from services.controller.actuators.factory import make_actuator
 from services.controller.agents.runner import GraphRunner, GraphStore, ToolRunner
+from services.controller.api.audit import AuditLog
 from services.controller.api.routes import build_api
 from services.controller.desired import DesiredState
 from services.controller.experts import ExpertWatch
@@ -34,6 +35,7 @@ from shared.policies.agents import Hardware
 from shared.policies.scaling import PolicyState
 from shared.rpc.pool import ClientPool
 from shared.rpc.worker_client import WorkerClient
+from shared.state.apikeys import APIKeyStore
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
@@ -113,6 +115,8 @@ class ControllerApp:
             job_lease_s=settings.job_lease_s,
         )
         self.graphs = GraphStore(self.redis)
+        self.api_keys = APIKeyStore(self.redis)
+        self.audit = AuditLog(self.redis)
         self.graph_runner = GraphRunner(
             self.graphs,
             settings.router_url,

@@ -26,10 +26,12 @@ from services.router.discovery import WorkerDirectory
 from services.router.dispatch import Dispatcher, KVStoreTarget
 from services.router.http.api import build_server
 from services.router.inflight import InflightCounts
+from services.router.keys import KEYS_INTERVAL_S, KeyGate
 from services.router.metrics import RouterMetrics
 from services.router.models import CATALOG_INTERVAL_S, ModelCatalog
 from services.router.pd import Handoff
 from services.router.pinning import Pinner
+from shared.config.base import Environment
 from shared.config.services import RouterSettings
 from shared.hashing import BlockHasher
 from shared.httpapi import listening_socket
@@ -44,6 +46,7 @@ from shared.rpc.serve_client import ServeSession
 from shared.rpc.server import stop_event_on_signals
 from shared.rpc.shoal.v1 import common_pb2
 from shared.rpc.worker_client import WorkerClient
+from shared.state.apikeys import APIKeyStore
 from shared.state.kvevents import KVEventFollower
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
@@ -86,6 +89,9 @@ class RouterApp:
         self._request_ids = (f"{self.router_id[7:]}{n:x}" for n in itertools.count())
         self.work = WorkRecorder(self.redis, self.router_id)
         self.sessions = SessionMap(self.redis)
+        self.keys = KeyGate(
+            APIKeyStore(self.redis), settings.api_keys, settings.env is Environment.DEV, self.metrics.keys
+        )
         self.worker_inflight = InflightCounts()
         config = load_config(yaml.safe_load(settings.routing_config.read_text()) if settings.routing_config else None)
         if not settings.routing_config:
@@ -129,6 +135,7 @@ class RouterApp:
         self.http = build_server(self)
         self._discovery = Ticker("discovery", DISCOVERY_INTERVAL_S, self.directory.refresh)
         self._models = Ticker("models", CATALOG_INTERVAL_S, self.catalog.refresh)
+        self._keys = Ticker("api-keys", KEYS_INTERVAL_S, self.keys.refresh)
         self._events = Ticker("kv-index", 0.001, self._follow)
         self._stats = Ticker("work-stats", 1.0, self._flush_work)
         self._sessions = Ticker("sessions", SESSION_FLUSH_S, self.sessions.flush)
@@ -142,8 +149,8 @@ class RouterApp:
         return self.catalog.models()
 
     @property
-    def api_keys(self) -> list[str]:
-        return self.settings.api_keys
+    def access(self) -> KeyGate:
+        return self.keys
 
     @property
     def edge_metrics(self) -> EdgeMetrics:
@@ -190,8 +197,10 @@ class RouterApp:
     async def start(self) -> None:
         await self.directory.refresh()
         await self.catalog.refresh()
+        await self.keys.refresh()
         self._discovery.start()
         self._models.start()
+        self._keys.start()
         self._events.start()
         self._stats.start()
         self._sessions.start()
@@ -201,6 +210,7 @@ class RouterApp:
     async def stop(self) -> None:
         await self._discovery.stop()
         await self._models.stop()
+        await self._keys.stop()
         await self._events.stop()
         await self._stats.stop()
         await self._sessions.stop()

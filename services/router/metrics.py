@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
+from services.router.keys import KeyMetrics
 from shared.openai.completions import EdgeMetrics
 from shared.telemetry.loopmetrics import LoopMetrics
 
@@ -12,6 +13,7 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         metrics = LoopMetrics(registry)
+        self.keys = KeyMetrics(metrics)
         # Requests, TTFT, TBT, end to end and tokens, as the OpenAI endpoints measure them.
         self.edge = EdgeMetrics(metrics, "shoal_router")
         self.decisions = metrics.counter(

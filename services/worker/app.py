@@ -118,7 +118,8 @@ class WorkerApp:
             raise FailedPrecondition("SHOAL_WORKER_HTTP_PORT needs SHOAL_WORKER_MODEL_PATH (the tokenizer)")
         edge = EdgeMetrics(LoopMetrics(self.metrics.registry), "shoal_worker_http")
         model = ServedModel(self.engine.model_name, self.engine.max_context, PromptBuilder(self.settings.model_path))
-        backend = EngineBackend(self.servicer, model, edge)
+        token = self.settings.internal_token
+        backend = EngineBackend(self.servicer, model, edge, [token] if token else [])
         self.http = direct_server(backend)
         self.http_port = await self.http.start(self.settings.host, port)
         log.info("worker serving the OpenAI API directly", port=self.http_port)

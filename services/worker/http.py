@@ -6,6 +6,8 @@ as the router, shared/openai), running each request on its own engine. It is
 how a single engine server is used elsewhere, and what `make bench-router`
 measures the router against: the same load generator and requests, with and
 without the router in the path. There is no routing, retry or P/D here.
+Callers present the internal token as their key (none is needed only when
+no internal token is set, which is refused outside development mode).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from services.worker.server import WorkerServicer
 from shared.errors import NotFound
 from shared.httpapi import install_error_handlers
 from shared.httpserver import HttpServer
+from shared.openai.access import StaticKeys
 from shared.openai.api import openai_server
 from shared.openai.completions import EdgeMetrics
 from shared.openai.jobs import Chunk, Hints, Job
@@ -30,8 +33,11 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 class EngineBackend:
     """The OpenAI endpoints' backend for one worker: requests go straight to its engine."""
 
-    def __init__(self, servicer: WorkerServicer, model: ServedModel, edge_metrics: EdgeMetrics) -> None:
+    def __init__(
+        self, servicer: WorkerServicer, model: ServedModel, edge_metrics: EdgeMetrics, keys: list[str]
+    ) -> None:
         self.servicer = servicer
+        self._access = StaticKeys(keys)
         self.engine: Engine = servicer.engine
         self._model = model
         self._edge_metrics = edge_metrics
@@ -46,8 +52,8 @@ class EngineBackend:
         return [self._model]
 
     @property
-    def api_keys(self) -> list[str]:
-        return []
+    def access(self) -> StaticKeys:
+        return self._access
 
     @property
     def edge_metrics(self) -> EdgeMetrics:

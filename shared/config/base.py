@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,13 +42,21 @@ class CommonSettings(BaseSettings):
 
     env: Environment = common(
         "SHOAL_ENV",
-        default=Environment.DEV,
-        description="Deployment environment. In `prod`, placeholder secrets are refused.",
+        default=Environment.PROD,
+        description=(
+            "`prod` (the default): placeholder secrets are refused and the OpenAI API needs a key. `dev`, an "
+            "explicit development setting that each service warns about at start: the OpenAI API admits any caller."
+        ),
     )
     redis_url: str = common(
         "SHOAL_REDIS_URL",
         default="redis://127.0.0.1:6379/0",
-        description="Redis holding cluster state (registry, desired state, events), as a redis:// URL.",
+        description="Redis holding cluster state (registry, desired state, events), as a redis:// or rediss:// URL.",
+    )
+    redis_password: str | None = common(
+        "SHOAL_REDIS_PASSWORD",
+        default=None,
+        description="Redis password (AUTH), put into SHOAL_REDIS_URL when that carries none (from a Secret).",
     )
     otlp_endpoint: str | None = common(
         "SHOAL_OTLP_ENDPOINT",
@@ -72,6 +81,17 @@ class CommonSettings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix:// (e.g. redis://127.0.0.1:6379/0)")
         return value
+
+    @model_validator(mode="after")
+    def _redis_credentials(self) -> CommonSettings:
+        if self.redis_password:
+            # Frozen settings: the one effective URL is what every client and Celery connect with.
+            object.__setattr__(self, "redis_url", with_password(self.redis_url, self.redis_password))
+        return self
+
+    @property
+    def redis_has_password(self) -> bool:
+        return self.redis_url.startswith("unix://") or urlsplit(self.redis_url).password is not None
 
     @field_validator("log_level")
     @classmethod
@@ -98,7 +118,7 @@ class CommonSettings(BaseSettings):
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
         """Fields holding secrets: never logged, refused as placeholders in prod."""
-        return ("internal_token",)
+        return ("internal_token", "redis_password")
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked, for start-up logs."""
@@ -106,7 +126,28 @@ class CommonSettings(BaseSettings):
         for name in self.secret_fields():
             if data.get(name):
                 data[name] = "***"
+        data["redis_url"] = redacted_url(self.redis_url)
         return data
+
+
+def with_password(url: str, password: str) -> str:
+    """A redis:// or rediss:// `url` carrying `password`, unless it carries one already (or none is given)."""
+    parts = urlsplit(url)
+    if not password or parts.scheme not in ("redis", "rediss") or parts.password is not None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{f'[{host}]' if ':' in host else host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password, if any, masked (for logs and banners)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 class SettingsError(Exception):

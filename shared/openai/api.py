@@ -23,7 +23,6 @@ from shared.openai.completions import (
     MAX_SESSION_ID,
     Backend,
     Completions,
-    check_api_key,
 )
 from shared.openai.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -41,7 +40,7 @@ def openai_server(backend: Backend, api: FastAPI) -> HttpServer:
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
-        check_api_key(backend.api_keys, request.headers.get("authorization"))
+        await backend.access.admit(request.headers.get("authorization"), request=False)
         return json_response({"object": "list", "data": [model.listing() for model in backend.models()]})
 
     base_openapi = api.openapi

@@ -18,9 +18,8 @@ that goes away cancels its request, streamed or not.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from contextvars import Token
 from typing import Any, Protocol
 
@@ -29,9 +28,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from pydantic import BaseModel, ValidationError
 
-from shared.errors import Internal, InvalidArgument, ShoalError, Unauthenticated
+from shared.errors import Internal, InvalidArgument, ShoalError
 from shared.httpapi import HTTP_STATUS, describe_validation, error_body, error_parts
 from shared.httpserver import Request, Responder
+from shared.openai.access import OPEN, Access
 from shared.openai.jobs import Chunk, Hints, Job
 from shared.openai.models import ServedModel
 from shared.openai.prompts import PromptBuilder
@@ -81,8 +81,8 @@ class Backend(Protocol):
         """Every model and alias served, as `/v1/models` lists them."""
 
     @property
-    def api_keys(self) -> Sequence[str]:
-        """Keys accepted in `Authorization: Bearer`; empty: no key is required."""
+    def access(self) -> Access:
+        """Who may call, and where each request's tokens are charged (shared/openai/access.py)."""
 
     @property
     def edge_metrics(self) -> EdgeMetrics:
@@ -99,7 +99,19 @@ class Backend(Protocol):
 class _Tracked:
     """Timing and counters of one request, reported when it ends."""
 
-    __slots__ = ("_tbt", "_tokens", "endpoint", "last_token", "metrics", "model", "reported", "started")
+    __slots__ = (
+        "_tbt",
+        "_tokens",
+        "completion_tokens",
+        "endpoint",
+        "grant",
+        "last_token",
+        "metrics",
+        "model",
+        "prompt_tokens",
+        "reported",
+        "started",
+    )
 
     def __init__(self, metrics: EdgeMetrics, endpoint: str) -> None:
         self.metrics = metrics
@@ -108,6 +120,9 @@ class _Tracked:
         self.started = time.monotonic()
         self.last_token: float | None = None
         self.reported = False
+        self.grant = OPEN
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
     def chunk(self, chunk: Chunk) -> None:
         if chunk.tokens:
@@ -121,11 +136,14 @@ class _Tracked:
                 self._tbt.observe(now - self.last_token)
             self.last_token = now
             self._tokens.inc(chunk.tokens)
+            self.completion_tokens += chunk.tokens
 
     def done(self, status: int) -> None:
         if self.reported:  # a client that hangs up as its response ends is counted once
             return
         self.reported = True
+        if self.last_token is not None:  # the prompt was computed: charge it and what came of it
+            self.grant.charge(self.prompt_tokens + self.completion_tokens)
         self.metrics.requests.labels(self.model, self.endpoint, str(status)).inc()
         if status == 200:
             self.metrics.e2e.labels(self.model).observe(time.monotonic() - self.started)
@@ -206,15 +224,6 @@ def _hints(request: Request) -> Hints:
     if pin is not None and (not pin.strip().isdigit() or int(pin) > MAX_PIN_S):
         raise InvalidArgument(f"x-shoal-pin-s must be an integer in [0, {MAX_PIN_S}]", param="x-shoal-pin-s")
     return Hints(session, pool, int(pin) if pin is not None else 0)
-
-
-def check_api_key(keys: Sequence[str], authorization: str | None) -> None:
-    """Unauthenticated unless the Authorization header carries one of `keys` (none configured: open)."""
-    if not keys:
-        return
-    presented = (authorization or "").removeprefix("Bearer ").strip().encode()
-    if not any(hmac.compare_digest(presented, key.encode()) for key in keys):
-        raise Unauthenticated("Incorrect API key provided.", param=None)
 
 
 def _parse(model: type[BaseModel], body: bytes) -> Any:
@@ -330,9 +339,10 @@ class Completions:
         self, request: Request, responder: Responder, kind: str, tracked: _Tracked, span: trace.Span | None
     ) -> None:
         try:
-            check_api_key(self.backend.api_keys, request.header(b"authorization"))
+            tracked.grant = await self.backend.access.admit(request.header(b"authorization"))
             job, stream, include_usage = await self._job(kind, request.body, _hints(request))
             tracked.model = job.model
+            tracked.prompt_tokens = len(job.prompt)
             if span is not None:
                 # The OpenTelemetry GenAI convention's name: traces filter by model as metrics do.
                 span.set_attribute("gen_ai.request.model", job.model)

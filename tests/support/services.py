@@ -22,6 +22,7 @@ from services.kvstore.app import KVStoreApp
 from services.router.app import RouterApp
 from services.worker.app import WorkerApp
 from shared.config import ControllerSettings, KVStoreSettings, RouterSettings, WorkerSettings, load_settings
+from shared.config.base import Environment
 from shared.processes import ManagedProcess, free_port, spawn, wait_for_port
 from tests.support.models import TINY_MODEL_NAME
 
@@ -75,7 +76,13 @@ async def running_kvstore(redis_url: str, **overrides: Any) -> AsyncIterator[KVS
 
 
 def router_settings(redis_url: str, model_path: Path, **overrides: Any) -> RouterSettings:
-    defaults: dict[str, Any] = {"redis_url": redis_url, "models": [f"{TINY_MODEL_NAME}={model_path}"], "http_port": 0}
+    # Development mode: these suites test routing, so requests go without keys; tests/security runs as deployed.
+    defaults: dict[str, Any] = {
+        "redis_url": redis_url,
+        "models": [f"{TINY_MODEL_NAME}={model_path}"],
+        "http_port": 0,
+        "env": Environment.DEV,
+    }
     return load_settings(RouterSettings, **{**defaults, **overrides})
 
 

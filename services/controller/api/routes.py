@@ -1,10 +1,13 @@
-"""The admin REST API: models and their aliases, pools, workers, scaling, jobs, agent graphs, cluster status.
+"""The admin REST API: models and their aliases, pools, workers, scaling, jobs, agent graphs, cluster status,
+OpenAI API keys and the audit log.
 
 Every route needs a bearer token whose role allows it (viewer < operator <
 admin): reading needs viewer, operating on workers, scaling and jobs needs
-operator, changing models and pools needs admin. Missing or unknown tokens
-get 401, insufficient roles 403. Routes are thin: they validate, call the
-desired-state store, the registry or the job store, and return public models.
+operator (and so does listing API keys), changing models, pools and keys and
+reading the audit log needs admin. Missing or unknown tokens get 401,
+insufficient roles 403; every write is audited (api/audit.py). Routes are
+thin: they validate, call the desired-state store, the registry or the job
+store, and return public models.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.controller.agents.tools import RETRIEVERS, TOOLS
+from services.controller.api.audit import AdminEdge, AuditEntry, caller
 from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -32,6 +36,7 @@ from shared.httpapi import install_error_handlers
 from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
 from shared.telemetry.metrics import render
+from shared.types.apikeys import KEY_ID, APIKeyCreate, APIKeyCreated, APIKeyPublic
 from shared.types.graphs import GraphRecord, GraphSpec, RunState, check_graph
 from shared.types.pools import (
     AliasPublic,
@@ -68,6 +73,7 @@ def require(role: Role) -> Any:
                 granted = Role[name.upper()]
         if granted is None:
             raise Unauthenticated("a valid bearer token is required (Authorization: Bearer <token>)")
+        request.state.who = caller(granted.name.lower(), presented)  # the audit log's "who"
         if granted < role:
             raise PermissionDenied(f"this needs the {role.name.lower()} role; the token has {granted.name.lower()}")
         return granted
@@ -82,6 +88,7 @@ Name = Annotated[str, Path(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z
 JobId = Annotated[str, Path(min_length=1, max_length=200)]
 GraphId = Annotated[str, Path(min_length=1, max_length=200)]
 WorkerId = Annotated[str, Path(min_length=1, max_length=200)]
+KeyId = Annotated[str, Path(pattern=KEY_ID.pattern)]
 
 
 class ScaleRequest(BaseModel):
@@ -152,6 +159,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
     )
     api.state.controller = controller
     install_error_handlers(api)
+    api.add_middleware(AdminEdge, audit=controller.audit)
     v1 = APIRouter(prefix="/v1")
 
     # -- models -----------------------------------------------------------------
@@ -182,6 +190,33 @@ def build_api(controller: ControllerApp) -> FastAPI:
         if deleting is None:
             return Response(status_code=204)
         return JSONResponse(deleting.model_dump(mode="json"), status_code=202)
+
+    # -- OpenAI API keys ----------------------------------------------------------
+
+    @v1.post("/keys", status_code=201)
+    async def create_key(body: APIKeyCreate, request: Request, _: Admin) -> APIKeyCreated:
+        """A new key for the OpenAI API; its secret is in this response only."""
+        return await _app(request).api_keys.create(body)
+
+    @v1.get("/keys")
+    async def list_keys(request: Request, _: Operator) -> list[APIKeyPublic]:
+        return [record.public() for record in await _app(request).api_keys.all()]
+
+    @v1.get("/keys/{key_id}")
+    async def get_key(key_id: KeyId, request: Request, _: Operator) -> APIKeyPublic:
+        return (await _app(request).api_keys.get(key_id)).public()
+
+    @v1.delete("/keys/{key_id}")
+    async def revoke_key(key_id: KeyId, request: Request, _: Admin) -> APIKeyPublic:
+        """Revoke a key: every router refuses it within a couple of seconds. The record stays, marked."""
+        return (await _app(request).api_keys.revoke(key_id)).public()
+
+    # -- audit log ------------------------------------------------------------------
+
+    @v1.get("/audit")
+    async def audit(request: Request, _: Admin, limit: int = Query(default=100, ge=1, le=10_000)) -> list[AuditEntry]:
+        """The newest admin API writes, newest first: who, what, when and the result."""
+        return await _app(request).audit.recent(limit)
 
     # -- aliases ----------------------------------------------------------------
 
