@@ -174,7 +174,8 @@ async def replay(endpoints: Endpoints, arrivals: Sequence[Request], result: RunR
 
     sampler = asyncio.create_task(sample())
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as http:
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=endpoints.api_headers) as http:
         start = time.perf_counter()
         tasks = []
         for index, arrival in enumerate(arrivals):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import orjson
 
-from cli.localstack import local_stack
+from cli.localstack import Endpoints, local_stack
 from shared.hashing import BlockHasher
 
 MODEL = "shoal-tiny-moe"
@@ -88,10 +88,10 @@ class Load:
         )
 
 
-def wrk(url: str, body: dict[str, object], connections: int, seconds: int = SECONDS) -> Load:
+def wrk(url: str, key: str, body: dict[str, object], connections: int, seconds: int = SECONDS) -> Load:
     threads = min(2, connections)
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(WRK_SCRIPT), url]
-    env = {**os.environ, "SHOAL_WRK_BODY": json.dumps({**body, "ignore_eos": True})}
+    env = {**os.environ, "SHOAL_WRK_BODY": json.dumps({**body, "ignore_eos": True}), "SHOAL_WRK_KEY": key}
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("WRK "))
     stats = json.loads(line[4:])
@@ -108,11 +108,11 @@ def wrk(url: str, body: dict[str, object], connections: int, seconds: int = SECO
     )
 
 
-def direct(addresses: list[str], body: dict[str, object], connections: int) -> Load:
+def direct(addresses: list[str], key: str, body: dict[str, object], connections: int) -> Load:
     """The same load on the workers' own API: one wrk per worker, the connections split evenly."""
     share = max(1, connections // len(addresses))
     with ThreadPoolExecutor(len(addresses)) as pool:
-        runs = [pool.submit(wrk, f"http://{a}/v1/chat/completions", body, share) for a in addresses]
+        runs = [pool.submit(wrk, f"http://{a}/v1/chat/completions", key, body, share) for a in addresses]
         return Load.combined([run.result() for run in runs])
 
 
@@ -134,10 +134,11 @@ def overhead(model: Path) -> Overhead:
     with local_stack(model, [("mixed", "sim"), ("mixed", "sim")], env) as (endpoints, _):
         addresses = list(endpoints.worker_http.values())
         chat_url = f"{endpoints.router}/v1/chat/completions"
-        wrk(chat_url, CHAT, 32, seconds=3)  # warm-up: sessions open, caches filled
-        routed = {c: wrk(chat_url, CHAT, c) for c in (8, 32, 200, 256, 1000)}
-        direct_rows = {c: direct(addresses, CHAT, c) for c in (8, 32)}
-        streams = {c: wrk(f"{endpoints.router}/v1/completions", STREAM, c) for c in (32, 256)}
+        key, token = endpoints.api_key, endpoints.internal_token  # both sides authenticate every request
+        wrk(chat_url, key, CHAT, 32, seconds=3)  # warm-up: sessions open, caches filled
+        routed = {c: wrk(chat_url, key, CHAT, c) for c in (8, 32, 200, 256, 1000)}
+        direct_rows = {c: direct(addresses, token, CHAT, c) for c in (8, 32)}
+        streams = {c: wrk(f"{endpoints.router}/v1/completions", key, STREAM, c) for c in (32, 256)}
     return Overhead(direct_rows[8], routed, direct_rows, streams)
 
 
@@ -172,11 +173,13 @@ def question(index: int, turn: int) -> str:
     return f"{first}Question {turn}: which word comes up most often in part {turn}?"
 
 
-async def _conversation(url: str, index: int, turns: int, ttfts: list[float], usage: list[tuple[int, int]]) -> None:
+async def _conversation(
+    endpoints: Endpoints, index: int, turns: int, ttfts: list[float], usage: list[tuple[int, int]]
+) -> None:
     import httpx
 
     messages: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
-    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+    async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=300) as http:
         for turn in range(turns):
             messages.append({"role": "user", "content": question(index, turn)})
             body = {
@@ -218,9 +221,7 @@ def chat(model: Path, preset: str, conversations: int = 16, turns: int = 3) -> C
         usage: list[tuple[int, int]] = []
 
         async def run_all() -> None:
-            await asyncio.gather(
-                *(_conversation(endpoints.router, i, turns, ttfts, usage) for i in range(conversations))
-            )
+            await asyncio.gather(*(_conversation(endpoints, i, turns, ttfts, usage) for i in range(conversations)))
 
         asyncio.run(run_all())
     prompt = sum(p for p, _ in usage)

@@ -96,6 +96,8 @@ class StackConfig:
 
 @dataclass
 class Endpoints:
+    """Where the started stack answers, and the credentials to call it with."""
+
     redis_url: str = ""
     kvstore: str = ""
     router: str = ""
@@ -103,9 +105,16 @@ class Endpoints:
     admin_token: str = ""
     # An OpenAI API key made through the admin API at start (no limits).
     api_key: str = ""
+    # The run's internal token: gRPC calls, data channels, and the key of a worker's own OpenAI API.
+    internal_token: str = ""
     workers: dict[str, str] = field(default_factory=dict)
     # Worker id -> host:port of its own OpenAI API, for workers started with SHOAL_WORKER_HTTP_PORT.
     worker_http: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_headers(self) -> dict[str, str]:
+        """Headers of a request to the router's OpenAI API."""
+        return {"authorization": f"Bearer {self.api_key}"}
 
 
 def bootstrap_document(config: StackConfig, model_name: str, model_path: str) -> dict[str, Any]:
@@ -138,7 +147,7 @@ class LocalStack:
         model = str(self.config.model_path.resolve())
         model_name = env.get("SHOAL_ROUTER_MODEL_NAME", "shoal-tiny-moe")
         # Secrets of this run: Redis's password and the internal token (every gRPC call and data channel).
-        env.setdefault("SHOAL_INTERNAL_TOKEN", secrets.token_hex(16))
+        self.endpoints.internal_token = env.setdefault("SHOAL_INTERNAL_TOKEN", secrets.token_hex(16))
         # The key agent graphs' LLM steps present to the router (a static key: the router has no limits on it).
         graphs_key = env.setdefault("SHOAL_CONTROLLER_ROUTER_API_KEYS", f"sk-graphs-{secrets.token_hex(16)}")
         env.setdefault("SHOAL_ROUTER_API_KEYS", graphs_key)

@@ -5,6 +5,10 @@
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = os.getenv("SHOAL_WRK_BODY")
+-- The key the endpoint asks for: the router's API key, or a worker's internal token on its own API.
+if os.getenv("SHOAL_WRK_KEY") then
+  wrk.headers["Authorization"] = "Bearer " .. os.getenv("SHOAL_WRK_KEY")
+end
 
 local threads = {}
 function setup(thread)

@@ -19,6 +19,7 @@ import yaml
 from redis.exceptions import RedisError
 
 from services.controller.actuators.factory import make_actuator
+from services.controller.agents.egress import EgressPolicy
 from services.controller.agents.runner import GraphRunner, GraphStore, ToolRunner
 from services.controller.api.audit import AuditLog
 from services.controller.api.routes import build_api
@@ -123,6 +124,7 @@ class ControllerApp:
             celery_tools(settings),
             self.catalogue,
             settings.router_api_keys[0] if settings.router_api_keys else None,
+            EgressPolicy(settings.tool_hosts),
         )
         self.api = build_api(self)
         self._reconcile = Ticker("reconcile", settings.reconcile_interval_s, self._tick)

@@ -20,6 +20,7 @@ from services.kvstore.store import BlockStore
 from services.kvstore.tiers.disk import DiskTier
 from services.kvstore.tiers.memory import MemoryTier
 from shared.config.services import KVStoreSettings
+from shared.kvlocal.client import STAGING_PREFIX
 from shared.policies.eviction import make_policy
 from shared.rpc.channel import ChannelServer
 from shared.rpc.server import GrpcServer, run_until_signal
@@ -129,9 +130,9 @@ def _reclaim_dead(folder: Path, store_id: str) -> None:
     killed clients: files in /dev/shm are memory, and a SIGKILL skips every cleanup. Their names carry
     their process's pid; a file whose process no longer exists (in this pid namespace) is dead."""
     own = [*folder.glob(f"shoal-kv-{store_id}-*.arena"), *folder.glob(f"shoal-kv-{store_id}-*.sock")]
-    staging = list(folder.glob("shoal-kv-staging-*"))
+    staging = list(folder.glob(f"{STAGING_PREFIX}*"))
     pids = [(path, path.stem.rsplit("-", 1)[-1]) for path in own]
-    pids += [(path, path.name.removeprefix("shoal-kv-staging-").split("-", 1)[0]) for path in staging]
+    pids += [(path, path.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]) for path in staging]
     for path, pid in pids:
         if pid.isdigit() and not _alive(int(pid)):
             with suppress(OSError):

@@ -94,8 +94,10 @@ class Arena:
         self.geometry = ArenaGeometry.plan(data_bytes, page_bytes, MIN_SLOT, os.urandom(8))
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Only the store's user reads it: other users' processes use the data channel.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # a file a killed store left keeps its mode through O_TRUNC
             os.ftruncate(fd, self.geometry.file_bytes)
             self._map = mmap.mmap(fd, self.geometry.file_bytes)
         finally:

@@ -8,6 +8,11 @@ the store reads), so they are not checksummed again here; the CRC protects
 them when they are read back on hosts without ordered stores and when they
 spill to disk. Errors are answered in the taxonomy's terms and the
 connection stays usable.
+
+Only processes of the store's own user get in: the socket is 0600 and each
+connection's peer credentials (SO_PEERCRED) are checked, and a staging file
+must be one of the clients' own in the arena's folder (a hello cannot make
+the store map an arbitrary file).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import os
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,7 @@ from services.kvstore.store import BlockStore
 from shared.errors import InvalidArgument, ShoalError
 from shared.hashing import HASH_BYTES
 from shared.kvlocal import protocol
+from shared.kvlocal.client import STAGING_PREFIX
 from shared.telemetry.logging import get_logger
 from shared.types.kv import KVBlock
 
@@ -42,6 +51,7 @@ class LocalEndpoint:
     async def start(self) -> None:
         self.socket_path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, str(self.socket_path), limit=protocol.MAX_MESSAGE)
+        os.chmod(self.socket_path, 0o600)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -54,13 +64,18 @@ class LocalEndpoint:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         staging: mmap.mmap | None = None
+        peer = _peer_uid(writer)
+        if peer != os.getuid():
+            log.warning("local client refused: another user", uid=peer)
+            writer.close()
+            return
         self._writers.add(writer)
         try:
             while (message := await protocol.read_message(reader)) is not None:
                 op = message.get("op")
                 try:
                     if op == "hello":
-                        staging = _map_staging(str(message.get("staging", "")), staging)
+                        staging = _map_staging(self._staging_path(message.get("staging")), staging)
                         reply: dict[str, Any] | None = {"ok": True}
                     elif op == "put":
                         reply = await self._put(message, staging)
@@ -109,6 +124,23 @@ class LocalEndpoint:
         if not 0 <= crc <= 0xFFFFFFFF:
             raise InvalidArgument("crc32c out of range", param="crc32c")
         return KVBlock(block_hash, staging[offset : offset + header_len], staging[offset + header_len : end], crc)
+
+    def _staging_path(self, named: object) -> str:
+        path = Path(str(named or ""))
+        if path.parent != self.socket_path.parent or not path.name.startswith(STAGING_PREFIX):
+            raise InvalidArgument(
+                f"a staging file must be {self.socket_path.parent}/{STAGING_PREFIX}*", param="staging"
+            )
+        return str(path)
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    sock = writer.get_extra_info("socket")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except (OSError, AttributeError):
+        return None
+    return int(uid)
 
 
 def _map_staging(path: str, previous: mmap.mmap | None) -> mmap.mmap:

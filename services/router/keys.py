@@ -120,12 +120,17 @@ class KeyGate:
             if changes == self._seen_changes:
                 return
             records = await self.store.all()
+            # Redis lost its data (wiped, or restarted empty): the controller writes the keys back.
+            lost = not records and bool(self._keys) and not await self.store.redis.exists(schema.CLUSTER)
         except (RedisError, OSError) as exc:
             # Keep the keys we know: Redis down must not lock every client out.
             log.warning("API keys not refreshed: redis unreachable", error=str(exc))
             return
         finally:
             self._loaded_at = time.monotonic()
+        if lost:
+            log.warning("API keys lost from Redis; keeping those known until they are restored")
+            return
         by_id = {key.record.id: key for key in self._keys.values()}
         keys: dict[str, _Key] = {}
         for record in records:

@@ -363,6 +363,13 @@ class ControllerSettings(CommonSettings):
         default_factory=list,
         description="The router's API keys (JSON list or comma-separated); graphs' LLM steps present the first.",
     )
+    tool_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Hosts agent graphs' HTTP tools may post to (JSON list or comma-separated): names, *.wildcards, "
+            "addresses or networks. Empty: no HTTP tool runs. Internal addresses need an address entry."
+        ),
+    )
     local_max_workers: int = Field(
         default=8,
         ge=0,
@@ -389,7 +396,7 @@ class ControllerSettings(CommonSettings):
     def secret_fields(cls) -> tuple[str, ...]:
         return (*super().secret_fields(), "admin_tokens", "router_api_keys")
 
-    _split_tokens = field_validator("admin_tokens", "router_api_keys", mode="before")(_split_list)
+    _split_tokens = field_validator("admin_tokens", "router_api_keys", "tool_hosts", mode="before")(_split_list)
 
     @field_validator("admin_tokens")
     @classmethod

@@ -26,6 +26,7 @@ from shared.kvlocal.layout import ArenaReader
 from shared.types.kv import KVBlock
 
 STAGING_BYTES = 32 * 2**20
+STAGING_PREFIX = "shoal-kv-staging-"
 _MADV_POPULATE_WRITE = 23
 TOUCH_BATCH = 256
 
@@ -101,8 +102,8 @@ class LocalAccess:
         if self._staging is not None:
             self._staging.close()
         size = max(size, STAGING_BYTES)
-        path = self._staging_dir / f"shoal-kv-staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        path = self._staging_dir / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
             staging = mmap.mmap(fd, size)

@@ -86,6 +86,17 @@ class APIKeyStore:
                 await pipe.execute()
         return record
 
+    async def snapshot(self) -> dict[bytes, bytes]:
+        """Every key as stored, for `restore` after Redis lost its data."""
+        raw: dict[bytes, bytes] = await self.redis.hgetall(schema.API_KEYS)
+        return raw
+
+    async def restore(self, raw: dict[bytes, bytes]) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(schema.API_KEYS, mapping=raw)
+            pipe.incr(schema.API_KEY_CHANGES)
+            await pipe.execute()
+
     async def changes(self) -> int:
         return int(await self.redis.get(schema.API_KEY_CHANGES) or 0)
 

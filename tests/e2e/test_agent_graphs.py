@@ -55,6 +55,7 @@ def second_router(running: tuple[Endpoints, Supervisor], model: Path, preset: st
     env = {
         **os.environ,
         "SHOAL_REDIS_URL": endpoints.redis_url,
+        "SHOAL_INTERNAL_TOKEN": endpoints.internal_token,
         "SHOAL_ROUTER_HTTP_PORT": str(port),
         "SHOAL_ROUTER_ROUTING_PRESET": preset,
         "SHOAL_LOG_LEVEL": "WARNING",
@@ -108,7 +109,7 @@ async def test_a_graph_of_llm_tool_and_retrieval_steps_runs_end_to_end(stack: En
     listed = await asyncio.to_thread(CliRunner().invoke, app, ["catalogue"], env=env)
     assert listed.exit_code == 0 and "decode" in listed.output
     # The graph has a tool step: the router copied its LLM steps' prefixes to the kvstore, pinned.
-    kvstore = KVStoreClient(stack.kvstore, local=False)
+    kvstore = KVStoreClient(stack.kvstore, stack.internal_token, local=False)
     try:
         for _ in range(100):
             if (await kvstore.stats()).pinned_blocks > 0:
@@ -225,7 +226,7 @@ async def test_session_affinity_raises_prefix_cache_hits(
     baseline = second_router(running, tiny_model, "round-robin")
     without_session = []
     answers: list[str] = []
-    async with httpx.AsyncClient(base_url=baseline, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=baseline, headers=stack.api_headers, timeout=30) as http:
         for i in range(turns):
             body = {"model": TINY_MODEL_NAME, "prompt": " ".join([OTHER_CONTEXT, *answers]), "max_tokens": 48}
             answer = (await http.post("/v1/completions", json=body)).json()

@@ -32,7 +32,7 @@ def pd_stack(tiny_model: Path) -> Iterator[Endpoints]:
 
 
 async def test_streaming_chat_through_processes(pd_stack: Endpoints) -> None:
-    oai = AsyncOpenAI(base_url=f"{pd_stack.router}/v1", api_key="x", max_retries=0)
+    oai = AsyncOpenAI(base_url=f"{pd_stack.router}/v1", api_key=pd_stack.api_key, max_retries=0)
     stream = await oai.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi there"}], max_tokens=12, stream=True, temperature=0
     )
@@ -47,7 +47,7 @@ async def test_streaming_chat_through_processes(pd_stack: Endpoints) -> None:
 
 async def test_pd_output_equals_colocated_through_processes(pd_stack: Endpoints, tiny_model: Path) -> None:
     prompt = [16 + (i * 7) % 200 for i in range(400)]  # 400 tokens: past the P/D threshold
-    async with httpx.AsyncClient(base_url=pd_stack.router, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=pd_stack.router, headers=pd_stack.api_headers, timeout=120) as http:
         response = await http.post(
             "/v1/completions",
             json={"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": True},
@@ -55,7 +55,9 @@ async def test_pd_output_equals_colocated_through_processes(pd_stack: Endpoints,
         metrics = (await http.get("/metrics")).text
     assert response.status_code == 200
     assert 'shoal_router_pd_total{outcome="disaggregated"} 1.0' in metrics
-    decode = WorkerClient(next(a for w, a in pd_stack.workers.items() if w.startswith("decode-")))
+    decode = WorkerClient(
+        next(a for w, a in pd_stack.workers.items() if w.startswith("decode-")), pd_stack.internal_token
+    )
     colocated = [
         t
         async for r in decode.generate(
@@ -85,7 +87,7 @@ def sim_stack(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
 
 async def test_a_killed_worker_process_is_resumed_mid_stream(sim_stack: tuple[Endpoints, Supervisor]) -> None:
     endpoints, _ = sim_stack
-    oai = AsyncOpenAI(base_url=f"{endpoints.router}/v1", api_key="x", max_retries=0)
+    oai = AsyncOpenAI(base_url=f"{endpoints.router}/v1", api_key=endpoints.api_key, max_retries=0)
     stream = await oai.completions.create(model=MODEL, prompt="a long story", max_tokens=80, stream=True)
     pieces = 0
     finish = None
@@ -95,7 +97,7 @@ async def test_a_killed_worker_process_is_resumed_mid_stream(sim_stack: tuple[En
             finish = chunk.choices[0].finish_reason
         if pieces == 5:
             for worker_id, address in endpoints.workers.items():
-                client = WorkerClient(address)
+                client = WorkerClient(address, endpoints.internal_token)
                 busy = (await client.get_load()).running_requests
                 await client.close()
                 if busy:
@@ -110,7 +112,7 @@ async def test_a_killed_worker_process_is_resumed_mid_stream(sim_stack: tuple[En
 async def test_a_disconnecting_client_aborts_on_the_worker(sim_stack: tuple[Endpoints, Supervisor]) -> None:
     endpoints, _ = sim_stack
     async with (
-        httpx.AsyncClient(base_url=endpoints.router, timeout=30) as http,
+        httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=30) as http,
         http.stream(
             "POST", "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3000, "stream": True}
         ) as response,
@@ -121,7 +123,7 @@ async def test_a_disconnecting_client_aborts_on_the_worker(sim_stack: tuple[Endp
     for _ in range(100):
         loads = []
         for address in endpoints.workers.values():
-            client = WorkerClient(address)
+            client = WorkerClient(address, endpoints.internal_token)
             loads.append((await client.get_load()).running_requests)
             await client.close()
         running = sum(loads)

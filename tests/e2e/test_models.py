@@ -95,7 +95,7 @@ async def test_one_router_serves_both_models_as_their_own_greedy_runs(
 ) -> None:
     endpoints, _ = stack
     assert greedy[A] != greedy[B]
-    async with httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http:
         listed = await _listed(http)
         assert {name: m["context_length"] for name, m in listed.items()} == {A: 4096, B: 4096}
         for model in (A, B):
@@ -117,7 +117,10 @@ async def test_a_model_added_is_served_from_zero_and_a_deleted_one_drains_losing
 ) -> None:
     endpoints, _ = stack
     name = "shoal-tiny-moe-c"
-    async with _admin(endpoints) as admin, httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
+    async with (
+        _admin(endpoints) as admin,
+        httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http,
+    ):
         created = await admin.post("/v1/models", json={"name": name, "path": str(tiny_model_b)})
         assert created.status_code == 201, created.text
         # A pool that may be empty: the first requests are refused (503) and bring up its first worker.
@@ -185,7 +188,10 @@ async def test_an_alias_moved_under_load_loses_nothing_and_new_requests_get_the_
     stack: tuple[Endpoints, Supervisor], greedy: dict[str, str]
 ) -> None:
     endpoints, _ = stack
-    async with _admin(endpoints) as admin, httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
+    async with (
+        _admin(endpoints) as admin,
+        httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http,
+    ):
         assert (await admin.put("/v1/aliases/tiny", json={"model": A})).status_code == 200
         await _until(lambda: _has(http, "tiny"))
         assert (await _listed(http))["tiny"]["root"] == A
@@ -238,7 +244,7 @@ async def test_the_cli_lists_the_models_and_moves_an_alias(stack: tuple[Endpoint
     assert A in listing and B in listing and "serving" in listing
     await asyncio.to_thread(shoal, "alias", "set", "stable", B)
     assert "stable" in await asyncio.to_thread(shoal, "alias", "list")
-    async with httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http:
         await _until(lambda: _has(http, "stable"))
         assert (await _listed(http))["stable"]["root"] == B
         await asyncio.to_thread(shoal, "alias", "delete", "stable")
@@ -256,7 +262,7 @@ async def test_a_restarted_router_serves_every_model(
 ) -> None:
     endpoints, supervisor = stack
     supervisor.restart("router", grace_s=5)
-    async with httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http:
         for model in (A, B):
             response = await _complete(http, model)
             assert response.status_code == 200, response.text

@@ -53,10 +53,10 @@ async def _complete(http: httpx.AsyncClient, index: int) -> str:
     return str(response.json()["choices"][0]["text"])
 
 
-async def _uninterrupted(address: str, indices: range) -> dict[int, str]:
+async def _uninterrupted(address: str, token: str, indices: range) -> dict[int, str]:
     """Each prompt's text computed whole on one worker, without the router, the kvstore or a hand-off
     (the decode pool's cache stays cold, so the run under test hands every prompt off)."""
-    worker = WorkerClient(address)
+    worker = WorkerClient(address, token)
 
     async def one(index: int) -> tuple[int, str]:
         request = worker_pb2.GenerateRequest(
@@ -73,14 +73,14 @@ async def _uninterrupted(address: str, indices: range) -> dict[int, str]:
         await worker.close()
 
 
-async def _load(router: str, during: asyncio.Event) -> dict[int, str]:
+async def _load(endpoints: Endpoints, during: asyncio.Event) -> dict[int, str]:
     """CLIENTS clients, each sending PER_CLIENT greedy requests one after another; `during` is set once
     a third of them have answered (the moment the fault is injected)."""
     outputs: dict[int, str] = {}
     total = CLIENTS * PER_CLIENT
 
     async def client(c: int) -> None:
-        async with httpx.AsyncClient(base_url=router, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http:
             for r in range(PER_CLIENT):
                 index = c * PER_CLIENT + r
                 outputs[index] = await _complete(http, index)
@@ -103,7 +103,7 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
     endpoints, supervisor = pd_stack
     total = CLIENTS * PER_CLIENT
     prefill = next(a for w, a in endpoints.workers.items() if w.startswith("prefill-"))
-    expected = await _uninterrupted(prefill, range(total + AFTER_RESTART))
+    expected = await _uninterrupted(prefill, endpoints.internal_token, range(total + AFTER_RESTART))
 
     fault = asyncio.Event()
     killed: list[int] = []
@@ -114,12 +114,12 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
         os.killpg(killed[0], signal.SIGKILL)  # while hand-offs write and read it
 
     killer = asyncio.create_task(kill_under_load())
-    outputs = await _load(endpoints.router, fault)
+    outputs = await _load(endpoints, fault)
     await killer
     # Greedy decoding: each prompt gives the text of an uninterrupted run, whether its KV came through the
     # store, was recomputed because the store died under it, or was computed with no store at all.
     assert outputs == {i: expected[i] for i in range(total)}
-    async with httpx.AsyncClient(base_url=endpoints.router, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http:
         metrics = (await http.get("/metrics")).text
         # Every request answered before the kill was handed off; after it, a prefill whose store died may fail
         # and fall back to recomputing on the decode side (the outputs above are the same either way).
@@ -132,7 +132,7 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
         await asyncio.to_thread(supervisor.restart, "kvstore")
         # The killed store's arena (memory in /dev/shm) was reclaimed by its successor.
         assert not [name for name in os.listdir("/dev/shm") if name.endswith(f"-{killed[0]}.arena")]
-        store = KVStoreClient(endpoints.kvstore)
+        store = KVStoreClient(endpoints.kvstore, endpoints.internal_token)
         try:
             for index in range(total, total + AFTER_RESTART):
                 assert await _complete(http, index) == expected[index]

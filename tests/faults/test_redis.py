@@ -36,12 +36,12 @@ def _metric(text: str, name: str) -> float:
     return float(line.split()[-1]) if line else 0.0
 
 
-async def _load(router: str, during: asyncio.Event) -> dict[int, str]:
+async def _load(endpoints: Endpoints, during: asyncio.Event) -> dict[int, str]:
     """CLIENTS clients each send PER_CLIENT greedy requests in turn; `during` is set after a third."""
     outputs: dict[int, str] = {}
 
     async def client(c: int) -> None:
-        async with httpx.AsyncClient(base_url=router, timeout=120) as http:
+        async with httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http:
             for r in range(PER_CLIENT):
                 index = c * PER_CLIENT + r
                 body = {"model": MODEL, "prompt": f"request {index}", "max_tokens": 24, "temperature": 0}
@@ -79,7 +79,7 @@ def stack(tiny_model: Path) -> Iterator[tuple[Endpoints, Supervisor]]:
 
 
 async def _under_fault(endpoints: Endpoints, inject: Any) -> dict[int, str]:
-    calm = await _load(endpoints.router, asyncio.Event())
+    calm = await _load(endpoints, asyncio.Event())
     fault = asyncio.Event()
 
     async def when_loaded() -> None:
@@ -87,7 +87,7 @@ async def _under_fault(endpoints: Endpoints, inject: Any) -> dict[int, str]:
         await inject()
 
     injecting = asyncio.create_task(when_loaded())
-    outputs = await _load(endpoints.router, fault)
+    outputs = await _load(endpoints, fault)
     await injecting
     assert outputs == calm  # every request answered, each with its uninterrupted text
     return outputs

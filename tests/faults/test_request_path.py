@@ -34,11 +34,13 @@ def _metric(text: str, name: str) -> float:
     return float(line.split()[-1]) if line else 0.0
 
 
-async def _streamed_text(router: str, body: dict[str, object], on_piece: object = None) -> tuple[str, str | None]:
+async def _streamed_text(
+    endpoints: Endpoints, body: dict[str, object], on_piece: object = None
+) -> tuple[str, str | None]:
     """Stream a completion; `on_piece(n)` (a coroutine function) runs after the n-th text chunk."""
     text, finish, pieces = "", None, 0
     async with (
-        httpx.AsyncClient(base_url=router, timeout=120) as http,
+        httpx.AsyncClient(base_url=endpoints.router, headers=endpoints.api_headers, timeout=120) as http,
         http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response,
     ):
         assert response.status_code == 200
@@ -76,7 +78,7 @@ async def test_a_stalled_worker_is_found_and_its_stream_resumes_elsewhere(
         if pieces != 5:
             return
         for worker_id, address in endpoints.workers.items():
-            client = WorkerClient(address)
+            client = WorkerClient(address, endpoints.internal_token)
             busy = (await client.get_load()).running_requests
             await client.close()
             if busy:
@@ -86,13 +88,13 @@ async def test_a_stalled_worker_is_found_and_its_stream_resumes_elsewhere(
                 return
 
     try:
-        resumed, finish = await _streamed_text(endpoints.router, body, stop_the_busy_worker)
+        resumed, finish = await _streamed_text(endpoints, body, stop_the_busy_worker)
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     assert len(stopped) == 1
     assert finish == "length"
-    uninterrupted, _ = await _streamed_text(endpoints.router, body)
+    uninterrupted, _ = await _streamed_text(endpoints, body)
     assert resumed == uninterrupted  # greedy: the other worker continued exactly where the first stopped
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"{endpoints.router}/metrics")).text

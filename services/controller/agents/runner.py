@@ -36,8 +36,9 @@ import httpx
 from opentelemetry import propagate, trace
 from redis.asyncio import Redis
 
+from services.controller.agents.egress import EgressPolicy
 from services.controller.agents.tools import RETRIEVERS
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition, NotFound, PermissionDenied
 from shared.policies.agents import Hardware, Plan, plan, plan_steps, replan
 from shared.state import schema
 from shared.state.records import RecordIndex, RecordKeys
@@ -112,6 +113,7 @@ class GraphRunner:
         run_tool: ToolRunner,
         catalogue: Callable[[], Awaitable[list[Hardware]]],
         router_key: str | None = None,
+        egress: EgressPolicy | None = None,
     ) -> None:
         """`run_tool(name, args, timeout_s)` returns a registered tool's text (on the Celery worker);
         `catalogue()` the hardware catalogue, for re-planning."""
@@ -120,6 +122,7 @@ class GraphRunner:
         self.run_tool = run_tool
         self.catalogue = catalogue
         self.router_key = router_key
+        self.egress = egress or EgressPolicy([])
         self.tasks: dict[str, asyncio.Task[None]] = {}
         # Cancelled by a user through this controller (the Redis flag may be overwritten by a step's save).
         self.cancelled: set[str] = set()
@@ -279,6 +282,11 @@ class GraphRunner:
                 passages = await asyncio.to_thread(retriever, render(step.query, outputs, inputs), step.top_k)
                 return "\n\n".join(passages)
             args = {key: render(value, outputs, inputs) for key, value in step.args.items()}
+            if step.url is not None:
+                try:
+                    await self.egress.vet(step.url)
+                except PermissionDenied as exc:
+                    raise StepFailed(exc.message) from None
             error = ""
             for attempt in range(1, step.retries + 2):
                 state.attempts = attempt
@@ -319,7 +327,8 @@ class GraphRunner:
 
     @staticmethod
     async def _http_tool(url: str, args: dict[str, str], timeout_s: float) -> str:
-        async with httpx.AsyncClient(timeout=timeout_s) as http:
+        # No redirects (httpx's default, said here): a redirect would lead past the egress policy.
+        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as http:
             response = await http.post(url, json=args)
         if response.status_code >= 400:
             raise StepFailed(f"{url} answered {response.status_code}")

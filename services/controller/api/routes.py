@@ -37,7 +37,7 @@ from shared.policies.agents import PlanError
 from shared.policies.placement import Topology, layer_report
 from shared.telemetry.metrics import render
 from shared.types.apikeys import KEY_ID, APIKeyCreate, APIKeyCreated, APIKeyPublic
-from shared.types.graphs import GraphRecord, GraphSpec, RunState, check_graph
+from shared.types.graphs import GraphRecord, GraphSpec, RunState, ToolStep, check_graph
 from shared.types.pools import (
     AliasPublic,
     AliasSpec,
@@ -469,6 +469,12 @@ def build_api(controller: ControllerApp) -> FastAPI:
         problems = check_graph(body, models, TOOLS, RETRIEVERS)
         if problems:
             raise InvalidArgument("; ".join(str(p) for p in problems), param=problems[0].location)
+        for index, step in enumerate(body.steps):
+            if isinstance(step, ToolStep) and step.url is not None:
+                try:
+                    app.graph_runner.egress.check(step.url)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(exc.message, param=f"steps[{index}].url") from None
         try:
             return await app.graph_runner.submit(body, await app.catalogue())
         except PlanError as exc:

@@ -1,0 +1,98 @@
+"""Agent graphs' HTTP tools post only where the operator allowed: server-side request forgery refused."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import httpx
+import pytest
+
+from services.controller.agents.egress import EgressPolicy
+from shared.errors import InvalidArgument, PermissionDenied
+from tests.support.services import ADMIN, OPERATOR, running_controller
+
+INTERNAL = [
+    "http://169.254.169.254/latest/meta-data/",  # the cloud's metadata service (link-local)
+    "http://127.0.0.1:6379/",  # loopback: Redis, the admin API
+    "http://[::1]:8080/v1/pools",
+    "http://[::ffff:127.0.0.1]/",  # loopback written as IPv4-mapped IPv6
+    "http://10.0.3.7:50051/",  # a pod
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",  # shared address space
+    "http://0.0.0.0:8000/",
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("url", INTERNAL)
+def test_internal_addresses_are_refused_even_when_names_are_listed(url: str) -> None:
+    with pytest.raises(InvalidArgument, match="internal address"):
+        EgressPolicy(["api.example.com", "*.example.org"]).check(url)
+
+
+@pytest.mark.unit
+def test_only_listed_hosts_pass() -> None:
+    policy = EgressPolicy(["api.example.com", "*.example.org", "10.20.0.0/16", "203.0.113.7"])
+    assert policy.check("https://api.example.com/tool") == "api.example.com"
+    assert policy.check("http://search.example.org:8080/q") == "search.example.org"
+    assert policy.check("http://10.20.4.5/") == "10.20.4.5"  # internal, but covered by an address entry
+    assert policy.check("http://203.0.113.7/") == "203.0.113.7"
+    for refused in (
+        "https://evil.example.net/",
+        "http://example.org/",
+        "http://api.example.com.evil.net/",
+        "http://203.0.113.8/",
+        "ftp://api.example.com/",
+        "http:///nohost",
+    ):
+        with pytest.raises(InvalidArgument):
+            policy.check(refused)
+    with pytest.raises(InvalidArgument, match="SHOAL_CONTROLLER_TOOL_HOSTS"):
+        EgressPolicy([]).check("https://api.example.com/")  # nothing listed: no HTTP tool runs
+
+
+def _dns(answers: dict[str, str]) -> Any:
+    """Stands in for DNS, which a test cannot control here: each name resolves to the address given."""
+
+    async def resolve(host: str, port: int) -> list[tuple[Any, ...]]:
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (answers[host], port))]
+
+    return resolve
+
+
+@pytest.mark.unit
+async def test_a_wildcard_name_that_resolves_inside_is_refused_at_call_time() -> None:
+    policy = EgressPolicy(
+        ["*.example.org", "trusted.internal.corp", "10.9.0.0/16"],
+        _dns(
+            {
+                "search.example.org": "93.184.216.34",
+                "rebound.example.org": "169.254.169.254",
+                "inside.example.org": "10.9.1.1",
+            }
+        ),
+    )
+    await policy.vet("http://search.example.org/")
+    await policy.vet("http://inside.example.org/")  # its address is covered by an address entry
+    await policy.vet("http://trusted.internal.corp/")  # listed exactly: trusted with whatever it resolves to
+    with pytest.raises(PermissionDenied, match=r"169\.254\.169\.254"):
+        await policy.vet("http://rebound.example.org/")
+
+
+def _graph(url: str) -> dict[str, Any]:
+    return {"steps": [{"id": "fetch", "kind": "tool", "url": url, "args": {"q": "x"}}], "sla": {"deadline_s": 60}}
+
+
+@pytest.mark.integration
+async def test_a_graph_posting_to_a_metadata_or_loopback_address_gets_400(redis_url: str) -> None:
+    async with (
+        running_controller(redis_url, tool_hosts=["tools.example.com"]) as controller,
+        httpx.AsyncClient(base_url=controller.url, headers={"authorization": f"Bearer {OPERATOR}"}) as http,
+    ):
+        for url in (INTERNAL[0], INTERNAL[1], "https://elsewhere.example.net/"):
+            response = await http.post("/v1/graphs", json=_graph(url))
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["param"] == "steps[0].url" and error["type"] == "invalid_request_error"
+        assert (await http.get("/v1/graphs", headers={"authorization": f"Bearer {ADMIN}"})).json() == []
