@@ -77,6 +77,11 @@ test-faults: $(STAMP) redis ## Only the fault-injection suite (tests/faults; als
 test-fuzz: $(STAMP) redis ## Schemathesis on both HTTP APIs, 500 examples per operation (CI; not in make test)
 	$(PY) -m pytest tests/fuzz -m fuzz -s --timeout=3000 $(PYTEST_ARGS)
 
+.PHONY: compose-env
+compose-env: ## Write .env with fresh secrets for docker compose (an existing .env is kept)
+	@test -f .env || (umask 077 && python3 -c 'import secrets as s; print("\n".join(f"{k}={s.token_hex(24)}" for k in ("SHOAL_REDIS_PASSWORD", "SHOAL_INTERNAL_TOKEN", "SHOAL_ADMIN_TOKEN")) + f"\nSHOAL_API_KEY=sk-{s.token_hex(24)}")' > .env)
+	@echo ".env holds the compose stack's secrets: SHOAL_API_KEY (OpenAI API), SHOAL_ADMIN_TOKEN (admin API)"
+
 .PHONY: test-images
 test-images: $(STAMP) ## Build the image and bring the docker-compose stack up (Docker, or podman when no daemon)
 	bash deploy/container-host.sh

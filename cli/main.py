@@ -9,6 +9,7 @@ import typer
 from cli.admin import COMMANDS
 from cli.graphs import catalogue, graph_app
 from cli.models import alias_app, model_app
+from cli.security import audit, key_app
 from cli.sim import sim
 
 app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
@@ -16,9 +17,11 @@ for command in COMMANDS:
     app.command()(command)
 app.command()(sim)
 app.command()(catalogue)
+app.command()(audit)
 app.add_typer(graph_app, name="graph")
 app.add_typer(model_app, name="model")
 app.add_typer(alias_app, name="alias")
+app.add_typer(key_app, name="key")
 
 
 @app.command()

@@ -32,7 +32,8 @@ KUBERNETES = "1.35.0"
 SAMPLES = {
     "secretKeyRef:internal-token": "sample-internal-token-7f3a9c",
     "secretKeyRef:admin-tokens": "sample-admin-token-7f3a9c:admin",
-    "secretKeyRef:api-keys": "",
+    "secretKeyRef:api-keys": "sk-sample-key-7f3a9c",
+    "secretKeyRef:redis-password": "sample-redis-password-7f3a9c",
     "fieldRef:metadata.name": "shoal-worker-decode-5d8f7-abcde",
     "fieldRef:status.podIP": "10.0.0.12",
 }

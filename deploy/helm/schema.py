@@ -102,6 +102,17 @@ def schema() -> dict[str, Any]:
                             "items": {"type": "string", "pattern": "^.+:(viewer|operator|admin)$"},
                         },
                         "apiKeys": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                        "redisPassword": {"type": "string"},
+                    }
+                ),
+                "networkPolicy": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "routerFrom": {"type": "array"},
+                        "adminFrom": {"type": "array"},
+                        "metricsFrom": {"type": "array"},
+                        "kubeApiCidrs": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                        "toolEgress": {"type": "array"},
                     }
                 ),
                 "models": {

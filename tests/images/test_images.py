@@ -12,6 +12,7 @@ is torn down whole (containers, network, volumes) whatever happens.
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import Iterator
 
@@ -25,7 +26,9 @@ from tests.support.containers import BASE_TAG, REDIS_TAG, ComposeStack, Engine, 
 pytestmark = pytest.mark.images
 
 TAG = "shoal:dev"  # what docker-compose.yml runs
-ADMIN_TOKEN = "images-test-admin-token"
+ADMIN_TOKEN = secrets.token_hex(16)
+API_KEY = f"sk-{secrets.token_hex(16)}"
+AUTH = {"authorization": f"Bearer {API_KEY}"}
 HEALTH_CHECKED = ["redis", "kvstore", "worker-prefill", "worker-decode", "worker-b", "controller", "router"]
 SERVICES = [*HEALTH_CHECKED, "celery"]
 DEV_TOOLS = ["pytest", "mypy", "ruff", "schemathesis", "hypothesis", "grpc_tools"]
@@ -78,6 +81,9 @@ def stack(engine: Engine, image: str) -> Iterator[tuple[ComposeStack, str, str]]
         "SHOAL_OTLP_PORT": str(otlp_port),
         "SHOAL_OTLP_ENDPOINT": "",
         "SHOAL_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SHOAL_API_KEY": API_KEY,
+        "SHOAL_REDIS_PASSWORD": secrets.token_hex(16),
+        "SHOAL_INTERNAL_TOKEN": secrets.token_hex(16),
     }
     if engine.name == "podman":
         env["SHOAL_REDIS_IMAGE"] = REDIS_TAG
@@ -98,7 +104,7 @@ def test_a_streamed_chat_completion_comes_back_through_the_router(stack: tuple[C
         "stream_options": {"include_usage": True},
     }
     events = []
-    with httpx.stream("POST", f"{router}/v1/chat/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{router}/v1/chat/completions", json=body, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
             if line.startswith("data: "):
@@ -113,10 +119,11 @@ def test_a_streamed_chat_completion_comes_back_through_the_router(stack: tuple[C
 
 def test_both_models_are_served_behind_the_one_endpoint(stack: tuple[ComposeStack, str, str]) -> None:
     _, router, _ = stack
-    listed = httpx.get(f"{router}/v1/models", timeout=30).json()["data"]
+    assert httpx.get(f"{router}/v1/models", timeout=30).status_code == 401  # no key: refused
+    listed = httpx.get(f"{router}/v1/models", headers=AUTH, timeout=30).json()["data"]
     assert sorted(m["id"] for m in listed) == ["shoal-tiny-moe", "shoal-tiny-moe-b"]
     body = {"model": "shoal-tiny-moe-b", "prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    response = httpx.post(f"{router}/v1/completions", json=body, timeout=120)
+    response = httpx.post(f"{router}/v1/completions", json=body, headers=AUTH, timeout=120)
     assert response.status_code == 200, response.text
     assert response.json()["model"] == "shoal-tiny-moe-b" and response.json()["usage"]["completion_tokens"] == 4
 

@@ -30,7 +30,9 @@ SHOAL = {name: spec for name, spec in SERVICES.items() if spec.get("command", ["
 
 
 def defaults(value: str) -> str:
-    """`value` with every ${VAR:-default} and ${VAR-default} resolved to its default."""
+    """`value` with every ${VAR:-default} and ${VAR-default} resolved to its default, and every required
+    ${VAR:?message} (a secret from .env) to a value like those `make compose-env` writes."""
+    value = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "0123456789abcdef0123456789abcdef", value)
     return re.sub(r"\$\{[A-Z_]+:?-([^}]*)\}", r"\1", value)
 
 
@@ -86,6 +88,14 @@ def test_addresses_point_at_services_that_listen_there() -> None:
         advertised = [v for k, v in env.items() if k.endswith("_ADVERTISE_HOST")]
         assert advertised in ([], [name]), f"{name} advertises {advertised}, not its own service name"
         assert env["SHOAL_REDIS_URL"].startswith("redis://redis:")
+
+
+def test_no_secret_has_a_default_so_compose_refuses_to_start_without_them() -> None:
+    secrets = ("PASSWORD", "TOKEN", "API_KEY")
+    for name, spec in SERVICES.items():
+        for key, value in spec.get("environment", {}).items():
+            if any(word in key for word in secrets) and key != "SHOAL_OTLP_ENDPOINT":
+                assert re.fullmatch(r"\$\{SHOAL_[A-Z_]+(:\?[^}]*)?\}(:admin)?", str(value)), (name, key, value)
 
 
 def test_dependencies_exist_and_wait_for_health() -> None:

@@ -53,3 +53,20 @@ async def test_the_cli_shows_and_changes_the_cluster(redis_url: str, tiny_model:
         assert refused.exit_code == 1 and "operator" in refused.output
         missing = await shoal(front, "drain", "nobody")
         assert missing.exit_code == 1 and "nobody" in missing.output
+
+
+async def test_keys_are_made_listed_and_revoked_and_the_writes_audited(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        made = await shoal(front, "key", "create", "batch-jobs", "--rps", "5", "--tpm", "100000")
+        assert made.exit_code == 0, made.output
+        key_id, secret = made.output.split()[0], made.output.split()[2]
+        assert secret.startswith("sk-shoal-")
+        listed = await shoal(front, "key", "list")
+        assert listed.exit_code == 0 and key_id in listed.output and "batch-jobs" in listed.output
+        assert secret not in listed.output  # only its first characters
+        assert (await shoal(front, "key", "revoke", key_id)).exit_code == 0
+        assert (await front.app.api_keys.get(key_id)).revoked_at is not None
+        audit = await shoal(front, "audit")
+        assert audit.exit_code == 0
+        assert f"/v1/keys/{key_id}" in audit.output and "DELETE" in audit.output and "admin#" in audit.output
+        assert (await shoal(front, "audit", token=VIEWER)).exit_code == 1

@@ -57,6 +57,11 @@ app.kubernetes.io/component: {{ .component }}
   value: prod
 - name: SHOAL_REDIS_URL
   value: {{ include "shoal.redisUrl" . | quote }}
+- name: SHOAL_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shoal.secretName" . }}
+      key: redis-password
 - name: SHOAL_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
 - name: SHOAL_LOG_FORMAT
@@ -110,5 +115,41 @@ securityContext:
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* A NetworkPolicy peer: one component's pods, or every worker (dict "root" $ "component" "router"). */}}
+{{- define "shoal.peer" -}}
+{{- if eq .component "worker" }}
+podSelector:
+  matchLabels:
+    app.kubernetes.io/instance: {{ .root.Release.Name }}
+  matchExpressions:
+    - {key: shoal.io/pool, operator: Exists}
+{{- else }}
+podSelector:
+  matchLabels:
+    app.kubernetes.io/instance: {{ .root.Release.Name }}
+    app.kubernetes.io/component: {{ .component }}
+{{- end }}
+{{- end }}
+{{/* Egress every component needs: cluster DNS, and the trace collector when one is set. */}}
+{{- define "shoal.egressCommon" -}}
+# Cluster DNS.
+- ports: [{port: 53, protocol: UDP}, {port: 53, protocol: TCP}]
+{{- if .Values.otlpEndpoint }}
+# The OpenTelemetry collector (otlpEndpoint).
+- ports: [{port: {{ regexFind "[0-9]+$" (trimSuffix "/" .Values.otlpEndpoint) | default "4317" | int }}, protocol: TCP}]
+{{- end }}
+{{- end }}
+
+{{/* Egress to Redis: the chart's own, or an external one (redis.externalUrl) on its port anywhere. */}}
+{{- define "shoal.redisEgress" -}}
+{{- if .Values.redis.enabled }}
+- to:
+    - {{- include "shoal.peer" (dict "root" . "component" "redis") | nindent 6 }}
+  ports: [{port: 6379, protocol: TCP}]
+{{- else }}
+- ports: [{port: {{ regexFind ":[0-9]+" (trimPrefix "rediss://" (trimPrefix "redis://" .Values.redis.externalUrl)) | trimPrefix ":" | default "6379" | int }}, protocol: TCP}]
 {{- end }}
 {{- end -}}
