@@ -370,6 +370,13 @@ class ControllerSettings(CommonSettings):
             "addresses or networks. Empty: no HTTP tool runs. Internal addresses need an address entry."
         ),
     )
+    rendezvous_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Hosts besides an instance's own where a joining expert-parallel rank may wait (JSON list or "
+            "comma-separated): the `master` of a resize must be one of them."
+        ),
+    )
     local_max_workers: int = Field(
         default=8,
         ge=0,
@@ -396,7 +403,9 @@ class ControllerSettings(CommonSettings):
     def secret_fields(cls) -> tuple[str, ...]:
         return (*super().secret_fields(), "admin_tokens", "router_api_keys")
 
-    _split_tokens = field_validator("admin_tokens", "router_api_keys", "tool_hosts", mode="before")(_split_list)
+    _split_tokens = field_validator("admin_tokens", "router_api_keys", "tool_hosts", "rendezvous_hosts", mode="before")(
+        _split_list
+    )
 
     @field_validator("admin_tokens")
     @classmethod

@@ -2,8 +2,8 @@
 
 `make test-fuzz` (CI runs it after `make test`); `make test` runs a short
 version of each (the schemathesis tests beside the APIs' own tests). Here
-the admin API has something to act on: a registered worker, a job and a
-graph, whose ids schemathesis puts in the paths that name one.
+the admin API has something to act on: a registered worker, a job, a graph
+and an API key, whose ids schemathesis puts in the paths that name one.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ async def test_the_admin_api_gives_no_server_error(redis_url: str, tiny_model: P
         graph = {"sla": {"deadline_s": 60}, "steps": [{"id": "a", "kind": "tool", "tool": "word-count"}]}
         submitted = await call(front, "POST", "/v1/graphs", json=graph)
         assert submitted.status_code == 202, submitted.text
+        key = await call(front, "POST", "/v1/keys", json={"name": "fuzzed", "requests_per_s": 5})
+        assert key.status_code == 201, key.text
         known = {
+            "path.key_id": [key.json()["id"]],
             "path.worker_id": ["w-fuzz"],
             "path.job_id": [job.id],
             "path.graph_id": [submitted.json()["id"]],

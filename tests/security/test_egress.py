@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from services.controller.agents.egress import EgressPolicy
+from services.controller.api.routes import check_rendezvous
 from shared.errors import InvalidArgument, PermissionDenied
 from tests.support.services import ADMIN, OPERATOR, running_controller
 
@@ -96,3 +97,12 @@ async def test_a_graph_posting_to_a_metadata_or_loopback_address_gets_400(redis_
             error = response.json()["error"]
             assert error["param"] == "steps[0].url" and error["type"] == "invalid_request_error"
         assert (await http.get("/v1/graphs", headers={"authorization": f"Bearer {ADMIN}"})).json() == []
+
+
+@pytest.mark.unit
+def test_a_resize_rendezvous_must_be_on_the_instances_host_or_listed() -> None:
+    check_rendezvous("10.1.2.3:29500", "10.1.2.3:50051", [])  # the instance's own pod
+    check_rendezvous("ranks.example.com:29500", "10.1.2.3:50051", ["ranks.example.com"])
+    for elsewhere in ("10.1.2.4:29500", "169.254.169.254:80", "evil.example.com:29500"):
+        with pytest.raises(InvalidArgument, match="SHOAL_CONTROLLER_RENDEZVOUS_HOSTS"):
+            check_rendezvous(elsewhere, "10.1.2.3:50051", ["ranks.example.com"])

@@ -64,6 +64,19 @@ def _app(request: Request) -> ControllerApp:
     return app
 
 
+def check_rendezvous(master: str, instance: str, allowed: list[str]) -> None:
+    """The joining rank's rendezvous must be on the instance's own host (its pod, or the machine whose
+    ranks are separate processes) or on SHOAL_CONTROLLER_RENDEZVOUS_HOSTS: every rank connects there, so
+    an arbitrary address would hand the instance's collective traffic to whoever listens on it."""
+    host = master.rpartition(":")[0].strip("[]")
+    if host == instance.rpartition(":")[0].strip("[]") or host in allowed:
+        return
+    raise InvalidArgument(
+        f"master {master} is neither on the instance's host ({instance}) nor on SHOAL_CONTROLLER_RENDEZVOUS_HOSTS",
+        param="master",
+    )
+
+
 def require(role: Role) -> Any:
     async def check(request: Request, authorization: Annotated[str | None, Header()] = None) -> Role:
         presented = (authorization or "").removeprefix("Bearer ").strip()
@@ -382,6 +395,8 @@ def build_api(controller: ControllerApp) -> FastAPI:
                 param="ranks",
             )
         grow = body.ranks > ranks
+        if grow and body.master is not None:
+            check_rendezvous(body.master, address, app.settings.rendezvous_hosts)
         launcher = app.launcher if grow and body.master is None else None  # it starts the joining rank
         if grow and body.master is None and launcher is None:
             raise InvalidArgument("growing needs master: where the joining rank waits (host:port)", param="master")
