@@ -45,7 +45,7 @@ def render(*values: str) -> list[dict[str, Any]]:
 
 def component(selector: dict[str, Any]) -> str | None:
     """Which component a pod selector picks (None: every pod of the release)."""
-    labels = selector.get("matchLabels", {})
+    labels: dict[str, str] = selector.get("matchLabels", {})
     if any(e["key"] == "shoal.io/pool" for e in selector.get("matchExpressions", [])):
         return "worker"
     return labels.get("app.kubernetes.io/component")
