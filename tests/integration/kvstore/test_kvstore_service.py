@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from shared.errors import InvalidArgument, Overloaded, Unavailable
 from shared.hashing import HASH_BYTES
+from shared.kvlocal.client import STAGING_PREFIX
 from shared.rpc.blocks import CHUNK_BYTES
 from shared.rpc.client import open_channel
 from shared.rpc.errors import from_rpc_error
@@ -219,7 +220,7 @@ async def _local_call(socket_path: str, message: dict[str, object]) -> dict[str,
     ("message", "error"),
     [
         ({"op": "put", "blocks": []}, "put before hello"),
-        ({"op": "hello", "staging": "/nonexistent"}, "cannot map staging file"),
+        ({"op": "hello", "staging": "/etc/passwd"}, "a staging file must be"),
         ({"op": "dance"}, "unknown op"),
         ({"op": "put"}, "put before hello"),
     ],
@@ -237,23 +238,25 @@ async def test_malformed_local_messages_get_clear_errors(
 async def test_local_put_refuses_blocks_outside_the_staging_file(redis_url: str, tmp_path: Path) -> None:
     from shared.kvlocal import protocol
 
-    staging = tmp_path / "staging"
-    staging.write_bytes(b"\0" * 4096)
-    async with running_kvstore(redis_url) as app:
+    async with running_kvstore(redis_url, memory_path=tmp_path) as app:
         assert app.local is not None
+        staging = tmp_path / f"{STAGING_PREFIX}test"  # where clients keep theirs: beside the arena
+        staging.write_bytes(b"\0" * 4096)
         reader, writer = await asyncio.open_unix_connection(str(app.local.socket_path))
         for message in (
+            {"op": "hello", "staging": str(tmp_path / f"{STAGING_PREFIX}missing")},
             {"op": "hello", "staging": str(staging)},
             {"op": "put", "blocks": [[4000, block(1).hash.hex(), 10, 1000, 0]]},
             {"op": "put", "blocks": [[0, "abcd", 10, 10, 0]]},
         ):
             writer.write(protocol.encode(message))
             await writer.drain()
-        replies = [await protocol.read_message(reader) for _ in range(3)]
+        replies = [await protocol.read_message(reader) for _ in range(4)]
         writer.close()
-        assert replies[0] == {"ok": True}
-        assert "outside the staging file" in str(replies[1])
-        assert "16 bytes" in str(replies[2])
+        assert "cannot map staging file" in str(replies[0])
+        assert replies[1] == {"ok": True}
+        assert "outside the staging file" in str(replies[2])
+        assert "16 bytes" in str(replies[3])
 
 
 async def test_writes_queued_behind_a_failed_local_write_fail_over_instead_of_crashing(redis_url: str) -> None:
