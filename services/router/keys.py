@@ -130,6 +130,7 @@ class KeyGate:
             self._loaded_at = time.monotonic()
         if lost:
             log.warning("API keys lost from Redis; keeping those known until they are restored")
+            self._seen_changes = None  # the counter starts again from zero: read in full next time
             return
         by_id = {key.record.id: key for key in self._keys.values()}
         keys: dict[str, _Key] = {}
