@@ -14,6 +14,7 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Annotated
 
 from pydantic import Field, field_validator, model_validator
@@ -394,9 +395,11 @@ class ControllerSettings(CommonSettings):
     def celery_url(self) -> str:
         if self.celery_broker_url:
             return self.celery_broker_url
-        base, _, db = self.redis_url.rpartition("/")
-        if base.startswith(("redis://", "rediss://")) and db.isdigit() and base.count("/") >= 2:
-            return f"{base}/{(int(db) + 1) % 16}"
+        # The next database of the same server, with the same credentials and TLS options (the query).
+        parts = urlsplit(self.redis_url)
+        db = parts.path.strip("/") or "0"
+        if parts.scheme in ("redis", "rediss") and db.isdigit():
+            return urlunsplit(parts._replace(path=f"/{(int(db) + 1) % 16}"))
         return self.redis_url
 
     @classmethod
