@@ -20,6 +20,7 @@ from services.worker.http import EngineBackend, direct_server
 from services.worker.metrics import WorkerMetrics
 from services.worker.serve import ServeStream
 from services.worker.server import WorkerServicer
+from shared.config.base import Environment
 from shared.config.services import WorkerSettings
 from shared.errors import FailedPrecondition
 from shared.httpserver import HttpServer
@@ -47,6 +48,11 @@ EVENT_INTERVAL_S = 0.1
 
 class WorkerApp:
     def __init__(self, settings: WorkerSettings, engine: BatchingEngine | None = None) -> None:
+        if settings.http_port is not None and not settings.internal_token and settings.env is not Environment.DEV:
+            raise FailedPrecondition(
+                "SHOAL_WORKER_HTTP_PORT needs SHOAL_INTERNAL_TOKEN outside development mode: callers present it as "
+                "their key, and without it the worker's OpenAI API would be open to anyone"
+            )
         self.settings = settings
         self.metrics = WorkerMetrics(new_registry())
         self.engine = engine or build_engine(settings, self.metrics)

@@ -17,6 +17,7 @@ import pytest
 
 from shared.config import EngineKind
 from shared.config.base import Environment
+from shared.errors import FailedPrecondition
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningController, RunningRouter, running_controller, running_router, running_worker
 
@@ -134,3 +135,20 @@ async def test_usage_per_key_is_a_metric(redis_url: str, tiny_model: Path) -> No
             text = (await http.get("/metrics")).text
         assert f'shoal_router_key_requests_total{{key="{made["id"]}",name="tester"}} 1.0' in text
         assert f'shoal_router_key_tokens_total{{key="{made["id"]}",name="tester"}} {float(used)}' in text
+
+
+async def test_a_workers_own_api_needs_the_internal_token(redis_url: str, tiny_model: Path) -> None:
+    with pytest.raises(FailedPrecondition, match="SHOAL_INTERNAL_TOKEN"):
+        async with running_worker(redis_url, model_path=tiny_model, worker_id="open", http_port=0, **SIM):
+            pass
+    token = "worker-direct-token-for-tests"
+    async with running_worker(
+        redis_url, model_path=tiny_model, worker_id="direct", http_port=0, internal_token=token, **SIM
+    ) as worker:
+        body = {"model": TINY_MODEL_NAME, "prompt": "hello", "max_tokens": 2}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{worker.http_port}", timeout=30) as http:
+            assert (await http.post("/v1/completions", json=body)).status_code == 401
+            wrong = await http.post("/v1/completions", json=body, headers={"authorization": "Bearer nope"})
+            assert wrong.status_code == 401
+            right = await http.post("/v1/completions", json=body, headers={"authorization": f"Bearer {token}"})
+            assert right.status_code == 200, right.text
