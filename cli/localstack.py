@@ -38,6 +38,9 @@ DEFAULT_MODEL = Path(".cache/models/shoal-tiny-moe")
 # `make run`'s Redis keeps its append-only file here: pools and models made through the admin API are
 # still there at the next `make run` (delete the folder for a clean start).
 RUN_DATA = Path(".cache/run")
+DEV_MODE_LINE = (
+    "               development mode: callers without a key are admitted too (SHOAL_ENV=prod requires one)\n"
+)
 
 
 def grpc_ready(address: str, service: str = "") -> bool:
@@ -107,6 +110,8 @@ class Endpoints:
     api_key: str = ""
     # The run's internal token: gRPC calls, data channels, and the key of a worker's own OpenAI API.
     internal_token: str = ""
+    # SHOAL_ENV=dev (the default here): the OpenAI API admits callers without a key.
+    dev_mode: bool = False
     workers: dict[str, str] = field(default_factory=dict)
     # Worker id -> host:port of its own OpenAI API, for workers started with SHOAL_WORKER_HTTP_PORT.
     worker_http: dict[str, str] = field(default_factory=dict)
@@ -146,6 +151,10 @@ class LocalStack:
         env = {**os.environ, **self.config.env}
         model = str(self.config.model_path.resolve())
         model_name = env.get("SHOAL_ROUTER_MODEL_NAME", "shoal-tiny-moe")
+        # A development stack on this machine: the OpenAI API also admits callers without a key (each service
+        # warns; SHOAL_ENV=prod requires one). Redis's password and the internal token are on either way.
+        env.setdefault("SHOAL_ENV", "dev")
+        self.endpoints.dev_mode = env["SHOAL_ENV"] == "dev"
         # Secrets of this run: Redis's password and the internal token (every gRPC call and data channel).
         self.endpoints.internal_token = env.setdefault("SHOAL_INTERNAL_TOKEN", secrets.token_hex(16))
         # The key agent graphs' LLM steps present to the router (a static key: the router has no limits on it).
@@ -287,6 +296,7 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL, second: Path | None = None
             f"\nshoal is up:\n  OpenAI API   {endpoints.router}/v1\n"
             f"  API key      {endpoints.api_key}\n"
             f"               (curl -H 'Authorization: Bearer {endpoints.api_key}' {endpoints.router}/v1/models)\n"
+            f"{DEV_MODE_LINE if endpoints.dev_mode else ''}"
             f"  admin API    {endpoints.controller}/docs   token: {endpoints.admin_token}\n"
             f"               (export SHOAL_ADMIN_TOKEN={endpoints.admin_token}; .venv/bin/shoal status)\n"
             f"  redis        {redacted_url(endpoints.redis_url)}\n  kvstore      {endpoints.kvstore}\n"
