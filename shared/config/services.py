@@ -240,7 +240,10 @@ class RouterSettings(CommonSettings):
     http_port: int = Field(default=8000, ge=0, le=65535, description="Port of the OpenAI API.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Accepted API keys (JSON list or comma-separated). Empty: no key is required.",
+        description=(
+            "Static API keys without limits, for internal callers such as agent graphs (JSON list or "
+            "comma-separated); users' keys, with limits, are made through the admin API."
+        ),
     )
     routing_preset: str = Field(
         default="default",
