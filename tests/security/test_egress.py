@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse
 
-from services.controller.agents.egress import EgressPolicy
+from services.controller.agents.egress import EgressPolicy, pinned
+from services.controller.agents.runner import GraphRunner
 from services.controller.api.routes import check_rendezvous
 from shared.errors import InvalidArgument, PermissionDenied
-from tests.support.services import ADMIN, OPERATOR, running_controller
+from tests.support.services import ADMIN, OPERATOR, running_controller, serving
 
 INTERNAL = [
     "http://169.254.169.254/latest/meta-data/",  # the cloud's metadata service (link-local)
@@ -71,11 +76,12 @@ async def test_a_wildcard_name_that_resolves_inside_is_refused_at_call_time() ->
                 "search.example.org": "93.184.216.34",
                 "rebound.example.org": "169.254.169.254",
                 "inside.example.org": "10.9.1.1",
+                "trusted.internal.corp": "10.50.0.2",
             }
         ),
     )
-    await policy.vet("http://search.example.org/")
-    await policy.vet("http://inside.example.org/")  # its address is covered by an address entry
+    assert str(await policy.vet("http://search.example.org/")) == "93.184.216.34"  # where the call will go
+    assert str(await policy.vet("http://inside.example.org/")) == "10.9.1.1"  # covered by an address entry
     await policy.vet("http://trusted.internal.corp/")  # listed exactly: trusted with whatever it resolves to
     with pytest.raises(PermissionDenied, match=r"169\.254\.169\.254"):
         await policy.vet("http://rebound.example.org/")
@@ -106,3 +112,36 @@ def test_a_resize_rendezvous_must_be_on_the_instances_host_or_listed() -> None:
     for elsewhere in ("10.1.2.4:29500", "169.254.169.254:80", "evil.example.com:29500"):
         with pytest.raises(InvalidArgument, match="SHOAL_CONTROLLER_RENDEZVOUS_HOSTS"):
             check_rendezvous(elsewhere, "10.1.2.3:50051", ["ranks.example.com"])
+
+
+@pytest.mark.integration
+async def test_the_call_goes_to_the_address_that_was_checked() -> None:
+    """The tool's name resolves (stand-in DNS) to a server here; the post reaches that address with the name in
+    its Host header, so a second lookup returning something else could not redirect it."""
+    seen: dict[str, Any] = {}
+    tool = FastAPI()
+
+    @tool.post("/search")
+    async def search(request: Request) -> PlainTextResponse:
+        seen["host"] = request.headers["host"]
+        seen["body"] = await request.json()
+        return PlainTextResponse("found")
+
+    server = uvicorn.Server(uvicorn.Config(tool, host="127.0.0.1", port=0, log_level="warning"))
+    async with serving(server) as base:
+        port = int(base.rsplit(":", 1)[1])
+        policy = EgressPolicy(["*.example.test", "127.0.0.1/32"], _dns({"tool.example.test": "127.0.0.1"}))
+        url = f"http://tool.example.test:{port}/search"
+        address = await policy.vet(url)
+        assert await GraphRunner._http_tool(url, address, {"q": "shoal"}, timeout_s=10) == "found"
+    assert seen == {"host": f"tool.example.test:{port}", "body": {"q": "shoal"}}
+
+
+@pytest.mark.unit
+def test_a_pinned_https_call_keeps_the_name_for_tls() -> None:
+    target, headers, extensions = pinned(
+        "https://user:pw@api.example.com:8443/v1?q=1", ipaddress.ip_address("2001:db8::7")
+    )
+    assert target == "https://[2001:db8::7]:8443/v1?q=1"
+    assert headers == {"host": "api.example.com:8443"}
+    assert extensions == {"sni_hostname": "api.example.com"}

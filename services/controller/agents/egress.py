@@ -12,7 +12,9 @@ refused unless an address entry covers them; a name reached through a
 wildcard must also resolve to addresses like that (a name listed exactly is
 trusted with what it resolves to), checked when the graph is submitted (for
 what the URL says) and again before every call (for what the name resolves
-to then). Redirects are not followed.
+to then); the call then connects to the address that was checked (`pinned`:
+the name stays in the Host header and TLS's server name), so a second lookup
+cannot lead elsewhere. Redirects are not followed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import InvalidArgument, PermissionDenied
 
@@ -96,23 +98,40 @@ class EgressPolicy:
             return host
         raise InvalidArgument(f"{host} is not on SHOAL_CONTROLLER_TOOL_HOSTS, the hosts HTTP tools may post to")
 
-    async def vet(self, url: str) -> None:
-        """`check`, then what the host resolves to now: a wildcard's names must not lead inside."""
+    async def vet(self, url: str) -> Address:
+        """`check`, then what the host resolves to now (a wildcard's names must not lead inside): the address
+        the call must connect to."""
         try:
             host = self.check(url)
         except InvalidArgument as exc:
             raise PermissionDenied(exc.message) from None
-        if _literal(host) is not None or host in self.names:
-            return
+        literal = _literal(host)
+        if literal is not None:
+            return literal
         parts = urlsplit(url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             found = await self.resolve(host, port)
         except OSError as exc:
             raise PermissionDenied(f"{host} does not resolve: {exc}") from None
-        for *_, sockaddr in found:
-            address = ipaddress.ip_address(sockaddr[0])
-            if _internal(address) and not self._listed_address(address):
-                raise PermissionDenied(
-                    f"{host} resolves to the internal address {address}; HTTP tools may not post there"
-                )
+        addresses = [ipaddress.ip_address(sockaddr[0]) for *_, sockaddr in found]
+        if not addresses:
+            raise PermissionDenied(f"{host} resolves to no address")
+        if host not in self.names:  # a name listed exactly is trusted with what it resolves to
+            for address in addresses:
+                if _internal(address) and not self._listed_address(address):
+                    raise PermissionDenied(
+                        f"{host} resolves to the internal address {address}; HTTP tools may not post there"
+                    )
+        return addresses[0]
+
+
+def pinned(url: str, address: Address) -> tuple[str, dict[str, str], dict[str, str]]:
+    """(URL, headers, httpx extensions) that reach `address` for `url`: the host name stays in the Host
+    header and, for https, in TLS's server name (which the certificate is checked against)."""
+    parts = urlsplit(url)
+    at = f"[{address}]" if address.version == 6 else str(address)
+    netloc = f"{at}:{parts.port}" if parts.port else at
+    shown = parts.netloc.rpartition("@")[2]  # no credentials in the Host header
+    extensions = {"sni_hostname": parts.hostname or ""} if parts.scheme == "https" else {}
+    return urlunsplit(parts._replace(netloc=netloc)), {"host": shown}, extensions

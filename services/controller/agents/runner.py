@@ -36,7 +36,7 @@ import httpx
 from opentelemetry import propagate, trace
 from redis.asyncio import Redis
 
-from services.controller.agents.egress import EgressPolicy
+from services.controller.agents.egress import Address, EgressPolicy, pinned
 from services.controller.agents.tools import RETRIEVERS
 from shared.errors import FailedPrecondition, NotFound, PermissionDenied
 from shared.policies.agents import Hardware, Plan, plan, plan_steps, replan
@@ -282,9 +282,10 @@ class GraphRunner:
                 passages = await asyncio.to_thread(retriever, render(step.query, outputs, inputs), step.top_k)
                 return "\n\n".join(passages)
             args = {key: render(value, outputs, inputs) for key, value in step.args.items()}
+            address = None
             if step.url is not None:
                 try:
-                    await self.egress.vet(step.url)
+                    address = await self.egress.vet(step.url)
                 except PermissionDenied as exc:
                     raise StepFailed(exc.message) from None
             error = ""
@@ -293,8 +294,8 @@ class GraphRunner:
                 await self.store.save(record)
                 try:
                     async with asyncio.timeout(step.timeout_s):
-                        if step.url is not None:
-                            return await self._http_tool(step.url, args, step.timeout_s)
+                        if step.url is not None and address is not None:
+                            return await self._http_tool(step.url, address, args, step.timeout_s)
                         assert step.tool is not None
                         return await self.run_tool(step.tool, args, step.timeout_s)
                 except Exception as exc:
@@ -326,10 +327,12 @@ class GraphRunner:
         return str(answer["choices"][0]["text"])
 
     @staticmethod
-    async def _http_tool(url: str, args: dict[str, str], timeout_s: float) -> str:
-        # No redirects (httpx's default, said here): a redirect would lead past the egress policy.
+    async def _http_tool(url: str, address: Address, args: dict[str, str], timeout_s: float) -> str:
+        """Post to the address the egress policy checked; no redirects (httpx's default, said here): one
+        would lead past the policy."""
+        target, headers, extensions = pinned(url, address)
         async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as http:
-            response = await http.post(url, json=args)
+            response = await http.post(target, json=args, headers=headers, extensions=extensions)
         if response.status_code >= 400:
             raise StepFailed(f"{url} answered {response.status_code}")
         return response.text
