@@ -47,7 +47,6 @@ from shared.policies.scaling import (
     pool_snapshot,
 )
 from shared.state import schema
-from shared.state.apikeys import APIKeyStore
 from shared.state.registry import WorkerRegistry
 from shared.state.versioned import DocumentStore, Versioned
 from shared.state.workstats import read_work
@@ -130,9 +129,6 @@ class Reconciler:
         self._pending_decisions: list[PoolStatus] = []
         # Every document (desired state) as the last tick read it: written back if Redis loses its data.
         self._documents: dict[str, Versioned] = {}
-        # The OpenAI API keys the last tick saw, written back like the documents after a wipe.
-        self.api_keys = APIKeyStore(redis)
-        self._api_keys: dict[bytes, bytes] = {}
 
     # -- observation --------------------------------------------------------------
 
@@ -220,7 +216,6 @@ class Reconciler:
                     log.info("model deleted: its pools drained and are gone", model=model.name)
             await self._resubmit_stale(open_jobs, now)
             self._documents = await self.docs.snapshot()
-            self._api_keys = await self.api_keys.snapshot()
         return statuses
 
     async def _retire(self, pool: PoolPublic) -> None:
@@ -239,9 +234,6 @@ class Reconciler:
             restored = await self.docs.restore(self._documents)
             self.metrics.state_restores.inc()
             log.error("Redis lost Shoal's state; the desired state last seen is written back", documents=restored)
-        if self._api_keys:
-            await self.api_keys.restore(self._api_keys)
-            log.error("Redis lost the OpenAI API keys; those last seen are written back", keys=len(self._api_keys))
         await self.redis.set(schema.CLUSTER, "1", nx=True)
 
     async def _reconcile_pool(

@@ -1,11 +1,13 @@
 """OpenAI API keys in Redis, and the token buckets that limit them across routers.
 
-Keys are one HASH (id -> record JSON, the secret's digest, never the secret);
-a counter moves on every change so that routers read the keys again only
-then. Limits are token buckets in Redis, refilled and taken from by one Lua
-script, so every router draws from the same bucket; a router takes a small
-lease at a time (`lease`) and spends it locally, so a busy key costs Redis
-a few calls per second, not one per request.
+Keys are versioned documents (shared/state/versioned.py: `apikey:{id}`, the
+secret's digest, never the secret), so the controller writes them back with
+the rest of the desired state if Redis loses it; their own counter moves on
+every change so that routers read the keys again only then. Limits are
+token buckets in Redis, refilled and taken from by one Lua script, so every
+router draws from the same bucket; a router takes a small lease at a time
+(`lease`) and spends it locally, so a busy key costs Redis a few calls per
+second, not one per request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from redis.asyncio import Redis
 
 from shared.errors import NotFound
 from shared.state import schema
+from shared.state.versioned import DocumentStore
 from shared.types.apikeys import SECRET_PREFIX, SHOWN_CHARS, APIKeyCreate, APIKeyCreated, APIKeyRecord, digest
 
 # Refill the bucket for the time since it was last touched, subtract what the caller spent beyond its
@@ -46,6 +49,7 @@ return {tostring(granted), tostring(wait)}
 class APIKeyStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self.docs = DocumentStore(redis)
         self._lease = redis.register_script(_LEASE)
 
     async def create(self, spec: APIKeyCreate) -> APIKeyCreated:
@@ -57,45 +61,30 @@ class APIKeyStore:
             created_at=time.time(),
             digest=digest(secret),
         )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(schema.API_KEYS, record.id, record.model_dump_json())
-            pipe.incr(schema.API_KEY_CHANGES)
-            await pipe.execute()
+        await self.docs.put(schema.API_KEY_DOC + record.id, record.model_dump(mode="json"), expected_version=0)
         return APIKeyCreated(**record.public().model_dump(), key=secret)
 
     async def all(self) -> list[APIKeyRecord]:
-        raw = await self.redis.hgetall(schema.API_KEYS)
-        records = [APIKeyRecord.model_validate_json(value) for value in raw.values()]
-        return sorted(records, key=lambda r: r.created_at)
+        documents = await self.docs.snapshot((schema.API_KEY_DOC,))
+        return sorted((APIKeyRecord.model_validate(d.body) for d in documents.values()), key=lambda r: r.created_at)
 
     async def get(self, key_id: str) -> APIKeyRecord:
-        raw = await self.redis.hget(schema.API_KEYS, key_id)
-        if raw is None:
+        document = await self.docs.get(schema.API_KEY_DOC + key_id)
+        if document is None:
             raise NotFound(f"no API key {key_id!r}", param="key_id")
-        return APIKeyRecord.model_validate_json(raw)
+        return APIKeyRecord.model_validate(document.body)
 
     async def revoke(self, key_id: str) -> APIKeyRecord:
         """Mark a key revoked (kept, so that its usage stays attributable); routers refuse it within a
         second or two."""
         record = await self.get(key_id)
         if record.revoked_at is None:
-            record = record.model_copy(update={"revoked_at": time.time()})
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(schema.API_KEYS, key_id, record.model_dump_json())
-                pipe.incr(schema.API_KEY_CHANGES)
-                await pipe.execute()
+            now = time.time()
+            updated = await self.docs.update(
+                schema.API_KEY_DOC + key_id, lambda body: {**body, "revoked_at": body.get("revoked_at") or now}
+            )
+            record = APIKeyRecord.model_validate(updated.body)
         return record
-
-    async def snapshot(self) -> dict[bytes, bytes]:
-        """Every key as stored, for `restore` after Redis lost its data."""
-        raw: dict[bytes, bytes] = await self.redis.hgetall(schema.API_KEYS)
-        return raw
-
-    async def restore(self, raw: dict[bytes, bytes]) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(schema.API_KEYS, mapping=raw)
-            pipe.incr(schema.API_KEY_CHANGES)
-            await pipe.execute()
 
     async def changes(self) -> int:
         return int(await self.redis.get(schema.API_KEY_CHANGES) or 0)

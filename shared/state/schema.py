@@ -26,7 +26,6 @@ number on the same server (see the controller settings).
 | graphs:index | ZSET id -> created_at | - | controller | every graph, for listing (expired ones pruned as met) |
 | experts:history:{worker} | STREAM (capped) | - | controller | an expert-parallel instance's balance over time |
 | session:{id} | STRING worker id | SESSION_TTL | routers | the worker an agent session last ran on |
-| apikeys | HASH id -> JSON | - | controller | OpenAI API keys (digests of their secrets, limits, revocation) |
 | apikeys:changes | STRING counter | - | controller | bumped on every key change: routers read the keys again |
 | bucket:{key id}:{kind} | HASH tokens, at | until full again | routers | a key's request or token bucket |
 | audit | STREAM | MAXLEN ~AUDIT_MAXLEN | controller | every admin API write: who, what, when, result |
@@ -63,7 +62,6 @@ JOB_INDEX: Final = _key("jobs", "index")
 OPEN_GRAPHS: Final = _key("graphs", "open")
 GRAPH_INDEX: Final = _key("graphs", "index")
 ROUTER_METRICS: Final = _key("metrics", "router")
-API_KEYS: Final = _key("apikeys")
 API_KEY_CHANGES: Final = _key("apikeys", "changes")
 AUDIT: Final = _key("audit")
 AUDIT_MAXLEN: Final = 100_000
@@ -92,6 +90,8 @@ DOC_KEY_PREFIX: Final = _key("doc") + ":"
 # so a router reads them again only when they changed.
 CATALOG_DOCS: Final = ("model:", "pool:", "alias:")
 CATALOG_CHANGES: Final = _key("catalog", "changes")
+# OpenAI API keys are documents too (doc:apikey:{id}: digest, limits, revocation), with their own counter.
+API_KEY_DOC: Final = "apikey:"
 
 
 def doc(name: str) -> str:

@@ -81,6 +81,8 @@ class DocumentStore:
     async def _changed(self, name: str) -> None:
         if name.startswith(schema.CATALOG_DOCS):
             await self.redis.incr(schema.CATALOG_CHANGES)
+        elif name.startswith(schema.API_KEY_DOC):
+            await self.redis.incr(schema.API_KEY_CHANGES)
 
     async def update(self, name: str, change: Callable[[Any], Any], attempts: int = 50) -> Versioned:
         """Apply `change(old_body or None)` atomically, retrying on conflict."""

@@ -94,8 +94,8 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_get_401(redis_url: str, tiny
 async def test_keys_are_stored_as_digests_never_as_secrets(redis_url: str, tiny_model: Path) -> None:
     async with routers(redis_url, tiny_model) as ([front], controller):
         made = await make_key(controller)
-        stored = await front.app.redis.hgetall("shoal:v1:apikeys")
-        assert made["key"].encode() not in b"".join(stored.values())
+        stored = await front.app.redis.hgetall(f"shoal:v1:doc:apikey:{made['id']}")
+        assert stored and made["key"].encode() not in b"".join(stored.values())
 
 
 async def test_over_the_rate_limit_gets_429_across_routers(redis_url: str, tiny_model: Path) -> None:
