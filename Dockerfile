@@ -40,8 +40,8 @@ RUN /opt/shoal/bin/pip install --no-deps . \
 FROM ${BASE_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 shoal \
  && useradd --system --uid 10001 --gid shoal --home-dir /home/shoal --create-home shoal \
- && mkdir -p /data \
- && chown shoal:shoal /data  # a named volume mounted here (the kvstore's disk tier) starts owned by shoal
+ && mkdir -p /data /pki \
+ && chown shoal:shoal /data /pki  # named volumes mounted here (the kvstore's disk tier, compose's certificates) start owned by shoal
 COPY --from=build /opt/shoal /opt/shoal
 COPY --from=build --chown=shoal:shoal /opt/models /models
 ENV PATH=/opt/shoal/bin:$PATH \

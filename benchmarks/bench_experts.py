@@ -39,6 +39,7 @@ from shared.policies.placement import EPLBPolicy, MigrationAwarePolicy, Topology
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.pki import as_controller
 from tests.support.redis import redis_server
 from tests.support.services import ep_joiner, ep_worker_processes
 
@@ -143,7 +144,7 @@ def live_tbt(model: Path) -> list[Row]:
     with redis_server() as url, ep_worker_processes(url, model, 2) as (address, _):
 
         async def run() -> list[Row]:
-            client = WorkerClient(address)
+            client = WorkerClient(address, as_controller())
             rows = []
             try:
                 await tbt_under(client, None)  # warm-up

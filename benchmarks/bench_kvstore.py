@@ -7,7 +7,10 @@ every system), 1 and 4 clients, 256 MiB of 256 KiB blocks and 512 MiB of
 2 MiB blocks. Systems, all measured in the same run:
 
   kvstore remote   the data channel (another process, no shared memory: how a
-                   worker on another host, or the chart's separate pod, moves KV)
+                   worker on another host, or the chart's separate pod, moves KV),
+                   plaintext: how redis and the floor below are measured
+  kvstore mTLS     the same over mutual TLS, the default setting (a second store
+                   process, started with certificates)
   kvstore gRPC     the same store over gRPC only (what the data channel replaced)
   kvstore local    the same-host shared-memory path (reads are a memory copy)
   redis            redis-server over TCP, SET and GET with redis-py
@@ -20,10 +23,13 @@ every system), 1 and 4 clients, 256 MiB of 256 KiB blocks and 512 MiB of
 
 Then the prefill-to-decode hand-off as the workers do it: one process puts
 a request's blocks in one call (32 blocks of 2 MiB), another gets them in one
-call, over the data channel; MB/s = bytes / (put time + get time).
+call, over the data channel; MB/s = bytes / (put time + get time), plaintext
+and over mutual TLS.
 
-Run: make bench-kvstore. Last line (the worst ratio over clients and block sizes):
+Run: make bench-kvstore. Last line (the worst ratio over clients and block sizes; the ratios against
+redis use the plaintext rows, like for like; tls_*_cost is the MB/s mutual TLS takes off the data channel):
 bench-kvstore: remote_get_vs_redis=<x> remote_put_vs_redis=<x> local_get_vs_memcpy=<x> handoff_mb_per_s=<x>
+  tls_get_cost=<x> tls_put_cost=<x> handoff_tls_cost=<x>
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from multiprocessing.synchronize import Barrier
 import uvloop
 
 from shared.processes import free_port, keep_big_buffers_in_the_heap, redis_server_argv, wait_for_port
+from shared.rpc.security import Role, RpcSecurity
 from shared.types.kv import KVBlock
 from tests.support.blocks import blocks
+from tests.support.pki import as_worker, tls_dir
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -169,10 +177,16 @@ def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier
     return start, put_end, get_start, time.perf_counter(), put_times, get_times
 
 
+def _security(system: str) -> RpcSecurity:
+    return as_worker() if system.endswith("mTLS") else RpcSecurity(Role.WORKER, None)
+
+
 async def _kvstore_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier) -> Timings:
     from shared.rpc.kvstore_client import KVStoreClient
 
-    client = KVStoreClient(target, local=system == "kvstore local", data_channel=system != "kvstore gRPC")
+    client = KVStoreClient(
+        target, _security(system), local=system == "kvstore local", data_channel=system != "kvstore gRPC"
+    )
     await client.get([mine[0].hash])  # settle the path before timing
     assert client.uses_local_path == (system == "kvstore local")
     assert client.uses_data_channel == (system != "kvstore gRPC")
@@ -238,14 +252,14 @@ def measure(system: str, target: str, size: int, count: int, clients: int) -> Re
     )
 
 
-def _handoff_side(target: str, role: str, rounds: int, out: multiprocessing.Queue[list[float]]) -> None:
+def _handoff_side(target: str, system: str, role: str, rounds: int, out: multiprocessing.Queue[list[float]]) -> None:
     """The prefill worker's put (role "put") or the decode worker's get (role "get"), timed per round."""
     from shared.rpc.kvstore_client import KVStoreClient
 
     keep_big_buffers_in_the_heap()
 
     async def run() -> list[float]:
-        client = KVStoreClient(target, local=False)
+        client = KVStoreClient(target, _security(system), local=False)
         times = []
         for round_ in range(rounds):
             batch = blocks(HANDOFF_BLOCKS, size=2 * MIB, start=10**6 + round_ * HANDOFF_BLOCKS)
@@ -262,13 +276,13 @@ def _handoff_side(target: str, role: str, rounds: int, out: multiprocessing.Queu
     out.put(uvloop.run(run()))
 
 
-def handoff(target: str) -> float:
+def handoff(target: str, system: str) -> float:
     """MB/s of a P/D hand-off through the store: put by one process, then got by another."""
     context = multiprocessing.get_context("spawn")
     queue: multiprocessing.Queue[list[float]] = context.Queue()
     timings = {}
     for role in ("put", "get"):
-        process = context.Process(target=_handoff_side, args=(target, role, HANDOFF_ROUNDS, queue))
+        process = context.Process(target=_handoff_side, args=(target, system, role, HANDOFF_ROUNDS, queue))
         process.start()
         timings[role] = queue.get(timeout=600)
         process.join(60)
@@ -278,7 +292,7 @@ def handoff(target: str) -> float:
 
 def main() -> None:
     workdir = tempfile.mkdtemp(prefix="bench-kvstore-")
-    redis_port, kv_port, floor_port = free_port(), free_port(), free_port()
+    redis_port, kv_port, tls_port, floor_port = free_port(), free_port(), free_port(), free_port()
     redis_proc = subprocess.Popen(redis_server_argv(redis_port, workdir), stdout=subprocess.DEVNULL)
     floor_proc = multiprocessing.get_context("fork").Process(target=_floor_server, args=(floor_port,), daemon=True)
     floor_proc.start()
@@ -289,15 +303,21 @@ def main() -> None:
         "SHOAL_KVSTORE_MAX_BLOCK_BYTES": str(4 * MIB),
         "SHOAL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "SHOAL_LOG_LEVEL": "WARNING",
+        "SHOAL_RPC_PLAINTEXT": "true",
     }
     kv_proc = subprocess.Popen([sys.executable, "-m", "services.kvstore"], env=env)
+    tls_env = {**env, "SHOAL_RPC_PLAINTEXT": "false", "SHOAL_TLS_DIR": str(tls_dir(Role.KVSTORE))}
+    tls_env.update(SHOAL_KVSTORE_GRPC_PORT=str(tls_port), SHOAL_KVSTORE_STORE_ID="bench-tls")
+    tls_proc = subprocess.Popen([sys.executable, "-m", "services.kvstore"], env=tls_env)
     results: list[Result] = []
     try:
         wait_for_port("127.0.0.1", redis_port, 10)
         wait_for_port("127.0.0.1", floor_port, 10)
         wait_for_port("127.0.0.1", kv_port, 60)
+        wait_for_port("127.0.0.1", tls_port, 60)
         targets = {
             "kvstore remote": f"127.0.0.1:{kv_port}",
+            "kvstore mTLS": f"127.0.0.1:{tls_port}",
             "kvstore gRPC": f"127.0.0.1:{kv_port}",
             "kvstore local": f"127.0.0.1:{kv_port}",
             "redis": f"redis://127.0.0.1:{redis_port}/0",
@@ -309,9 +329,12 @@ def main() -> None:
                 for system, target in targets.items():
                     subprocess.run(["redis-cli", "-p", str(redis_port), "flushall"], check=True, capture_output=True)
                     results.append(measure(system, target, size, count, clients))
-        handoff_mb_s = handoff(targets["kvstore remote"])
+        handoff_mb_s = handoff(targets["kvstore remote"], "kvstore remote")
+        handoff_tls_mb_s = handoff(targets["kvstore mTLS"], "kvstore mTLS")
     finally:
         kv_proc.terminate()
+        tls_proc.terminate()
+        tls_proc.wait(10)
         redis_proc.terminate()
         floor_proc.kill()
         kv_proc.wait(10)
@@ -323,7 +346,10 @@ def main() -> None:
             f"{r.system:<16}{r.block // KIB:>6}Ki{r.clients:>8}{r.put_mb_s:>10.0f}{r.get_mb_s:>10.0f}"
             f"{r.put_p50_ms:>8.2f}ms{r.get_p50_ms:>8.2f}ms"
         )
-    print(f"P/D hand-off over the data channel ({HANDOFF_BLOCKS} x 2 MiB per request): {handoff_mb_s:.0f} MB/s")
+    print(
+        f"P/D hand-off over the data channel ({HANDOFF_BLOCKS} x 2 MiB per request): {handoff_mb_s:.0f} MB/s "
+        f"plaintext, {handoff_tls_mb_s:.0f} MB/s mutual TLS"
+    )
     by = {(r.system, r.block, r.clients): r for r in results}
     cases = [(size, clients) for size in SIZES for clients in (1, 4)]
     get_ratio = min(by["kvstore remote", *c].get_mb_s / by["redis", *c].get_mb_s for c in cases)
@@ -335,9 +361,13 @@ def main() -> None:
         f"get {min(floor_get):.2f}-{max(floor_get):.2f}x, put {min(floor_put):.2f}-{max(floor_put):.2f}x"
     )
     local_ratio = min(by["kvstore local", *c].get_mb_s / by["memcpy", *c].get_mb_s for c in cases)
+    tls_get = max(1 - by["kvstore mTLS", *c].get_mb_s / by["kvstore remote", *c].get_mb_s for c in cases)
+    tls_put = max(1 - by["kvstore mTLS", *c].put_mb_s / by["kvstore remote", *c].put_mb_s for c in cases)
+    tls_handoff = 1 - handoff_tls_mb_s / handoff_mb_s
     print(
         f"bench-kvstore: remote_get_vs_redis={get_ratio:.2f} remote_put_vs_redis={put_ratio:.2f} "
-        f"local_get_vs_memcpy={local_ratio:.2f} handoff_mb_per_s={handoff_mb_s:.0f}"
+        f"local_get_vs_memcpy={local_ratio:.2f} handoff_mb_per_s={handoff_mb_s:.0f} "
+        f"tls_get_cost={tls_get:.2f} tls_put_cost={tls_put:.2f} handoff_tls_cost={tls_handoff:.2f}"
     )
 
 

@@ -12,8 +12,13 @@ requests back to back, 10 s per row:
     through the router - direct, p50, at 8 connections;
   - streamed 32-token completions at 32 and 256 connections: SSE events that
     carried text per second, and the tokens they delivered per second.
-The summary uses the 32- and 256-connection rows for rps (the lower), the
-8-connection rows for added latency, the streamed row with the most events.
+These rows run with plaintext internal channels (SHOAL_RPC_PLAINTEXT), how
+the peers they are compared with are measured. Then a second stack, the same
+in all else, with mutual TLS between router and workers (the default): the
+32- and 256-connection chat rows and the streamed rows again. The summary
+uses the plaintext 32- and 256-connection rows for rps (the lower), the
+8-connection rows for added latency, the streamed row with the most events;
+tls_rps_cost and tls_events_cost are what mutual TLS takes off those.
 
 (b) Document Q&A on two reference workers (real tensors): 16 conversations,
 each opening with its own ~1,200-token document and asking 3 questions about
@@ -25,7 +30,7 @@ request, the longest block prefix of its prompt any earlier request had.
 
 Run: make bench-router (installs wrk when missing). Last line:
 bench-router: rps=<x> added_p50_ms=<x> stream_events_per_s=<x> errors=<n> errors_1000=<n> hit_vs_oracle=<x>
-ttft_p50_rr_over_prefix=<x>
+ttft_p50_rr_over_prefix=<x> tls_rps_cost=<x> tls_events_cost=<x>
 """
 
 from __future__ import annotations
@@ -118,28 +123,31 @@ def direct(addresses: list[str], key: str, body: dict[str, object], connections:
 
 @dataclass
 class Overhead:
-    direct8: Load
     routed: dict[int, Load]
     direct: dict[int, Load]
     streams: dict[int, Load]
 
 
-def overhead(model: Path) -> Overhead:
+def overhead(
+    model: Path, tls: bool, routed: tuple[int, ...], direct_to: tuple[int, ...], streamed: tuple[int, ...]
+) -> Overhead:
     env = {
         "SHOAL_WORKER_SIM_SPEEDUP": "1000000",
         "SHOAL_WORKER_HTTP_PORT": "0",
         "SHOAL_LOG_LEVEL": "WARNING",
         "SHOAL_WORKER_MAX_WAITING": "4096",
+        "SHOAL_RPC_PLAINTEXT": "false" if tls else "true",
     }
     with local_stack(model, [("mixed", "sim"), ("mixed", "sim")], env) as (endpoints, _):
+        assert (endpoints.pki is not None) == tls
         addresses = list(endpoints.worker_http.values())
         chat_url = f"{endpoints.router}/v1/chat/completions"
         key, token = endpoints.api_key, endpoints.internal_token  # both sides authenticate every request
         wrk(chat_url, key, CHAT, 32, seconds=3)  # warm-up: sessions open, caches filled
-        routed = {c: wrk(chat_url, key, CHAT, c) for c in (8, 32, 200, 256, 1000)}
-        direct_rows = {c: direct(addresses, token, CHAT, c) for c in (8, 32)}
-        streams = {c: wrk(f"{endpoints.router}/v1/completions", key, STREAM, c) for c in (32, 256)}
-    return Overhead(direct_rows[8], routed, direct_rows, streams)
+        rows = {c: wrk(chat_url, key, CHAT, c) for c in routed}
+        direct_rows = {c: direct(addresses, token, CHAT, c) for c in direct_to}
+        streams = {c: wrk(f"{endpoints.router}/v1/completions", key, STREAM, c) for c in streamed}
+    return Overhead(rows, direct_rows, streams)
 
 
 # -- (b) prefix-aware vs round-robin -----------------------------------------------
@@ -257,20 +265,20 @@ def oracle_hit_rate(model: Path, conversations: int = 16, turns: int = 3) -> flo
 
 def main() -> None:
     model = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".cache/models/shoal-tiny-moe")
-    load = overhead(model)
-    print(f"{'(a) 4-token chat, wrk':<26}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    for connections, row in load.direct.items():
-        name = "direct to the workers"
-        print(f"{name:<26}{connections:>6}{row.rps:>9.0f}{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}")
-    for connections, row in load.routed.items():
-        name = "through the router"
-        print(f"{name:<26}{connections:>6}{row.rps:>9.0f}{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}")
-    print(f"\n{'(a) 32-token streams, wrk':<26}{'conns':>6}{'req/s':>9}{'events/s':>10}{'tokens/s':>10}{'errors':>8}")
-    for connections, row in load.streams.items():
-        print(
-            f"{'through the router':<26}{connections:>6}{row.rps:>9.0f}{row.events_per_s:>10.0f}"
-            f"{row.tokens_per_s:>10.0f}{row.errors:>8}"
-        )
+    load = overhead(model, False, (8, 32, 200, 256, 1000), (8, 32), (32, 256))
+    secured = overhead(model, True, (32, 256), (), (32, 256))
+    print(f"{'(a) 4-token chat, wrk':<30}{'conns':>6}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    chat_rows = [("direct to the workers", load.direct), ("through the router", load.routed)]
+    for name, rows in [*chat_rows, ("through the router, mTLS", secured.routed)]:
+        for connections, row in rows.items():
+            print(f"{name:<30}{connections:>6}{row.rps:>9.0f}{row.p50_ms:>9.2f}{row.p99_ms:>9.2f}{row.errors:>8}")
+    print(f"\n{'(a) 32-token streams, wrk':<30}{'conns':>6}{'req/s':>9}{'events/s':>10}{'tokens/s':>10}{'errors':>8}")
+    for name, rows in (("through the router", load.streams), ("through the router, mTLS", secured.streams)):
+        for connections, row in rows.items():
+            print(
+                f"{name:<30}{connections:>6}{row.rps:>9.0f}{row.events_per_s:>10.0f}"
+                f"{row.tokens_per_s:>10.0f}{row.errors:>8}"
+            )
     prefix = chat(model, "prefix-aware")
     round_robin = chat(model, "round-robin")
     oracle = oracle_hit_rate(model)
@@ -282,13 +290,16 @@ def main() -> None:
         )
     print(f"{'oracle (upper bound)':<22}{oracle:>9.2f}")
     rps = min(load.routed[32].rps, load.routed[256].rps)
-    added = load.routed[8].p50_ms - load.direct8.p50_ms
+    tls_rps = min(secured.routed[32].rps, secured.routed[256].rps)
+    added = load.routed[8].p50_ms - load.direct[8].p50_ms
     events = max(row.events_per_s for row in load.streams.values())
+    tls_events = max(row.events_per_s for row in secured.streams.values())
     print(
         f"bench-router: rps={rps:.0f} added_p50_ms={added:.2f} stream_events_per_s={events:.0f} "
         f"errors={load.routed[200].errors} errors_1000={load.routed[1000].errors} "
         f"hit_vs_oracle={prefix.hit_rate / oracle:.2f} "
-        f"ttft_p50_rr_over_prefix={round_robin.ttft_p50_ms / prefix.ttft_p50_ms:.2f}"
+        f"ttft_p50_rr_over_prefix={round_robin.ttft_p50_ms / prefix.ttft_p50_ms:.2f} "
+        f"tls_rps_cost={1 - tls_rps / rps:.2f} tls_events_cost={1 - tls_events / events:.2f}"
     )
 
 

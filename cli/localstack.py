@@ -7,7 +7,9 @@ every model the controller holds), each waited on until its health check
 answers. Public ports come from the usual variables
 (SHOAL_ROUTER_HTTP_PORT, SHOAL_CONTROLLER_HTTP_PORT) or the StackConfig;
 internal ones are picked free. The admin token is SHOAL_ADMIN_TOKEN, or a
-fresh one that `make run` prints.
+fresh one that `make run` prints. Internal channels run over mutual TLS with
+a throwaway CA and one certificate per service made in the run's data folder
+(`pki/`), unless SHOAL_RPC_PLAINTEXT=true.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cli.supervisor import StartupError, Supervisor
 from shared.config.base import redacted_url, with_password
 from shared.processes import free_port, redis_server_argv
+from shared.rpc.pki import init_pki
+from shared.rpc.security import Role, RpcSecurity, TLSFiles
 
 DEFAULT_MODEL = Path(".cache/models/shoal-tiny-moe")
 # `make run`'s Redis keeps its append-only file here: pools and models made through the admin API are
@@ -43,8 +47,8 @@ DEV_MODE_LINE = (
 )
 
 
-def grpc_ready(address: str, service: str = "") -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_ready(address: str, service: str, security: RpcSecurity, peer: Role) -> bool:
+    with security.blocking_channel(address, peer) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=1
@@ -112,6 +116,8 @@ class Endpoints:
     internal_token: str = ""
     # SHOAL_ENV=dev (the default here): the OpenAI API admits callers without a key.
     dev_mode: bool = False
+    # The run's certificates (shared/rpc/pki.py layout); None: plaintext internal channels.
+    pki: Path | None = None
     workers: dict[str, str] = field(default_factory=dict)
     # Worker id -> host:port of its own OpenAI API, for workers started with SHOAL_WORKER_HTTP_PORT.
     worker_http: dict[str, str] = field(default_factory=dict)
@@ -120,6 +126,18 @@ class Endpoints:
     def api_headers(self) -> dict[str, str]:
         """Headers of a request to the router's OpenAI API."""
         return {"authorization": f"Bearer {self.api_key}"}
+
+    def tls_env(self, role: Role) -> dict[str, str]:
+        """The settings that give another process of `role` the stack's certificates."""
+        if self.pki is None:
+            return {"SHOAL_RPC_PLAINTEXT": "true"}
+        return {"SHOAL_TLS_DIR": str(self.pki / role.value)}
+
+    def security(self, role: Role) -> RpcSecurity:
+        """Credentials to call the stack's internal services as `role` (tests and benchmarks)."""
+        if self.pki is None:
+            return RpcSecurity(role, None, self.internal_token)
+        return RpcSecurity.for_role(role, TLSFiles.load(self.pki / role.value), self.internal_token)
 
 
 def bootstrap_document(config: StackConfig, model_name: str, model_path: str) -> dict[str, Any]:
@@ -168,14 +186,20 @@ class LocalStack:
             self.supervisor.start("redis", argv, ready=lambda: redis_ready(port, password))
             env["SHOAL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         self.endpoints.redis_url = with_password(env["SHOAL_REDIS_URL"], env.get("SHOAL_REDIS_PASSWORD", ""))
+        tls = self._certificates(env)
 
         kv_port = free_port()
         kvstore = f"127.0.0.1:{kv_port}"
         self.supervisor.start(
             "kvstore",
             [python, "-m", "services.kvstore"],
-            {**env, "SHOAL_KVSTORE_GRPC_PORT": str(kv_port), "SHOAL_KVSTORE_MEMORY_BYTES": str(512 * 2**20)},
-            ready=lambda: grpc_ready(kvstore, "shoal.v1.KVStore"),
+            {
+                **env,
+                **tls(Role.KVSTORE),
+                "SHOAL_KVSTORE_GRPC_PORT": str(kv_port),
+                "SHOAL_KVSTORE_MEMORY_BYTES": str(512 * 2**20),
+            },
+            ready=lambda: grpc_ready(kvstore, "shoal.v1.KVStore", self.endpoints.security(Role.ROUTER), Role.KVSTORE),
         )
         self.endpoints.kvstore = kvstore
 
@@ -188,12 +212,14 @@ class LocalStack:
         env["SHOAL_CONTROLLER_ADMIN_TOKENS"] = env.get("SHOAL_CONTROLLER_ADMIN_TOKENS", f"{token}:admin")
         router_port = int(env.get("SHOAL_ROUTER_HTTP_PORT", self.config.router_port))
         router = f"http://127.0.0.1:{router_port}"
-        self.supervisor.start("celery", [python, "-m", "services.controller.jobs"], env)
+        self.supervisor.start("celery", [python, "-m", "services.controller.jobs"], {**env, **tls(Role.CONTROLLER)})
         self.supervisor.start(
             "controller",
             [python, "-m", "services.controller"],
             {
                 **env,
+                **tls(Role.CONTROLLER),
+                **tls(Role.WORKER, "SHOAL_CONTROLLER_LOCAL_WORKER_TLS_DIR"),
                 "SHOAL_CONTROLLER_HTTP_PORT": str(controller_port),
                 "SHOAL_CONTROLLER_BOOTSTRAP": str(bootstrap),
                 "SHOAL_CONTROLLER_ROUTER_URL": router,
@@ -213,6 +239,7 @@ class LocalStack:
                 [python, "-m", "services.router"],
                 {
                     **env,
+                    **tls(Role.ROUTER),
                     "SHOAL_ROUTER_HTTP_PORT": str(router_port),
                     "SHOAL_ROUTER_KVSTORE_ADDRESS": kvstore,
                     "SHOAL_ROUTER_REUSE_PORT": "true" if self.config.routers > 1 else "false",
@@ -221,6 +248,16 @@ class LocalStack:
             )
         self.endpoints.router = router
         return self.endpoints
+
+    def _certificates(self, env: dict[str, str]) -> Callable[..., dict[str, str]]:
+        """Make the run's certificates (kept while valid); returns a role's certificate folder setting
+        (SHOAL_TLS_DIR, or the variable named)."""
+        if env.get("SHOAL_RPC_PLAINTEXT", "").lower() in {"1", "true", "yes"}:
+            return lambda _role, _name="": {}
+        pki = Path(self._data_dir).resolve() / "pki"
+        init_pki(pki)
+        self.endpoints.pki = pki
+        return lambda role, name="SHOAL_TLS_DIR": {name: str(pki / role.value)}
 
     def _router_ready(self, url: str, name: str) -> Callable[[], bool]:
         """With several routers on the port, a health check may land on another: wait for this one's pid."""
@@ -300,6 +337,7 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL, second: Path | None = None
             f"  admin API    {endpoints.controller}/docs   token: {endpoints.admin_token}\n"
             f"               (export SHOAL_ADMIN_TOKEN={endpoints.admin_token}; .venv/bin/shoal status)\n"
             f"  redis        {redacted_url(endpoints.redis_url)}\n  kvstore      {endpoints.kvstore}\n"
+            f"  internal TLS {endpoints.pki or 'off (SHOAL_RPC_PLAINTEXT)'}\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -9,7 +9,7 @@ import typer
 from cli.admin import COMMANDS
 from cli.graphs import catalogue, graph_app
 from cli.models import alias_app, model_app
-from cli.security import audit, key_app
+from cli.security import audit, key_app, own_security, pki_app
 from cli.sim import sim
 
 app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
@@ -22,6 +22,7 @@ app.add_typer(graph_app, name="graph")
 app.add_typer(model_app, name="model")
 app.add_typer(alias_app, name="alias")
 app.add_typer(key_app, name="key")
+app.add_typer(pki_app, name="pki")
 
 
 @app.command()
@@ -41,11 +42,16 @@ def probe(
     target: str = typer.Argument(..., help="http(s)://host:port/path (expects 200) or host:port (gRPC health)."),
     service: str = typer.Option("", help="gRPC health service name (empty: the whole server)."),
 ) -> None:
-    """Exit 0 when a service is healthy, 1 when not: container and compose health checks."""
+    """Exit 0 when a service is healthy, 1 when not: container and compose health checks.
+
+    A gRPC probe runs inside the service's container and presents the service's own certificate
+    (SHOAL_TLS_DIR), expecting the server to hold the same identity."""
     from cli.localstack import grpc_ready, http_ready
 
-    healthy = http_ready(target) if target.startswith(("http://", "https://")) else grpc_ready(target, service)
-    raise typer.Exit(0 if healthy else 1)
+    if target.startswith(("http://", "https://")):
+        raise typer.Exit(0 if http_ready(target) else 1)
+    security = own_security()
+    raise typer.Exit(0 if grpc_ready(target, service, security, security.role) else 1)
 
 
 @app.command("tiny-model")

@@ -1,14 +1,19 @@
-"""`shoal key create | list | revoke` (OpenAI API keys) and `shoal audit` (the admin API's audit log)."""
+"""`shoal key create | list | revoke` (OpenAI API keys), `shoal audit` (the admin API's audit log) and
+`shoal pki init` (certificates of the internal channels)."""
 
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 
 import typer
 
 from cli.admin import Admin, Token, Url, console, print_table
+from shared.config.base import CommonSettings, load_settings
+from shared.rpc.security import Role, RpcSecurity, TLSFiles
 
 key_app = typer.Typer(help="OpenAI API keys: each with an optional rate and token quota.", no_args_is_help=True)
+pki_app = typer.Typer(help="Certificates of the internal channels (mutual TLS).", no_args_is_help=True)
 
 
 def _when(at: float | None) -> str:
@@ -60,3 +65,29 @@ def audit(
         for e in Admin(url, token).call("GET", "/v1/audit", params={"limit": limit})
     ]
     print_table("audit log", ["when", "who", "method", "path", "status", "body"], rows)
+
+
+def own_security() -> RpcSecurity:
+    """This container's credentials, as its service reads them (the role its certificate names)."""
+    settings = load_settings(CommonSettings)
+    if settings.rpc_plaintext or settings.tls_dir is None:
+        return RpcSecurity(Role.WORKER, None, settings.internal_token)
+    files = TLSFiles.load(settings.tls_dir)
+    roles = sorted(files.roles)
+    if len(roles) != 1:
+        raise typer.BadParameter(f"the certificate in {settings.tls_dir} names {len(roles)} Shoal services, not one")
+    return RpcSecurity.for_role(roles[0], files, settings.internal_token)
+
+
+@pki_app.command("init")
+def pki_init(
+    folder: Path = typer.Argument(..., help="Where to write ca.crt, ca.key and one folder per service."),
+    days: int = typer.Option(365, min=1, help="Validity of the CA and the certificates."),
+    force: bool = typer.Option(False, help="Make new ones even when a complete, valid set is there."),
+) -> None:
+    """A throwaway CA and one certificate per service (router, controller, worker, kvstore): point each
+    service's SHOAL_TLS_DIR at FOLDER/<service>. Keeps a complete set that is valid for 30 more days."""
+    from shared.rpc.pki import init_pki
+
+    written = init_pki(folder, days=days, force=force)
+    typer.echo(f"{'wrote' if written else 'kept'} the certificates in {folder}")

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from shared.config import EngineKind, KVStoreSettings, RouterSettings, WorkerRole, WorkerSettings
 from shared.policies.eviction import POLICIES
 from shared.policies.routing import PRESETS
+from shared.rpc.security import Role
 from shared.types.pools import SLO, Capacity, ModelCreate, ScalingSpec
 
 NAME = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -113,6 +114,26 @@ def schema() -> dict[str, Any]:
                         "metricsFrom": {"type": "array"},
                         "kubeApiCidrs": {"type": "array", "items": {"type": "string", "minLength": 1}},
                         "toolEgress": {"type": "array"},
+                    }
+                ),
+                "tls": obj(
+                    {
+                        "enabled": {"type": "boolean"},
+                        "source": {"enum": ["generate", "certManager", "existing"]},
+                        "certManager": obj(
+                            {
+                                "issuerRef": obj(
+                                    {
+                                        "name": {"type": "string"},
+                                        "kind": {"type": "string", "minLength": 1},
+                                        "group": {"type": "string", "minLength": 1},
+                                    }
+                                ),
+                                "duration": {"type": "string"},
+                                "renewBefore": {"type": "string"},
+                            }
+                        ),
+                        "existingSecrets": obj({role.value: {"type": "string"} for role in Role}),
                     }
                 ),
                 "models": {

@@ -35,6 +35,7 @@ from shared.httpapi import http_server
 from shared.policies.agents import Hardware
 from shared.policies.scaling import PolicyState
 from shared.rpc.pool import ClientPool
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.worker_client import WorkerClient
 from shared.state.apikeys import APIKeyStore
 from shared.state.redis import connect
@@ -89,6 +90,7 @@ def celery_submit(settings: ControllerSettings) -> Callable[[Job], None]:
 class ControllerApp:
     def __init__(self, settings: ControllerSettings, submit: Callable[[Job], None] | None = None) -> None:
         self.settings = settings
+        self.security = RpcSecurity.from_settings(settings, Role.CONTROLLER)
         self.tokens = [tuple(item.rsplit(":", 1)) for item in settings.admin_tokens]
         if not self.tokens:
             raise FailedPrecondition(
@@ -103,6 +105,10 @@ class ControllerApp:
         worker_env = {"SHOAL_REDIS_URL": settings.redis_url}
         if settings.internal_token:
             worker_env["SHOAL_INTERNAL_TOKEN"] = settings.internal_token
+        if settings.rpc_plaintext:
+            worker_env["SHOAL_RPC_PLAINTEXT"] = "true"
+        elif settings.local_worker_tls_dir is not None:
+            worker_env["SHOAL_TLS_DIR"] = str(settings.local_worker_tls_dir)
         self.launcher = (
             LocalLauncher(self.redis, worker_env, settings.local_max_workers) if settings.actuator == "local" else None
         )
@@ -129,7 +135,7 @@ class ControllerApp:
         self.api = build_api(self)
         self._reconcile = Ticker("reconcile", settings.reconcile_interval_s, self._tick)
         # Clients of the workers the controller calls itself (expert statistics, drains), kept open.
-        self.worker_clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
+        self.worker_clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, self.security))
         self.expert_watch = ExpertWatch(self.redis, self.registry, self.worker_clients, settings, self.open_migration)
         self._experts = Ticker("experts", settings.expert_stats_interval_s, self._watch_experts)
         self._launch = Ticker("launcher", LAUNCH_INTERVAL_S, self.launcher.tick) if self.launcher else None

@@ -23,6 +23,7 @@ from shared.config.services import KVStoreSettings
 from shared.kvlocal.client import STAGING_PREFIX
 from shared.policies.eviction import make_policy
 from shared.rpc.channel import ChannelServer
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.server import GrpcServer, run_until_signal
 from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from shared.state.kvevents import KVEventPublisher
@@ -40,6 +41,7 @@ EVENT_INTERVAL_S = 0.1
 class KVStoreApp:
     def __init__(self, settings: KVStoreSettings) -> None:
         self.settings = settings
+        self.security = RpcSecurity.from_settings(settings, Role.KVSTORE)
         disk = DiskTier(settings.disk_path, settings.disk_bytes) if settings.disk_path else None
         _reclaim_dead(settings.memory_path, settings.store_id)
         name = f"shoal-kv-{settings.store_id}-{os.getpid()}"
@@ -58,7 +60,7 @@ class KVStoreApp:
         self.servicer = KVStoreServicer(self.store, self.metrics, settings.max_block_bytes, local_info)
         self.channels = ChannelServer(
             {KV_CHANNEL: lambda conn: KVChannel(self.store, self.metrics, settings.max_block_bytes, conn)},
-            settings.internal_token,
+            self.security,
         )
         self.redis = connect(settings.redis_url)
         self.publisher = KVEventPublisher(self.redis, settings.store_id)
@@ -81,7 +83,8 @@ class KVStoreApp:
             settings.grpc_port,
             [(kvstore_pb2_grpc.add_KVStoreServicer_to_server, self.servicer)],
             [SERVICE_NAME],
-            settings.internal_token,
+            self.security,
+            settings.health_port,
         )
         data_port = await self.channels.start(settings.host, settings.data_port)
         self.servicer.data_address = settings.advertised(data_port)

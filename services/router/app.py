@@ -42,6 +42,7 @@ from shared.openai.models import ServedModel, load_model
 from shared.policies.routing import PDPolicy, Router, load_config
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.serve_client import ServeSession
 from shared.rpc.server import stop_event_on_signals
 from shared.rpc.shoal.v1 import common_pb2
@@ -68,17 +69,18 @@ SESSION_FLUSH_S = 0.1
 class RouterApp:
     def __init__(self, settings: RouterSettings) -> None:
         self.settings = settings
+        self.security = RpcSecurity.from_settings(settings, Role.ROUTER)
         self.metrics = RouterMetrics(new_registry())
         self.redis = connect(settings.redis_url)
         self.events_redis = connect(settings.redis_url)
         self.index = KVIndex()
         # Opened on first use, inside the event loop (gRPC channels belong to the loop that made them).
-        self.clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, settings.internal_token))
+        self.clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, self.security))
         # Each worker's serve channel (the request path), by data address.
         self.streams: ClientPool[ServeSession] = ClientPool(
-            lambda a: ServeSession(a, settings.internal_token, settings.stall_s, self.metrics.stalls.inc)
+            lambda a: ServeSession(a, self.security, settings.stall_s, self.metrics.stalls.inc)
         )
-        self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, settings.internal_token))
+        self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, self.security))
         configured = [load_model(name, folder, settings.block_size) for name, folder in settings.model_folders()]
         self.catalog = ModelCatalog(DocumentStore(self.redis), configured)
         self._hashers: dict[tuple[str, int], BlockHasher] = {}

@@ -28,6 +28,7 @@ from shared.openai.completions import EdgeMetrics
 from shared.openai.models import ServedModel
 from shared.openai.prompts import PromptBuilder
 from shared.rpc.channel import ChannelServer
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.serve_client import CHANNEL as SERVE_CHANNEL
 from shared.rpc.server import GrpcServer, run_until_signal
 from shared.rpc.shoal.v1 import worker_pb2_grpc
@@ -54,6 +55,7 @@ class WorkerApp:
                 "their key, and without it the worker's OpenAI API would be open to anyone"
             )
         self.settings = settings
+        self.security = RpcSecurity.from_settings(settings, Role.WORKER)
         self.metrics = WorkerMetrics(new_registry())
         self.engine = engine or build_engine(settings, self.metrics)
         self.engine.observer = self.metrics
@@ -63,13 +65,11 @@ class WorkerApp:
         self.redis = connect(settings.redis_url)
         self.registry = WorkerRegistry(self.redis)
         self.publisher = KVEventPublisher(self.redis, settings.worker_id)
-        self.servicer = WorkerServicer(self.engine, self.metrics, settings.internal_token)
+        self.servicer = WorkerServicer(self.engine, self.metrics, self.security)
         self.server: GrpcServer | None = None
         self.http: HttpServer | None = None
         self.http_port = 0
-        self.channels = ChannelServer(
-            {SERVE_CHANNEL: lambda conn: ServeStream(self.servicer, conn)}, settings.internal_token
-        )
+        self.channels = ChannelServer({SERVE_CHANNEL: lambda conn: ServeStream(self.servicer, conn)}, self.security)
         self.data_port = 0
         self.heartbeat: Heartbeat | None = None
         self.metrics_port = 0
@@ -88,7 +88,8 @@ class WorkerApp:
             settings.grpc_port,
             [(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer)],
             [SERVICE_NAME],
-            settings.internal_token,
+            self.security,
+            settings.health_port,
         )
         self.data_port = await self.channels.start(settings.host, settings.data_port)
         _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)

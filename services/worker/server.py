@@ -27,6 +27,7 @@ from shared.policies.placement import EMPTY, Topology, layer_report
 from shared.rpc.blocks import CorruptBlock, block_chunks, missing_chunk
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
+from shared.rpc.security import RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.logging import get_logger
@@ -55,12 +56,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self,
         engine: Engine,
         metrics: WorkerMetrics,
-        internal_token: str | None = None,
+        security: RpcSecurity,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, internal_token))
-        self.peers: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, internal_token))
+        self.kvstores: ClientPool[KVStoreClient] = ClientPool(lambda a: KVStoreClient(a, security))
+        self.peers: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, security))
 
     async def close(self) -> None:
         await self.kvstores.close()

@@ -11,6 +11,7 @@ wrong and how to fix it.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -73,6 +74,34 @@ class CommonSettings(BaseSettings):
         "SHOAL_INTERNAL_TOKEN",
         default=None,
         description="Shared bearer token required on internal gRPC calls. Unset: no token is checked.",
+    )
+    tls_dir: Path | None = common(
+        "SHOAL_TLS_DIR",
+        default=None,
+        description=(
+            "Folder with this service's certificate for internal gRPC and data channels (mutual TLS): ca.crt, "
+            "tls.crt, tls.key, the layout of a cert-manager Secret or of `shoal pki init`. Required unless "
+            "SHOAL_RPC_PLAINTEXT is set."
+        ),
+    )
+    rpc_plaintext: bool = common(
+        "SHOAL_RPC_PLAINTEXT",
+        default=False,
+        description=(
+            "Development setting: internal gRPC and data channels without TLS (no service identity is checked). "
+            "Each service warns about it at start."
+        ),
+    )
+    health_port: int | None = common(
+        "SHOAL_HEALTH_PORT",
+        default=None,
+        ge=0,
+        le=65535,
+        description=(
+            "Services serving gRPC (worker, kvstore): a plaintext port serving only gRPC health, for the kubelet's "
+            "gRPC probes (they cannot present a client certificate). Unset: none (health is on the mutual-TLS port "
+            "too)."
+        ),
     )
 
     @field_validator("redis_url")

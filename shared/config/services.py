@@ -386,6 +386,13 @@ class ControllerSettings(CommonSettings):
         ge=0,
         description="local actuator: most worker processes on this host; pools asking for more wait for room.",
     )
+    local_worker_tls_dir: Path | None = Field(
+        default=None,
+        description=(
+            "local actuator: the worker certificate folder (SHOAL_TLS_DIR) of the workers it starts. Unset: the "
+            "workers get none, so they start only with SHOAL_RPC_PLAINTEXT."
+        ),
+    )
 
     @field_validator("actuator")
     @classmethod

@@ -6,7 +6,9 @@ asyncio connection under 10. The router's request stream to each worker and
 KV bytes to and from the kvstore therefore run on data channels; gRPC keeps
 every control call. The wire format is in protos/shoal/v1/common.proto
 (`ChannelHello`): 4-byte little-endian lengths, a hello with the internal
-token first, then the channel's own messages.
+token first, then the channel's own messages. Connections run over mutual TLS
+with the same certificates and caller rules as gRPC (shared/rpc/security.py),
+or plaintext in development.
 
 `ChannelServer` serves named channels on one port: each accepted connection
 that says hello gets a `ChannelHandler` from the channel's factory, which
@@ -28,7 +30,8 @@ from typing import Protocol, TypeVar
 
 from google.protobuf.message import Message
 
-from shared.errors import Unauthenticated, Unavailable
+from shared.errors import ErrorCode, Unavailable, error_for
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2
 from shared.telemetry.logging import get_logger
 
@@ -208,6 +211,8 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
         self.close()
 
 
+_CODES = {code.value for code in ErrorCode}
+
 HandlerFactory = Callable[["ServerConnection"], ChannelHandler]
 
 
@@ -240,18 +245,24 @@ class ServerConnection(_Framer):
         if factory is None:
             self._refuse(f"unknown channel {hello.channel!r}; this server has {sorted(self.server.channels)}")
             return
-        token = self.server.token
+        security = self.server.security
+        assert self.transport is not None
+        refusal = security.refusal(self.transport.get_extra_info("peercert"))
+        if refusal is not None:
+            self._refuse(refusal, ErrorCode.PERMISSION_DENIED)
+            return
+        token = security.token
         if token and not hmac.compare_digest(hello.token.encode(), token.encode()):
-            self._refuse("invalid internal token")
+            self._refuse("invalid internal token", ErrorCode.UNAUTHENTICATED)
             return
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         self.handler = factory(self)
         self.send(common_pb2.ChannelHello(channel=hello.channel).SerializeToString())
 
-    def _refuse(self, error: str) -> None:
+    def _refuse(self, error: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> None:
         log.warning("data channel refused", reason=error)
-        self.send(common_pb2.ChannelHello(error=error).SerializeToString())
+        self.send(common_pb2.ChannelHello(error=error, code=code.value).SerializeToString())
         self.close_after_reply()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -266,16 +277,18 @@ class ServerConnection(_Framer):
 class ChannelServer:
     """Serves named channels on one TCP port (the service's data port)."""
 
-    def __init__(self, channels: Mapping[str, HandlerFactory], token: str | None = None) -> None:
+    def __init__(self, channels: Mapping[str, HandlerFactory], security: RpcSecurity) -> None:
         self.channels = dict(channels)
-        self.token = token
+        self.security = security
         self.connections: set[ServerConnection] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         """Listen (port 0 picks a free one); returns the port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: ServerConnection(self), host, port, backlog=1024)
+        self._server = await loop.create_server(
+            lambda: ServerConnection(self), host, port, backlog=1024, ssl=self.security.server_ssl
+        )
         bound: int = self._server.sockets[0].getsockname()[1]
         return bound
 
@@ -313,8 +326,8 @@ class ClientConnection(_Framer):
             return
         hello = parse(common_pb2.ChannelHello(), payload)
         if hello.error:
-            error = Unauthenticated if "token" in hello.error else Unavailable
-            self.ready.set_exception(error(f"data channel {self.channel!r} refused: {hello.error}"))
+            code = ErrorCode(hello.code) if hello.code in _CODES else ErrorCode.UNAVAILABLE
+            self.ready.set_exception(error_for(code, f"data channel {self.channel!r} refused: {hello.error}"))
             self.close()
             return
         self.ready.set_result(None)
@@ -329,18 +342,24 @@ class ClientConnection(_Framer):
 async def connect(
     address: str,
     channel: str,
-    token: str | None,
+    peer: Role,
+    security: RpcSecurity,
     on_frame: Callable[[memoryview | bytearray], None],
     on_closed: Callable[[], None],
     timeout_s: float = HELLO_TIMEOUT_S,
 ) -> ClientConnection:
-    """Open a channel to `address` ("host:port") and wait for the server's hello."""
+    """Open a channel to the `peer` service at `address` ("host:port") and wait for the server's hello."""
+    context = security.client_ssl
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s):
             _transport, conn = await loop.create_connection(
-                lambda: ClientConnection(channel, token, on_frame, on_closed), host, int(port)
+                lambda: ClientConnection(channel, security.token, on_frame, on_closed),
+                host,
+                int(port),
+                ssl=context,
+                server_hostname=peer.identity if context is not None else None,
             )
             await conn.ready
     except (OSError, TimeoutError) as exc:

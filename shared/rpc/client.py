@@ -1,6 +1,7 @@
-"""gRPC client channels: retries on UNAVAILABLE, tracing, the shared token.
+"""gRPC client channels: mutual TLS, retries on UNAVAILABLE, tracing, the shared token.
 
-Every channel retries a call that failed with UNAVAILABLE before the server
+Every channel checks that the peer holds the certificate of the service it
+means to reach (shared/rpc/security.py), retries a call that failed with UNAVAILABLE before the server
 answered (so a call is never run twice), propagates the trace context, and
 adds the internal token when one is configured. Channels carry no default
 deadline: callers pass `timeout=` on every call (the client helpers in this
@@ -14,6 +15,7 @@ import json
 from grpc import aio
 
 from shared.rpc.auth import token_client_interceptors
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.server import MAX_MESSAGE_BYTES
 from shared.telemetry.tracing import grpc_client_interceptors
 
@@ -49,9 +51,9 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str, token: str | None = None) -> aio.Channel:
-    """An asyncio channel to `address` ("host:port"). Close it when done."""
+def open_channel(address: str, peer: Role, security: RpcSecurity) -> aio.Channel:
+    """An asyncio channel to the `peer` service at `address` ("host:port"). Close it when done."""
     interceptors: list[aio.ClientInterceptor] = list(grpc_client_interceptors())
-    if token:
-        interceptors.extend(token_client_interceptors(token))
-    return aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    if security.token:
+        interceptors.extend(token_client_interceptors(security.token))
+    return security.grpc_channel(address, peer, CHANNEL_OPTIONS, interceptors)

@@ -20,6 +20,7 @@ from shared.errors import DeadlineExceeded, ErrorCode, Unavailable, error_for
 from shared.hashing import BlockHash
 from shared.rpc.blocks import CorruptBlock
 from shared.rpc.channel import ClientConnection, connect, parse
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, kvstore_pb2
 from shared.types.kv import KVBlock, checksum
 
@@ -36,8 +37,8 @@ class _Exchange:
         self._expect = 0
         self._done: asyncio.Future[kvstore_pb2.KVChannelReply] | None = None
 
-    async def open(self, address: str, token: str | None) -> None:
-        self.conn = await connect(address, CHANNEL, token, self._frame, self._lost)
+    async def open(self, address: str, security: RpcSecurity) -> None:
+        self.conn = await connect(address, CHANNEL, Role.KVSTORE, security, self._frame, self._lost)
 
     def _frame(self, payload: memoryview | bytearray) -> None:
         if self._done is None or self._done.done():
@@ -84,9 +85,9 @@ class _Exchange:
 
 
 class KVChannelClient:
-    def __init__(self, address: str, token: str | None = None, connections: int = 4) -> None:
+    def __init__(self, address: str, security: RpcSecurity, connections: int = 4) -> None:
         self.address = address
-        self.token = token
+        self.security = security
         self._idle: list[_Exchange] = []
         self._slots = asyncio.Semaphore(connections)
 
@@ -97,7 +98,7 @@ class KVChannelClient:
             exchange = self._idle.pop() if self._idle else None
             if exchange is None or not exchange.usable:
                 exchange = _Exchange()
-                await exchange.open(self.address, self.token)
+                await exchange.open(self.address, self.security)
             try:
                 result = await exchange.call(request, payloads, timeout_s)
             except BaseException:

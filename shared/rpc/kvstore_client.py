@@ -27,6 +27,7 @@ from shared.rpc.blocks import BlockAssembler, CorruptBlock, block_chunks
 from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
 from shared.rpc.errors import from_rpc_error
 from shared.rpc.kvchannel import KVChannelClient
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from shared.telemetry.logging import get_logger
 from shared.telemetry.tracing import tracer
@@ -68,16 +69,16 @@ class KVStoreClient:
     def __init__(
         self,
         address: str,
-        token: str | None = None,
+        security: RpcSecurity,
         timeout_s: float = 10.0,
         local: bool = True,
         data_channel: bool = True,
     ) -> None:
         self.address = address
-        self.token = token
+        self.security = security
         self._want_data = data_channel
         self.timeout_s = timeout_s
-        self._channel = open_channel(address, token)
+        self._channel = open_channel(address, Role.KVSTORE, security)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
         self._want_local = local
         self._decided = False
@@ -109,7 +110,7 @@ class KVStoreClient:
             return  # decided on a later call, once the store answers
         self._decided = True
         if stats.data_address and self._want_data:
-            self._data = KVChannelClient(stats.data_address, self.token)
+            self._data = KVChannelClient(stats.data_address, self.security)
         info = stats.local
         if self._want_local and info.arena_path and info.arena_id != self._failed_arena:
             try:

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from shared.errors import DeadlineExceeded, ShoalError, Unavailable
 from shared.rpc.channel import ClientConnection, connect, parse
 from shared.rpc.errors import from_stream_error
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.telemetry.logging import get_logger
 
@@ -106,13 +107,13 @@ class ServeSession:
     def __init__(
         self,
         address: str,
-        token: str | None = None,
+        security: RpcSecurity,
         stall_s: float = DEFAULT_STALL_S,
         on_stall: Callable[[], None] | None = None,
     ) -> None:
         # The worker's data address (host:port of its data channels).
         self.address = address
-        self.token = token
+        self.security = security
         self.stall_s = stall_s
         self.on_stall = on_stall
         self._streams: dict[str, RequestStream] = {}
@@ -175,7 +176,7 @@ class ServeSession:
 
     async def _connect(self) -> None:
         try:
-            conn = await connect(self.address, CHANNEL, self.token, self._received, self._lost)
+            conn = await connect(self.address, CHANNEL, Role.WORKER, self.security, self._received, self._lost)
         except ShoalError as exc:
             self._connecting = None
             self._break(exc if exc.retryable else Unavailable(exc.message))

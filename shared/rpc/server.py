@@ -1,8 +1,11 @@
 """gRPC server bootstrap shared by every service.
 
-`GrpcServer.create` builds an asyncio gRPC server with, in order, tracing,
-token auth (when a token is set) and error mapping interceptors, plus the
-standard health (`grpc.health.v1`) and reflection services. `run_until_signal`
+`GrpcServer.create` builds an asyncio gRPC server on a mutual-TLS port (or a
+plaintext one in development, shared/rpc/security.py) with, in order, tracing,
+caller identity, token auth (when a token is set) and error mapping
+interceptors, plus the standard health (`grpc.health.v1`) and reflection
+services. With a health port it also serves health alone in plaintext there,
+for the kubelet's gRPC probes. `run_until_signal`
 serves until SIGTERM or SIGINT, then marks health NOT_SERVING, runs the
 service's own shutdown hook (drain, deregister) and stops with a grace period.
 """
@@ -22,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from shared.errors import Unavailable
 from shared.rpc.auth import TokenAuthInterceptor
 from shared.rpc.errors import ErrorInterceptor
+from shared.rpc.security import RpcSecurity
 from shared.telemetry.logging import get_logger
 from shared.telemetry.tracing import grpc_server_interceptors, shutdown_tracing
 
@@ -48,6 +52,8 @@ class GrpcServer:
     port: int
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
+    health_server: aio.Server | None = None
+    health_port: int | None = None
 
     @classmethod
     async def create(
@@ -56,12 +62,13 @@ class GrpcServer:
         port: int,
         services: Sequence[Registration],
         service_names: Sequence[str],
-        internal_token: str | None = None,
+        security: RpcSecurity,
+        health_port: int | None = None,
     ) -> GrpcServer:
         """Bind (port 0 picks a free port) and start serving."""
-        interceptors: list[aio.ServerInterceptor] = list(grpc_server_interceptors())
-        if internal_token:
-            interceptors.append(TokenAuthInterceptor(internal_token))
+        interceptors: list[aio.ServerInterceptor] = [*grpc_server_interceptors(), *security.server_interceptors()]
+        if security.token:
+            interceptors.append(TokenAuthInterceptor(security.token))
         interceptors.append(ErrorInterceptor())
         server = aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         for add, servicer in services:
@@ -70,14 +77,24 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = tuple(service_names)
         reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        bound = server.add_insecure_port(f"{host}:{port}")
-        if bound == 0:
-            raise Unavailable(f"cannot bind gRPC server to {host}:{port}: address in use or not available")
+        bound = _bind(server, f"{host}:{port}", security.add_port)
         await server.start()
+        probes = None
+        if health_port is not None:
+            probes = aio.server(options=SERVER_OPTIONS)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+            health_port = _bind(probes, f"{host}:{health_port}", lambda s, a: s.add_insecure_port(a))
+            await probes.start()
         for name in ("", *names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("grpc server listening", address=f"{host}:{bound}", services=",".join(names))
-        return cls(server, bound, health_servicer, names)
+        log.info(
+            "grpc server listening",
+            address=f"{host}:{bound}",
+            tls=security.tls is not None,
+            health_port=health_port,
+            services=",".join(names),
+        )
+        return cls(server, bound, health_servicer, names, probes, health_port)
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -87,6 +104,15 @@ class GrpcServer:
     async def stop(self, grace_s: float) -> None:
         await self.set_serving(False)
         await self.server.stop(grace_s)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+
+
+def _bind(server: aio.Server, address: str, add: Callable[[aio.Server, str], int]) -> int:
+    bound = add(server, address)
+    if bound == 0:
+        raise Unavailable(f"cannot bind gRPC server to {address}: address in use or not available")
+    return bound
 
 
 def stop_event_on_signals() -> asyncio.Event:
@@ -119,6 +145,6 @@ async def run_until_signal(
             await asyncio.wait_for(on_shutdown(), timeout=grace_s)
         except TimeoutError:
             log.warning("shutdown hook did not finish in time", grace_s=grace_s)
-    await server.server.stop(grace_s)
+    await server.stop(grace_s)
     shutdown_tracing()
     log.info("stopped")

@@ -18,6 +18,7 @@ from shared.hashing import BlockHash
 from shared.rpc.blocks import BlockAssembler
 from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
 from shared.rpc.errors import from_rpc_error
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 from shared.types.kv import KVBlock
 
@@ -26,9 +27,9 @@ MIGRATION_TIMEOUT_S = 300.0
 
 
 class WorkerClient:
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(self, address: str, security: RpcSecurity) -> None:
         self.address = address
-        self._channel = open_channel(address, token)
+        self._channel = open_channel(address, Role.WORKER, security)
         self.stub = worker_pb2_grpc.WorkerStub(self._channel)
 
     async def close(self) -> None:
@@ -138,13 +139,13 @@ class WorkerClient:
 
 
 def drain_blocking(
-    address: str, wait_s: float, token: str | None = None, resume: bool = False
+    address: str, wait_s: float, security: RpcSecurity, resume: bool = False
 ) -> worker_pb2.DrainResponse:
     """Drain (or with `resume`, undo a drain) from synchronous code (Celery tasks): one call, its own channel."""
     import grpc as sync_grpc
 
-    metadata = [("authorization", f"Bearer {token}")] if token else None
-    with sync_grpc.insecure_channel(address) as channel:
+    metadata = [("authorization", f"Bearer {security.token}")] if security.token else None
+    with security.blocking_channel(address, Role.WORKER) as channel:
         try:
             response: worker_pb2.DrainResponse = worker_pb2_grpc.WorkerStub(channel).Drain(
                 worker_pb2.DrainRequest(wait_s=wait_s, resume=resume),

@@ -20,6 +20,7 @@ from cli.main import app
 from cli.supervisor import Supervisor
 from shared.processes import free_port
 from shared.rpc.kvstore_client import KVStoreClient
+from shared.rpc.security import Role
 from tests.e2e.conftest import local_stack
 from tests.support.models import TINY_MODEL_NAME
 
@@ -56,6 +57,7 @@ def second_router(running: tuple[Endpoints, Supervisor], model: Path, preset: st
         **os.environ,
         "SHOAL_REDIS_URL": endpoints.redis_url,
         "SHOAL_INTERNAL_TOKEN": endpoints.internal_token,
+        **endpoints.tls_env(Role.ROUTER),
         "SHOAL_ROUTER_HTTP_PORT": str(port),
         "SHOAL_ROUTER_ROUTING_PRESET": preset,
         "SHOAL_LOG_LEVEL": "WARNING",
@@ -109,7 +111,7 @@ async def test_a_graph_of_llm_tool_and_retrieval_steps_runs_end_to_end(stack: En
     listed = await asyncio.to_thread(CliRunner().invoke, app, ["catalogue"], env=env)
     assert listed.exit_code == 0 and "decode" in listed.output
     # The graph has a tool step: the router copied its LLM steps' prefixes to the kvstore, pinned.
-    kvstore = KVStoreClient(stack.kvstore, stack.internal_token, local=False)
+    kvstore = KVStoreClient(stack.kvstore, stack.security(Role.WORKER), local=False)
     try:
         for _ in range(100):
             if (await kvstore.stats()).pinned_blocks > 0:

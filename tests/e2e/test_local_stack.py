@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 
 from cli.localstack import Endpoints
 from cli.supervisor import Supervisor
+from shared.rpc.security import Role
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.e2e.conftest import local_stack, worker_pid
@@ -56,7 +57,7 @@ async def test_pd_output_equals_colocated_through_processes(pd_stack: Endpoints,
     assert response.status_code == 200
     assert 'shoal_router_pd_total{outcome="disaggregated"} 1.0' in metrics
     decode = WorkerClient(
-        next(a for w, a in pd_stack.workers.items() if w.startswith("decode-")), pd_stack.internal_token
+        next(a for w, a in pd_stack.workers.items() if w.startswith("decode-")), pd_stack.security(Role.CONTROLLER)
     )
     colocated = [
         t
@@ -97,7 +98,7 @@ async def test_a_killed_worker_process_is_resumed_mid_stream(sim_stack: tuple[En
             finish = chunk.choices[0].finish_reason
         if pieces == 5:
             for worker_id, address in endpoints.workers.items():
-                client = WorkerClient(address, endpoints.internal_token)
+                client = WorkerClient(address, endpoints.security(Role.CONTROLLER))
                 busy = (await client.get_load()).running_requests
                 await client.close()
                 if busy:
@@ -123,7 +124,7 @@ async def test_a_disconnecting_client_aborts_on_the_worker(sim_stack: tuple[Endp
     for _ in range(100):
         loads = []
         for address in endpoints.workers.values():
-            client = WorkerClient(address, endpoints.internal_token)
+            client = WorkerClient(address, endpoints.security(Role.CONTROLLER))
             loads.append((await client.get_load()).running_requests)
             await client.close()
         running = sum(loads)

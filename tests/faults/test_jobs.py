@@ -18,6 +18,7 @@ from tests.integration.controller.test_jobs import (
     stream_completion,
     until,
 )
+from tests.support.pki import as_controller
 from tests.support.services import RunningController, running_controller, running_router, running_worker
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ SLOW = {"engine": EngineKind.SIM, "sim_speedup": 0.05, "heartbeat_interval_s": 0
 
 async def _admits(address: str) -> bool:
     """The worker takes a new request (a draining one refuses it at once)."""
-    client = WorkerClient(address)
+    client = WorkerClient(address, as_controller())
     request = worker_pb2.GenerateRequest(
         request_id=f"probe-{asyncio.get_running_loop().time()}",
         model=MODEL,

@@ -23,10 +23,12 @@ from cli.localstack import Endpoints, grpc_ready, local_stack
 from cli.supervisor import Supervisor
 from shared.processes import ManagedProcess, free_port, spawn
 from shared.rpc.kvstore_client import KVStoreClient
+from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, kvstore_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.blocks import blocks
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.pki import as_worker, tls_dir
 from tests.support.services import running_kvstore
 
 MODEL = TINY_MODEL_NAME
@@ -53,10 +55,10 @@ async def _complete(http: httpx.AsyncClient, index: int) -> str:
     return str(response.json()["choices"][0]["text"])
 
 
-async def _uninterrupted(address: str, token: str, indices: range) -> dict[int, str]:
+async def _uninterrupted(address: str, security: RpcSecurity, indices: range) -> dict[int, str]:
     """Each prompt's text computed whole on one worker, without the router, the kvstore or a hand-off
     (the decode pool's cache stays cold, so the run under test hands every prompt off)."""
-    worker = WorkerClient(address, token)
+    worker = WorkerClient(address, security)
 
     async def one(index: int) -> tuple[int, str]:
         request = worker_pb2.GenerateRequest(
@@ -103,7 +105,7 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
     endpoints, supervisor = pd_stack
     total = CLIENTS * PER_CLIENT
     prefill = next(a for w, a in endpoints.workers.items() if w.startswith("prefill-"))
-    expected = await _uninterrupted(prefill, endpoints.internal_token, range(total + AFTER_RESTART))
+    expected = await _uninterrupted(prefill, endpoints.security(Role.CONTROLLER), range(total + AFTER_RESTART))
 
     fault = asyncio.Event()
     killed: list[int] = []
@@ -132,7 +134,7 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
         await asyncio.to_thread(supervisor.restart, "kvstore")
         # The killed store's arena (memory in /dev/shm) was reclaimed by its successor.
         assert not [name for name in os.listdir("/dev/shm") if name.endswith(f"-{killed[0]}.arena")]
-        store = KVStoreClient(endpoints.kvstore, endpoints.internal_token)
+        store = KVStoreClient(endpoints.kvstore, endpoints.security(Role.WORKER))
         try:
             for index in range(total, total + AFTER_RESTART):
                 assert await _complete(http, index) == expected[index]
@@ -156,10 +158,11 @@ def _kvstore_process(redis_url: str, port: int, disk: Path, memory_bytes: int) -
         "SHOAL_KVSTORE_MAX_BLOCK_BYTES": str(64 * 1024),
         "SHOAL_KVSTORE_DISK_PATH": str(disk),
         "SHOAL_KVSTORE_DISK_BYTES": str(256 * 2**20),
+        "SHOAL_TLS_DIR": str(tls_dir(Role.KVSTORE)),
     }
     process = spawn("kvstore", [sys.executable, "-m", "services.kvstore"], env)
     for _ in range(600):
-        if grpc_ready(f"127.0.0.1:{port}", "shoal.v1.KVStore"):
+        if grpc_ready(f"127.0.0.1:{port}", "shoal.v1.KVStore", as_worker(), Role.KVSTORE):
             return process
         assert process.alive(), "the kvstore exited while starting"
         time.sleep(0.1)
@@ -183,7 +186,7 @@ async def test_a_restart_over_thousands_of_disk_blocks_serves_them_intact(redis_
     saved = blocks(3000)  # 4 KiB each; memory holds a few hundred, the rest spill
     first = _kvstore_process(redis_url, port, disk, memory_bytes=2**20)
     try:
-        client = KVStoreClient(f"127.0.0.1:{port}")
+        client = KVStoreClient(f"127.0.0.1:{port}", as_worker())
         for start in range(0, len(saved), 200):
             assert (await client.put(saved[start : start + 200])).stored == 200
         on_disk = (await _disk_stats(client)).blocks
@@ -199,7 +202,7 @@ async def test_a_restart_over_thousands_of_disk_blocks_serves_them_intact(redis_
 
     second = _kvstore_process(redis_url, port, disk, memory_bytes=2**20)
     try:
-        client = KVStoreClient(f"127.0.0.1:{port}")
+        client = KVStoreClient(f"127.0.0.1:{port}", as_worker())
         stats = await _disk_stats(client)
         assert stats.blocks == on_disk
         by_hash = {b.hash: b for b in saved}
@@ -243,7 +246,7 @@ async def test_a_full_disk_drops_spills_without_errors_or_temporary_files(redis_
     settings = {"memory_bytes": 2**20, "max_block_bytes": 64 * 1024, "disk_path": small_disk, "disk_bytes": 64 * 2**20}
     saved = blocks(1200)  # ~5 MiB: memory and disk together cannot hold them
     async with running_kvstore(redis_url, **settings) as app:
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         for start in range(0, len(saved), 100):
             result = await client.put(saved[start : start + 100])  # never INTERNAL: a full disk is no error
             assert result.stored == 100

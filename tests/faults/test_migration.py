@@ -23,6 +23,7 @@ from shared.errors import Unavailable
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.integration.controller.test_expert_migration import PROMPTS, expected, greedy, swapped_plan
+from tests.support.pki import as_controller
 from tests.support.services import ep_joiner, ep_worker_processes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -42,8 +43,8 @@ async def test_a_commit_whose_reply_is_lost_is_recorded_as_committed(
     redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-lost") as (address, _):
-        client = WorkerClient(address)
-        lossy = LostCommitReply(address)
+        client = WorkerClient(address, as_controller())
+        lossy = LostCommitReply(address, as_controller())
         try:
             before = await client.expert_stats()
             jobs = JobStore(redis)
@@ -66,7 +67,7 @@ async def test_a_rank_that_cannot_stage_rolls_the_migration_back_instead_of_hang
     shutil.copytree(tiny_model, follower_model)
     with ep_worker_processes(redis_url, tiny_model, 2, "ep-oom", rank_models={1: follower_model}) as (address, _):
         (follower_model / "model.safetensors").unlink()  # rank 1's disk loses the checkpoint it serves from
-        client = WorkerClient(address)
+        client = WorkerClient(address, as_controller())
         try:
             before = await client.expert_stats()
             jobs = JobStore(redis)
@@ -97,7 +98,7 @@ class Recording(WorkerClient):
     """Records the calls that change the instance."""
 
     def __init__(self, address: str) -> None:
-        super().__init__(address)
+        super().__init__(address, as_controller())
         self.changes: list[str] = []
 
     async def stage_experts(self, request: worker_pb2.StageExpertsRequest) -> worker_pb2.StageExpertsResponse:
@@ -129,7 +130,7 @@ async def _finished_by_the_next(jobs: JobStore, job_id: str, address: str) -> Jo
     """Once the first runner's lease has lapsed, what the resubmitted task runs; it must succeed."""
     lapse = (await jobs.get(job_id)).lease_until - time.time()
     await asyncio.sleep(max(0.0, lapse) + 0.1)
-    final = await run_migration(job_id, jobs, address, None)
+    final = await run_migration(job_id, jobs, address, as_controller())
     assert final.state is JobState.SUCCEEDED, final.message
     return final
 
@@ -138,8 +139,8 @@ async def test_a_runner_killed_between_stage_and_commit_is_finished_by_the_next(
     redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-killed") as (address, _):
-        client = WorkerClient(address)
-        dying = DiesAtCommit(address)
+        client = WorkerClient(address, as_controller())
+        dying = DiesAtCommit(address, as_controller())
         try:
             before = await client.expert_stats()
             jobs, first = await _claimed(redis, {"address": address, "plan": swapped_plan(before)})
@@ -160,7 +161,7 @@ async def test_a_runner_that_lost_its_lease_changes_nothing_when_it_wakes(
     redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-stalled") as (address, _):
-        client = WorkerClient(address)
+        client = WorkerClient(address, as_controller())
         stale = Recording(address)
         try:
             before = await client.expert_stats()
@@ -183,8 +184,8 @@ async def test_a_runner_killed_after_a_rank_joined_is_finished_by_the_next(
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-grow") as (address, _):
         master, joiner = ep_joiner(redis_url, tiny_model, 3, "ep-grow")
-        client = WorkerClient(address)
-        dying = DiesAtStage(address)
+        client = WorkerClient(address, as_controller())
+        dying = DiesAtStage(address, as_controller())
         try:
             params = {"address": address, "resize": {"ranks": 3, "master": master}, "source": "checkpoint"}
             jobs, first = await _claimed(redis, params)

@@ -20,6 +20,7 @@ import pytest
 from cli.localstack import Endpoints, local_stack
 from cli.supervisor import Supervisor
 from shared.config import EngineKind
+from shared.rpc.security import Role
 from shared.rpc.worker_client import WorkerClient
 from tests.e2e.conftest import worker_pid
 from tests.support.models import TINY_MODEL_NAME
@@ -78,7 +79,7 @@ async def test_a_stalled_worker_is_found_and_its_stream_resumes_elsewhere(
         if pieces != 5:
             return
         for worker_id, address in endpoints.workers.items():
-            client = WorkerClient(address, endpoints.internal_token)
+            client = WorkerClient(address, endpoints.security(Role.CONTROLLER))
             busy = (await client.get_load()).running_requests
             await client.close()
             if busy:

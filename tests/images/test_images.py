@@ -30,7 +30,7 @@ ADMIN_TOKEN = secrets.token_hex(16)
 API_KEY = f"sk-{secrets.token_hex(16)}"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
 HEALTH_CHECKED = ["redis", "kvstore", "worker-prefill", "worker-decode", "worker-b", "controller", "router"]
-SERVICES = [*HEALTH_CHECKED, "celery"]
+SERVICES = [*HEALTH_CHECKED, "celery", "pki"]
 DEV_TOOLS = ["pytest", "mypy", "ruff", "schemathesis", "hypothesis", "grpc_tools"]
 
 

@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from shared.config import EngineKind
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.tracing import setup_tracing
+from tests.support.pki import as_controller
 from tests.support.services import running_worker
 
 pytestmark = pytest.mark.integration
@@ -21,7 +22,7 @@ async def test_worker_span_is_a_child_of_the_callers_span(redis_url: str, tiny_m
     exporter = InMemorySpanExporter()
     setup_tracing("test", None, [SimpleSpanProcessor(exporter)])
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         with trace.get_tracer("router").start_as_current_span("route request") as root:
             await client.get_load()
         await client.close()

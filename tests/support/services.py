@@ -24,7 +24,9 @@ from services.worker.app import WorkerApp
 from shared.config import ControllerSettings, KVStoreSettings, RouterSettings, WorkerSettings, load_settings
 from shared.config.base import Environment
 from shared.processes import ManagedProcess, free_port, spawn, wait_for_port
+from shared.rpc.security import Role
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.pki import tls_dir
 
 
 def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
@@ -40,6 +42,7 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
         "device": "cpu",
         # Several engines share this process: one math thread each keeps them from starving one another.
         "compute_threads": 1,
+        "tls_dir": tls_dir(Role.WORKER),
     }
     return load_settings(WorkerSettings, **{**defaults, **overrides})
 
@@ -61,6 +64,7 @@ def kvstore_settings(redis_url: str, **overrides: Any) -> KVStoreSettings:
         "metrics_port": 0,
         "memory_bytes": 64 * 2**20,
         "max_block_bytes": 4 * 2**20,
+        "tls_dir": tls_dir(Role.KVSTORE),
     }
     return load_settings(KVStoreSettings, **{**defaults, **overrides})
 
@@ -82,6 +86,7 @@ def router_settings(redis_url: str, model_path: Path, **overrides: Any) -> Route
         "models": [f"{TINY_MODEL_NAME}={model_path}"],
         "http_port": 0,
         "env": Environment.DEV,
+        "tls_dir": tls_dir(Role.ROUTER),
     }
     return load_settings(RouterSettings, **{**defaults, **overrides})
 
@@ -133,6 +138,8 @@ def controller_settings(redis_url: str, **overrides: Any) -> ControllerSettings:
         "http_port": 0,
         "admin_tokens": [f"{ADMIN}:admin", f"{OPERATOR}:operator", f"{VIEWER}:viewer"],
         "reconcile_interval_s": 0.5,
+        "tls_dir": tls_dir(Role.CONTROLLER),
+        "local_worker_tls_dir": tls_dir(Role.WORKER),
     }
     return load_settings(ControllerSettings, **{**defaults, **overrides})
 
@@ -152,11 +159,11 @@ def in_process_jobs(app_ref: list[ControllerApp]) -> Any:
 
     def submit(job: Job) -> None:
         app = app_ref[0]
-        token = app.settings.internal_token
+        security = app.security
         task = asyncio.create_task(
-            run_migration(job.id, app.jobs, str(job.params["address"]), token)
+            run_migration(job.id, app.jobs, str(job.params["address"]), security)
             if job.kind == MIGRATE
-            else run_scale_down(job.id, app.jobs, app.registry, app.desired, app.actuator, token)
+            else run_scale_down(job.id, app.jobs, app.registry, app.desired, app.actuator, security)
         )
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -191,6 +198,7 @@ def _ep_env(redis_url: str, model_path: Path, worker_id: str, ranks: int, master
         "SHOAL_WORKER_EP_SIZE": str(ranks),
         "SHOAL_WORKER_EP_MASTER": f"127.0.0.1:{master}",
         "SHOAL_LOG_LEVEL": "WARNING",
+        "SHOAL_TLS_DIR": str(tls_dir(Role.WORKER)),
     }
 
 

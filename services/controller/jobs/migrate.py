@@ -36,6 +36,7 @@ import numpy as np
 from services.controller.jobs.store import Job, JobState, JobStore, LostLease, runner_name
 from shared.errors import FailedPrecondition, ShoalError, Unavailable
 from shared.policies.placement import PLACEMENT_POLICIES, Topology, balance_of, vacate_last_rank
+from shared.rpc.security import RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from shared.telemetry.logging import get_logger
@@ -89,11 +90,11 @@ def _target(plan: dict[str, Any]) -> common_pb2.ExpertMap:
     )
 
 
-async def run_migration(job_id: str, jobs: JobStore, address: str, token: str | None) -> Job:
+async def run_migration(job_id: str, jobs: JobStore, address: str, security: RpcSecurity) -> Job:
     job = await jobs.claim(job_id, runner_name())
     if job is None:
         return await jobs.get(job_id)  # finished, or a live runner has it
-    client = WorkerClient(address, token)
+    client = WorkerClient(address, security)
     try:
         async with jobs.leased(job):
             return await migrate_with(job, jobs, client)

@@ -16,6 +16,7 @@ from services.controller.actuators.base import Actuator
 from services.controller.desired import DesiredState
 from services.controller.jobs.store import Job, JobState, JobStore, runner_name
 from shared.errors import NotFound, ShoalError
+from shared.rpc.security import RpcSecurity
 from shared.rpc.worker_client import drain_blocking
 from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
@@ -26,27 +27,32 @@ DRAIN_STEP_S = 2.0
 GONE_TIMEOUT_S = 120.0
 
 
-async def _serve_again(registry: WorkerRegistry, worker_id: str, address: str, token: str | None) -> None:
+async def _serve_again(registry: WorkerRegistry, worker_id: str, address: str, security: RpcSecurity) -> None:
     """Undo the job's cordon and drain: the worker admits requests and routers send them again."""
     try:
-        await asyncio.to_thread(drain_blocking, address, 0.0, token, True)
+        await asyncio.to_thread(drain_blocking, address, 0.0, security, True)
     except ShoalError as exc:
         log.warning("could not tell the worker to admit again; it may be gone", worker_id=worker_id, error=exc.message)
     await registry.set_cordoned(worker_id, False)
 
 
 async def run_scale_down(
-    job_id: str, jobs: JobStore, registry: WorkerRegistry, desired: DesiredState, actuator: Actuator, token: str | None
+    job_id: str,
+    jobs: JobStore,
+    registry: WorkerRegistry,
+    desired: DesiredState,
+    actuator: Actuator,
+    security: RpcSecurity,
 ) -> Job:
     job = await jobs.claim(job_id, runner_name())
     if job is None:
         return await jobs.get(job_id)  # finished, or a live runner has it
     async with jobs.leased(job):
-        return await _scale_down(job, jobs, registry, desired, actuator, token)
+        return await _scale_down(job, jobs, registry, desired, actuator, security)
 
 
 async def _scale_down(
-    job: Job, jobs: JobStore, registry: WorkerRegistry, desired: DesiredState, actuator: Actuator, token: str | None
+    job: Job, jobs: JobStore, registry: WorkerRegistry, desired: DesiredState, actuator: Actuator, security: RpcSecurity
 ) -> Job:
     worker_id = str(job.params["worker_id"])
     try:
@@ -61,12 +67,12 @@ async def _scale_down(
         while record is not None:
             job = await jobs.update(job)
             if job.cancel_requested:
-                await _serve_again(registry, worker_id, record.info.address, token)
+                await _serve_again(registry, worker_id, record.info.address, security)
                 return await jobs.update(
                     job, state=JobState.CANCELLED, message="cancelled before the worker stopped; it serves again"
                 )
             try:
-                response = await asyncio.to_thread(drain_blocking, record.info.address, DRAIN_STEP_S, token)
+                response = await asyncio.to_thread(drain_blocking, record.info.address, DRAIN_STEP_S, security)
             except ShoalError as exc:
                 log.warning("drain call failed; the worker may be gone", worker_id=worker_id, error=exc.message)
                 record = await registry.get(worker_id)

@@ -17,6 +17,7 @@ from services.controller.jobs.migrate import MIGRATE, run_migration
 from services.controller.jobs.scale_down import run_scale_down
 from services.controller.jobs.store import Job, JobStore
 from shared.config import ControllerSettings, load_settings
+from shared.rpc.security import Role, RpcSecurity
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 
@@ -35,12 +36,17 @@ def _run(body: Callable[[ControllerSettings, Redis, JobStore], Awaitable[Job]]) 
     return asyncio.run(run())
 
 
+def _security(settings: ControllerSettings) -> RpcSecurity:
+    # Jobs act for the controller: they hold its certificate and reach workers as it does.
+    return RpcSecurity.from_settings(settings, Role.CONTROLLER)
+
+
 @celery_app.task(name="shoal.scale_down")  # type: ignore[untyped-decorator]
 def scale_down(job_id: str) -> str:
     async def body(settings: ControllerSettings, redis: Redis, jobs: JobStore) -> Job:
         actuator = make_actuator(settings, redis)
         registry, desired = WorkerRegistry(redis), DesiredState(redis)
-        return await run_scale_down(job_id, jobs, registry, desired, actuator, settings.internal_token)
+        return await run_scale_down(job_id, jobs, registry, desired, actuator, _security(settings))
 
     return _run(body)
 
@@ -49,7 +55,7 @@ def scale_down(job_id: str) -> str:
 def migrate_experts(job_id: str) -> str:
     async def body(settings: ControllerSettings, redis: Redis, jobs: JobStore) -> Job:
         address = str((await jobs.get(job_id)).params["address"])
-        return await run_migration(job_id, jobs, address, settings.internal_token)
+        return await run_migration(job_id, jobs, address, _security(settings))
 
     return _run(body)
 

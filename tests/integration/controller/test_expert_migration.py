@@ -23,6 +23,7 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.engines import collect, prompts, reference_engine, request
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.pki import as_controller
 from tests.support.services import (
     ADMIN,
     OPERATOR,
@@ -121,7 +122,7 @@ async def test_a_migration_under_load_loses_nothing_and_changes_no_output(
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-0") as (address, _):
         async with running_controller(redis_url) as front:
-            client = WorkerClient(address)
+            client = WorkerClient(address, as_controller())
             try:
                 before = await client.expert_stats()
                 assert before.expert_map.num_ranks == 2
@@ -191,8 +192,8 @@ async def test_a_failure_between_stage_and_commit_rolls_back(
     redis_url: str, tiny_model: Path, expected: list[list[int]], redis: Any
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-1") as (address, _):
-        client = WorkerClient(address)
-        failing = FailingCommit(address)
+        client = WorkerClient(address, as_controller())
+        failing = FailingCommit(address, as_controller())
         try:
             before = await client.expert_stats()
             jobs = JobStore(redis)
@@ -219,7 +220,7 @@ async def test_scheduled_rebalancing_records_balance_and_migrates(
     redis_url: str, tiny_model: Path, expected: list[list[int]]
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-sched") as (address, _):
-        client = WorkerClient(address)
+        client = WorkerClient(address, as_controller())
         load = Load(client, expected, clients=2)
         try:
             await asyncio.sleep(2.0)  # expert statistics to plan from
@@ -254,7 +255,7 @@ async def test_adding_a_rank_under_load_loses_nothing(
 ) -> None:
     with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-elastic") as (address, _):
         async with running_controller(redis_url) as front:
-            client = WorkerClient(address)
+            client = WorkerClient(address, as_controller())
             master, joiner = ep_joiner(redis_url, tiny_model, 3, "ep-elastic")
             http = httpx.AsyncClient(base_url=front.url, headers=front.headers(OPERATOR))
             resize = "/v1/workers/ep-elastic/experts/resize"
@@ -322,7 +323,7 @@ async def test_the_local_actuator_launches_and_stops_expert_parallel_instances(
             view = (await http.get(f"/v1/workers/{workers[0]['worker_id']}/experts")).json()
             assert view["expert_parallel"] and view["num_ranks"] == 2
             worker_id = workers[0]["worker_id"]
-            client = WorkerClient(workers[0]["address"])
+            client = WorkerClient(workers[0]["address"], as_controller())
             try:
                 assert await greedy(client, 0, "launched") == expected[0]
                 # Elastic: the launcher starts the third rank itself; later that rank leaves, and the

@@ -19,6 +19,8 @@ import pytest
 
 from shared.config import EngineKind
 from shared.processes import ManagedProcess, spawn
+from shared.rpc.security import Role
+from tests.support.pki import tls_dir
 from tests.support.services import ADMIN, RunningController, running_controller, running_router, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -106,7 +108,12 @@ async def busy_worker(front: RunningController) -> str:
 
 
 def celery_worker(redis_url: str, name: str) -> ManagedProcess:
-    env = {"SHOAL_REDIS_URL": redis_url, "SHOAL_LOG_LEVEL": "WARNING", "SHOAL_CONTROLLER_JOB_LEASE_S": "2"}
+    env = {
+        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_LOG_LEVEL": "WARNING",
+        "SHOAL_CONTROLLER_JOB_LEASE_S": "2",
+        "SHOAL_TLS_DIR": str(tls_dir(Role.CONTROLLER)),
+    }
     return spawn(name, [sys.executable, "-m", "services.controller.jobs"], env=env)
 
 

@@ -11,9 +11,11 @@ from shared.rpc.blocks import CorruptBlock
 from shared.rpc.channel import connect
 from shared.rpc.kvchannel import CHANNEL, KVChannelClient
 from shared.rpc.kvstore_client import KVStoreClient
+from shared.rpc.security import Role
 from shared.rpc.shoal.v1 import kvstore_pb2
 from shared.types.kv import KVBlock
 from tests.support.blocks import block, blocks
+from tests.support.pki import as_worker
 from tests.support.services import running_kvstore
 
 pytestmark = pytest.mark.integration
@@ -22,18 +24,18 @@ pytestmark = pytest.mark.integration
 async def test_a_wrong_token_is_refused(redis_url: str) -> None:
     async with running_kvstore(redis_url, internal_token="right-token") as app:
         data = app.servicer.data_address
-        channel = KVChannelClient(data, token="wrong-token")
+        channel = KVChannelClient(data, as_worker("wrong-token"))
         with pytest.raises(Unauthenticated, match="token"):
             await channel.get([block(1).hash], prefix_only=True, timeout_s=5)
         await channel.close()
-        good = KVChannelClient(data, token="right-token")
+        good = KVChannelClient(data, as_worker("right-token"))
         assert await good.get([block(1).hash], prefix_only=True, timeout_s=5) == []
         await good.close()
 
 
 async def test_a_corrupt_payload_is_refused_and_the_connection_stays_usable(redis_url: str) -> None:
     async with running_kvstore(redis_url) as app:
-        channel = KVChannelClient(app.servicer.data_address, connections=1)
+        channel = KVChannelClient(app.servicer.data_address, as_worker(), connections=1)
         good = block(2, size=300_000)
         damaged = KVBlock(good.hash, good.header, good.payload[:-1] + b"\x00", good.checksum())  # stale checksum
         with pytest.raises(InvalidArgument, match="checksum"):
@@ -46,7 +48,7 @@ async def test_a_corrupt_payload_is_refused_and_the_connection_stays_usable(redi
 
 async def test_an_oversized_block_is_refused_before_its_bytes(redis_url: str) -> None:
     async with running_kvstore(redis_url, max_block_bytes=2**20) as app:
-        channel = KVChannelClient(app.servicer.data_address, connections=1)
+        channel = KVChannelClient(app.servicer.data_address, as_worker(), connections=1)
         with pytest.raises(InvalidArgument, match="exceeds"):
             await channel.put([block(3, size=2**20 + 1)], "", 0, timeout_s=5)
         fits = block(4, size=2**20)
@@ -58,7 +60,9 @@ async def test_a_frame_that_is_not_a_request_closes_the_connection(redis_url: st
     async with running_kvstore(redis_url) as app:
         frames: list[bytes] = []
         closed = asyncio.Event()
-        conn = await connect(app.servicer.data_address, CHANNEL, None, lambda f: frames.append(bytes(f)), closed.set)
+        conn = await connect(
+            app.servicer.data_address, CHANNEL, Role.KVSTORE, as_worker(), lambda f: frames.append(bytes(f)), closed.set
+        )
         conn.send(b"\xff\xff\xff not a protobuf message")
         await asyncio.wait_for(closed.wait(), 5)
         reply = kvstore_pb2.KVChannelReply.FromString(frames[0])
@@ -68,7 +72,7 @@ async def test_a_frame_that_is_not_a_request_closes_the_connection(redis_url: st
 async def test_damage_on_the_way_back_is_caught_by_the_reader(redis_url: str) -> None:
     async with running_kvstore(redis_url) as app:
         stored = block(5, size=100_000)
-        channel = KVChannelClient(app.servicer.data_address, connections=1)
+        channel = KVChannelClient(app.servicer.data_address, as_worker(), connections=1)
         await channel.put([stored], "", 0, timeout_s=5)
         # The reply's checksum is flipped on the reader's side: it must refuse the bytes, not return them.
         exchange = channel._idle[0]
@@ -92,7 +96,7 @@ async def test_damage_on_the_way_back_is_caught_by_the_reader(redis_url: str) ->
 
 async def test_many_clients_at_once_get_their_own_blocks(redis_url: str) -> None:
     async with running_kvstore(redis_url, memory_bytes=256 * 2**20) as app:
-        client = KVStoreClient(app.address, local=False)
+        client = KVStoreClient(app.address, as_worker(), local=False)
         mine = blocks(40, size=200_000)
         await client.put(mine)
         results = await asyncio.gather(*(client.get([b.hash]) for b in mine))
@@ -104,7 +108,7 @@ async def test_many_clients_at_once_get_their_own_blocks(redis_url: str) -> None
 async def test_a_store_that_went_away_fails_the_call_cleanly(redis_url: str) -> None:
     async with running_kvstore(redis_url) as app:
         address = app.servicer.data_address
-    channel = KVChannelClient(address)
+    channel = KVChannelClient(address, as_worker())
     with pytest.raises(Unavailable):
         await channel.get([block(6).hash], prefix_only=True, timeout_s=2)
     await channel.close()

@@ -18,11 +18,13 @@ from shared.rpc.blocks import CHUNK_BYTES
 from shared.rpc.client import open_channel
 from shared.rpc.errors import from_rpc_error
 from shared.rpc.kvstore_client import KVStoreClient
+from shared.rpc.security import Role
 from shared.rpc.shoal.v1 import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from shared.state.kvevents import KVEventFollower
 from shared.types.kv import KVBlock, checksum
 from tests.integration.worker.test_worker_service import _Index
 from tests.support.blocks import block, blocks
+from tests.support.pki import as_worker
 from tests.support.services import running_kvstore
 
 pytestmark = pytest.mark.integration
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.integration
 )
 async def test_put_get_lookup_round_trip(redis_url: str, local: bool, data_channel: bool) -> None:
     async with running_kvstore(redis_url) as app:
-        client = KVStoreClient(app.address, local=local, data_channel=data_channel)
+        client = KVStoreClient(app.address, as_worker(), local=local, data_channel=data_channel)
         stored = blocks(5, size=3 * CHUNK_BYTES + 17)  # several chunks per block
         response = await client.put(stored)
         assert (response.stored, response.duplicates) == (5, 0)
@@ -53,7 +55,7 @@ async def test_put_get_lookup_round_trip(redis_url: str, local: bool, data_chann
         assert client.uses_local_path is local
         assert client.uses_data_channel is data_channel
         await client.close()  # flushes the reads a local client served itself
-        observer = KVStoreClient(app.address, local=False)
+        observer = KVStoreClient(app.address, as_worker(), local=False)
         stats = await observer.stats()
         assert stats.tiers[0].blocks == 4
         assert stats.hits >= 7
@@ -65,14 +67,14 @@ async def test_spilled_blocks_survive_a_restart(redis_url: str, tmp_path: Path) 
     settings = {"memory_bytes": 4 * 2**20, "max_block_bytes": 2**20, "disk_path": tmp_path, "disk_bytes": 64 * 2**20}
     saved = blocks(12, size=2**20 - 256)
     async with running_kvstore(redis_url, **settings) as app:
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         await client.put(saved)
         lookup = await client.lookup([b.hash for b in saved])
         assert lookup.matched == 12
         assert kvstore_pb2.TIER_DISK in lookup.tiers
         await client.close()
     async with running_kvstore(redis_url, **settings) as app:
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         spilled = [b for b, tier in zip(saved, lookup.tiers, strict=True) if tier == kvstore_pb2.TIER_DISK]
         assert await client.get([b.hash for b in spilled]) == spilled
         await client.close()
@@ -81,7 +83,7 @@ async def test_spilled_blocks_survive_a_restart(redis_url: str, tmp_path: Path) 
 async def test_full_store_of_pinned_blocks_refuses_with_resource_exhausted(redis_url: str) -> None:
     # Pages of one largest slot (1 MiB + 4 KiB): room for exactly four of these blocks.
     async with running_kvstore(redis_url, memory_bytes=4 * (2**20 + 4096), max_block_bytes=2**20) as app:
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         await client.put(blocks(4, size=900_000), session_id="agent", pin_ttl_s=600)
         with pytest.raises(Overloaded, match="pinned"):
             await client.put([block(50, size=900_000)])
@@ -95,7 +97,7 @@ async def _raw_put(address: str, messages: list[kvstore_pb2.PutRequest]) -> None
         for message in messages:
             yield message
 
-    channel = open_channel(address)
+    channel = open_channel(address, Role.KVSTORE, as_worker())
     try:
         await kvstore_pb2_grpc.KVStoreStub(channel).Put(stream(), timeout=10)
     except grpc.RpcError as exc:
@@ -142,7 +144,7 @@ async def test_malformed_puts_get_invalid_argument_and_store_nothing_bad(
     async with running_kvstore(redis_url, max_block_bytes=2**20) as app:
         with pytest.raises(InvalidArgument, match=message):
             await _raw_put(app.address, messages)
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         assert (await client.put([block(2, size=1000)])).stored == 1  # still serving
         with pytest.raises(InvalidArgument, match="16 bytes"):
             await client.lookup([b"bad"])
@@ -154,7 +156,7 @@ async def test_events_reach_a_follower(redis_url: str, redis: Redis) -> None:
     follower = KVEventFollower(redis, index)
     await follower.bootstrap()
     async with running_kvstore(redis_url, store_id="store-a") as app:
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         await client.put(blocks(3))
         await client.delete([block(0).hash])
         for _ in range(30):
@@ -166,7 +168,7 @@ async def test_events_reach_a_follower(redis_url: str, redis: Redis) -> None:
 
 
 async def test_a_store_that_is_down_reads_as_empty_for_request_paths() -> None:
-    client = KVStoreClient("127.0.0.1:1", timeout_s=1)
+    client = KVStoreClient("127.0.0.1:1", as_worker(), timeout_s=1)
     assert await client.fetch_prefix([block(0).hash], timeout_s=0.5) == []
     assert not await client.store_blocks(blocks(1), timeout_s=0.5)
     await client.close()
@@ -174,7 +176,7 @@ async def test_a_store_that_is_down_reads_as_empty_for_request_paths() -> None:
 
 def _hammer(address: str, seed: int, rounds: int, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
     async def main() -> int:
-        client = KVStoreClient(address)
+        client = KVStoreClient(address, as_worker())
         shared_blocks = blocks(8, size=200_000)
         seen = 0
         for i in range(rounds):
@@ -264,7 +266,7 @@ async def test_writes_queued_behind_a_failed_local_write_fail_over_instead_of_cr
     and a put that was waiting for it must fail over like the first (it used to write into the unmapped
     staging file and raise ValueError, failing a P/D prefill)."""
     async with running_kvstore(redis_url) as app:
-        client = KVStoreClient(app.address)
+        client = KVStoreClient(app.address, as_worker())
         await client.put(blocks(1, size=4096))
         local = client._local
         assert local is not None and client.uses_local_path

@@ -21,6 +21,7 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from tests.support.engines import collect, limits, prompts, reference_engine, request
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.pki import as_controller
 from tests.support.services import ep_worker_processes
 
 pytestmark = pytest.mark.integration
@@ -101,7 +102,7 @@ def test_a_map_that_loses_an_expert_is_refused() -> None:
 
 
 async def generate(address: str) -> list[int]:
-    client = WorkerClient(address)
+    client = WorkerClient(address, as_controller())
     sampling = common_pb2.SamplingParams(max_tokens=TOKENS, ignore_eos=True)
     message = worker_pb2.GenerateRequest(
         request_id="ep", model=TINY_MODEL_NAME, prompt_token_ids=PROMPTS[1], sampling=sampling

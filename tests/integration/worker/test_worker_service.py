@@ -13,12 +13,14 @@ from shared.config import EngineKind, WorkerRole
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.hashing import BlockHasher
 from shared.rpc.client import open_channel
+from shared.rpc.security import Role
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from shared.state.kvevents import KVEventFollower
 from shared.state.registry import WorkerRegistry
 from tests.support.engines import prompts
 from tests.support.models import TINY_MODEL_NAME
+from tests.support.pki import as_controller
 from tests.support.services import running_worker
 
 pytestmark = pytest.mark.integration
@@ -44,7 +46,7 @@ async def run(
 
 async def test_health_registration_and_generate(redis_url: str, redis: Redis, tiny_model: Path) -> None:
     async with running_worker(redis_url, model_path=tiny_model, role=WorkerRole.DECODE, pool="p1") as app:
-        channel = open_channel(app.address)
+        channel = open_channel(app.address, Role.WORKER, as_controller())
         health = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="shoal.v1.Worker"), timeout=5
         )
@@ -56,7 +58,7 @@ async def test_health_registration_and_generate(redis_url: str, redis: Redis, ti
         assert record.info.role is WorkerRole.DECODE and record.info.pool == "p1"
         assert record.info.kv_blocks_total > 0
 
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         tokens, responses = await run(client, generate_request("r1", prompts(1, [30])[0], max_tokens=10))
         assert len(tokens) == 10
         last = responses[-1]
@@ -90,7 +92,7 @@ async def test_invalid_requests_get_invalid_argument_and_the_worker_keeps_servin
     redis_url: str, tiny_model: Path, change: dict[str, object], message: str
 ) -> None:
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=100) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         bad = generate_request("bad", [5, 6, 7])
         for field, value in change.items():
             if isinstance(value, list):
@@ -109,7 +111,7 @@ async def test_invalid_requests_get_invalid_argument_and_the_worker_keeps_servin
 
 async def test_cancelled_stream_aborts_the_request(redis_url: str, tiny_model: Path) -> None:
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=1) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         stream = client.generate(generate_request("long", [5] * 10, max_tokens=3000), timeout_s=60)
         await anext(stream)
         await stream.aclose()  # the client goes away
@@ -126,7 +128,7 @@ async def test_drain_finishes_requests_in_flight_and_refuses_new_ones(
     redis_url: str, redis: Redis, tiny_model: Path
 ) -> None:
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=5) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         runs = [asyncio.create_task(run(client, generate_request(f"d{i}", [9] * 20, max_tokens=30))) for i in range(6)]
         await asyncio.sleep(0.2)
         drained = await client.drain(wait_s=30)
@@ -164,7 +166,7 @@ async def test_prefix_cache_events_reach_a_follower(redis_url: str, redis: Redis
     await follower.bootstrap()
     prompt = prompts(1, [64])[0]
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=50) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         await run(client, generate_request("kv", prompt, max_tokens=2))
         expected = set(BlockHasher(TINY_MODEL_NAME, 16).hashes(prompt))
         for _ in range(40):
@@ -183,7 +185,10 @@ async def test_prefill_hold_then_decode_from_peer_equals_colocated(redis_url: st
         running_worker(redis_url, model_path=tiny_model, role=WorkerRole.PREFILL, worker_id="pre") as pre,
         running_worker(redis_url, model_path=tiny_model, role=WorkerRole.DECODE, worker_id="dec") as dec,
     ):
-        prefill_client, decode_client = WorkerClient(pre.address), WorkerClient(dec.address)
+        prefill_client, decode_client = (
+            WorkerClient(pre.address, as_controller()),
+            WorkerClient(dec.address, as_controller()),
+        )
         colocated, _ = await run(decode_client, generate_request("colo", prompt, max_tokens=20))
         prefill = await prefill_client.prefill(
             worker_pb2.PrefillRequest(
@@ -223,7 +228,7 @@ async def test_prefill_hold_then_decode_from_peer_equals_colocated(redis_url: st
 async def test_decode_from_an_unreachable_source_recomputes(redis_url: str, tiny_model: Path) -> None:
     prompt = prompts(1, [40], seed=12)[0]
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=50) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         request = worker_pb2.DecodeRequest(
             request=generate_request("x", prompt, max_tokens=4),
             kv_source=worker_pb2.KVSource(
@@ -242,11 +247,11 @@ async def test_internal_token_is_required_when_set(redis_url: str, tiny_model: P
     async with running_worker(
         redis_url, engine=EngineKind.SIM, model_path=tiny_model, internal_token="s3cret-token"
     ) as app:
-        anonymous = WorkerClient(app.address)
+        anonymous = WorkerClient(app.address, as_controller())
         with pytest.raises(Exception, match="authorization") as caught:
             await anonymous.get_load()
         assert "Unauthenticated" in type(caught.value).__name__
-        trusted = WorkerClient(app.address, token="s3cret-token")
+        trusted = WorkerClient(app.address, as_controller("s3cret-token"))
         assert (await trusted.get_load()).kv_blocks_total > 0
         await anonymous.close()
         await trusted.close()
@@ -261,7 +266,10 @@ async def test_prefill_to_kvstore_then_decode_from_it_equals_colocated(redis_url
         running_worker(redis_url, model_path=tiny_model, role=WorkerRole.PREFILL, worker_id="p2") as pre,
         running_worker(redis_url, model_path=tiny_model, role=WorkerRole.DECODE, worker_id="d2") as dec,
     ):
-        prefill_client, decode_client = WorkerClient(pre.address), WorkerClient(dec.address)
+        prefill_client, decode_client = (
+            WorkerClient(pre.address, as_controller()),
+            WorkerClient(dec.address, as_controller()),
+        )
         colocated, _ = await run(decode_client, generate_request("colo", prompt, max_tokens=12))
         prefill = await prefill_client.prefill(
             worker_pb2.PrefillRequest(
@@ -292,7 +300,7 @@ async def test_prefill_to_kvstore_then_decode_from_it_equals_colocated(redis_url
 
 async def test_a_single_process_worker_refuses_expert_migration_clearly(redis_url: str, tiny_model: Path) -> None:
     async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, sim_speedup=100) as app:
-        client = WorkerClient(app.address)
+        client = WorkerClient(app.address, as_controller())
         try:
             stats = await client.expert_stats()
             assert not stats.expert_map.num_ranks  # no map: one process holds every expert

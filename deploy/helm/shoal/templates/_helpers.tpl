@@ -75,6 +75,39 @@ app.kubernetes.io/component: {{ .component }}
     secretKeyRef:
       name: {{ include "shoal.secretName" . }}
       key: internal-token
+{{- if .Values.tls.enabled }}
+- name: SHOAL_TLS_DIR
+  value: /etc/shoal-tls
+{{- else }}
+- name: SHOAL_RPC_PLAINTEXT
+  value: "true"
+{{- end }}
+{{- end -}}
+
+{{/* The Secret holding a service's certificate (ca.crt, tls.crt, tls.key): (dict "root" $ "role" "worker"). */}}
+{{- define "shoal.tlsSecret" -}}
+{{- $tls := .root.Values.tls -}}
+{{- if eq $tls.source "existing" -}}
+{{- required (printf "tls.existingSecrets.%s is required when tls.source is existing" .role) (index $tls.existingSecrets .role) -}}
+{{- else -}}
+{{- printf "%s-tls-%s" (include "shoal.fullname" .root) .role -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The mount and the volume of a service's certificate (SHOAL_TLS_DIR), when TLS is on. */}}
+{{- define "shoal.tlsMount" -}}
+{{- if .Values.tls.enabled }}
+- {name: tls, mountPath: /etc/shoal-tls, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "shoal.tlsVolume" -}}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "shoal.tlsSecret" . }}
+    defaultMode: 0440  # group-readable: the pod's fsGroup is the service's group
+{{- end }}
 {{- end -}}
 
 {{/* The controller's settings, shared by the controller and its Celery worker. */}}

@@ -416,22 +416,28 @@ class ChannelHello(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     TOKEN_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
     """The channel asked for (e.g. "serve"), echoed by the server."""
     token: _builtins.str
     """SHOAL_INTERNAL_TOKEN, when the server requires one."""
     error: _builtins.str
-    """Set by the server when it refuses the connection (unknown channel, bad token)."""
+    """Set by the server when it refuses the connection (unknown channel, bad token,
+    a peer certificate whose service may not use this channel).
+    """
+    code: _builtins.str
+    """With `error`: the error taxonomy code (e.g. "unauthenticated", "permission_denied")."""
     def __init__(
         self,
         *,
         channel: _builtins.str = ...,
         token: _builtins.str = ...,
         error: _builtins.str = ...,
+        code: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "error", b"error", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "code", b"code", "error", b"error", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
