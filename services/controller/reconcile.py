@@ -36,6 +36,7 @@ from redis.asyncio import Redis
 from services.controller.actuators.base import Actuator, InstanceState
 from services.controller.desired import DesiredState
 from services.controller.jobs.store import Job, JobState, JobStore
+from shared.errors import ShoalError
 from shared.policies.scaling import (
     PolicyState,
     PoolSnapshot,
@@ -129,6 +130,8 @@ class Reconciler:
         self._pending_decisions: list[PoolStatus] = []
         # Every document (desired state) as the last tick read it: written back if Redis loses its data.
         self._documents: dict[str, Versioned] = {}
+        # Scale-down jobs whose drained worker this process has told the actuator to stop.
+        self._stopped: set[str] = set()
 
     # -- observation --------------------------------------------------------------
 
@@ -209,6 +212,7 @@ class Reconciler:
             self.pool_errors.pop(pool.name, None)
             statuses.append(status)
         if act:
+            await self._stop_drained(open_jobs, pools)
             served = {pool.model for pool in await self.desired.pools()}
             for model in models.values():
                 if model.state is ModelState.DELETING and model.name not in served:
@@ -217,6 +221,28 @@ class Reconciler:
             await self._resubmit_stale(open_jobs, now)
             self._documents = await self.docs.snapshot()
         return statuses
+
+    async def _stop_drained(self, open_jobs: list[Job], pools: list[PoolPublic]) -> None:
+        """Stop the workers that scale-down jobs have drained (phase `remove`). The controller does it, not
+        the job: only the controller's account may scale Deployments and mark pods. Once per job in this
+        process; the actuators' remove is idempotent, so a restarted controller asking again is harmless."""
+        by_name = {pool.name: pool for pool in pools}
+        open_ids = {job.id for job in open_jobs}
+        self._stopped &= open_ids
+        for job in open_jobs:
+            pool = by_name.get(str(job.params.get("pool", "")))
+            if job.kind != SCALE_DOWN or job.phase != "remove" or job.id in self._stopped or pool is None:
+                continue
+            worker_id = str(job.params["worker_id"])
+            try:
+                await self.actuator.remove(pool, worker_id)
+            except ShoalError as exc:
+                log.warning(
+                    "stopping a drained worker failed; next tick tries again", worker_id=worker_id, error=exc.message
+                )
+                continue
+            self._stopped.add(job.id)
+            log.info("drained worker stopped", worker_id=worker_id, pool=pool.name, job=job.id)
 
     async def _retire(self, pool: PoolPublic) -> None:
         """A deleted model's pool whose workers are all gone: delete it."""

@@ -9,14 +9,14 @@ with the exception's type and message (and a logged stack), never a bare
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from shared.errors import ErrorCode, Internal, Overloaded, ShoalError, error_for
-from shared.rpc.handlers import rewrap
+from shared.rpc.handlers import WrappingInterceptor
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.telemetry.logging import get_logger
 
@@ -94,18 +94,14 @@ def from_stream_error(error: worker_pb2.StreamError, target: str = "") -> ShoalE
     return error_for(code, error.message, **fields)
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Maps exceptions raised by any handler to gRPC statuses (see module doc)."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return rewrap(handler, handler_call_details.method, _wrap_unary, _wrap_stream)
+    def wrap_unary(self, fn: Any, method: str) -> Any:
+        return _wrap_unary(fn, method)
+
+    def wrap_stream(self, fn: Any, method: str) -> Any:
+        return _wrap_stream(fn, method)
 
 
 async def _map(context: aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import functools
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from grpc import aio
 
 from shared.config.base import CommonSettings
 from shared.errors import FailedPrecondition
-from shared.rpc.handlers import rewrap
+from shared.rpc.handlers import WrappingInterceptor
 from shared.telemetry.logging import get_logger
 
 log = get_logger("shoal.rpc.security")
@@ -168,17 +168,17 @@ class RpcSecurity:
 
     @functools.cached_property
     def client_ssl(self) -> ssl.SSLContext | None:
-        if self.tls is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=self.tls.ca.decode())
-        context.load_cert_chain(self.tls.folder / CERT_FILE, self.tls.folder / KEY_FILE)
-        return context
+        return self._ssl_context(ssl.Purpose.SERVER_AUTH)
 
     @functools.cached_property
     def server_ssl(self) -> ssl.SSLContext | None:
+        return self._ssl_context(ssl.Purpose.CLIENT_AUTH)
+
+    def _ssl_context(self, purpose: ssl.Purpose) -> ssl.SSLContext | None:
+        """Either side of a data channel: this service's certificate, the CA's, the peer's required."""
         if self.tls is None:
             return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=self.tls.ca.decode())
+        context = ssl.create_default_context(purpose, cadata=self.tls.ca.decode())
         context.load_cert_chain(self.tls.folder / CERT_FILE, self.tls.folder / KEY_FILE)
         context.verify_mode = ssl.CERT_REQUIRED
         return context
@@ -200,22 +200,14 @@ def _refusal(names: Iterable[str], allowed: frozenset[Role], role: Role) -> str 
     return f"{who} may not call the {role.value} (its callers: {callers})"
 
 
-class CallerInterceptor(aio.ServerInterceptor):
+class CallerInterceptor(WrappingInterceptor):
     """Admits a call when the client certificate names a role allowed to call this service."""
+
+    skip = _OPEN_PREFIXES
 
     def __init__(self, role: Role) -> None:
         self._role = role
         self._allowed = CALLERS.get(role, frozenset())
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
-            return handler
-        return rewrap(handler, handler_call_details.method, self._wrap_unary, self._wrap_stream)
 
     async def _check(self, context: aio.ServicerContext[Any, Any]) -> None:
         names = (name.decode() for name in context.auth_context().get("x509_subject_alternative_name", ()))
@@ -223,14 +215,14 @@ class CallerInterceptor(aio.ServerInterceptor):
         if reason is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
-    def _wrap_unary(self, fn: Any, _method: str) -> Any:
+    def wrap_unary(self, fn: Any, method: str) -> Any:
         async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             await self._check(context)
             return await fn(request, context)
 
         return wrapper
 
-    def _wrap_stream(self, fn: Any, _method: str) -> Any:
+    def wrap_stream(self, fn: Any, method: str) -> Any:
         async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             await self._check(context)
             async for item in fn(request, context):

@@ -163,7 +163,7 @@ def in_process_jobs(app_ref: list[ControllerApp]) -> Any:
         task = asyncio.create_task(
             run_migration(job.id, app.jobs, str(job.params["address"]), security)
             if job.kind == MIGRATE
-            else run_scale_down(job.id, app.jobs, app.registry, app.desired, app.actuator, security)
+            else run_scale_down(job.id, app.jobs, app.registry, app.desired, security)
         )
         tasks.add(task)
         task.add_done_callback(tasks.discard)

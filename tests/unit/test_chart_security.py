@@ -92,11 +92,11 @@ def test_network_policies_allow_the_documented_flows_and_nothing_else() -> None:
     ingress = rules(docs, "ingress")
     open_ingress = {(c, port) for c in COMPONENTS for who, port in ingress[c] if who is None}
     assert open_ingress == OPEN_INGRESS
-    # Egress beyond the release: DNS everywhere, the Kubernetes API for the two that scale workers.
+    # Egress beyond the release: DNS everywhere, the Kubernetes API for the controller (the actuator).
     egress = rules(docs, "egress")
     outside = {(c, port) for c in COMPONENTS for who, port in egress[c] if who is None}
     dns = {(c, 53) for c in COMPONENTS if c != "redis"}
-    assert outside == dns | {("controller", 443), ("controller", 6443), ("celery", 443), ("celery", 6443)}
+    assert outside == dns | {("controller", 443), ("controller", 6443)}
 
 
 def test_the_documented_flows_are_the_ones_in_docs_security() -> None:
@@ -139,7 +139,7 @@ def test_every_pod_runs_read_only_without_privileges_under_seccomp() -> None:
             assert "/tmp" in mounts, f"{name} has nowhere to write temporary files"
 
 
-def test_celery_has_its_own_account_and_the_controllers_cannot_patch_pods() -> None:
+def test_celery_has_its_own_account_with_no_rights_and_the_controller_only_its_actuators() -> None:
     docs = render()
     specs = pods(docs)
     controller, celery = specs["shoal-controller"], specs["shoal-celery"]
@@ -151,13 +151,15 @@ def test_celery_has_its_own_account_and_the_controllers_cannot_patch_pods() -> N
         for rule in role_rules
         for rule_resource in rule["resources"]
     }
-    assert "patch" not in verbs[controller["serviceAccountName"], "pods"]
-    assert verbs[celery["serviceAccountName"], "pods"] == {"get", "patch"}  # the removal annotation, no more
-    for account in (controller["serviceAccountName"], celery["serviceAccountName"]):
-        scale = next(r for r in roles[account] if r["resources"] == ["deployments/scale"])
-        assert scale["resourceNames"] and all(n.startswith("shoal-worker-") for n in scale["resourceNames"])
+    # Pods: watched, and a drained one marked for deletion; never created, deleted or exec'd into.
+    assert verbs[controller["serviceAccountName"], "pods"] == {"get", "list", "watch", "patch"}
+    scale = next(r for r in roles[controller["serviceAccountName"]] if r["resources"] == ["deployments/scale"])
+    assert scale["resourceNames"] and all(n.startswith("shoal-worker-") for n in scale["resourceNames"])
+    assert set(roles) == {controller["serviceAccountName"]}  # Celery's account is bound to no role
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert celery["serviceAccountName"] in accounts and celery["automountServiceAccountToken"] is False
     for spec in specs.values():
-        if spec is not controller and spec is not celery:
+        if spec is not controller:
             assert spec.get("automountServiceAccountToken") is False or "serviceAccountName" not in spec
 
 

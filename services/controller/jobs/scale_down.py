@@ -1,10 +1,13 @@
-"""The drain-first scale-down job: cordon, drain, stop, wait until gone.
+"""The drain-first scale-down job: cordon, drain, then wait until the controller has stopped the worker.
 
 Phases are recorded in the job, so a retried task resumes where the last one
 stopped. No request is lost: the worker stops admitting (cordon in the
 registry, so routers stop sending; Drain, so the worker refuses strays),
-finishes every running request, and only then is stopped. Cancelling before
-the worker is stopped puts it back in service (uncordoned, admitting).
+finishes every running request, and only then is stopped. The stop itself
+is the controller's (its reconcile loop removes the worker of every job in
+phase `remove`): the job's process holds no rights over pods or
+Deployments. Cancelling before the worker is stopped puts it back in service
+(uncordoned, admitting).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from services.controller.actuators.base import Actuator
 from services.controller.desired import DesiredState
 from services.controller.jobs.store import Job, JobState, JobStore, runner_name
 from shared.errors import NotFound, ShoalError
@@ -41,22 +43,21 @@ async def run_scale_down(
     jobs: JobStore,
     registry: WorkerRegistry,
     desired: DesiredState,
-    actuator: Actuator,
     security: RpcSecurity,
 ) -> Job:
     job = await jobs.claim(job_id, runner_name())
     if job is None:
         return await jobs.get(job_id)  # finished, or a live runner has it
     async with jobs.leased(job):
-        return await _scale_down(job, jobs, registry, desired, actuator, security)
+        return await _scale_down(job, jobs, registry, desired, security)
 
 
 async def _scale_down(
-    job: Job, jobs: JobStore, registry: WorkerRegistry, desired: DesiredState, actuator: Actuator, security: RpcSecurity
+    job: Job, jobs: JobStore, registry: WorkerRegistry, desired: DesiredState, security: RpcSecurity
 ) -> Job:
     worker_id = str(job.params["worker_id"])
     try:
-        pool = await desired.pool(str(job.params["pool"]))
+        await desired.pool(str(job.params["pool"]))
     except NotFound:
         return await jobs.update(job, state=JobState.FAILED, message="the pool was deleted")
     record = await registry.get(worker_id)
@@ -82,17 +83,16 @@ async def _scale_down(
             if response.drained:
                 break
             record = await registry.get(worker_id)
-        job = await jobs.update(job, phase="remove", progress=0.7, message="drained")
-    if job.phase == "remove":
-        await actuator.remove(pool, worker_id)
-        job = await jobs.update(job, phase="wait-gone", progress=0.8, message="stopping the worker")
+        job = await jobs.update(job, phase="remove", progress=0.7, message="drained; the controller stops it")
     deadline = time.monotonic() + GONE_TIMEOUT_S
     while await registry.get(worker_id) is not None and time.monotonic() < deadline:
         job = await jobs.update(job)
         await asyncio.sleep(0.5)
     if await registry.get(worker_id) is not None:
         return await jobs.update(
-            job, state=JobState.FAILED, message="worker drained and told to stop, but still registered after 120 s"
+            job,
+            state=JobState.FAILED,
+            message="worker drained, but still registered 120 s later (is the controller up?)",
         )
     await registry.set_cordoned(worker_id, False)
     return await jobs.update(job, state=JobState.SUCCEEDED, progress=1.0, message="worker drained and stopped")

@@ -9,7 +9,6 @@ from celery import Task
 from celery.worker import state as worker_state
 from redis.asyncio import Redis
 
-from services.controller.actuators.factory import make_actuator
 from services.controller.agents.sandbox import run_tool_process
 from services.controller.desired import DesiredState
 from services.controller.jobs.celery_app import celery_app
@@ -44,9 +43,8 @@ def _security(settings: ControllerSettings) -> RpcSecurity:
 @celery_app.task(name="shoal.scale_down")  # type: ignore[untyped-decorator]
 def scale_down(job_id: str) -> str:
     async def body(settings: ControllerSettings, redis: Redis, jobs: JobStore) -> Job:
-        actuator = make_actuator(settings, redis)
         registry, desired = WorkerRegistry(redis), DesiredState(redis)
-        return await run_scale_down(job_id, jobs, registry, desired, actuator, _security(settings))
+        return await run_scale_down(job_id, jobs, registry, desired, _security(settings))
 
     return _run(body)
 

@@ -118,10 +118,10 @@ async def test_workers_are_listed_cordoned_and_removed_by_a_drain_first_job(redi
             job = (await call(front, "DELETE", "/v1/workers/w-1", token=OPERATOR)).json()
             for _ in range(100):
                 state = (await call(front, "GET", f"/v1/jobs/{job['id']}", token=VIEWER)).json()
-                if state["phase"] == "wait-gone":
+                if state["phase"] == "remove":
                     break
                 await asyncio.sleep(0.05)
-            assert state["phase"] == "wait-gone"  # drained; the (in-process) worker is ours to stop
+            assert state["phase"] == "remove"  # drained; the (in-process) worker is ours to stop
         assert (await call(front, "DELETE", "/v1/workers/nobody", token=OPERATOR)).status_code == 404
         assert (await call(front, "POST", "/v1/jobs/nope/cancel", token=OPERATOR)).status_code == 404
 

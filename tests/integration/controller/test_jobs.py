@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import pytest
 
+from services.controller.actuators.local import launch_doc
 from shared.config import EngineKind
 from shared.processes import ManagedProcess, spawn
 from shared.rpc.security import Role
+from shared.state.versioned import DocumentStore
 from tests.support.pki import tls_dir
 from tests.support.services import ADMIN, RunningController, running_controller, running_router, running_worker
 
@@ -86,8 +88,10 @@ async def test_a_drained_worker_finishes_every_running_request(redis_url: str, t
         drained = {"w-a": a, "w-b": b}[await busy_worker(front)]
         job = await admin(front, "DELETE", f"/v1/workers/{drained.settings.worker_id}")
         # Routers stop sending to it; what it runs, it finishes before the job moves on.
-        assert await until(lambda: _phase_is(front, job["id"], "wait-gone"), 60)
+        assert await until(lambda: _phase_is(front, job["id"], "remove"), 60)
         assert drained.engine.load().running_requests == 0
+        # The controller, not the job, stops it: its (local) actuator is asked to remove exactly that worker.
+        assert await until(lambda: _removal_asked(front, drained.settings.worker_id), 10)
         results = await asyncio.gather(*requests)
         assert results == [(200, TOKENS)] * len(requests)
         late = await stream_completion(router.url)  # new traffic goes to the worker that stays
@@ -137,7 +141,7 @@ async def test_a_job_survives_its_celery_worker_and_the_controller_being_killed(
             second = celery_worker(redis_url, "celery-2")
             async with running_controller(redis_url, celery=True, job_lease_s=2.0) as front:
                 # The restarted controller sees the job's lease lapse and resubmits it; it resumes at its phase.
-                assert await until(lambda: _phase_is(front, job["id"], "wait-gone"), 60)
+                assert await until(lambda: _phase_is(front, job["id"], "remove"), 60)
                 await worker.drain_and_stop()
                 assert await until(lambda: _state_is(front, job["id"], "succeeded"), 30)
                 final = await job_state(front, job["id"])
@@ -146,6 +150,11 @@ async def test_a_job_survives_its_celery_worker_and_the_controller_being_killed(
         for process in (first, second):
             if process is not None:
                 process.terminate(grace_s=5)
+
+
+async def _removal_asked(front: RunningController, worker_id: str) -> bool:
+    launch = await DocumentStore(front.app.redis).get(launch_doc("default"))
+    return launch is not None and launch.body["remove"] == [worker_id]
 
 
 async def _phase_is(front: RunningController, job_id: str, phase: str) -> bool:
