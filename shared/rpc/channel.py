@@ -260,7 +260,7 @@ class ServerConnection(_Framer):
         self.handler = factory(self)
         self.send(common_pb2.ChannelHello(channel=hello.channel).SerializeToString())
 
-    def _refuse(self, error: str, code: ErrorCode = ErrorCode.INVALID_ARGUMENT) -> None:
+    def _refuse(self, error: str, code: ErrorCode = ErrorCode.UNAVAILABLE) -> None:
         log.warning("data channel refused", reason=error)
         self.send(common_pb2.ChannelHello(error=error, code=code.value).SerializeToString())
         self.close_after_reply()
