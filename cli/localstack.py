@@ -127,11 +127,11 @@ class Endpoints:
         """Headers of a request to the router's OpenAI API."""
         return {"authorization": f"Bearer {self.api_key}"}
 
-    def tls_env(self, role: Role) -> dict[str, str]:
-        """The settings that give another process of `role` the stack's certificates."""
+    def tls_env(self, role: Role, variable: str = "SHOAL_TLS_DIR") -> dict[str, str]:
+        """The settings that give a process of `role` the stack's certificates (in `variable`)."""
         if self.pki is None:
             return {"SHOAL_RPC_PLAINTEXT": "true"}
-        return {"SHOAL_TLS_DIR": str(self.pki / role.value)}
+        return {variable: str(self.pki / role.value)}
 
     def security(self, role: Role) -> RpcSecurity:
         """Credentials to call the stack's internal services as `role` (tests and benchmarks)."""
@@ -186,7 +186,8 @@ class LocalStack:
             self.supervisor.start("redis", argv, ready=lambda: redis_ready(port, password))
             env["SHOAL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         self.endpoints.redis_url = with_password(env["SHOAL_REDIS_URL"], env.get("SHOAL_REDIS_PASSWORD", ""))
-        tls = self._certificates(env)
+        self._certificates(env)
+        tls = self.endpoints.tls_env
 
         kv_port = free_port()
         kvstore = f"127.0.0.1:{kv_port}"
@@ -249,15 +250,11 @@ class LocalStack:
         self.endpoints.router = router
         return self.endpoints
 
-    def _certificates(self, env: dict[str, str]) -> Callable[..., dict[str, str]]:
-        """Make the run's certificates (kept while valid); returns a role's certificate folder setting
-        (SHOAL_TLS_DIR, or the variable named)."""
-        if env.get("SHOAL_RPC_PLAINTEXT", "").lower() in {"1", "true", "yes"}:
-            return lambda _role, _name="": {}
-        pki = Path(self._data_dir).resolve() / "pki"
-        init_pki(pki)
-        self.endpoints.pki = pki
-        return lambda role, name="SHOAL_TLS_DIR": {name: str(pki / role.value)}
+    def _certificates(self, env: dict[str, str]) -> None:
+        """Make the run's certificates (kept while valid), unless internal channels are to be plaintext."""
+        if env.get("SHOAL_RPC_PLAINTEXT", "").lower() not in {"1", "true", "yes"}:
+            self.endpoints.pki = Path(self._data_dir).resolve() / "pki"
+            init_pki(self.endpoints.pki)
 
     def _router_ready(self, url: str, name: str) -> Callable[[], bool]:
         """With several routers on the port, a health check may land on another: wait for this one's pid."""

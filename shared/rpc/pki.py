@@ -11,6 +11,7 @@ under the role's name (shared/rpc/security.py).
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -96,14 +97,19 @@ class Authority:
         (folder / CA_FILE).write_bytes(self.pem)
         _write_private(folder / CA_KEY_FILE, _key_pem(self.key))
 
-    def issue(self, folder: Path, names: Iterable[str], days: int = DEFAULT_DAYS) -> None:
-        """A certificate for `names` (DNS names; the first is also the common name) in `folder`."""
+    def issue(
+        self, folder: Path, names: Iterable[str], days: int = DEFAULT_DAYS, addresses: Iterable[str] = ()
+    ) -> None:
+        """A certificate for `names` (DNS names; the first is also the common name) and IP `addresses`, in
+        `folder` (ca.crt, tls.crt, tls.key)."""
         dns = list(names)
         key = ec.generate_private_key(ec.SECP256R1())
+        alternative: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
+        alternative += [x509.IPAddress(ipaddress.ip_address(address)) for address in addresses]
         cert = (
             _builder(_name(dns[0]), self.cert.subject, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in dns]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
             .add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,

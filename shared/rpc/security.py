@@ -142,16 +142,19 @@ class RpcSecurity:
         """An asyncio channel to `address` that accepts only a certificate of `peer`."""
         if self.tls is None:
             return aio.insecure_channel(address, options=options, interceptors=interceptors)
-        credentials = grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
         named = [*options, ("grpc.ssl_target_name_override", peer.identity)]
-        return aio.secure_channel(address, credentials, options=named, interceptors=interceptors)
+        return aio.secure_channel(address, self._credentials(self.tls), options=named, interceptors=interceptors)
 
     def blocking_channel(self, address: str, peer: Role) -> grpc.Channel:
         """The same for synchronous code (Celery tasks, probes)."""
         if self.tls is None:
             return grpc.insecure_channel(address)
-        credentials = grpc.ssl_channel_credentials(self.tls.ca, self.tls.key, self.tls.cert)
-        return grpc.secure_channel(address, credentials, options=[("grpc.ssl_target_name_override", peer.identity)])
+        named = [("grpc.ssl_target_name_override", peer.identity)]
+        return grpc.secure_channel(address, self._credentials(self.tls), options=named)
+
+    @staticmethod
+    def _credentials(tls: TLSFiles) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
 
     def add_port(self, server: aio.Server, address: str) -> int:
         if self.tls is None:
