@@ -2,9 +2,10 @@
 
 Keys live in Redis (shared/state/apikeys.py) as digests; the router keeps
 them all in memory and reads them again when their change counter moves
-(checked every KEYS_INTERVAL_S, and when an unknown key is presented, at
-most every UNKNOWN_KEY_RECHECK_S: a new key works at once, a revoked one
-stops within KEYS_INTERVAL_S). Limits are two token buckets per key in
+(checked every KEYS_INTERVAL_S, and when an unknown key is presented: a
+read that starts after the request arrived, at most one every
+UNKNOWN_KEY_RECHECK_S, so a new key works at once and a revoked one stops
+within KEYS_INTERVAL_S). Limits are two token buckets per key in
 Redis shared by every router: requests (refilled at requests_per_s, one
 second's burst) and tokens (tokens_per_min, one minute's burst). A router
 leases a few tokens at a time (a tenth of a second of the key's rate) and
@@ -39,8 +40,8 @@ from shared.types.apikeys import SECRET_PREFIX, APIKeyRecord, digest
 log = get_logger("shoal.router.keys")
 
 KEYS_INTERVAL_S = 1.0
-# An unknown key makes the router look for new keys at once, but at most this often (one Redis GET), so a
-# flood of wrong keys costs Redis little.
+# An unknown key makes the router look for new keys, but reads start at most this often (one Redis GET), so a
+# flood of wrong keys costs Redis little; an unknown key waits for the next read (at most this long).
 UNKNOWN_KEY_RECHECK_S = 0.05
 # A lease covers this much of a key's rate: the most one router holds unspent.
 LEASE_S = 0.1
@@ -110,11 +111,13 @@ class KeyGate:
         self.metrics = metrics
         self._keys: dict[str, _Key] = {}  # digest -> key
         self._seen_changes: int | None = None
-        self._loaded_at = 0.0
+        self._read_started = 0.0  # when the latest read of the keys began
+        self._read_done = 0.0  # when the latest finished read began
         self._reload: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
         """Read the keys again if they changed since the last read."""
+        began = self._read_started = time.monotonic()
         try:
             changes = await self.store.changes()
             if changes == self._seen_changes:
@@ -127,7 +130,7 @@ class KeyGate:
             log.warning("API keys not refreshed: redis unreachable", error=str(exc))
             return
         finally:
-            self._loaded_at = time.monotonic()
+            self._read_done = max(self._read_done, began)
         if lost:
             log.warning("API keys lost from Redis; keeping those known until they are restored")
             self._seen_changes = None  # the counter starts again from zero: read in full next time
@@ -145,14 +148,20 @@ class KeyGate:
 
     async def _find(self, secret: str) -> _Key | None:
         key = self._keys.get(digest(secret))
-        recheck = time.monotonic() - self._loaded_at >= UNKNOWN_KEY_RECHECK_S
-        if key is None and secret.startswith(SECRET_PREFIX) and recheck:
-            # Perhaps made a moment ago: read the keys now (at most once per interval, whoever asks).
+        if key is not None or not secret.startswith(SECRET_PREFIX):
+            return key
+        # Perhaps made a moment ago: look again with a read that started after this request arrived (a key
+        # made just after the last read is found), sharing reads with every waiter, one per RECHECK at most.
+        asked = time.monotonic()
+        while self._read_done < asked:
             if self._reload is None or self._reload.done():
+                wait = self._read_started + UNKNOWN_KEY_RECHECK_S - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
                 self._reload = asyncio.get_running_loop().create_task(self.refresh())
             await asyncio.shield(self._reload)
-            key = self._keys.get(digest(secret))
-        return key
+        return self._keys.get(digest(secret))
 
     async def admit(self, authorization: str | None, request: bool = True) -> Grant:
         secret = presented_key(authorization)

@@ -18,6 +18,7 @@ import pytest
 from shared.config import EngineKind
 from shared.config.base import Environment
 from shared.errors import FailedPrecondition
+from shared.types.apikeys import APIKeyCreate
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningController, RunningRouter, running_controller, running_router, running_worker
 
@@ -89,6 +90,15 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_get_401(redis_url: str, tiny
                 break
             await asyncio.sleep(0.1)
         assert_openai_error(response, 401, "authentication_error")
+
+
+async def test_a_key_made_just_after_the_routers_last_read_is_admitted(redis_url: str, tiny_model: Path) -> None:
+    """The read an unknown key triggers starts after the request arrived, however recent the last one was."""
+    async with routers(redis_url, tiny_model) as ([front], _controller):
+        for attempt in range(5):
+            await front.app.keys.refresh()  # a read has just happened: a new key is not in it
+            made = await front.app.keys.store.create(APIKeyCreate(name=f"fresh-{attempt}"))
+            assert (await front.app.keys.admit(f"Bearer {made.key}")).key_id == made.id
 
 
 async def test_keys_are_stored_as_digests_never_as_secrets(redis_url: str, tiny_model: Path) -> None:
