@@ -91,6 +91,7 @@ class ReconcileMetrics:
         self.ready = Gauge("shoal_controller_ready_replicas", "Workers serving", ["pool"], registry=registry)
         self.starting = Gauge("shoal_controller_starting_replicas", "Workers starting", ["pool"], registry=registry)
         self.jobs = Counter("shoal_controller_jobs", "Jobs opened by kind", ["kind"], registry=registry)
+        self.jobs.labels(SCALE_DOWN)  # at zero from the start: a rate() over it is 0, not "no data"
         self.pool_errors = Counter(
             "shoal_controller_pool_errors", "Reconcile passes that failed for a pool", ["pool"], registry=registry
         )
@@ -99,6 +100,20 @@ class ReconcileMetrics:
             "Times Redis had lost its data and the desired state last seen was written back",
             registry=registry,
         )
+        self.open_jobs = Gauge(
+            "shoal_controller_open_jobs", "Jobs not finished, by state", ["state"], registry=registry
+        )
+        # What the job-stuck alert watches: a lease renewal touches a job, so only its age tells it is stuck.
+        self.oldest_job = Gauge(
+            "shoal_controller_oldest_open_job_seconds",
+            "Age of the oldest job not finished (0: none)",
+            registry=registry,
+        )
+
+    def watch_jobs(self, open_jobs: list[Job], now: float) -> None:
+        for state in (JobState.PENDING, JobState.RUNNING):
+            self.open_jobs.labels(state.value).set(sum(job.state is state for job in open_jobs))
+        self.oldest_job.set(max((now - job.created_at for job in open_jobs), default=0.0))
 
 
 class Reconciler:
@@ -192,6 +207,7 @@ class Reconciler:
         workers = await self.registry.list_workers()
         models = {m.name: m for m in await self.desired.models()}
         open_jobs = await self.jobs.open_jobs()
+        self.metrics.watch_jobs(open_jobs, now)
         removing = {j.params["worker_id"]: j for j in open_jobs if j.kind == SCALE_DOWN}
         statuses: list[PoolStatus] = []
         pools = await self.desired.pools()
@@ -381,6 +397,7 @@ class Reconciler:
         self.metrics.desired.labels(status.pool).set(status.desired)
         self.metrics.ready.labels(status.pool).set(status.ready)
         self.metrics.starting.labels(status.pool).set(status.starting)
+        self.metrics.pool_errors.labels(status.pool)  # at zero until a pass fails: its rate is 0, not "no data"
         previous = self.last.get(status.pool)
         self.last[status.pool] = status
         if previous is None or (previous.desired, previous.reason) != (status.desired, status.reason):

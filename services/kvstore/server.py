@@ -77,6 +77,8 @@ class KVStoreMetrics:
         self.bytes = Counter(
             "shoal_kvstore_transfer_bytes", "Payload bytes by direction", ["direction"], registry=registry
         )
+        for direction in ("in", "out"):  # at zero from the start: a rate() over them is 0, not "no data"
+            self.bytes.labels(direction)
         registry.register(_StoreCollector(store))
 
 

@@ -33,3 +33,13 @@ class RouterMetrics:
         self.stalls = metrics.counter(
             "shoal_router_worker_stalls", "Workers found stalled (no engine progress while holding requests)"
         )
+        # Every known label value exported from the start, at zero: a dashboard's or alert's rate() of a
+        # counter that has never moved is 0, not "no data".
+        for counter, values in (
+            (self.retries, ["retry", "resume"]),
+            (self.pd, ["disaggregated", "prefill-failed"]),
+            (self.kv_source, ["kvstore"]),
+            (self.pins, ["stored", "failed"]),
+        ):
+            for value in values:
+                counter.labels(value)

@@ -35,16 +35,20 @@ from shared.rpc.shoal.v1 import worker_pb2_grpc
 from shared.state.kvevents import KVEventPublisher
 from shared.state.redis import connect
 from shared.state.registry import Heartbeat, WorkerRegistry
+from shared.state.versioned import DocumentStore
 from shared.telemetry.logging import get_logger
 from shared.telemetry.loopmetrics import LoopMetrics
 from shared.telemetry.metrics import new_registry, serve_metrics
 from shared.ticker import Ticker
+from shared.types.pools import SLO
 from shared.types.workers import WorkerInfo
 
 log = get_logger("shoal.worker")
 
 SERVICE_NAME = "shoal.v1.Worker"
 EVENT_INTERVAL_S = 0.1
+# How soon a change to the pool's SLO reaches the worker's SLO counters.
+SLO_REFRESH_S = 5.0
 
 
 class WorkerApp:
@@ -74,6 +78,8 @@ class WorkerApp:
         self.heartbeat: Heartbeat | None = None
         self.metrics_port = 0
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
+        self._docs = DocumentStore(self.redis)
+        self._slo = Ticker("pool-slo", SLO_REFRESH_S, self._read_slo)
 
     @property
     def address(self) -> str:
@@ -118,6 +124,9 @@ class WorkerApp:
         )
         await self.heartbeat.start()
         self._events.start()
+        with suppress(RedisError, OSError):  # a worker serves without its pool's document (then: default SLO)
+            await self._read_slo()
+        self._slo.start()
         log.info("worker serving", worker_id=settings.worker_id, address=self.address, role=settings.role.value)
 
     async def _serve_http(self, port: int) -> None:
@@ -130,6 +139,11 @@ class WorkerApp:
         self.http = direct_server(backend)
         self.http_port = await self.http.start(self.settings.host, port)
         log.info("worker serving the OpenAI API directly", port=self.http_port)
+
+    async def _read_slo(self) -> None:
+        doc = await self._docs.get(f"pool:{self.settings.pool}")
+        if doc is not None:
+            self.metrics.slo = SLO.model_validate(doc.body.get("slo") or {})
 
     async def _publish_events(self) -> None:
         await self.publisher.tick(self.engine.drain_kv_events(), self.engine.cached_hashes)
@@ -147,6 +161,7 @@ class WorkerApp:
             await self.http.stop(grace_s=1.0)
         await self.channels.stop()
         await self._events.stop()
+        await self._slo.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
         with suppress(RedisError, OSError):

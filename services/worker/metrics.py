@@ -11,6 +11,7 @@ from prometheus_client.registry import Collector
 from services.worker.engines.base import Finish
 from services.worker.engines.engine import EngineObserver
 from shared.telemetry.metrics import LATENCY_BUCKETS
+from shared.types.pools import SLO
 from shared.types.workers import WorkerLoad
 
 
@@ -33,6 +34,19 @@ class _LoadCollector(Collector):
 class WorkerMetrics(EngineObserver):
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # The pool's SLO (its p90 targets), refreshed from its document: a pool meets its SLO when 90% of
+        # first tokens and of token gaps are within target, so each event is counted met or missed and the
+        # alert rules turn the counts into burn rates (deploy/helm/shoal/monitoring/alerts.yaml). The pool
+        # comes from the scrape as a target label, like the worker's id.
+        self.slo = SLO()
+        slo_events = Counter(
+            "shoal_worker_slo_events",
+            "First tokens (slo=ttft) and token gaps (slo=tbt) within (met) or over (missed) the pool's SLO target",
+            ["slo", "result"],
+            registry=registry,
+        )
+        self._ttft_events = (slo_events.labels("ttft", "met"), slo_events.labels("ttft", "missed"))
+        self._tbt_events = (slo_events.labels("tbt", "met"), slo_events.labels("tbt", "missed"))
         self.step_seconds = Histogram(
             "shoal_worker_step_seconds", "Engine step duration", buckets=LATENCY_BUCKETS, registry=registry
         )
@@ -79,6 +93,16 @@ class WorkerMetrics(EngineObserver):
             ["layer"],
             registry=registry,
         )
+        # Every known label value exported from the start, at zero: a dashboard's or alert's rate() of a
+        # counter that has never moved is 0, not "no data".
+        for counter, values in (
+            (self.requests, [finish.value for finish in Finish]),
+            (self.tokens, ["prompt", "generated", "cached"]),
+            (self.kv_imports, ["imported", "fallback"]),
+            (self.expert_bytes, ["staged", "released", "discarded"]),
+        ):
+            for value in values:
+                counter.labels(value)
 
     def watch_load(self, load: Callable[[], WorkerLoad]) -> None:
         self.registry.register(_LoadCollector(load))
@@ -88,9 +112,11 @@ class WorkerMetrics(EngineObserver):
 
     def on_first_token(self, seconds: float) -> None:
         self.ttft_seconds.observe(seconds)
+        self._ttft_events[seconds > self.slo.ttft_p90_s].inc()
 
     def on_token_gap(self, seconds: float) -> None:
         self.tbt_seconds.observe(seconds)
+        self._tbt_events[seconds > self.slo.tbt_p90_s].inc()
 
     def on_finish(self, finish: Finish, prompt_tokens: int, generated_tokens: int, cached_tokens: int) -> None:
         self.requests.labels(finish.value).inc()

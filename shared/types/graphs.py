@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 _ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 PLACEHOLDER = re.compile(r"\{\{\s*(.*?)\s*\}\}")
@@ -279,3 +279,9 @@ class GraphRecord(BaseModel):
     error: str | None = None
     trace_id: str = ""
     cancel_requested: bool = False
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def prerequisites(self) -> dict[str, list[str]]:
+        """The graph's edges: each step's `after` plus the steps its templates read."""
+        return dependencies(self.spec)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.controller.agents.tools import RETRIEVERS, TOOLS
 from services.controller.api.audit import AdminEdge, AuditEntry, caller
+from services.controller.api.ui import mount_console
 from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -177,6 +178,11 @@ def build_api(controller: ControllerApp) -> FastAPI:
 
     # -- models -----------------------------------------------------------------
 
+    @v1.get("/whoami")
+    async def whoami(role: Viewer) -> dict[str, str]:
+        """The role of the presented token (the console greys out what it cannot do)."""
+        return {"role": role.name.lower()}
+
     @v1.get("/models")
     async def list_models(request: Request, _: Viewer) -> list[ModelPublic]:
         return await _app(request).desired.models()
@@ -311,6 +317,25 @@ def build_api(controller: ControllerApp) -> FastAPI:
             )
             for r in records
             if pool is None or r.info.pool == pool
+        ]
+
+    @v1.get("/monitoring/targets")
+    async def scrape_targets(request: Request, _: Viewer) -> list[dict[str, Any]]:
+        """The workers' metrics endpoints in Prometheus's HTTP service-discovery format (`http_sd_configs`):
+        workers the controller starts on free ports are scraped as they come and go, labelled with their
+        pool and id as the dashboards and alert rules expect."""
+        return [
+            {
+                "targets": [r.info.metrics_address],
+                "labels": {
+                    "pool": r.info.pool,
+                    "worker": r.worker_id,
+                    "role": r.info.role.value,
+                    "model": r.info.model,
+                },
+            }
+            for r in await _app(request).registry.list_workers()
+            if r.info.metrics_address
         ]
 
     @v1.post("/workers/{worker_id}/cordon")
@@ -546,6 +571,7 @@ def build_api(controller: ControllerApp) -> FastAPI:
         }
 
     api.include_router(v1)
+    mount_console(api)
 
     @api.get("/health")
     async def health() -> dict[str, str]:

@@ -18,6 +18,7 @@ from shared.rpc.shoal.v1 import common_pb2, worker_pb2
 from shared.rpc.worker_client import WorkerClient
 from shared.state.kvevents import KVEventFollower
 from shared.state.registry import WorkerRegistry
+from shared.state.versioned import DocumentStore
 from tests.support.engines import prompts
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.pki import as_controller
@@ -311,3 +312,24 @@ async def test_a_single_process_worker_refuses_expert_migration_clearly(redis_ur
                 await client.release_experts("m", discard_staged=True)
         finally:
             await client.close()
+
+
+async def test_first_tokens_and_gaps_are_judged_against_the_pools_slo(
+    redis_url: str, redis: Redis, tiny_model: Path
+) -> None:
+    """The SLO counters the burn-rate alerts read: the pool's document sets the targets the worker uses."""
+    docs = DocumentStore(redis)
+    # No token is that fast, every token is that slow: first tokens all miss, token gaps all meet.
+    await docs.put("pool:slo-pool", {"slo": {"ttft_p90_s": 0.000001, "tbt_p90_s": 60}})
+    async with running_worker(redis_url, model_path=tiny_model, pool="slo-pool") as app:
+        client = WorkerClient(app.address, as_controller())
+        for n in range(3):
+            await run(client, generate_request(f"slo-{n}", prompts(1, [12], seed=n)[0], max_tokens=5))
+        await client.close()
+        registry = app.metrics.registry
+        events = {
+            (slo, result): registry.get_sample_value("shoal_worker_slo_events_total", {"slo": slo, "result": result})
+            for slo in ("ttft", "tbt")
+            for result in ("met", "missed")
+        }
+    assert events == {("ttft", "met"): 0, ("ttft", "missed"): 3, ("tbt", "met"): 12, ("tbt", "missed"): 0}
