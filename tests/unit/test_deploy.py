@@ -112,3 +112,35 @@ def test_the_charts_values_schema_is_generated_from_the_current_settings() -> No
     ).stdout
     committed = (ROOT / "deploy/helm/shoal/values.schema.json").read_text()
     assert json.loads(generated) == json.loads(committed), "stale values.schema.json: run `make helm-schema`"
+
+
+def test_prometheus_scrapes_every_service_under_the_names_the_rules_use() -> None:
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job["static_configs"] for job in config["scrape_configs"]}
+    assert set(jobs) == {"shoal-router", "shoal-controller", "shoal-kvstore", "shoal-worker"}
+    metrics = {
+        name: environment(spec).get(f"SHOAL_{spec['command'][0].split('.')[1].upper()}_METRICS_PORT")
+        for name, spec in SHOAL.items()
+    }
+    assert jobs["shoal-kvstore"] == [{"targets": [f"kvstore:{metrics['kvstore']}"]}]
+    assert jobs["shoal-router"] == [{"targets": [f"router:{environment(SHOAL['router'])['SHOAL_ROUTER_HTTP_PORT']}"]}]
+    controller_port = environment(SHOAL["controller"])["SHOAL_CONTROLLER_HTTP_PORT"]
+    assert jobs["shoal-controller"] == [{"targets": [f"controller:{controller_port}"]}]
+    workers = {name: environment(spec) for name, spec in SHOAL.items() if spec["command"][0] == "services.worker"}
+    assert jobs["shoal-worker"] == [
+        {
+            "targets": [f"{name}:{env['SHOAL_WORKER_METRICS_PORT']}"],
+            "labels": {"pool": env["SHOAL_WORKER_POOL"], "worker": env["SHOAL_WORKER_WORKER_ID"]},
+        }
+        for name, env in workers.items()
+    ]
+    prometheus, grafana = SERVICES["prometheus"], SERVICES["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["monitoring"]  # not started by a plain `up`
+    mounted = {volume.split(":")[0] for spec in (prometheus, grafana) for volume in spec["volumes"]}
+    assert mounted == {
+        "./deploy/prometheus/prometheus.yml",
+        "./deploy/helm/shoal/monitoring/alerts.yaml",
+        "./deploy/grafana/provisioning",
+        "./deploy/helm/shoal/monitoring/dashboards",
+    }
+    assert all((ROOT / path).exists() for path in mounted)

@@ -35,6 +35,21 @@ async def test_tokens_and_roles(redis_url: str) -> None:
         assert refused.status_code == 403 and "admin role" in refused.json()["error"]["message"]
         assert (await call(front, "POST", "/v1/scaling/pause", token=VIEWER)).status_code == 403
         assert (await call(front, "POST", "/v1/scaling/pause", token=OPERATOR)).json() == {"paused": True}
+        for token, role in ((VIEWER, "viewer"), (OPERATOR, "operator"), (ADMIN, "admin")):
+            assert (await call(front, "GET", "/v1/whoami", token=token)).json() == {"role": role}
+        assert (await call(front, "GET", "/v1/whoami", token="wrong")).status_code == 401
+
+
+async def test_the_console_is_served_under_a_strict_content_security_policy(redis_url: str) -> None:
+    async with running_controller(redis_url) as front, httpx.AsyncClient(base_url=front.url) as http:
+        page = await http.get("/ui", follow_redirects=True)
+        assert page.status_code == 200 and '<script type="module" src="/ui/console.js">' in page.text
+        policy = page.headers["content-security-policy"]
+        assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy and "unsafe" not in policy
+        script = await http.get("/ui/console.js")
+        assert script.headers["content-type"].startswith("text/javascript") and ".innerHTML" not in script.text
+        assert (await http.get("/ui/../routes.py")).status_code == 404
+        assert "/ui/" not in (await http.get("/openapi.json")).text  # not an API operation
 
 
 async def test_models_and_pools_crud_with_versions(redis_url: str) -> None:
@@ -112,6 +127,17 @@ async def test_workers_are_listed_cordoned_and_removed_by_a_drain_first_job(redi
         async with running_worker(redis_url, engine=EngineKind.SIM, model_path=tiny_model, worker_id="w-1"):
             listed = (await call(front, "GET", "/v1/workers", token=VIEWER)).json()
             assert [w["worker_id"] for w in listed] == ["w-1"]
+            # Prometheus's HTTP service discovery: the worker's metrics endpoint with its pool and id.
+            targets = (await call(front, "GET", "/v1/monitoring/targets", token=VIEWER)).json()
+            assert len(targets) == 1 and targets[0]["labels"] == {
+                "pool": "default",
+                "worker": "w-1",
+                "role": "mixed",
+                "model": "shoal-tiny-moe",
+            }
+            async with httpx.AsyncClient() as http:
+                metrics = (await http.get(f"http://{targets[0]['targets'][0]}/metrics")).text
+            assert 'shoal_worker_slo_events_total{result="met",slo="ttft"}' in metrics
             assert (await call(front, "POST", "/v1/workers/w-1/cordon", token=OPERATOR)).json()["cordoned"]
             assert (await call(front, "GET", "/v1/workers", token=VIEWER)).json()[0]["cordoned"]
             assert (await call(front, "POST", "/v1/workers/w-1/uncordon", token=OPERATOR)).status_code == 200
