@@ -42,6 +42,7 @@ DEFAULT_MODEL = Path(".cache/models/shoal-tiny-moe")
 # `make run`'s Redis keeps its append-only file here: pools and models made through the admin API are
 # still there at the next `make run` (delete the folder for a clean start).
 RUN_DATA = Path(".cache/run")
+ALERT_RULES = Path(__file__).resolve().parent.parent / "deploy/helm/shoal/monitoring/alerts.yaml"
 DEV_MODE_LINE = (
     "               development mode: callers without a key are admitted too (SHOAL_ENV=prod requires one)\n"
 )
@@ -92,6 +93,8 @@ class StackConfig:
     workers: list[tuple[str, str]] = field(default_factory=lambda: [("prefill", "reference"), ("decode", "reference")])
     # How far each pool may grow above its initial size under load.
     headroom: int = 0
+    # Extra worker settings per pool (its `worker_env`), e.g. {"decode": {"EP_SIZE": "2"}}.
+    pool_env: dict[str, dict[str, str]] = field(default_factory=dict)
     # Router processes sharing the OpenAI port (SO_REUSEPORT: the kernel spreads connections over them).
     routers: int = 1
     env: dict[str, str] = field(default_factory=dict)
@@ -107,6 +110,8 @@ class Endpoints:
 
     redis_url: str = ""
     kvstore: str = ""
+    # host:port of the kvstore's Prometheus endpoint.
+    kvstore_metrics: str = ""
     router: str = ""
     controller: str = ""
     admin_token: str = ""
@@ -148,6 +153,8 @@ def bootstrap_document(config: StackConfig, model_name: str, model_path: str) ->
         pool = pools.setdefault(role, {"name": role, "model": model_name, "role": role, "engine": engine})
         pool["min_replicas"] = pool.get("min_replicas", 0) + 1
         pool["max_replicas"] = pool["min_replicas"] + config.headroom
+        if role in config.pool_env:
+            pool["worker_env"] = config.pool_env[role]
     models = [{"name": model_name, "path": model_path}]
     for name, path in config.more_models:
         models.append({"name": name, "path": str(path.resolve())})
@@ -189,7 +196,7 @@ class LocalStack:
         self._certificates(env)
         tls = self.endpoints.tls_env
 
-        kv_port = free_port()
+        kv_port, kv_metrics_port = free_port(), free_port()
         kvstore = f"127.0.0.1:{kv_port}"
         self.supervisor.start(
             "kvstore",
@@ -198,11 +205,13 @@ class LocalStack:
                 **env,
                 **tls(Role.KVSTORE),
                 "SHOAL_KVSTORE_GRPC_PORT": str(kv_port),
+                "SHOAL_KVSTORE_METRICS_PORT": str(kv_metrics_port),
                 "SHOAL_KVSTORE_MEMORY_BYTES": str(512 * 2**20),
             },
             ready=lambda: grpc_ready(kvstore, "shoal.v1.KVStore", self.endpoints.security(Role.ROUTER), Role.KVSTORE),
         )
         self.endpoints.kvstore = kvstore
+        self.endpoints.kvstore_metrics = f"127.0.0.1:{kv_metrics_port}"
 
         # The controller owns the workers (local actuator): they start from the bootstrap pools.
         token = env.get("SHOAL_ADMIN_TOKEN") or secrets.token_hex(16)
@@ -248,6 +257,7 @@ class LocalStack:
                 ready=self._router_ready(router, name),
             )
         self.endpoints.router = router
+        write_prometheus_config(self.endpoints, Path(self._data_dir) / "prometheus.yml")
         return self.endpoints
 
     def _certificates(self, env: dict[str, str]) -> None:
@@ -283,12 +293,51 @@ class LocalStack:
         raise StartupError(f"the controller's {count} worker(s) did not register within {timeout_s:.0f}s")
 
 
+def prometheus_config(endpoints: Endpoints, rules: Path = ALERT_RULES, interval_s: float = 15.0) -> dict[str, Any]:
+    """A Prometheus configuration scraping the stack under the job names the dashboards and alert rules use:
+    the router, controller and kvstore at fixed addresses, the workers through the controller's service
+    discovery (they come and go on free ports)."""
+    host = endpoints.controller.removeprefix("http://")
+    interval = f"{interval_s:g}s"
+
+    def static(job: str, target: str) -> dict[str, Any]:
+        return {"job_name": job, "static_configs": [{"targets": [target]}]}
+
+    return {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(rules.resolve())],
+        "scrape_configs": [
+            static("shoal-router", endpoints.router.removeprefix("http://")),
+            static("shoal-controller", host),
+            static("shoal-kvstore", endpoints.kvstore_metrics),
+            {
+                "job_name": "shoal-worker",
+                "http_sd_configs": [
+                    {
+                        "url": f"{endpoints.controller}/v1/monitoring/targets",
+                        "refresh_interval": interval,
+                        "authorization": {"credentials": endpoints.admin_token},
+                    }
+                ],
+            },
+        ],
+    }
+
+
+def write_prometheus_config(endpoints: Endpoints, path: Path) -> None:
+    """`prometheus_config` as a file only its owner reads (it holds the admin token)."""
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(yaml.safe_dump(prometheus_config(endpoints), sort_keys=False))
+
+
 @contextmanager
 def local_stack(
     model: Path,
     workers: list[tuple[str, str]],
     env: dict[str, str] | None = None,
     more_models: list[tuple[str, Path]] | None = None,
+    pool_env: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[tuple[Endpoints, Supervisor]]:
     """The stack on free ports with these workers and settings, its services' output kept quiet (tests,
     benchmarks)."""
@@ -300,6 +349,7 @@ def local_stack(
         workers=workers,
         env=env or {},
         more_models=more_models or [],
+        pool_env=pool_env or {},
     )
     stack = LocalStack(config, supervisor)
     captured = io.StringIO()
@@ -317,10 +367,12 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL, second: Path | None = None
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     try:
-        # The decode pool may grow by one worker under load: the autoscaler at work.
+        # The decode pool may grow by one worker under load: the autoscaler at work. Its workers are
+        # expert-parallel instances of two ranks, so the console's Experts page has a live instance to show.
         config = StackConfig(
             model_path=model_path,
             headroom=1,
+            pool_env={"decode": {"EP_SIZE": "2"}},
             routers=routers,
             data_dir=RUN_DATA,
             more_models=[(second.name, second)] if second else [],
@@ -335,6 +387,8 @@ def run_local_stack(model_path: Path = DEFAULT_MODEL, second: Path | None = None
             f"               (export SHOAL_ADMIN_TOKEN={endpoints.admin_token}; .venv/bin/shoal status)\n"
             f"  redis        {redacted_url(endpoints.redis_url)}\n  kvstore      {endpoints.kvstore}\n"
             f"  internal TLS {endpoints.pki or 'off (SHOAL_RPC_PLAINTEXT)'}\n"
+            f"  console      {endpoints.controller}/ui   (the admin token above)\n"
+            f"  prometheus   prometheus --config.file={RUN_DATA / 'prometheus.yml'}\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
