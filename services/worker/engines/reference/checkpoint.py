@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -59,6 +60,8 @@ class ModelConfig:
             )
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
+        max_context = int(raw.get("max_position_embeddings", 4096))
+        _refuse_unsupported_attention(raw, config_file, max_context)
         rope = raw.get("rope_parameters") or {}
         eos = raw.get("eos_token_id")
         generation = path / "generation_config.json"
@@ -97,11 +100,30 @@ class ModelConfig:
             norm_topk_prob=norm_topk,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
-            max_context=int(raw.get("max_position_embeddings", 4096)),
+            max_context=max_context,
             eos_token_ids=eos_ids,
             attention_bias=bias,
             shared_expert_size=shared,
         )
+
+
+def _refuse_unsupported_attention(raw: dict[str, Any], config_file: Path, max_context: int) -> None:
+    """Sliding-window attention and scaled RoPE change every output token; until the engine implements
+    them, such a checkpoint is refused at load rather than served wrong."""
+    window = raw.get("sliding_window")
+    if raw.get("use_sliding_window", "sliding_window" in raw) and window is not None and int(window) < max_context:
+        raise CheckpointError(
+            f"{config_file}: sliding-window attention (sliding_window={window} < max_position_embeddings="
+            f"{max_context}) is not supported by the reference engine yet"
+        )
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = raw.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(
+                f"{config_file}: RoPE scaling ({key}.rope_type={kind!r}) is not supported by the reference engine "
+                "yet; only unscaled RoPE is"
+            )
 
 
 class Checkpoint:
