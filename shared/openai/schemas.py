@@ -1,8 +1,10 @@
 """OpenAI API request and response bodies (the subset Shoal serves).
 
-Requests accept unknown fields (clients send many) but refuse values Shoal
-cannot honour, with a message naming the field: n != 1, logprobs, tools,
-non-zero penalties. Names follow OpenAI's API reference.
+No parameter is accepted and then ignored: a request that sets one Shoal does
+not implement (logprobs, tools, response_format, n != 1, non-zero penalties,
+...) or one it does not know gets a 400 naming it, as OpenAI's own API refuses
+unrecognised arguments. A parameter sent at its default value, which changes
+nothing, is accepted. Names follow OpenAI's API reference.
 """
 
 from __future__ import annotations
@@ -21,8 +23,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI parameters Shoal does not implement, with the values that ask for nothing (clients and SDKs send
+# some of them by default): any other value, and any parameter missing here and from the request models,
+# is refused.
+NO_EFFECT: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none"),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),  # about tools, of which there are none
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "min_tokens": (None, 0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "modalities": (None, ["text"]),
+    "store": (None, False),
+}
+
+
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -51,10 +73,16 @@ class _SamplingFields(BaseModel):
     @classmethod
     def _unsupported(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            for name in ("logprobs", "top_logprobs", "tools", "functions", "logit_bias"):
-                value = data.get(name)
-                if value not in (None, False, [], {}):
-                    raise ValueError(f"{name} is not supported by this server")
+            refused = [
+                name
+                for name, value in data.items()
+                if name not in cls.model_fields and value not in NO_EFFECT.get(name, ())
+            ]
+            if refused:
+                raise ValueError(
+                    f"{', '.join(sorted(refused))} {'is' if len(refused) == 1 else 'are'} not supported by this "
+                    "server (refused rather than ignored)"
+                )
         return data
 
 

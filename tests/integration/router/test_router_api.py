@@ -90,6 +90,9 @@ async def test_chat_template_matches_transformers(redis_url: str, tiny_model: Pa
         assert front.app.model(MODEL).prompts.chat(messages) == list(expected)
 
 
+USER_X = [{"role": "user", "content": "x"}]
+
+
 async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> httpx.Response:
     async with httpx.AsyncClient(base_url=front.url, timeout=30) as http:
         return await http.post(path, json=body, headers=headers)
@@ -107,8 +110,25 @@ async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> h
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "context length"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "context length"),
         ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        # Not implemented, so refused rather than ignored (plain text would come back where JSON was asked).
+        ({"model": MODEL, "messages": USER_X, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"model": MODEL, "messages": USER_X, "min_tokens": 4, "top_k": 5}, 400, "min_tokens, top_k are not"),
+        ({"model": MODEL, "messages": USER_X, "repetition_penalty": 1.2}, 400, "repetition_penalty is not"),
     ],
-    ids=["model", "empty", "temperature", "n", "logprobs", "role", "max-tokens", "long-prompt", "no-model"],
+    ids=[
+        "model",
+        "empty",
+        "temperature",
+        "n",
+        "logprobs",
+        "role",
+        "max-tokens",
+        "long-prompt",
+        "no-model",
+        "response-format",
+        "unimplemented",
+        "unknown",
+    ],
 )
 async def test_bad_requests_get_openai_errors(
     redis_url: str, tiny_model: Path, body: dict[str, Any], status: int, fragment: str
@@ -119,6 +139,14 @@ async def test_bad_requests_get_openai_errors(
         error = response.json()["error"]
         assert fragment in error["message"] or fragment == error["param"]
         assert error["type"]
+
+
+async def test_parameters_at_their_no_op_values_are_accepted(redis_url: str, tiny_model: Path) -> None:
+    """What SDKs send by default asks for nothing Shoal lacks: it is served, not refused."""
+    no_ops = {"logprobs": False, "response_format": {"type": "text"}, "tools": [], "store": False, "n": 1}
+    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
+        response = await _post(front, "/v1/chat/completions", {"model": MODEL, "messages": USER_X, **no_ops})
+        assert response.status_code == 200, response.text
 
 
 async def test_unparseable_json_and_oversized_bodies(redis_url: str, tiny_model: Path) -> None:
