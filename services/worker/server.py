@@ -19,7 +19,7 @@ from typing import TypeAlias
 
 from grpc import aio
 
-from services.worker.engines.base import Engine, EngineRequest, Finish, KVBlock, Sampling, TokenOutput
+from services.worker.engines.base import Engine, EngineRequest, ExpertParallel, Finish, KVBlock, Sampling, TokenOutput
 from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
@@ -277,9 +277,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             ],
             expert_map_version=stats.map_version,
         )
-        served = self.engine.expert_map()
-        if served is not None:
-            ranks, current = served
+        parallel = self.engine.expert_parallel()
+        if parallel is not None:
+            ranks, current = parallel.expert_map()
             width, slots = current.to_slots(ranks)
             response.expert_map.CopyFrom(
                 common_pb2.ExpertMap(
@@ -299,23 +299,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def StageExperts(
         self, request: worker_pb2.StageExpertsRequest, context: Context
     ) -> worker_pb2.StageExpertsResponse:
-        target = self._target_map(request.target)
+        parallel = self._expert_parallel()
+        target = self._target_map(parallel, request.target)
         from_peer = request.source == worker_pb2.WEIGHT_SOURCE_PEER
-        copies, size = await self.engine.stage_experts(request.migration_id, target, list(request.layers), from_peer)
+        copies, size = await parallel.stage_experts(request.migration_id, target, list(request.layers), from_peer)
         self.metrics.expert_bytes.labels("staged").inc(size)
         return worker_pb2.StageExpertsResponse(staged_copies=copies, staged_bytes=size)
 
     async def CommitExpertMap(
         self, request: worker_pb2.CommitExpertMapRequest, context: Context
     ) -> worker_pb2.CommitExpertMapResponse:
-        stall = await self.engine.commit_expert_map(request.migration_id, request.version)
+        stall = await self._expert_parallel().commit_expert_map(request.migration_id, request.version)
         self.metrics.expert_commit_stall.observe(stall)
         return worker_pb2.CommitExpertMapResponse(version=request.version, stall_s=stall)
 
     async def ReleaseExperts(
         self, request: worker_pb2.ReleaseExpertsRequest, context: Context
     ) -> worker_pb2.ReleaseExpertsResponse:
-        copies, size = await self.engine.release_experts(request.migration_id, request.discard_staged)
+        copies, size = await self._expert_parallel().release_experts(request.migration_id, request.discard_staged)
         self.metrics.expert_bytes.labels("discarded" if request.discard_staged else "released").inc(size)
         return worker_pb2.ReleaseExpertsResponse(released_copies=copies, released_bytes=size)
 
@@ -324,19 +325,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> worker_pb2.ResizeExpertsResponse:
         if request.ranks < 1:
             raise InvalidArgument("ranks must be at least 1", param="ranks")
-        sent, stall = await self.engine.resize_experts(request.ranks, request.master)
+        sent, stall = await self._expert_parallel().resize_experts(request.ranks, request.master)
         self.metrics.expert_regroup_stall.observe(stall)
         self.metrics.expert_ranks.set(request.ranks)
         log.info("expert-parallel instance regrouped", ranks=request.ranks, synced_bytes=sent, stall_s=stall)
         return worker_pb2.ResizeExpertsResponse(ranks=request.ranks, synced_bytes=sent, stall_s=stall)
 
-    def _target_map(self, wire: common_pb2.ExpertMap) -> ExpertMap:
-        served = self.engine.expert_map()
-        if served is None:
+    def _expert_parallel(self) -> ExpertParallel:
+        parallel = self.engine.expert_parallel()
+        if parallel is None:
             raise FailedPrecondition(
                 "this worker holds every expert itself (no expert parallelism); it has no expert map to change"
             )
-        ranks, current = served
+        return parallel
+
+    @staticmethod
+    def _target_map(parallel: ExpertParallel, wire: common_pb2.ExpertMap) -> ExpertMap:
+        ranks, current = parallel.expert_map()
         if wire.num_ranks != ranks or wire.slots_per_rank == 0:
             raise InvalidArgument(f"the target map must span this instance's {ranks} ranks", param="target")
         layers = sorted(wire.layers, key=lambda layer: layer.layer)

@@ -151,8 +151,16 @@ class Engine(Protocol):
     def cached_hashes(self) -> list[BlockHash]:
         """Every block hash in the prefix cache now (for event-stream snapshots)."""
 
-    def expert_map(self) -> tuple[int, ExpertMap] | None:
-        """(ranks, map) of an expert-parallel instance; None when one process holds every expert."""
+    def expert_parallel(self) -> ExpertParallel | None:
+        """The live-migration side of an expert-parallel instance; None when one process holds every expert."""
+
+
+class ExpertParallel(Protocol):
+    """What an expert-parallel instance adds: its expert map, and changing it live. Each call that changes
+    the instance runs between two engine steps, on every rank."""
+
+    def expert_map(self) -> tuple[int, ExpertMap]:
+        """(ranks, the map served now)."""
 
     async def stage_experts(
         self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False

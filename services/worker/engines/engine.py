@@ -36,7 +36,7 @@ from services.worker.engines.detokenize import Detokenizer, OutputText
 from services.worker.engines.experts import ExpertMap
 from services.worker.engines.scheduler import Item, Scheduler, SchedulerConfig, Sequence, State
 from services.worker.engines.stats import ExpertLoadWindow, QuantileWindow, RateWindow
-from shared.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
+from shared.errors import InvalidArgument, Overloaded, Unavailable
 from shared.hashing import BlockHash, BlockHasher
 from shared.telemetry.logging import get_logger
 from shared.types.workers import WorkerLoad
@@ -281,56 +281,9 @@ class BatchingEngine:
             self._cv.notify()
         return future
 
-    # -- live expert migration (between steps, on every rank) -------------------
-
-    def _migratable(self) -> MigratableExecutor:
-        if not isinstance(self.executor, MigratableExecutor):
-            raise FailedPrecondition(
-                "this worker holds every expert itself (no expert parallelism); it has no expert map to change"
-            )
-        return self.executor
-
-    def expert_map(self) -> tuple[int, ExpertMap] | None:
-        """(ranks, the map served now) of an expert-parallel instance; None otherwise."""
+    def expert_parallel(self) -> ExpertParallelControl | None:
         executor = self.executor
-        return (executor.world_size, executor.expert_map) if isinstance(executor, MigratableExecutor) else None
-
-    async def stage_experts(
-        self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False
-    ) -> tuple[int, int]:
-        executor = self._migratable()
-        return await asyncio.wrap_future(
-            self.call_between_steps(lambda: executor.stage(migration_id, target, layers, from_peer))
-        )
-
-    async def commit_expert_map(self, migration_id: str, version: int) -> float:
-        """Switch the map; returns how long serving stood still for it (seconds)."""
-        executor = self._migratable()
-
-        def commit() -> float:
-            started = time.perf_counter()
-            executor.commit(migration_id, version)
-            return time.perf_counter() - started
-
-        return await asyncio.wrap_future(self.call_between_steps(commit))
-
-    async def release_experts(self, migration_id: str, discard_staged: bool) -> tuple[int, int]:
-        executor = self._migratable()
-        return await asyncio.wrap_future(
-            self.call_between_steps(lambda: executor.release(migration_id, discard_staged))
-        )
-
-    async def resize_experts(self, ranks: int, master: str) -> tuple[int, float]:
-        """Regroup the instance into `ranks` ranks: (KV bytes sent to a joining rank, seconds serving paused)."""
-        executor = self._migratable()
-        await asyncio.to_thread(executor.check_joiner, ranks, master)  # a missing joiner must not pause serving
-
-        def resize() -> tuple[int, float]:
-            started = time.perf_counter()
-            sent = executor.resize(ranks, master, self.scheduler.blocks.in_use())
-            return sent, time.perf_counter() - started
-
-        return await asyncio.wrap_future(self.call_between_steps(resize))
+        return ExpertParallelControl(self, executor) if isinstance(executor, MigratableExecutor) else None
 
     async def export_kv(self, hashes: list[BlockHash]) -> list[KVBlock]:
         def read() -> list[KVBlock]:
@@ -554,3 +507,50 @@ class EngineObserver:
 
     def on_finish(self, finish: Finish, prompt_tokens: int, generated_tokens: int, cached_tokens: int) -> None:
         """A request finished."""
+
+
+class ExpertParallelControl:
+    """Live expert migration of an engine whose executor spans ranks: each call runs between two steps."""
+
+    def __init__(self, engine: BatchingEngine, executor: MigratableExecutor) -> None:
+        self._engine = engine
+        self._executor = executor
+
+    def expert_map(self) -> tuple[int, ExpertMap]:
+        return self._executor.world_size, self._executor.expert_map
+
+    async def stage_experts(
+        self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False
+    ) -> tuple[int, int]:
+        executor = self._executor
+        return await asyncio.wrap_future(
+            self._engine.call_between_steps(lambda: executor.stage(migration_id, target, layers, from_peer))
+        )
+
+    async def commit_expert_map(self, migration_id: str, version: int) -> float:
+        """Switch the map; returns how long serving stood still for it (seconds)."""
+
+        def commit() -> float:
+            started = time.perf_counter()
+            self._executor.commit(migration_id, version)
+            return time.perf_counter() - started
+
+        return await asyncio.wrap_future(self._engine.call_between_steps(commit))
+
+    async def release_experts(self, migration_id: str, discard_staged: bool) -> tuple[int, int]:
+        executor = self._executor
+        return await asyncio.wrap_future(
+            self._engine.call_between_steps(lambda: executor.release(migration_id, discard_staged))
+        )
+
+    async def resize_experts(self, ranks: int, master: str) -> tuple[int, float]:
+        """Regroup the instance into `ranks` ranks: (KV bytes sent to a joining rank, seconds serving paused)."""
+        executor = self._executor
+        await asyncio.to_thread(executor.check_joiner, ranks, master)  # a missing joiner must not pause serving
+
+        def resize() -> tuple[int, float]:
+            started = time.perf_counter()
+            sent = executor.resize(ranks, master, self._engine.scheduler.blocks.in_use())
+            return sent, time.perf_counter() - started
+
+        return await asyncio.wrap_future(self._engine.call_between_steps(resize))
