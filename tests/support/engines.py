@@ -43,6 +43,7 @@ def request(
     resume: list[int] | None = None,
     imported: list[KVBlock] | None = None,
     export: bool = False,
+    ignore_eos: bool = True,
 ) -> EngineRequest:
     sampling = Sampling(
         max_tokens=max_tokens,
@@ -52,7 +53,7 @@ def request(
         seed=seed,
         stop=stop,
         stop_token_ids=stop_token_ids,
-        ignore_eos=True,
+        ignore_eos=ignore_eos,
     )
     return EngineRequest(request_id, prompt, sampling, resume or [], imported or [], export)
 

@@ -193,3 +193,45 @@ async def test_corrupt_imported_kv_is_refused(tiny_model: Path, engine: Batching
     foreign = [exported[1]]  # block 1 where block 0 belongs
     with pytest.raises(InvalidArgument, match="hash chain"):
         engine.generate(request("z", prompt, imported=foreign))
+
+
+async def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks_exactly(
+    tiny_model: Path, hf_model: Any
+) -> None:
+    """Chunked prefill: prompts of 90 and 37 tokens under a 16-token step budget are computed over many
+    steps, and their greedy tokens are transformers' (each chunk attends to the KV the earlier chunks of
+    its prompt left in the paged cache)."""
+    engine = reference_engine(tiny_model, max_batch_tokens=16)
+    steps: list[list[tuple[str, int, int]]] = []
+    await engine.start()
+    schedule = engine.scheduler.schedule  # made at start; idle until the requests below
+
+    def recording() -> list[Item]:
+        items = schedule()
+        steps.append([(item.seq.request.request_id, item.start, item.length) for item in items])
+        return items
+
+    engine.scheduler.schedule = recording  # type: ignore[method-assign]
+    try:
+        batch = prompts(2, [90, 37], seed=5)
+        results = await collect_all(engine, [request(f"c{i}", p, max_tokens=12) for i, p in enumerate(batch)])
+    finally:
+        await engine.stop()
+    assert all(sum(length for _, _, length in step) <= 16 for step in steps)
+    for index, prompt in enumerate(batch):
+        chunks = [(start, length) for step in steps for rid, start, length in step if rid == f"c{index}"]
+        prefill = [(start, length) for start, length in chunks if start < len(prompt)]
+        # Contiguous chunks covering the prompt once, over more steps than one budget allows.
+        assert [start for start, _ in prefill] == [
+            sum(length for _, length in prefill[:i]) for i in range(len(prefill))
+        ]
+        assert sum(length for _, length in prefill) == len(prompt) and len(prefill) >= -(-len(prompt) // 16)
+        with torch.no_grad():
+            generated = hf_model.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert results[index].tokens == generated[0, len(prompt) :].tolist()

@@ -1,4 +1,5 @@
-"""The scheduler, the block manager and the detokenizer (pure bookkeeping, no model)."""
+"""The scheduler: what each engine step computes, under the token budget, the request cap and the KV
+blocks (pure bookkeeping, no model)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from services.worker.engines.base import Finish
 from services.worker.engines.blocks import BlockManager
 from services.worker.engines.detokenize import OutputText
-from services.worker.engines.scheduler import Scheduler, SchedulerConfig, Sequence
+from services.worker.engines.scheduler import Scheduler, SchedulerConfig, Sequence, State
 from services.worker.engines.sim.executor import ByteDetokenizer
 from shared.hashing import BlockHasher
 from tests.support.engines import request
@@ -15,101 +16,25 @@ from tests.support.engines import request
 pytestmark = pytest.mark.unit
 
 
-def test_released_named_blocks_stay_cached_until_evicted_lru_first() -> None:
-    blocks = BlockManager(num_blocks=3, block_size=4)
-    a, b = blocks.allocate(), blocks.allocate()
-    assert a is not None and b is not None
-    blocks.register(a, b"A" * 16)
-    blocks.register(b, b"B" * 16)
-    blocks.release([a, b])  # tail first: b becomes evictable before a
-    assert blocks.num_available == 3
-    assert blocks.match_prefix([b"A" * 16, b"B" * 16]) == [a, b]
-    c = blocks.allocate()  # the never-used block goes first
-    d = blocks.allocate()  # then the least recently released: b
-    assert d == b
-    assert blocks.match_prefix([b"A" * 16, b"B" * 16]) == [a]
-    assert ("remove", b"B" * 16) in blocks.drain_events()
-    assert c is not None and blocks.allocate() == a and blocks.allocate() is None
-
-
-def test_a_held_block_is_never_evicted() -> None:
-    blocks = BlockManager(num_blocks=1, block_size=4)
-    block = blocks.allocate()
-    assert block is not None
-    blocks.register(block, b"X" * 16)
-    assert blocks.allocate() is None
-    blocks.release([block])
-    blocks.hold(blocks.match_prefix([b"X" * 16]))
-    assert blocks.allocate() is None
-    with pytest.raises(RuntimeError, match="released more often"):
-        blocks.release([block, block])
-
-
-def test_duplicate_names_keep_the_first_block() -> None:
-    blocks = BlockManager(num_blocks=2, block_size=4)
-    first, second = blocks.allocate(), blocks.allocate()
-    assert first is not None and second is not None
-    assert blocks.register(first, b"S" * 16) == first
-    assert blocks.register(second, b"S" * 16) == first
-    blocks.release([second])
-    assert blocks.num_available == 1  # the unnamed copy went back to the free list
-
-
-def _bytes(text: str) -> list[int]:
-    return [16 + b for b in text.encode()]
-
-
-def test_multibyte_characters_come_out_whole_and_stops_are_never_leaked() -> None:
-    out = OutputText(ByteDetokenizer(), prompt=[20], resume=[], stop=("STOP",))
-    released = ""
-    for token in _bytes("héllo ST"):
-        out.add([token])
-        released += out.take(final=False)
-    assert released == "héllo "  # "ST" is held back: it may start "STOP"
-    for token in _bytes("OP and more"):
-        out.add([token])
-    assert out.stopped
-    assert released + out.take(final=True) == "héllo "
-
-
-def test_resumed_text_is_not_released_again() -> None:
-    out = OutputText(ByteDetokenizer(), prompt=[20], resume=_bytes("abc"), stop=(), resume_text_chars=3)
-    out.add(_bytes("d"))
-    assert out.take(final=True) == "d"
-
-
-def test_a_character_split_across_a_hand_off_comes_out_whole() -> None:
-    first, second = _bytes("é")  # two UTF-8 bytes: the first worker's text ends before the character
-    out = OutputText(ByteDetokenizer(), prompt=[20], resume=[first], stop=(), resume_text_chars=0)
-    out.add([second, *_bytes("x")])
-    assert out.take(final=True) == "éx"
-
-
-def test_text_held_back_for_a_possible_stop_is_sent_after_a_resume() -> None:
-    first = OutputText(ByteDetokenizer(), prompt=[20], resume=[], stop=("STOP",))
-    for token in _bytes("ab ST"):
-        first.add([token])
-    sent = first.take(final=False)
-    assert sent == "ab "  # "ST" held back when the worker failed
-    out = OutputText(
-        ByteDetokenizer(), prompt=[20], resume=_bytes("ab ST"), stop=("STOP",), resume_text_chars=len(sent)
-    )
-    out.add(_bytes("AR"))
-    assert sent + out.take(final=True) == "ab STAR"
-
-
-# -- the scheduler --------------------------------------------------------------------
-
-
-def _scheduler(num_blocks: int, max_running: int = 8) -> Scheduler:
-    config = SchedulerConfig(max_running, max_batch_tokens=64, max_waiting=64, max_context=1024, eos_token_ids=())
+def _scheduler(num_blocks: int, max_running: int = 8, budget: int = 64, eos: tuple[int, ...] = ()) -> Scheduler:
+    config = SchedulerConfig(max_running, max_batch_tokens=budget, max_waiting=64, max_context=1024, eos_token_ids=eos)
     return Scheduler(config, BlockManager(num_blocks, block_size=4), BlockHasher("m", 4), lambda _id, _block: None)
 
 
-def _sequence(scheduler: Scheduler, request_id: str, prompt: list[int], max_tokens: int = 4) -> Sequence:
-    seq = scheduler.new_sequence(request(request_id, prompt, max_tokens), OutputText(ByteDetokenizer(), prompt, [], ()))
+def _sequence(
+    scheduler: Scheduler, request_id: str, prompt: list[int], max_tokens: int = 4, **sampling: object
+) -> Sequence:
+    engine_request = request(request_id, prompt, max_tokens, **sampling)  # type: ignore[arg-type]
+    seq = scheduler.new_sequence(engine_request, OutputText(ByteDetokenizer(), prompt, [], ()))
     scheduler.add(seq)
     return seq
+
+
+def _step(scheduler: Scheduler, token: int = 17) -> list[tuple[str, int, int, bool]]:
+    """One step: what was scheduled (id, start, length, sample), each sampled position given `token`."""
+    items = scheduler.schedule()
+    scheduler.complete(items, [token if item.sample else None for item in items])
+    return [(item.seq.request_id, item.start, item.length, item.sample) for item in items]
 
 
 def _run_to_end(scheduler: Scheduler, seq: Sequence) -> None:
@@ -156,3 +81,70 @@ def test_a_waiting_request_cannot_starve_the_head_of_the_queue() -> None:
     assert admitted == [head]  # the cached prefix was evictable, not pinned by the request behind it
     _run_to_end(scheduler, head)
     _run_to_end(scheduler, waiting)
+
+
+def test_decodes_go_first_and_a_long_prompt_fills_the_rest_of_the_budget_in_chunks() -> None:
+    scheduler = _scheduler(num_blocks=64, budget=8)
+    a, b = _sequence(scheduler, "a", [1, 2, 3], 10), _sequence(scheduler, "b", [4, 5], 10)
+    assert _step(scheduler) == [("a", 0, 3, True), ("b", 0, 2, True)]  # both prompts fit: admitted whole
+    long = _sequence(scheduler, "long", list(range(30, 50)), 2)  # 20 tokens
+    # One token for each decoding request, then the prompt's next chunk in what is left: 8 - 2 = 6.
+    assert _step(scheduler) == [("a", 3, 1, True), ("b", 2, 1, True), ("long", 0, 6, False)]
+    assert _step(scheduler) == [("a", 4, 1, True), ("b", 3, 1, True), ("long", 6, 6, False)]
+    assert _step(scheduler) == [("a", 5, 1, True), ("b", 4, 1, True), ("long", 12, 6, False)]
+    # The last chunk samples the prompt's first output token.
+    assert _step(scheduler) == [("a", 6, 1, True), ("b", 5, 1, True), ("long", 18, 2, True)]
+    assert long.num_generated == 1 and a.num_generated == b.num_generated == 5
+
+
+def test_at_most_max_running_requests_run_and_the_rest_wait_in_arrival_order() -> None:
+    scheduler = _scheduler(num_blocks=64, max_running=2)
+    first, second, third = (_sequence(scheduler, name, [9, 9, 9], 2) for name in ("first", "second", "third"))
+    assert [rid for rid, *_ in _step(scheduler)] == ["first", "second"]
+    assert list(scheduler.waiting) == [third]
+    _step(scheduler)  # both finish their second token
+    for seq in (first, second):
+        assert seq.finish is Finish.LENGTH
+        scheduler.finish(seq)
+    assert [rid for rid, *_ in _step(scheduler)] == ["third"]
+
+
+def test_out_of_blocks_the_newest_request_is_preempted_and_recomputed_keeping_its_tokens() -> None:
+    scheduler = _scheduler(num_blocks=4)  # 16 token slots of 4
+    old = _sequence(scheduler, "old", [1, 2, 3, 4, 5, 6, 7], 8)  # 2 blocks now, 4 by its end
+    new = _sequence(scheduler, "new", [8, 9, 10, 11], 8)  # 1 block now, a second at its 6th token
+    _step(scheduler)
+    _step(scheduler)
+    assert scheduler.running == [old, new] and scheduler.blocks.num_available == 0
+    _step(scheduler)  # old needs its third block and none is free: the newest request gives way
+    assert scheduler.preemptions == 1 and scheduler.running == [old]
+    assert new.state is State.WAITING and scheduler.waiting[0] is new and new.block_ids == []
+    assert new.tokens[new.num_prompt :] == [17, 17] and new.num_computed == 0  # its tokens kept, its KV not
+    while old.finish is None:
+        _step(scheduler)
+    scheduler.finish(old)
+    # Back at the head of the queue: prompt and produced tokens recomputed in one chunk, the next sampled.
+    assert _step(scheduler) == [("new", 0, 6, True)]
+    assert new.tokens[new.num_prompt :] == [17, 17, 17]
+
+
+def test_end_of_sequence_stop_ids_and_max_tokens_finish_a_request() -> None:
+    scheduler = _scheduler(num_blocks=64, eos=(2,))
+    by_eos = _sequence(scheduler, "eos", [5, 6], 10, ignore_eos=False)
+    by_stop_id = _sequence(scheduler, "stop-id", [5, 7], 10, stop_token_ids=(2,))  # ignores end-of-sequence
+    past_eos = _sequence(scheduler, "ignore-eos", [5, 8], 3, stop_token_ids=(3,))
+    _step(scheduler, token=2)
+    assert (by_eos.finish, by_stop_id.finish, past_eos.finish) == (Finish.STOP, Finish.STOP, None)
+    for seq in (by_eos, by_stop_id):
+        scheduler.finish(seq)
+    _step(scheduler, token=2)
+    _step(scheduler, token=2)
+    assert past_eos.finish is Finish.LENGTH and past_eos.num_generated == 3
+
+
+def test_a_cached_prefix_is_not_computed_again() -> None:
+    scheduler = _scheduler(num_blocks=16)
+    _run_to_end(scheduler, _sequence(scheduler, "warm", [*PREFIX, 30], max_tokens=1))
+    again = _sequence(scheduler, "again", [*PREFIX, 31, 32], 2)
+    assert _step(scheduler) == [("again", 8, 2, True)]  # the two cached blocks are skipped
+    assert again.num_cached == 8
