@@ -59,7 +59,9 @@ def probe(
 @app.command("tiny-model")
 def tiny_model(
     out: Path = typer.Argument(Path(".cache/models/shoal-tiny-moe")),
-    variant: str = typer.Option("a", help="a: 8 experts; b: 4 experts and another vocabulary."),
+    variant: str = typer.Option(
+        "a", help="a: 8 experts; b: 4 experts and another vocabulary; top8: 16 experts, 8 per token."
+    ),
     force: bool = False,
 ) -> None:
     """Build a tiny random-weight test checkpoint (no downloads)."""

@@ -34,9 +34,16 @@ class TinyVariant:
     byte_offset: int = 16
     vocab_size: int = 320  # room to spare, as real vocabularies have
     experts: int = 8
+    top_k: int = 2
 
 
-VARIANTS = {"a": TinyVariant(), "b": TinyVariant(byte_offset=40, vocab_size=416, experts=4)}
+VARIANTS = {
+    "a": TinyVariant(),
+    "b": TinyVariant(byte_offset=40, vocab_size=416, experts=4),
+    # Eight experts per token, as DeepSeek- and Qwen3-style routers choose: the order in which an
+    # expert-parallel instance sums their outputs matters, unlike with two.
+    "top8": TinyVariant(experts=16, top_k=8),
+}
 
 
 def build_tokenizer(out: Path, byte_offset: int = 16) -> None:
@@ -89,7 +96,7 @@ def build_tiny_model(out: Path, seed: int = 0, num_layers: int = 4, variant: Tin
         num_attention_heads=8,
         num_key_value_heads=4,
         num_local_experts=variant.experts,
-        num_experts_per_tok=2,
+        num_experts_per_tok=variant.top_k,
         max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=1,

@@ -15,6 +15,7 @@ import pytest
 from services.worker.engines.engine import BatchingEngine
 from services.worker.engines.experts import ExpertMap
 from services.worker.engines.reference.parallel import ExpertParallelExecutor
+from services.worker.tiny_model import VARIANTS, build_tiny_model
 from shared.errors import InvalidArgument
 from shared.processes import free_port
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2
@@ -94,6 +95,13 @@ def test_replicated_hot_experts_share_tokens_and_keep_the_output(
     # Experts 0 and 1 on both ranks in every layer: their tokens split between the copies.
     replicated = ExpertMap(tuple(((0, 1), (0, 1), *experts[2:]) for experts in layers), version=1)
     assert run_expert_parallel(tiny_model, replicated) == single_process
+
+
+def test_a_top_8_router_over_two_ranks_gives_the_single_process_tokens(tmp_path: Path) -> None:
+    """Eight experts per token, four on each rank: the ranks' partial sums must add up in the order one
+    process adds them, or greedy tokens drift (with two experts per token the order cannot matter)."""
+    model = build_tiny_model(tmp_path / TINY_MODEL_NAME, seed=0, variant=VARIANTS["top8"])
+    assert run_expert_parallel(model, None) == asyncio.run(greedy(reference_engine(model)))
 
 
 def test_a_map_that_loses_an_expert_is_refused() -> None:
