@@ -45,7 +45,6 @@ NO_EFFECT: dict[str, tuple[Any, ...]] = {
 
 
 class _SamplingFields(BaseModel):
-
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
