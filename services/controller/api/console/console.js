@@ -40,6 +40,7 @@ function bar(fraction) {
   return h("span", { class: "bar", title: `${(fraction * 100).toFixed(0)}%` }, inner);
 }
 
+const enc = encodeURIComponent; // ids in paths: a worker's id is any string the registry holds
 const when = (t) => (t ? new Date(t * 1000).toLocaleTimeString() : "");
 const ago = (t) => `${Math.max(0, Math.round(Date.now() / 1000 - t))} s`;
 const fixed = (x, digits = 2) => (x === null || x === undefined ? "" : Number(x).toFixed(digits));
@@ -162,10 +163,10 @@ async function overview(main) {
           h("td", {}, p.replicas_override === null ? p.scaling.policy : `fixed at ${p.replicas_override} (manual)`),
           h("td", {}, st.reason ? h("span", { title: st.explanation }, st.reason) : ""),
           h("td", {}, input, " ",
-            action("Scale", `Scale pool ${p.name}?`, () => api(`/v1/pools/${p.name}/scale`, { method: "POST", body: JSON.stringify({ replicas: Number(input.value) }) })),
+            action("Scale", `Scale pool ${p.name}?`, () => api(`/v1/pools/${enc(p.name)}/scale`, { method: "POST", body: JSON.stringify({ replicas: Number(input.value) }) })),
             " ",
             p.replicas_override === null ? null : action("Auto", `Hand pool ${p.name} back to its ${p.scaling.policy} policy?`,
-              () => api(`/v1/pools/${p.name}/scale`, { method: "POST", body: JSON.stringify({ replicas: null }) }))));
+              () => api(`/v1/pools/${enc(p.name)}/scale`, { method: "POST", body: JSON.stringify({ replicas: null }) }))));
       })),
     h("h2", {}, "Scaling decisions"),
     decisions.length ? timeline(decisions) : h("p", { class: "muted" }, "none yet"),
@@ -194,10 +195,10 @@ async function workers(main) {
         h("td", {}, w.draining ? h("span", { class: "tag" }, "draining") : w.cordoned ? h("span", { class: "tag" }, "cordoned") : "serving"),
         h("td", {},
           w.cordoned
-            ? action("Uncordon", `Send requests to ${w.worker_id} again?`, () => api(`/v1/workers/${w.worker_id}/uncordon`, { method: "POST" }))
-            : action("Drain", `Drain ${w.worker_id}? It finishes what it runs and takes nothing new.`, () => api(`/v1/workers/${w.worker_id}/drain`, { method: "POST" })),
+            ? action("Uncordon", `Send requests to ${w.worker_id} again?`, () => api(`/v1/workers/${enc(w.worker_id)}/uncordon`, { method: "POST" }))
+            : action("Drain", `Drain ${w.worker_id}? It finishes what it runs and takes nothing new.`, () => api(`/v1/workers/${enc(w.worker_id)}/drain`, { method: "POST" })),
           " ",
-          action("Remove", `Remove ${w.worker_id}? It is drained, then stopped, and its pool shrinks by one.`, () => api(`/v1/workers/${w.worker_id}`, { method: "DELETE" })))))));
+          action("Remove", `Remove ${w.worker_id}? It is drained, then stopped, and its pool shrinks by one.`, () => api(`/v1/workers/${enc(w.worker_id)}`, { method: "DELETE" })))))));
 }
 
 // One expert-parallel instance: routed tokens per (layer, expert) as a heatmap, and balance per layer.
@@ -220,13 +221,13 @@ function heatmap(workerId, stats) {
       h("thead", {}, h("tr", {}, h("th", {}, ""), [...Array(experts).keys()].map((e) => h("th", {}, `e${e}`)), h("th", {}, "balance"))),
       h("tbody", {}, rows)),
     h("p", {}, action("Rebalance", `Rebalance the experts of ${workerId}? Experts move between ranks while it serves.`,
-      () => api(`/v1/workers/${workerId}/experts/rebalance`, { method: "POST", body: "{}" }))));
+      () => api(`/v1/workers/${enc(workerId)}/experts/rebalance`, { method: "POST", body: "{}" }))));
 }
 
 async function experts(main) {
   main.append(h("h1", {}, "Experts"), h("p", { class: "muted" }, "Routed tokens per layer and expert over the workers' stats window (darker: busier); balance is max / mean tokens per rank (1 is perfect)."));
   const list = await api("/v1/workers");
-  const instances = await Promise.all(list.map(async (w) => [w.worker_id, await api(`/v1/workers/${w.worker_id}/experts`).catch(() => null)]));
+  const instances = await Promise.all(list.map(async (w) => [w.worker_id, await api(`/v1/workers/${enc(w.worker_id)}/experts`).catch(() => null)]));
   const parallel = instances.filter(([, stats]) => stats?.expert_parallel);
   if (!parallel.length) main.append(h("p", {}, "No expert-parallel instance is serving."));
   for (const [workerId, stats] of parallel) main.append(heatmap(workerId, stats));
@@ -278,12 +279,12 @@ async function graphs(main) {
     table(
       [{ title: "graph" }, { title: "name" }, { title: "state" }, { title: "steps", num: true }, { title: "plan cost", num: true }, { title: "submitted" }, { title: "" }],
       list.map((g) => h("tr", { "data-graph": g.id },
-        h("td", {}, h("a", { href: `#/graphs/${encodeURIComponent(g.id)}` }, g.id)), h("td", {}, g.name),
+        h("td", {}, h("a", { href: `#/graphs/${enc(g.id)}` }, g.id)), h("td", {}, g.name),
         h("td", {}, h("span", { class: `tag ${g.state}` }, g.state)), h("td", { class: "num" }, Object.keys(g.steps).length),
         h("td", { class: "num" }, fixed(g.plan_cost, 4)), h("td", {}, when(g.created_at)),
-        h("td", {}, ["pending", "running"].includes(g.state) ? action("Cancel", `Cancel graph ${g.id}?`, () => api(`/v1/graphs/${g.id}/cancel`, { method: "POST" })) : "")))));
+        h("td", {}, ["pending", "running"].includes(g.state) ? action("Cancel", `Cancel graph ${g.id}?`, () => api(`/v1/graphs/${enc(g.id)}/cancel`, { method: "POST" })) : "")))));
   if (chosen) {
-    const record = await api(`/v1/graphs/${encodeURIComponent(chosen)}`);
+    const record = await api(`/v1/graphs/${enc(chosen)}`);
     main.append(h("h2", {}, `${record.name} (${record.id}): ${record.state}, planned ${fixed(record.plan_latency_s)} s by ${record.plan_solver}`), dag(record));
   }
 }
@@ -297,7 +298,7 @@ async function jobs(main) {
       list.map((j) => h("tr", { "data-job": j.id },
         h("td", {}, j.id), h("td", {}, j.kind), h("td", {}, h("span", { class: `tag ${j.state}` }, j.state)), h("td", {}, j.phase),
         h("td", {}, bar(j.progress), ` ${(j.progress * 100).toFixed(0)}%`), h("td", {}, j.message), h("td", {}, ago(j.created_at)),
-        h("td", {}, ["pending", "running"].includes(j.state) ? action("Cancel", `Cancel job ${j.id}?`, () => api(`/v1/jobs/${j.id}/cancel`, { method: "POST" })) : "")))));
+        h("td", {}, ["pending", "running"].includes(j.state) ? action("Cancel", `Cancel job ${j.id}?`, () => api(`/v1/jobs/${enc(j.id)}/cancel`, { method: "POST" })) : "")))));
 }
 
 const PAGES = { overview, workers, experts, graphs, jobs };
