@@ -30,6 +30,19 @@ def hf_model(tiny_model: Path) -> Any:
     return model
 
 
+def hf_greedy(hf_model: Any, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`."""
+    with torch.no_grad():
+        generated = hf_model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return list(generated[0, len(prompt) :].tolist())
+
+
 @pytest.fixture
 async def engine(tiny_model: Path) -> AsyncIterator[BatchingEngine]:
     eng = reference_engine(tiny_model)
@@ -62,15 +75,7 @@ async def test_greedy_output_matches_transformers_generate(engine: BatchingEngin
     batch = prompts(8, [5, 12, 17, 30, 48, 64, 3, 90], seed=1)
     results = await collect_all(engine, [request(f"g{i}", p, max_tokens=64) for i, p in enumerate(batch)])
     for prompt, result in zip(batch, results, strict=True):
-        with torch.no_grad():
-            generated = hf_model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=64,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        assert result.tokens == generated[0, len(prompt) :].tolist()
+        assert result.tokens == hf_greedy(hf_model, prompt, 64)
         assert result.finish is Finish.LENGTH
 
 
@@ -226,12 +231,4 @@ async def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks_exact
             sum(length for _, length in prefill[:i]) for i in range(len(prefill))
         ]
         assert sum(length for _, length in prefill) == len(prompt) and len(prefill) >= -(-len(prompt) // 16)
-        with torch.no_grad():
-            generated = hf_model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=12,
-                do_sample=False,
-                pad_token_id=0,
-            )
-        assert results[index].tokens == generated[0, len(prompt) :].tolist()
+        assert results[index].tokens == hf_greedy(hf_model, prompt, 12)
