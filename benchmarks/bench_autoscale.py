@@ -142,6 +142,7 @@ async def one_request(http: aiohttp.ClientSession, url: str, arrival: Request, i
     )
     started = time.perf_counter()
     stamps: list[float] = []
+    done = False
     try:
         async with http.post(
             f"{url}/v1/completions", data=body, headers={"content-type": "application/json"}
@@ -149,11 +150,14 @@ async def one_request(http: aiohttp.ClientSession, url: str, arrival: Request, i
             if response.status != 200:
                 return Outcome(False)
             async for line in response.content:
+                if line.startswith(b'data: {"error"'):
+                    return Outcome(False)  # a stream that ends in an error failed, whatever came before
                 if line.startswith(b"data: {"):
                     stamps.append(time.perf_counter())
+                done = done or line.startswith(b"data: [DONE]")
     except (aiohttp.ClientError, TimeoutError):
         return Outcome(False)
-    if not stamps:
+    if not stamps or not done:  # cut off before its end: not served
         return Outcome(False)
     gaps = np.diff(stamps)
     return Outcome(True, stamps[0] - started, float(gaps.mean()) if len(gaps) else 0.0)
