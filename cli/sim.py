@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -34,24 +36,38 @@ def _synthetic(text: str) -> Workload:
         raise ValueError(f"--synthetic: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
-def _policies(items: list[str]) -> dict[str, str]:
-    chosen = {}
+def _variants(items: list[str]) -> list[dict[str, str]]:
+    """The runs `--policy` asks for: one per combination of the values given for each kind (a kind given
+    once applies to every run; none: the cluster file's policies)."""
+    values: dict[str, list[str]] = {}
     for item in items:
         kind, sep, name = item.partition("=")
         if not sep or kind not in POLICY_KINDS or not name:
-            raise ValueError(f"--policy {item!r}: expected routing=<preset> or scaling=<policy>")
-        chosen[kind] = name
-    return chosen
+            raise ValueError(f"--policy {item!r}: expected routing=<preset> or scaling=<policy>[:replicas]")
+        values.setdefault(kind, []).append(name)
+    return [dict(zip(values, combination, strict=True)) for combination in itertools.product(*values.values())]
 
 
 def _apply_policies(document: dict[str, Any], chosen: dict[str, str]) -> None:
     if "routing" in chosen:
         document["routing"] = {"preset": chosen["routing"]}
     if "scaling" in chosen:
+        name, _, size = chosen["scaling"].partition(":")
+        if size and (name != "fixed" or not size.isdigit()):
+            raise ValueError(f"--policy scaling={chosen['scaling']}: only fixed takes a size, a whole number (fixed:3)")
         for pool in document.get("pools", []):
-            # `fixed` alone means provisioned for the peak: the pool's max_replicas.
-            params = {"replicas": pool.get("max_replicas", 4)} if chosen["scaling"] == "fixed" else {}
-            pool["scaling"] = {"policy": chosen["scaling"], "params": params}
+            params: dict[str, Any] = {}
+            if name == "fixed":
+                # `fixed` alone is provisioned for the peak (the pool's max_replicas); `fixed:N` holds N.
+                replicas = int(size) if size else pool.get("max_replicas", 4)
+                params = {"replicas": replicas}
+                pool["min_replicas"] = min(pool.get("min_replicas", 1), replicas)
+                pool["max_replicas"] = max(pool.get("max_replicas", 4), replicas)
+            pool["scaling"] = {"policy": name, "params": params}
+
+
+def _label(chosen: dict[str, str]) -> str:
+    return " ".join(f"{kind}={name}" for kind, name in chosen.items()) or "as configured"
 
 
 def sim(
@@ -66,7 +82,10 @@ def sim(
     routing: Path | None = typer.Option(None, help="Routing document (the router's SHOAL_ROUTER_ROUTING_CONFIG)."),
     policy: list[str] = typer.Option(
         [],
-        help="Override a policy: routing=<preset> (e.g. prefix-aware) or scaling=<policy> (fixed = at max_replicas).",
+        help=(
+            "Override a policy: routing=<preset> (e.g. prefix-aware) or scaling=<policy> (fixed: at max_replicas; "
+            "fixed:N: N replicas). Repeat a kind to compare: one run per combination, side by side."
+        ),
     ),
     model: str | None = typer.Option(None, help="Model whose pools serve the workload (default: the first)."),
     time_scale: float = typer.Option(1.0, help="Replay this many times faster (same requests)."),
@@ -101,18 +120,28 @@ def sim(
         )
         if not workload.requests:
             raise ValueError("the workload is empty after --start/--duration/--limit")
-        config = load_config(cluster, routing, mutate=lambda doc: _apply_policies(doc, _policies(policy)))
+        variants = _variants(policy)
+        configs = {
+            _label(chosen) if len(variants) > 1 else workload.name: load_config(
+                cluster, routing, mutate=functools.partial(_apply_policies, chosen=chosen)
+            )
+            for chosen in variants
+        }
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"simulating {len(workload.requests)} requests from {workload.name} over {workload.span_s:.0f} s")
-    result = simulate(config, workload, model, warm=not cold)
-    metrics = measure(result, ttft_slo, tbt_slo)
-    typer.echo(table({workload.name: metrics}))
-    for event in result.scaling_events[:20]:
-        typer.echo(f"  t={event.t:8.1f}s {event.pool}: {event.before} -> {event.after} ({event.reason})")
-    if len(result.scaling_events) > 20:
-        typer.echo(f"  ... {len(result.scaling_events) - 20} more scaling events")
+    results = {name: simulate(config, workload, model, warm=not cold) for name, config in configs.items()}
+    metrics = {name: measure(result, ttft_slo, tbt_slo) for name, result in results.items()}
+    typer.echo(table(metrics))
+    for name, result in results.items():
+        heading = f"{name}: " if len(results) > 1 else ""
+        for event in result.scaling_events[:20]:
+            typer.echo(f"  {heading}t={event.t:8.1f}s {event.pool}: {event.before} -> {event.after} ({event.reason})")
+        if len(result.scaling_events) > 20:
+            typer.echo(f"  {heading}... {len(result.scaling_events) - 20} more scaling events")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(asdict(metrics), indent=2))
-    typer.echo(f"plot: {plot({workload.name: result}, out / 'sim.png')}")
+    # One run: its metrics, as before; several: keyed by run.
+    dumped = {name: asdict(m) for name, m in metrics.items()}
+    (out / "metrics.json").write_text(json.dumps(next(iter(dumped.values())) if len(dumped) == 1 else dumped, indent=2))
+    typer.echo(f"plot: {plot(results, out / 'sim.png')}")

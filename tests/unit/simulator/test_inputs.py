@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -143,10 +144,29 @@ def test_shoal_sim_prints_a_table_and_writes_a_plot(tmp_path: Path) -> None:
     assert '"requests": 200' in (tmp_path / "out" / "metrics.json").read_text()
 
 
+def test_repeated_policies_run_side_by_side_on_the_same_requests(tmp_path: Path) -> None:
+    """Fixed sizes from the command line, compared in one run: no YAML edited."""
+    trace = mooncake(tmp_path, 150)
+    args = ["sim", "--trace", str(trace), "--out", str(tmp_path / "out")]
+    for choice in ("scaling=fixed:1", "scaling=fixed:3", "routing=round-robin"):
+        args += ["--policy", choice]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[1]
+    assert "scaling=fixed:1 routing=round-robin" in header and "scaling=fixed:3 routing=round-robin" in header
+    runs = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    one, three = runs["scaling=fixed:1 routing=round-robin"], runs["scaling=fixed:3 routing=round-robin"]
+    assert one["requests"] == three["requests"] == 150
+    # Three replicas held for the whole span cost three times one replica's worker-seconds.
+    assert three["worker_seconds"] == pytest.approx(3 * one["worker_seconds"], rel=0.05)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         ([], "give --trace PATH"),
+        (["--synthetic", "rate_rps=5", "--policy", "scaling=predictive:3"], "only fixed takes a size"),
+        (["--synthetic", "rate_rps=5", "--policy", "scaling=fixed:many"], "only fixed takes a size"),
         (["--synthetic", "rate_rps=-1"], "--synthetic: rate_rps"),
         (["--synthetic", "rate_rps=5", "--policy", "speed=max"], "expected routing=<preset>"),
         (["--synthetic", "rate_rps=5", "--policy", "scaling=magic"], "unknown scaling policy 'magic'"),
