@@ -98,6 +98,12 @@ def sim(
     ttft_slo: float | None = typer.Option(None, help="TTFT SLO in seconds (default: each pool's)."),
     tbt_slo: float | None = typer.Option(None, help="TBT SLO in seconds (default: each pool's)."),
     cold: bool = typer.Option(False, help="Start with no replica ready (each pays its cold start)."),
+    warmup: float = typer.Option(
+        0.0,
+        min=0.0,
+        help="Run but do not measure the first seconds (after time scaling): every policy is judged from "
+        "the state it reaches under the load, not from the one all start in.",
+    ),
     out: Path = typer.Option(Path("sim-out"), help="Folder for the plot and the metrics JSON."),
 ) -> None:
     """Simulate the cluster on a trace with the live policies; print a table, write a plot."""
@@ -120,6 +126,8 @@ def sim(
         )
         if not workload.requests:
             raise ValueError("the workload is empty after --start/--duration/--limit")
+        if warmup and not any(r.at >= warmup for r in workload.requests):
+            raise ValueError(f"--warmup {warmup:g}: no request arrives after it")
         variants = _variants(policy)
         configs = {
             _label(chosen) if len(variants) > 1 else workload.name: load_config(
@@ -131,7 +139,9 @@ def sim(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"simulating {len(workload.requests)} requests from {workload.name} over {workload.span_s:.0f} s")
-    results = {name: simulate(config, workload, model, warm=not cold) for name, config in configs.items()}
+    results = {
+        name: simulate(config, workload, model, warm=not cold, warmup_s=warmup) for name, config in configs.items()
+    }
     metrics = {name: measure(result, ttft_slo, tbt_slo) for name, result in results.items()}
     typer.echo(table(metrics))
     for name, result in results.items():

@@ -122,6 +122,8 @@ class SimResult:
     end_s: float
     wall_s: float
     kv_transfer_s: float
+    # Metrics count from here: requests arriving earlier and worker time spent earlier are the warm-up.
+    measured_from: float = 0.0
 
 
 class Simulation:
@@ -132,10 +134,14 @@ class Simulation:
         model: str | None = None,
         warm: bool = True,
         max_steps_per_segment: int = 1 << 30,
+        warmup_s: float = 0.0,
     ) -> None:
         """`warm`: the pools' first replicas are ready at time 0. `max_steps_per_segment=1` advances
-        every worker one engine step at a time: slow, and the reference the segment arithmetic is tested against."""
+        every worker one engine step at a time: slow, and the reference the segment arithmetic is tested against.
+        `warmup_s`: the first seconds are run but not measured, so that policies compared on one workload are
+        judged from the state each reaches under it, not from the one they all start in."""
         self.config = config
+        self.warmup_s = warmup_s
         self.max_steps_per_segment = max_steps_per_segment
         self.workload = workload
         self.router = Router(config.routing.resolve())
@@ -215,6 +221,7 @@ class Simulation:
             self.now,
             time.perf_counter() - started,
             self.kv_transfer_s,
+            self.warmup_s,
         )
 
     def _push(self, t: float, kind: int, worker_id: str, value: int) -> None:
@@ -378,7 +385,7 @@ class Simulation:
         pool.starting.pop(worker_id, None)
         pool.draining.pop(worker_id, None)
         self.index.drop(worker_id)
-        self.worker_seconds[pool.name] += t - self.started.pop(worker_id)
+        self.worker_seconds[pool.name] += max(0.0, t - max(self.started.pop(worker_id), self.warmup_s))
 
     def _snapshot(self, pool: SimPool, t: float) -> PoolSnapshot:
         while pool.work and pool.work[0].t < t - HISTORY_S:
@@ -457,5 +464,7 @@ class Simulation:
         self._push(t + interval, _TICK, "", 0)
 
 
-def simulate(config: SimConfig, workload: Workload, model: str | None = None, warm: bool = True) -> SimResult:
-    return Simulation(config, workload, model, warm).run()
+def simulate(
+    config: SimConfig, workload: Workload, model: str | None = None, warm: bool = True, warmup_s: float = 0.0
+) -> SimResult:
+    return Simulation(config, workload, model, warm, warmup_s=warmup_s).run()

@@ -73,7 +73,7 @@ def _percentiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def measure(result: SimResult, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None) -> Metrics:
-    jobs = result.jobs
+    jobs = [j for j in result.jobs if j.arrived >= result.measured_from]  # the warm-up's requests are not judged
     served = [j for j in jobs if not j.refused and j.finished_at is not None]
     ttfts = [j.ttft for j in served if j.ttft is not None]
     tbts = [j.tbt for j in served if j.tbt is not None and j.request.output_tokens > 1]
@@ -84,7 +84,7 @@ def measure(result: SimResult, ttft_slo_s: float | None = None, tbt_slo_s: float
         tbt_limit = tbt_slo_s if tbt_slo_s is not None else slo.tbt_p90_s
         if (job.ttft or 0.0) <= ttft_limit and (job.tbt or 0.0) <= tbt_limit:
             met += 1
-    start = min((j.arrived for j in jobs), default=0.0)
+    start = result.measured_from if result.measured_from > 0 else min((j.arrived for j in jobs), default=0.0)
     span = max(result.end_s - start, 1e-9)
     prompt = sum(j.request.prompt_tokens for j in served)
     cost = sum(seconds / 3600 * result.pools[pool].cost_per_hour for pool, seconds in result.worker_seconds.items())

@@ -176,3 +176,19 @@ def test_expert_shapes_that_cannot_hold_their_experts_are_refused() -> None:
         config(experts={"mixed": {"experts": 64, "ranks": 4, "slots_per_rank": 9}})
     with pytest.raises(ValueError, match="experts: no pool named moe"):
         config(experts={"moe": {}})
+
+
+def test_a_warm_up_span_is_run_but_not_measured() -> None:
+    """Requests arriving in the warm-up are served but not judged, and worker time before it is not charged:
+    the same run measured from 10 s counts exactly the later requests and two replicas' later seconds."""
+    workload = shared_prefix_load(rate=4, duration=30)
+    whole = simulate(config(), workload)
+    measured = simulate(config(), workload, warmup_s=10.0)
+    later = [j for j in whole.jobs if j.arrived >= 10.0]
+    assert 0 < len(later) < len(whole.jobs)
+    assert [(j.worker, j.finished_at) for j in measured.jobs] == [(j.worker, j.finished_at) for j in whole.jobs]
+    full, tail = measure(whole), measure(measured)
+    assert tail.requests == tail.served == len(later) and full.requests == len(whole.jobs)
+    # Two fixed replicas the whole run: charged from 10 s on, 20 s less each.
+    assert tail.worker_seconds == pytest.approx(full.worker_seconds - 2 * 10.0)
+    assert tail.replicas_mean == pytest.approx(2.0)
