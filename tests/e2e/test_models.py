@@ -16,7 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
@@ -24,7 +23,7 @@ from cli.localstack import Endpoints
 from cli.main import app
 from cli.supervisor import Supervisor
 from tests.e2e.conftest import local_stack
-from tests.support.models import TINY_MODEL_B_NAME, TINY_MODEL_NAME
+from tests.support.models import TINY_MODEL_B_NAME, TINY_MODEL_NAME, transformers_greedy, transformers_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -35,21 +34,10 @@ TOKENS = 12
 
 def _greedy(model_path: Path) -> str:
     """What transformers' own greedy generation makes of PROMPT with this checkpoint and its tokenizer."""
-    from transformers import MixtralForCausalLM
-
     tokenizer = Tokenizer.from_file(str(model_path / "tokenizer.json"))
-    model: Any = MixtralForCausalLM.from_pretrained(model_path)
-    model.eval()
-    model.generation_config.eos_token_id = None  # the requests ignore end-of-sequence
     prompt = tokenizer.encode(PROMPT, add_special_tokens=False).ids
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=TOKENS,
-            do_sample=False,
-        )
-    return str(tokenizer.decode(out[0, len(prompt) :].tolist(), skip_special_tokens=True))
+    out = transformers_greedy(transformers_model(model_path), prompt, TOKENS)
+    return str(tokenizer.decode(out, skip_special_tokens=True))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from services.worker.tiny_model import VARIANTS, build_tiny_model
 
@@ -17,3 +18,30 @@ def build(path: Path) -> Path:
 
 def build_b(path: Path) -> Path:
     return build_tiny_model(path, seed=0, variant=VARIANTS["b"])
+
+
+def transformers_model(path: Path) -> Any:
+    """The checkpoint in transformers, as the reference the engine is checked against. Our requests
+    ignore end-of-sequence, so the reference does too (min_new_tokens would instead forbid that token,
+    changing the argmax)."""
+    from transformers import MixtralForCausalLM
+
+    model: Any = MixtralForCausalLM.from_pretrained(path)
+    model.eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def transformers_greedy(model: Any, prompt: list[int], tokens: int) -> list[int]:
+    """transformers' greedy continuation of `prompt`, `tokens` long."""
+    import torch
+
+    with torch.no_grad():
+        generated = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return list(generated[0, len(prompt) :].tolist())

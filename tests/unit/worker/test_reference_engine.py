@@ -14,33 +14,14 @@ from services.worker.engines.engine import BatchingEngine
 from services.worker.engines.scheduler import Item
 from shared.errors import InvalidArgument
 from tests.support.engines import collect, collect_all, prompts, reference_engine, request
+from tests.support.models import transformers_greedy, transformers_model
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_model: Path) -> Any:
-    from transformers import MixtralForCausalLM
-
-    model = MixtralForCausalLM.from_pretrained(tiny_model)
-    model.eval()  # type: ignore[no-untyped-call]
-    # Our requests ignore end-of-sequence; so must the reference (min_new_tokens
-    # would instead forbid that token, changing the argmax).
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def hf_greedy(hf_model: Any, prompt: list[int], tokens: int) -> list[int]:
-    """transformers' greedy continuation of `prompt`."""
-    with torch.no_grad():
-        generated = hf_model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return list(generated[0, len(prompt) :].tolist())
+    return transformers_model(tiny_model)
 
 
 @pytest.fixture
@@ -75,7 +56,7 @@ async def test_greedy_output_matches_transformers_generate(engine: BatchingEngin
     batch = prompts(8, [5, 12, 17, 30, 48, 64, 3, 90], seed=1)
     results = await collect_all(engine, [request(f"g{i}", p, max_tokens=64) for i, p in enumerate(batch)])
     for prompt, result in zip(batch, results, strict=True):
-        assert result.tokens == hf_greedy(hf_model, prompt, 64)
+        assert result.tokens == transformers_greedy(hf_model, prompt, 64)
         assert result.finish is Finish.LENGTH
 
 
@@ -231,4 +212,4 @@ async def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks_exact
             sum(length for _, length in prefill[:i]) for i in range(len(prefill))
         ]
         assert sum(length for _, length in prefill) == len(prompt) and len(prefill) >= -(-len(prompt) // 16)
-        assert results[index].tokens == hf_greedy(hf_model, prompt, 12)
+        assert results[index].tokens == transformers_greedy(hf_model, prompt, 12)
