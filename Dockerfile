@@ -22,7 +22,9 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_BUILD}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python3 -m venv /opt/shoal
 WORKDIR /src
-COPY requirements.lock pyproject.toml README.md ./
+# The lock alone goes in before the ~1.7 GB dependency layer, so that only a change
+# to it rebuilds that layer (pyproject.toml and README.md follow with the sources).
+COPY requirements.lock ./
 # torch from the index of the chosen build (its local version names the build); the rest from the lock.
 RUN grep -E '^torch==' requirements.lock | sed -E "s/\+[a-z0-9]+$/+${TORCH_BUILD}/" > /tmp/torch.txt \
  && /opt/shoal/bin/pip install --no-deps --index-url "${TORCH_INDEX}" -r /tmp/torch.txt \
@@ -33,6 +35,7 @@ COPY services services
 COPY protos protos
 COPY cli cli
 COPY simulator simulator
+COPY pyproject.toml README.md ./
 RUN /opt/shoal/bin/pip install --no-deps . \
  && /opt/shoal/bin/python -m cli tiny-model /opt/models/shoal-tiny-moe \
  && /opt/shoal/bin/python -m cli tiny-model /opt/models/shoal-tiny-moe-b --variant b

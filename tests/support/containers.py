@@ -54,8 +54,12 @@ class Engine:
     def __call__(self, *args: str, capture: bool = False, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run([self.name, *args], check=check, text=True, capture_output=capture)
 
+    def image_id(self, tag: str) -> str | None:
+        found = self("image", "inspect", "--format", "{{.Id}}", tag, capture=True, check=False)
+        return found.stdout.strip() if found.returncode == 0 else None
+
     def has_image(self, tag: str) -> bool:
-        return self("image", "inspect", tag, capture=True, check=False).returncode == 0
+        return self.image_id(tag) is not None
 
     def compose(self) -> list[str]:
         if self.name == "docker":
@@ -140,11 +144,21 @@ def local_images(engine: Engine) -> None:
 
 
 def build_image(engine: Engine, tag: str, base: str | None) -> None:
+    """Build the image as `tag`, then remove the image the tag named before.
+
+    Every build of changed sources leaves a new ~1.7 GB layer (the venv copied into the
+    runtime stage); without the removal, the superseded images of repeated runs fill the
+    disk until a build fails for want of space.
+    """
+    before = engine.image_id(tag)
     args = ["build", "-t", tag, *engine.build_options()]
     if base is not None:
         # The pinned CPU torch is on this machine's pip indexes, not PyTorch's own.
         args += ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", "TORCH_INDEX=https://pypi.org/simple"]
     engine(*args, str(ROOT))
+    if before is not None and before != engine.image_id(tag):
+        # A container still using the old image keeps it; that is not this build's failure.
+        engine("rmi", before, capture=True, check=False)
 
 
 @dataclass
