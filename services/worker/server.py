@@ -37,6 +37,7 @@ log = get_logger("shoal.worker.server")
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
+MAX_LOGIT_BIAS = 300
 DEFAULT_KV_TIMEOUT_S = 10.0
 _FINISH = {
     Finish.STOP: common_pb2.FINISH_REASON_STOP,
@@ -84,6 +85,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 param="stop",
             )
         self._check_ids(params.stop_token_ids, "stop_token_ids")
+        self._check_logit_shaping(params)
         return Sampling(
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -93,7 +95,34 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             stop_token_ids=tuple(params.stop_token_ids),
             stop=tuple(params.stop),
             ignore_eos=params.ignore_eos,
+            logit_bias=tuple(sorted(params.logit_bias.items())),
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty or 1.0,
+            min_tokens=params.min_tokens,
         )
+
+    def _check_logit_shaping(self, params: common_pb2.SamplingParams) -> None:
+        if len(params.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument(f"logit_bias holds more than {MAX_LOGIT_BIAS} entries", param="logit_bias")
+        self._check_ids(list(params.logit_bias), "logit_bias")
+        bad = next((b for b in params.logit_bias.values() if not -100.0 <= b <= 100.0), None)
+        if bad is not None:
+            raise InvalidArgument(f"logit_bias values must be within [-100, 100], got {bad:g}", param="logit_bias")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(params, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidArgument(f"sampling.{name} must be within [-2, 2], got {value:g}", param=name)
+        if not 0.0 <= params.repetition_penalty <= 2.0:
+            raise InvalidArgument(
+                f"sampling.repetition_penalty must be within (0, 2], got {params.repetition_penalty:g}",
+                param="repetition_penalty",
+            )
+        if params.min_tokens > params.max_tokens:
+            raise InvalidArgument(
+                f"sampling.min_tokens ({params.min_tokens}) exceeds max_tokens ({params.max_tokens})",
+                param="min_tokens",
+            )
 
     def _check_ids(self, ids: Sequence[int], field: str) -> None:
         vocab = self.engine.vocab_size

@@ -206,6 +206,11 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) 
         top_p=body.top_p or 1.0,
         stop=body.stop or [],
         ignore_eos=body.ignore_eos,
+        logit_bias={int(token): bias for token, bias in (body.logit_bias or {}).items()},
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        min_tokens=body.min_tokens or 0,
     )
     if body.seed is not None:
         params.seed = body.seed % 2**64
@@ -310,6 +315,11 @@ class Completions:
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the prompt, {max_tokens} for the completion).",
                 param="max_tokens",
+            )
+        if (request.min_tokens or 0) > max_tokens:
+            raise InvalidArgument(
+                f"min_tokens ({request.min_tokens}) exceeds the {max_tokens} tokens the completion may hold",
+                param="min_tokens",
             )
         return self.backend.job(model, prompt, _sampling(request, max_tokens), hints)
 

@@ -1,10 +1,10 @@
 """OpenAI API request and response bodies (the subset Shoal serves).
 
 No parameter is accepted and then ignored: a request that sets one Shoal does
-not implement (logprobs, tools, response_format, n != 1, non-zero penalties,
-...) or one it does not know gets a 400 naming it, as OpenAI's own API refuses
-unrecognised arguments. A parameter sent at its default value, which changes
-nothing, is accepted. Names follow OpenAI's API reference.
+not implement (logprobs, tools, response_format, n != 1, ...) or one it does
+not know gets a 400 naming it, as OpenAI's own API refuses unrecognised
+arguments. A parameter sent at its default value, which changes nothing, is
+accepted. Names follow OpenAI's API reference.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 300
 MAX_PROMPT_CHARS = 2_000_000
 
 
@@ -34,9 +35,7 @@ NO_EFFECT: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False),  # about tools, of which there are none
-    "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}),
-    "min_tokens": (None, 0),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "modalities": (None, ["text"]),
@@ -53,8 +52,17 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[Annotated[str, Field(max_length=256)]] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    presence_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 is served.")
-    frequency_penalty: float | None = Field(default=None, ge=0, le=0, description="Only 0 is served.")
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, le=2, description="Extension (as in vLLM and transformers): 1 is off."
+    )
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="Token id (as a string) -> bias added to its logit."
+    )
+    min_tokens: int | None = Field(
+        default=None, ge=0, le=1_000_000, description="Extension (as in vLLM): no end before this many tokens."
+    )
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = Field(default=False, description="Extension (as in vLLM): keep generating past end-of-sequence.")
 
@@ -67,6 +75,18 @@ class _SamplingFields(BaseModel):
         if len(stops) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         return [s for s in stops if s]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        bad = next((key for key in value if not (key.isascii() and key.isdigit() and int(key) < 2**31)), None)
+        if bad is not None:
+            raise ValueError(f"keys must be token ids, got {bad[:32]!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from services.worker.engines.base import EngineRequest, Finish, KVBlock, Sampling
 from services.worker.engines.engine import BatchingEngine, EngineLimits
@@ -34,28 +35,15 @@ def request(
     prompt: list[int],
     max_tokens: int = 16,
     *,
-    temperature: float = 0.0,
-    seed: int | None = None,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    stop: tuple[str, ...] = (),
-    stop_token_ids: tuple[int, ...] = (),
     resume: list[int] | None = None,
     imported: list[KVBlock] | None = None,
     export: bool = False,
-    ignore_eos: bool = True,
+    **sampling: Any,
 ) -> EngineRequest:
-    sampling = Sampling(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        stop=stop,
-        stop_token_ids=stop_token_ids,
-        ignore_eos=ignore_eos,
-    )
-    return EngineRequest(request_id, prompt, sampling, resume or [], imported or [], export)
+    """An engine request; `sampling` sets fields of Sampling. End-of-sequence is ignored unless
+    `ignore_eos=False` is given."""
+    chosen = Sampling(max_tokens=max_tokens, **{"ignore_eos": True, **sampling})
+    return EngineRequest(request_id, prompt, chosen, resume or [], imported or [], export)
 
 
 @dataclass

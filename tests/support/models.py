@@ -32,8 +32,9 @@ def transformers_model(path: Path) -> Any:
     return model
 
 
-def transformers_greedy(model: Any, prompt: list[int], tokens: int) -> list[int]:
-    """transformers' greedy continuation of `prompt`, `tokens` long."""
+def transformers_greedy(model: Any, prompt: list[int], tokens: int, **generate: Any) -> list[int]:
+    """transformers' greedy continuation of `prompt`, at most `tokens` long; `generate` passes more
+    options (logits processors, penalties) to `generate`."""
     import torch
 
     with torch.no_grad():
@@ -43,5 +44,6 @@ def transformers_greedy(model: Any, prompt: list[int], tokens: int) -> list[int]
             max_new_tokens=tokens,
             do_sample=False,
             pad_token_id=0,
+            **generate,
         )
     return list(generated[0, len(prompt) :].tolist())

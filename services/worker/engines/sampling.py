@@ -1,4 +1,9 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+"""Choosing the next token from logits: logit shaping, then greedy, temperature, top-k, top-p.
+
+Shaping (OpenAI's `logit_bias`, presence and frequency penalties, the
+repetition penalty of `transformers` and a floor on the output's length)
+depends only on the request's own tokens, so it changes nothing about the
+reproducibility below.
 
 Sampling is reproducible per position: the token at position p of a request
 with seed s is drawn from a generator seeded by mix(s, p). It therefore does
@@ -8,21 +13,55 @@ resumed request continues exactly as it would have).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
+from collections.abc import Sequence as Seq
 
 import torch
 
 from services.worker.engines.base import Sampling
+from services.worker.engines.scheduler import Sequence
 from services.worker.engines.seeds import position_seed
 
 
-def sample(logits: torch.Tensor, params: Sequence[Sampling], positions: Sequence[int]) -> list[int]:
-    """One token per row of `logits` [rows, vocab] (float32)."""
+@torch.inference_mode()
+def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: Collection[int]) -> list[int]:
+    """The next token of each sequence, from its row of `logits` [rows, vocab] (float32, shaped in place)."""
+    for row, seq in enumerate(seqs):
+        if seq.request.sampling.shapes_logits:
+            shape_logits(logits[row], seq.request.sampling, seq.tokens, seq.num_prompt, eos_token_ids)
     out = logits.argmax(dim=-1).tolist()
-    for row, (sampling, position) in enumerate(zip(params, positions, strict=True)):
+    for row, seq in enumerate(seqs):
+        sampling = seq.request.sampling
         if not sampling.greedy:
-            out[row] = _draw(logits[row], sampling, position)
+            out[row] = _draw(logits[row], sampling, len(seq.tokens))
     return [int(token) for token in out]
+
+
+def shape_logits(
+    logits: torch.Tensor, sampling: Sampling, tokens: Seq[int], num_prompt: int, eos_token_ids: Collection[int]
+) -> None:
+    """Apply the request's bias, length floor and penalties to one row of logits [vocab], in place.
+
+    `tokens` is the prompt followed by the output so far (`num_prompt` of them
+    are the prompt). Presence and frequency penalties count the output only,
+    as OpenAI defines them; the repetition penalty covers the prompt too, as
+    `transformers` and vLLM apply it.
+    """
+    device = logits.device
+    if sampling.logit_bias:
+        ids, biases = zip(*sampling.logit_bias, strict=True)
+        logits.index_add_(0, torch.tensor(ids, device=device), torch.tensor(biases, dtype=logits.dtype, device=device))
+    if len(tokens) - num_prompt < sampling.min_tokens:
+        ending = [*sampling.stop_token_ids, *(() if sampling.ignore_eos else eos_token_ids)]
+        logits[torch.tensor(ending, dtype=torch.long, device=device)] = float("-inf")
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(tokens)), dtype=torch.long, device=device)
+        picked = logits[seen]
+        penalty = sampling.repetition_penalty
+        logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    if (sampling.presence_penalty or sampling.frequency_penalty) and len(tokens) > num_prompt:
+        counts = torch.bincount(torch.tensor(tokens[num_prompt:], device=device), minlength=logits.shape[0])
+        logits -= sampling.frequency_penalty * counts + sampling.presence_penalty * (counts > 0)
 
 
 def _draw(logits: torch.Tensor, sampling: Sampling, position: int) -> int:

@@ -14,6 +14,7 @@ from openai import AsyncOpenAI
 
 from services.worker.app import WorkerApp
 from shared.config import EngineKind, WorkerRole
+from tests.support.engines import collect, prompts, reference_engine, request
 from tests.support.fuzz import assert_no_server_errors
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningRouter, running_kvstore, running_router, running_worker
@@ -98,6 +99,38 @@ async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> h
         return await http.post(path, json=body, headers=headers)
 
 
+async def test_logit_shaping_reaches_the_engine(redis_url: str, tiny_model: Path) -> None:
+    """Each shaping parameter, sent with the official client, gives what the engine gives for it alone."""
+    prompt = prompts(1, [12], seed=21)[0]
+    shaping: list[dict[str, Any]] = [
+        {},
+        {"logit_bias": {"7": 5.0, "120": -100.0}},
+        {"frequency_penalty": 1.5},
+        {"presence_penalty": -2.0},
+        {"repetition_penalty": 1.8},
+        {"min_tokens": 20, "ignore_eos": False},
+    ]
+    engine = reference_engine(tiny_model)
+    await engine.start()
+    try:
+        expected = []
+        for i, fields in enumerate(shaping):
+            sampling = {**fields, "logit_bias": tuple((int(t), b) for t, b in fields.get("logit_bias", {}).items())}
+            expected.append((await collect(engine, request(f"x{i}", prompt, max_tokens=20, **sampling))).text)
+    finally:
+        await engine.stop()
+    assert len(set(expected[:5])) == 5  # each parameter changes this output, so each is seen to arrive
+    async with stack(redis_url, tiny_model, [{}]) as (front, _apps):
+        oai = client(front)
+        for fields, text in zip(shaping, expected, strict=True):
+            standard = {k: v for k, v in fields.items() if k in ("logit_bias", "frequency_penalty", "presence_penalty")}
+            extra = {"ignore_eos": True, **{k: v for k, v in fields.items() if k not in standard}}
+            got = await oai.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=20, temperature=0, **standard, extra_body=extra
+            )
+            assert got.choices[0].text == text, fields
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
@@ -112,8 +145,14 @@ async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> h
         ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
         # Not implemented, so refused rather than ignored (plain text would come back where JSON was asked).
         ({"model": MODEL, "messages": USER_X, "response_format": {"type": "json_object"}}, 400, "response_format"),
-        ({"model": MODEL, "messages": USER_X, "min_tokens": 4, "top_k": 5}, 400, "min_tokens, top_k are not"),
-        ({"model": MODEL, "messages": USER_X, "repetition_penalty": 1.2}, 400, "repetition_penalty is not"),
+        ({"model": MODEL, "messages": USER_X, "suffix": "x", "top_k": 5}, 400, "suffix, top_k are not"),
+        ({"model": MODEL, "messages": USER_X, "typical_p": 0.9}, 400, "typical_p is not"),
+        ({"model": MODEL, "messages": USER_X, "logit_bias": {"a7": 1}}, 400, "token ids"),
+        ({"model": MODEL, "messages": USER_X, "logit_bias": {"7": 101}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": USER_X, "logit_bias": {"99999999": 1}}, 400, "token id 99999999"),
+        ({"model": MODEL, "messages": USER_X, "presence_penalty": 2.5}, 400, "presence_penalty"),
+        ({"model": MODEL, "messages": USER_X, "repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"model": MODEL, "messages": USER_X, "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens (5) exceeds"),
     ],
     ids=[
         "model",
@@ -128,6 +167,12 @@ async def _post(front: RunningRouter, path: str, body: Any, **headers: str) -> h
         "response-format",
         "unimplemented",
         "unknown",
+        "bias-key",
+        "bias-value",
+        "bias-vocab",
+        "presence",
+        "repetition",
+        "min-tokens",
     ],
 )
 async def test_bad_requests_get_openai_errors(

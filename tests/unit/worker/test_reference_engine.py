@@ -86,11 +86,11 @@ async def test_preemption_does_not_change_tokens(tiny_model: Path) -> None:
 
 async def test_seeded_sampling_is_reproducible_and_batch_independent(engine: BatchingEngine) -> None:
     prompt = prompts(1, [25], seed=4)[0]
-    sampled = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
-    first = await collect(engine, request("s1", prompt, max_tokens=32, **sampled))  # type: ignore[arg-type]
+    sampled: dict[str, Any] = dict(temperature=0.9, top_p=0.9, top_k=50, seed=1234)
+    first = await collect(engine, request("s1", prompt, max_tokens=32, **sampled))
     crowd = [request(f"c{i}", p, max_tokens=32) for i, p in enumerate(prompts(5, [30], seed=5))]
-    second, *_ = await collect_all(engine, [request("s2", prompt, max_tokens=32, **sampled), *crowd])  # type: ignore[arg-type]
-    other = await collect(engine, request("s3", prompt, max_tokens=32, **{**sampled, "seed": 99}))  # type: ignore[arg-type]
+    second, *_ = await collect_all(engine, [request("s2", prompt, max_tokens=32, **sampled), *crowd])
+    other = await collect(engine, request("s3", prompt, max_tokens=32, **{**sampled, "seed": 99}))
     assert first.tokens == second.tokens
     assert other.tokens != first.tokens
 
@@ -213,3 +213,80 @@ async def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks_exact
         ]
         assert sum(length for _, length in prefill) == len(prompt) and len(prefill) >= -(-len(prompt) // 16)
         assert results[index].tokens == transformers_greedy(hf_model, prompt, 12)
+
+
+# -- logit shaping, against transformers' logits processors --------------------
+
+
+class _OpenAIPenalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor, written from
+    OpenAI's formula: logit -= count * frequency + (count > 0) * presence, counting the output only."""
+
+    def __init__(self, prompt_len: int, presence: float, frequency: float) -> None:
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        for token in set(input_ids[0, self.prompt_len :].tolist()):
+            count = int((input_ids[0, self.prompt_len :] == token).sum())
+            scores[0, token] -= count * self.frequency + self.presence
+        return scores
+
+
+def _processors(*processors: Any) -> Any:
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList(processors)
+
+
+async def test_repetition_penalty_matches_transformers(engine: BatchingEngine, hf_model: Any) -> None:
+    batch = prompts(3, [6, 20, 41], seed=11)
+    results = await collect_all(
+        engine, [request(f"rp{i}", p, max_tokens=40, repetition_penalty=1.7) for i, p in enumerate(batch)]
+    )
+    plain = await collect(engine, request("rp-plain", batch[0], max_tokens=40))
+    for prompt, result in zip(batch, results, strict=True):
+        assert result.tokens == transformers_greedy(hf_model, prompt, 40, repetition_penalty=1.7)
+    assert results[0].tokens != plain.tokens  # the penalty changed something
+
+
+async def test_presence_and_frequency_penalties_follow_openai(engine: BatchingEngine, hf_model: Any) -> None:
+    batch = prompts(2, [9, 30], seed=12)
+    shaped = [
+        request(f"pf{i}", p, max_tokens=40, presence_penalty=0.8, frequency_penalty=1.5) for i, p in enumerate(batch)
+    ]
+    results = await collect_all(engine, shaped)
+    for prompt, result in zip(batch, results, strict=True):
+        reference = _processors(_OpenAIPenalties(len(prompt), presence=0.8, frequency=1.5))
+        assert result.tokens == transformers_greedy(hf_model, prompt, 40, logits_processor=reference)
+    plain = await collect(engine, request("pf-plain", batch[0], max_tokens=40))
+    assert results[0].tokens != plain.tokens
+
+
+async def test_logit_bias_matches_transformers(engine: BatchingEngine, hf_model: Any) -> None:
+    from transformers import SequenceBiasLogitsProcessor
+
+    prompt = prompts(1, [14], seed=13)[0]
+    plain = await collect(engine, request("lb-plain", prompt, max_tokens=30))
+    # Push the first output token away and two others towards the front.
+    bias = {plain.tokens[0]: -100.0, 7: 4.0, 99: 2.5}
+    biased = await collect(engine, request("lb", prompt, max_tokens=30, logit_bias=tuple(bias.items())))
+    reference = _processors(SequenceBiasLogitsProcessor([[[token], value] for token, value in bias.items()]))
+    assert biased.tokens == transformers_greedy(hf_model, prompt, 30, logits_processor=reference)
+    assert plain.tokens[0] not in biased.tokens
+
+
+async def test_min_tokens_holds_back_the_stop_token(engine: BatchingEngine, hf_model: Any) -> None:
+    from transformers import MinNewTokensLengthLogitsProcessor
+
+    prompt = prompts(1, [18], seed=14)[0]
+    free = await collect(engine, request("mt-free", prompt, max_tokens=40))
+    stop_id = free.tokens[2]
+    early = await collect(engine, request("mt-early", prompt, max_tokens=40, stop_token_ids=(stop_id,)))
+    held = await collect(engine, request("mt", prompt, max_tokens=40, stop_token_ids=(stop_id,), min_tokens=12))
+    assert early.tokens == free.tokens[: free.tokens.index(stop_id) + 1]
+    assert len(held.tokens) >= 12 and stop_id not in held.tokens[:12]
+    reference = _processors(MinNewTokensLengthLogitsProcessor(len(prompt), 12, stop_id))
+    expected = transformers_greedy(hf_model, prompt, 40, logits_processor=reference, eos_token_id=stop_id)
+    assert held.tokens == expected
+    assert held.finish is (Finish.STOP if stop_id in held.tokens else Finish.LENGTH)

@@ -182,13 +182,7 @@ class ReferenceExecutor:
         sampled: list[int | None] = [None] * len(items)
         sampling_items = [item for item in items if item.sample]
         if sampling_items:
-            chosen = iter(
-                sample(
-                    logits,
-                    [item.seq.request.sampling for item in sampling_items],
-                    [len(item.seq.tokens) for item in sampling_items],
-                )
-            )
+            chosen = iter(sample(logits, [item.seq for item in sampling_items], self.eos_token_ids))
             sampled = [next(chosen) if item.sample else None for item in items]
         return StepResult(sampled, expert_counts.cpu().numpy().astype(np.int64))
 
