@@ -249,10 +249,11 @@ class Dispatcher:
     def _first_chunk(self, handed: Prefilled, progress: _Progress) -> Chunk:
         progress.produced.append(handed.first_token)
         progress.sent_chars += len(handed.first_text)
+        logprobs = [handed.first_logprob] if handed.first_logprob is not None else []
         if handed.finish == _UNFINISHED:
-            return Chunk(handed.first_text, 1)
+            return Chunk(handed.first_text, 1, logprobs=logprobs)
         usage = handed.usage
-        final = Chunk(handed.first_text, 1, _FINISH[handed.finish], usage.prompt_tokens, 1)
+        final = Chunk(handed.first_text, 1, _FINISH[handed.finish], usage.prompt_tokens, 1, logprobs=logprobs)
         self._account(handed.prefill_worker, handed.prefill_worker, final)
         return final
 
@@ -297,7 +298,7 @@ class Dispatcher:
         progress.produced.extend(event.token_ids)
         progress.sent_chars += len(event.text)
         if event.finish_reason == _UNFINISHED:
-            return Chunk(event.text, len(event.token_ids))
+            return Chunk(event.text, len(event.token_ids), logprobs=event.logprobs)
         usage = event.usage
         # A P/D decode recomputed only the uncached tail: the prompt was the prefill pool's work.
         cached = usage.cached_prompt_tokens if attempt.prefill_worker == attempt.worker_id else 0
@@ -308,6 +309,7 @@ class Dispatcher:
             usage.prompt_tokens,
             usage.completion_tokens,
             cached,
+            event.logprobs,
         )
         self._account(attempt.prefill_worker, attempt.worker_id, chunk)
         self._pin_later(job, attempt.worker_id)

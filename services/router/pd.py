@@ -46,6 +46,8 @@ class Prefilled:
     finish: common_pb2.FinishReason.ValueType
     usage: common_pb2.Usage
     source: worker_pb2.KVSource
+    # The first token's, when the request asked for logprobs.
+    first_logprob: common_pb2.TokenLogprob | None = None
 
 
 def prefill_budget_s(prompt_tokens: int) -> float:
@@ -123,4 +125,5 @@ class Handoff:
             result.finish_reason,
             result.usage,
             source,
+            result.first_logprob if result.HasField("first_logprob") else None,
         )

@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator
 from fastapi import FastAPI
 
 from services.worker.engines.base import Engine
-from services.worker.server import WorkerServicer
+from services.worker.server import WorkerServicer, logprobs_to_wire
 from shared.errors import NotFound
 from shared.httpapi import install_error_handlers
 from shared.httpserver import HttpServer
@@ -69,8 +69,9 @@ class EngineBackend:
             )
         )
         async for output in self.engine.generate(request):
+            logprobs = logprobs_to_wire(output.logprobs)
             if output.finish is None:
-                yield Chunk(output.text, len(output.token_ids))
+                yield Chunk(output.text, len(output.token_ids), logprobs=logprobs)
                 continue
             yield Chunk(
                 output.text,
@@ -79,6 +80,7 @@ class EngineBackend:
                 output.prompt_tokens,
                 output.completion_tokens,
                 output.cached_tokens,
+                logprobs,
             )
             return
 

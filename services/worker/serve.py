@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 
-from services.worker.engines.base import Engine, KVBlock, TokenOutput
+from services.worker.engines.base import Engine, KVBlock, TokenLogprob, TokenOutput
+from services.worker.server import logprobs_to_wire
 from shared.errors import Internal, InvalidArgument, ShoalError
 from shared.rpc.channel import ServerConnection, parse
 from shared.rpc.errors import to_stream_error
@@ -131,12 +132,13 @@ class ServeStream:
         held = self.held.get(request_id)
         if held is not None:
             held.token_ids.extend(item.token_ids)
+            held.logprobs.extend(item.logprobs)
             held.text += item.text
             now = time.monotonic()
             if item.finish is None and now - held.since < held.window_s:
                 return
-            item.token_ids, item.text = held.token_ids, held.text
-            held.token_ids, held.text, held.since = [], "", now
+            item.token_ids, item.logprobs, item.text = held.token_ids, held.logprobs, held.text
+            held.token_ids, held.logprobs, held.text, held.since = [], [], "", now
         self._emit(request_id, item)
 
     def _emit(self, request_id: str, item: TokenOutput | ShoalError) -> None:
@@ -179,6 +181,8 @@ class ServeStream:
                 to_stream_error(item, event.error)
                 continue
             event.token_ids.extend(item.token_ids)
+            if item.logprobs:
+                event.logprobs.extend(logprobs_to_wire(item.logprobs))
             event.text += item.text
             if item.finish is not None:
                 self.servicer.finish_fields(item, event)
@@ -200,12 +204,13 @@ class ServeStream:
 class _Held:
     """Tokens of one request held since its previous event (see `coalesce_ms`)."""
 
-    __slots__ = ("since", "text", "token_ids", "window_s")
+    __slots__ = ("logprobs", "since", "text", "token_ids", "window_s")
 
     def __init__(self, window_s: float, since: float) -> None:
         self.window_s = window_s
         self.since = since
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.text = ""
 
 

@@ -13,13 +13,22 @@ never fails it; corrupt data is refused).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeAlias
 
 from grpc import aio
 
-from services.worker.engines.base import Engine, EngineRequest, ExpertParallel, Finish, KVBlock, Sampling, TokenOutput
+from services.worker.engines.base import (
+    Engine,
+    EngineRequest,
+    ExpertParallel,
+    Finish,
+    KVBlock,
+    Sampling,
+    TokenLogprob,
+    TokenOutput,
+)
 from services.worker.engines.experts import ExpertMap
 from services.worker.metrics import WorkerMetrics
 from shared.errors import FailedPrecondition, InvalidArgument, ShoalError
@@ -38,6 +47,7 @@ log = get_logger("shoal.worker.server")
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 256
 MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
 DEFAULT_KV_TIMEOUT_S = 10.0
 _FINISH = {
     Finish.STOP: common_pb2.FINISH_REASON_STOP,
@@ -100,6 +110,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty or 1.0,
             min_tokens=params.min_tokens,
+            logprobs=params.logprobs if params.HasField("logprobs") else None,
         )
 
     def _check_logit_shaping(self, params: common_pb2.SamplingParams) -> None:
@@ -117,6 +128,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise InvalidArgument(
                 f"sampling.repetition_penalty must be within (0, 2], got {params.repetition_penalty:g}",
                 param="repetition_penalty",
+            )
+        if params.HasField("logprobs") and params.logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidArgument(
+                f"sampling.logprobs asks for {params.logprobs} alternatives; at most {MAX_TOP_LOGPROBS}",
+                param="logprobs",
             )
         if params.min_tokens > params.max_tokens:
             raise InvalidArgument(
@@ -228,10 +244,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         engine_request.export_prompt_kv = True
         engine_request.continues = wanted > 1
         tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
         text = ""
         final: TokenOutput | None = None
         async for output in self.engine.generate(engine_request):
             tokens.extend(output.token_ids)
+            logprobs.extend(output.logprobs)
             text += output.text
             final = output
         assert final is not None and final.finish is not None
@@ -240,7 +258,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             finish = _FINISH[final.finish]
         blocks = final.exported or []
         stored = await self._sink(request.sink, blocks)
-        return worker_pb2.PrefillResponse(
+        response = worker_pb2.PrefillResponse(
             block_hashes=[block.hash for block in blocks] if stored else [],
             first_token_id=tokens[0] if tokens else 0,
             first_text=text,
@@ -248,6 +266,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             usage=_usage(final),
             block_size=self.engine.block_size,
         )
+        if logprobs:
+            response.first_logprob.CopyFrom(logprobs_to_wire(logprobs[:1])[0])
+        return response
 
     async def _sink(self, sink: worker_pb2.KVSink, blocks: list[KVBlock]) -> bool:
         target = sink.WhichOneof("target")
@@ -391,8 +412,22 @@ def _usage(output: TokenOutput) -> common_pb2.Usage:
     )
 
 
+def logprobs_to_wire(entries: Iterable[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            token_id=entry.token_id,
+            logprob=entry.logprob,
+            top_token_ids=[token for token, _ in entry.top],
+            top_logprobs=[logprob for _, logprob in entry.top],
+        )
+        for entry in entries
+    ]
+
+
 def _response(output: TokenOutput) -> worker_pb2.GenerateResponse:
-    response = worker_pb2.GenerateResponse(token_ids=output.token_ids, text=output.text)
+    response = worker_pb2.GenerateResponse(
+        token_ids=output.token_ids, text=output.text, logprobs=logprobs_to_wire(output.logprobs)
+    )
     if output.finish is not None:
         WorkerServicer.finish_fields(output, response)
     return response

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.openai.tokens import byte_level_chars
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -49,7 +51,7 @@ VARIANTS = {
 def build_tokenizer(out: Path, byte_offset: int = 16) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    byte_chars = _bytes_to_unicode()
+    byte_chars = byte_level_chars()
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
     vocab.update({byte_chars[byte]: byte_offset + byte for byte in range(256)})
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
@@ -66,20 +68,6 @@ def build_tokenizer(out: Path, byte_offset: int = 16) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The GPT-2 byte-to-character table the ByteLevel pre-tokenizer uses.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(ch) for byte, ch in zip(printable, chars, strict=True)}
 
 
 def build_tiny_model(out: Path, seed: int = 0, num_layers: int = 4, variant: TinyVariant = VARIANTS["a"]) -> Path:

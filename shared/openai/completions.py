@@ -33,6 +33,7 @@ from shared.httpapi import HTTP_STATUS, describe_validation, error_body, error_p
 from shared.httpserver import Request, Responder
 from shared.openai.access import OPEN, Access
 from shared.openai.jobs import Chunk, Hints, Job
+from shared.openai.logprobs import LogprobsRenderer
 from shared.openai.models import ServedModel
 from shared.openai.prompts import PromptBuilder
 from shared.openai.schemas import ChatCompletionRequest, CompletionRequest
@@ -152,10 +153,13 @@ class _Tracked:
 class _Events:
     """One response's server-sent events, rendered from byte templates."""
 
-    def __init__(self, chat: bool, completion_id: str, created: int, model: str) -> None:
+    def __init__(
+        self, chat: bool, completion_id: str, created: int, model: str, logprobs: LogprobsRenderer | None
+    ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = orjson.dumps({"id": completion_id, "object": obj, "created": created, "model": model})[:-1]
         self.chat = chat
+        self.logprobs = logprobs
         self._head = b"data: " + head
         self._choice = self._head + b',"choices":[{"index":0,'
         self._tail = b',"finish_reason":null,"logprobs":null}]}\n\n'
@@ -163,10 +167,14 @@ class _Events:
     def role(self) -> bytes:
         return self._choice + b'"delta":{"role":"assistant","content":""}' + self._tail
 
-    def text(self, text: str) -> bytes:
+    def text(self, chunk: Chunk) -> bytes:
+        tail = self._tail
+        if self.logprobs is not None:
+            rendered = orjson.dumps(self.logprobs.render(chunk.logprobs))
+            tail = b',"finish_reason":null,"logprobs":' + rendered + b"}]}\n\n"
         if self.chat:
-            return self._choice + b'"delta":{"content":' + orjson.dumps(text) + b"}" + self._tail
-        return self._choice + b'"text":' + orjson.dumps(text) + self._tail
+            return self._choice + b'"delta":{"content":' + orjson.dumps(chunk.text) + b"}" + tail
+        return self._choice + b'"text":' + orjson.dumps(chunk.text) + tail
 
     def finish(self, reason: str) -> bytes:
         payload = b'"delta":{}' if self.chat else b'"text":""'
@@ -214,6 +222,8 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) 
     )
     if body.seed is not None:
         params.seed = body.seed % 2**64
+    if body.wanted_logprobs is not None:
+        params.logprobs = body.wanted_logprobs
     return params
 
 
@@ -363,10 +373,12 @@ class Completions:
             _send_error(responder, exc)
             return
         try:
+            logprobs = self._logprobs(kind, job)
             if stream:
-                await self._stream(responder, kind, job, first, chunks, include_usage, tracked)
+                await self._stream(responder, kind, job, first, chunks, include_usage, tracked, logprobs)
             else:
-                self._whole(responder, kind, job, first, await self._rest(first, chunks, tracked), tracked)
+                collected = await self._rest(first, chunks, tracked)
+                self._whole(responder, kind, job, collected, tracked, logprobs)
         except ShoalError as exc:
             tracked.done(HTTP_STATUS[exc.code][0])
             _send_error(responder, exc)
@@ -396,14 +408,26 @@ class Completions:
                     break
         return collected
 
+    def _logprobs(self, kind: str, job: Job) -> LogprobsRenderer | None:
+        if not job.sampling.HasField("logprobs"):
+            return None
+        return LogprobsRenderer(kind == "chat", self.backend.model(job.model).prompts.pieces)
+
     @staticmethod
     def _whole(
-        responder: Responder, kind: str, job: Job, first: Chunk, collected: list[Chunk], tracked: _Tracked
+        responder: Responder,
+        kind: str,
+        job: Job,
+        collected: list[Chunk],
+        tracked: _Tracked,
+        logprobs: LogprobsRenderer | None,
     ) -> None:
         last = collected[-1]
         text = "".join(chunk.text for chunk in collected)
         tracked.done(200)
         choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish, "logprobs": None}
+        if logprobs is not None:
+            choice["logprobs"] = logprobs.render(entry for chunk in collected for entry in chunk.logprobs)
         if kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -427,8 +451,9 @@ class Completions:
         chunks: AsyncGenerator[Chunk, None],
         include_usage: bool,
         tracked: _Tracked,
+        logprobs: LogprobsRenderer | None,
     ) -> None:
-        events = _Events(kind == "chat", _completion_id(kind, job), int(time.time()), job.model)
+        events = _Events(kind == "chat", _completion_id(kind, job), int(time.time()), job.model, logprobs)
         responder.start(200, SSE_HEADERS)
         status = 200
         try:
@@ -454,7 +479,7 @@ class Completions:
 
     @staticmethod
     def _render(events: _Events, chunk: Chunk, include_usage: bool) -> bytes:
-        out = events.text(chunk.text) if chunk.text or chunk.finish is None else b""
+        out = events.text(chunk) if chunk.text or chunk.logprobs or chunk.finish is None else b""
         if chunk.finish is not None:
             out += events.finish(chunk.finish)
             if include_usage:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shared.hashing import BlockHash
@@ -50,3 +51,5 @@ class Chunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # One per new token when the request asked for logprobs.
+    logprobs: Sequence[common_pb2.TokenLogprob] = ()

@@ -7,6 +7,7 @@ rendered in a sandboxed Jinja environment, as `transformers` does, with
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from shared.errors import FailedPrecondition, InvalidArgument
+from shared.openai.tokens import TokenPieces
 
 
 def _raise(message: str) -> NoReturn:
@@ -56,6 +58,11 @@ class PromptBuilder:
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    @functools.cached_property
+    def pieces(self) -> TokenPieces:
+        """Each token id's text and bytes, for logprobs."""
+        return TokenPieces(self.tokenizer)
 
     @property
     def vocab_size(self) -> int:

@@ -1,7 +1,7 @@
 """OpenAI API request and response bodies (the subset Shoal serves).
 
 No parameter is accepted and then ignored: a request that sets one Shoal does
-not implement (logprobs, tools, response_format, n != 1, ...) or one it does
+not implement (tools, response_format, n != 1, ...) or one it does
 not know gets a 400 naming it, as OpenAI's own API refuses unrecognised
 arguments. A parameter sent at its default value, which changes nothing, is
 accepted. Names follow OpenAI's API reference.
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 300
+MAX_TOP_LOGPROBS = 20
 MAX_PROMPT_CHARS = 2_000_000
 
 
@@ -28,8 +29,6 @@ class StreamOptions(BaseModel):
 # some of them by default): any other value, and any parameter missing here and from the request models,
 # is refused.
 NO_EFFECT: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none"),
@@ -131,10 +130,23 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @property
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """Alternatives per token to report, or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(_SamplingFields):
@@ -143,6 +155,11 @@ class CompletionRequest(_SamplingFields):
     )
     max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
     echo: bool = Field(default=False, description="Only false is served.")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod

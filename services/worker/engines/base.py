@@ -45,6 +45,8 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    # Report each new token's log-probability with this many alternatives (None: do not).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -81,6 +83,15 @@ class EngineRequest:
     continues: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely (token, log-probability) at its position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass(slots=True)
 class TokenOutput:
     """New tokens of one request since its previous output."""
@@ -93,6 +104,8 @@ class TokenOutput:
     cached_tokens: int = 0
     # With export_prompt_kv, on the final output: the prompt's full blocks.
     exported: list[KVBlock] | None = None
+    # One per token id when the request asked for logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 OutputSink = Callable[[TokenOutput | BaseException], None]

@@ -29,6 +29,7 @@ from services.worker.engines.base import (
     Finish,
     KVBlock,
     OutputSink,
+    TokenLogprob,
     TokenOutput,
 )
 from services.worker.engines.blocks import BlockManager
@@ -54,6 +55,8 @@ class StepResult:
     expert_counts: np.ndarray | None = None
     # Items (by index) that failed; their requests end with this message.
     errors: dict[int, str] = field(default_factory=dict)
+    # Items (by index) whose request asked for logprobs: the sampled token's.
+    logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
 
 
 class Executor(Protocol):
@@ -407,7 +410,7 @@ class BatchingEngine:
         result = self.executor.execute(items)
         now = time.monotonic()
         self.step_count += 1
-        scheduler.complete(items, result.tokens)
+        scheduler.complete(items, result.tokens, result.logprobs)
         prefill_tokens = sum(item.length for item in items if not item.sample or item.length > 1)
         decoded = sum(1 for token in result.tokens if token is not None)
         self.prefill_rate.add(prefill_tokens, now)
@@ -439,9 +442,8 @@ class BatchingEngine:
                 scheduler.finish(seq)
                 outputs.append((seq, self._final_output(seq)))
             else:
-                text = seq.output.take(final=False)
-                outputs.append((seq, TokenOutput(seq.pending, text)))
-                seq.pending = []
+                token_ids, logprobs = self._take_pending(seq)
+                outputs.append((seq, TokenOutput(token_ids, seq.output.take(final=False), logprobs=logprobs)))
         return outputs
 
     def _export_prompt(self, seq: Sequence) -> list[KVBlock]:
@@ -458,8 +460,10 @@ class BatchingEngine:
         generated = seq.num_generated - len(seq.request.resume)
         self.generated_tokens_total += generated
         self.observer.on_finish(seq.finish or Finish.ABORT, seq.num_prompt, generated, seq.num_cached)
-        output = TokenOutput(
-            token_ids=seq.pending,
+        token_ids, logprobs = self._take_pending(seq)
+        return TokenOutput(
+            token_ids=token_ids,
+            logprobs=logprobs,
             text=seq.output.take(final=not (seq.request.continues and seq.finish is Finish.LENGTH)),
             finish=seq.finish,
             prompt_tokens=seq.num_prompt,
@@ -467,8 +471,12 @@ class BatchingEngine:
             cached_tokens=seq.num_cached,
             exported=seq.exported,
         )
-        seq.pending = []
-        return output
+
+    @staticmethod
+    def _take_pending(seq: Sequence) -> tuple[list[int], list[TokenLogprob]]:
+        taken = seq.pending, seq.pending_logprobs
+        seq.pending, seq.pending_logprobs = [], []
+        return taken
 
     def _deliver(self, outputs: list[tuple[Sequence, TokenOutput | None]], error: BaseException | None = None) -> None:
         """Hand outputs to the asyncio loops streaming them (from the engine thread)."""

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: logit shaping, then greedy, temperature, top-k, top-p.
+"""Choosing the next token from logits: logit shaping, then greedy, temperature, top-k, top-p;
+and the log-probabilities a request asked for, taken from the model's logits before any of that.
 
 Shaping (OpenAI's `logit_bias`, presence and frequency penalties, the
 repetition penalty of `transformers` and a floor on the output's length)
@@ -18,7 +19,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from services.worker.engines.base import Sampling
+from services.worker.engines.base import Sampling, TokenLogprob
 from services.worker.engines.scheduler import Sequence
 from services.worker.engines.seeds import position_seed
 
@@ -78,3 +79,20 @@ def _draw(logits: torch.Tensor, sampling: Sampling, position: int) -> int:
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     generator = torch.Generator(device="cpu").manual_seed(position_seed(sampling.seed or 0, position))
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+
+def model_logprobs(logits: torch.Tensor, seqs: Seq[Sequence]) -> dict[int, torch.Tensor]:
+    """Log-softmax of the rows whose request asked for logprobs, by row: the model's own distribution,
+    taken before `sample` shapes the logits in place (as vLLM's and OpenAI's logprobs are)."""
+    rows = [row for row, seq in enumerate(seqs) if seq.request.sampling.logprobs is not None]
+    if not rows:
+        return {}
+    logprobs = torch.log_softmax(logits[rows], dim=-1)
+    return {row: logprobs[i] for i, row in enumerate(rows)}
+
+
+def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's entry from its row's log-probabilities [vocab], with the `top` most likely."""
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), alternatives)

@@ -20,11 +20,11 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from services.worker.engines.base import EngineRequest, Finish, KVBlock
+from services.worker.engines.base import EngineRequest, Finish, KVBlock, TokenLogprob
 from services.worker.engines.blocks import BlockManager
 from services.worker.engines.detokenize import OutputText
 from shared.errors import InvalidArgument
@@ -52,7 +52,8 @@ class Sequence:
     num_computed: int = 0
     num_cached: int = 0
     admitted: bool = False
-    pending: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)  # tokens not yet handed out
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when the request asked
     finish: Finish | None = None
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -232,9 +233,12 @@ class Scheduler:
 
     # -- after the step -------------------------------------------------------
 
-    def complete(self, items: Seq[Item], sampled: Seq[int | None]) -> None:
-        """Advance each item's sequence by its computed chunk and sampled token."""
-        for item, token in zip(items, sampled, strict=True):
+    def complete(
+        self, items: Seq[Item], sampled: Seq[int | None], logprobs: Mapping[int, TokenLogprob] | None = None
+    ) -> None:
+        """Advance each item's sequence by its computed chunk and sampled token (and that token's
+        log-probability, from `logprobs` by item index, where the request asked)."""
+        for index, (item, token) in enumerate(zip(items, sampled, strict=True)):
             seq = item.seq
             if seq.state is not State.RUNNING:
                 continue
@@ -244,6 +248,8 @@ class Scheduler:
                 continue
             seq.tokens.append(token)
             seq.pending.append(token)
+            if logprobs and index in logprobs:
+                seq.pending_logprobs.append(logprobs[index])
             if len(seq.tokens) % self.block_size == 0:
                 parent = seq.hashes[-1] if seq.hashes else self.hasher.seed
                 seq.hashes.extend(self.hasher.extend(parent, seq.tokens[-self.block_size :]))

@@ -131,6 +131,54 @@ async def test_logit_shaping_reaches_the_engine(redis_url: str, tiny_model: Path
             assert got.choices[0].text == text, fields
 
 
+async def test_logprobs_come_back_in_openai_shape(redis_url: str, tiny_model: Path) -> None:
+    """Chat (whole and streamed) and completions logprobs, read with the official client, hold the
+    engine's tokens and log-probabilities, each token's exact bytes, and the alternatives asked for."""
+    prompt = prompts(1, [10], seed=22)[0]
+    engine = reference_engine(tiny_model)
+    await engine.start()
+    try:
+        expected = []
+        async for output in engine.generate(request("lp", prompt, max_tokens=12, logprobs=3)):
+            expected.extend(output.logprobs)
+    finally:
+        await engine.stop()
+    async with stack(redis_url, tiny_model, [{}]) as (front, _apps):
+        pieces = front.app.model(MODEL).prompts.pieces
+        oai = client(front)
+        text = await oai.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=3, extra_body={"ignore_eos": True}
+        )
+        got = text.choices[0].logprobs
+        assert got is not None and got.tokens is not None and got.token_logprobs is not None
+        assert got.tokens == [pieces.piece(entry.token_id)[0] for entry in expected]
+        assert got.token_logprobs == pytest.approx([entry.logprob for entry in expected], abs=1e-6)
+        assert got.text_offset == [sum(len(t) for t in got.tokens[:i]) for i in range(len(got.tokens))]
+        assert got.top_logprobs is not None and all(len(top) <= 3 for top in got.top_logprobs)
+
+        messages: Any = [{"role": "user", "content": "hello"}]
+        whole = await oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=9, temperature=0, logprobs=True, top_logprobs=2
+        )
+        content = whole.choices[0].logprobs.content  # type: ignore[union-attr]
+        assert content is not None and len(content) == 9
+        assert all(len(item.top_logprobs) == 2 for item in content)
+        assert all(item.top_logprobs[0].logprob >= item.logprob - 1e-6 for item in content)  # greedy: the best
+        stream = await oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=9, temperature=0, logprobs=True, top_logprobs=2, stream=True
+        )
+        streamed = [
+            item
+            async for chunk in stream
+            if chunk.choices and chunk.choices[0].logprobs
+            for item in chunk.choices[0].logprobs.content or []
+        ]
+        assert [(i.token, i.bytes) for i in streamed] == [(i.token, i.bytes) for i in content]
+        assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-6)
+        plain = await oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+        assert plain.choices[0].logprobs is None
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
@@ -138,7 +186,8 @@ async def test_logit_shaping_reaches_the_engine(redis_url: str, tiny_model: Path
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+        ({"model": MODEL, "messages": USER_X, "top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
+        ({"model": MODEL, "messages": USER_X, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "context length"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "context length"),
@@ -159,7 +208,8 @@ async def test_logit_shaping_reaches_the_engine(redis_url: str, tiny_model: Path
         "empty",
         "temperature",
         "n",
-        "logprobs",
+        "top-logprobs-alone",
+        "top-logprobs-many",
         "role",
         "max-tokens",
         "long-prompt",
@@ -276,7 +326,7 @@ async def test_pool_header_prefers_that_pool_and_falls_back_when_it_has_none(red
 
 async def test_disaggregated_output_equals_colocated(redis_url: str, tiny_model: Path) -> None:
     long_prompt = "The quick brown fox jumps over the lazy dog. " * 6
-    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 24, "temperature": 0}
+    body = {"model": MODEL, "prompt": long_prompt, "max_tokens": 24, "temperature": 0, "logprobs": 2}
     async with running_kvstore(redis_url) as store:
         pd_workers = [{"role": WorkerRole.PREFILL}, {"role": WorkerRole.DECODE}]
         async with stack(
@@ -294,6 +344,10 @@ async def test_disaggregated_output_equals_colocated(redis_url: str, tiny_model:
             colocated = (await _post(front, "/v1/completions", body)).json()
     assert disaggregated["choices"][0]["text"] == colocated["choices"][0]["text"]
     assert disaggregated["usage"]["completion_tokens"] == colocated["usage"]["completion_tokens"] == 24
+    # The first token's logprobs come from the prefill worker, the rest from the decode worker.
+    split, whole = disaggregated["choices"][0]["logprobs"], colocated["choices"][0]["logprobs"]
+    assert split["tokens"] == whole["tokens"] and len(whole["tokens"]) == 24
+    assert split["token_logprobs"] == pytest.approx(whole["token_logprobs"], abs=1e-4)
 
 
 async def test_pd_with_the_kvstore_down_falls_back_to_recomputing(redis_url: str, tiny_model: Path) -> None:

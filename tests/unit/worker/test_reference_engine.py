@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -290,3 +291,34 @@ async def test_min_tokens_holds_back_the_stop_token(engine: BatchingEngine, hf_m
     expected = transformers_greedy(hf_model, prompt, 40, logits_processor=reference, eos_token_id=stop_id)
     assert held.tokens == expected
     assert held.finish is (Finish.STOP if stop_id in held.tokens else Finish.LENGTH)
+
+
+async def test_logprobs_are_transformers_log_softmax(engine: BatchingEngine, hf_model: Any) -> None:
+    """The reported log-probabilities are the model's own (before shaping and temperature), for greedy
+    and sampled requests in one batch, with the asked number of alternatives."""
+    batch = prompts(2, [11, 26], seed=15)
+    asked = [
+        request("lp-greedy", batch[0], max_tokens=12, logprobs=4),
+        request("lp-sampled", batch[1], max_tokens=12, logprobs=0, temperature=1.3, seed=5, frequency_penalty=1.0),
+        request("lp-none", batch[1], max_tokens=12),
+    ]
+    outputs: list[list[Any]] = [[], [], []]
+
+    async def gather(index: int) -> None:
+        async for output in engine.generate(asked[index]):
+            assert len(output.logprobs) == (len(output.token_ids) if index < 2 else 0)
+            outputs[index].extend(output.logprobs)
+
+    await asyncio.gather(*(gather(i) for i in range(3)))
+    for prompt, entries, top in zip(batch, outputs[:2], (4, 0), strict=True):
+        tokens = [entry.token_id for entry in entries]
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + tokens])).logits[0].float()
+        expected = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+        for position, entry in enumerate(entries):
+            row = expected[position]
+            assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
+            assert len(entry.top) == top
+            best = torch.topk(row, top)
+            assert [token for token, _ in entry.top] == best.indices.tolist()
+            assert [lp for _, lp in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)

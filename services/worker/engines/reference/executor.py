@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from services.worker.engines.base import KVBlock
+from services.worker.engines.base import KVBlock, TokenLogprob
 from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
 from services.worker.engines.reference.checkpoint import Checkpoint
 from services.worker.engines.reference.model import LayerWeights, MoEModel, run_local_experts
-from services.worker.engines.sampling import sample
+from services.worker.engines.sampling import model_logprobs, sample, token_logprob
 from services.worker.engines.scheduler import Item
 from services.worker.engines.tokenizer import HFTokenizer
 from shared.hashing import BlockHash
@@ -180,11 +180,18 @@ class ReferenceExecutor:
     def execute(self, items: list[Item]) -> StepResult:
         logits, expert_counts = self.forward(items)
         sampled: list[int | None] = [None] * len(items)
-        sampling_items = [item for item in items if item.sample]
-        if sampling_items:
-            chosen = iter(sample(logits, [item.seq for item in sampling_items], self.eos_token_ids))
-            sampled = [next(chosen) if item.sample else None for item in items]
-        return StepResult(sampled, expert_counts.cpu().numpy().astype(np.int64))
+        logprobs: dict[int, TokenLogprob] = {}
+        rows = [index for index, item in enumerate(items) if item.sample]  # item index of each logits row
+        if rows:
+            seqs = [items[index].seq for index in rows]
+            asked = model_logprobs(logits, seqs)
+            chosen = sample(logits, seqs, self.eos_token_ids)
+            for row, token in enumerate(chosen):
+                sampled[rows[row]] = token
+            for row, row_logprobs in asked.items():
+                top = seqs[row].request.sampling.logprobs or 0
+                logprobs[rows[row]] = token_logprob(row_logprobs, chosen[row], top)
+        return StepResult(sampled, expert_counts.cpu().numpy().astype(np.int64), logprobs=logprobs)
 
     def forward(self, items: list[Item], all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model over one step's items; write their KV into the cache.

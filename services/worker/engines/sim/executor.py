@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.worker.engines.base import KVBlock
+from services.worker.engines.base import KVBlock, TokenLogprob
 from services.worker.engines.detokenize import Detokenizer
 from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
@@ -137,7 +137,17 @@ class SimExecutor:
             time.sleep(remaining)
         tokens: list[int | None] = [self._token(item) if item.sample else None for item in items]
         counts = self.experts.step_counts(prefill_tokens + decode_seqs, time.monotonic())
-        return StepResult(tokens, counts, errors)
+        return StepResult(tokens, counts, errors, self._logprobs(items, tokens))
+
+    @staticmethod
+    def _logprobs(items: list[Item], tokens: list[int | None]) -> dict[int, TokenLogprob]:
+        """The stand-in model picks each token for certain: log-probability 0, and no other candidate."""
+        out: dict[int, TokenLogprob] = {}
+        for index, (item, token) in enumerate(zip(items, tokens, strict=True)):
+            top = item.seq.request.sampling.logprobs
+            if token is not None and top is not None:
+                out[index] = TokenLogprob(token, 0.0, ((token, 0.0),) if top else ())
+        return out
 
     def _token(self, item: Item) -> int:
         seq = item.seq
