@@ -68,6 +68,7 @@ class EngineBackend:
                 request_id=job.request_id, model=job.model, prompt_token_ids=job.prompt, sampling=job.sampling
             )
         )
+        await self.servicer.compiled(request)
         async for output in self.engine.generate(request):
             logprobs = logprobs_to_wire(output.logprobs)
             if output.finish is None:

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
+from outlines_core import Index
 
 from services.worker.engines.base import Engine, KVBlock, TokenLogprob, TokenOutput
 from services.worker.server import logprobs_to_wire
@@ -79,27 +80,37 @@ class ServeStream:
         decode = start.HasField("kv_source") and bool(start.kv_source.block_hashes)
         if start.trace_context:
             self.spans[request_id] = _span(start.trace_context, "Decode" if decode else "Generate")
-        if decode:
-            task = asyncio.create_task(self._import_then_submit(start))
+        if decode or start.request.sampling.json_schema:
+            # Importing KV and compiling a grammar take a while: the stream serves others meanwhile.
+            task = asyncio.create_task(self._prepare_then_submit(start, decode))
             self.importing[request_id] = task
             return
         self._submit(start.request, [], start.coalesce_ms / 1000)
 
-    async def _import_then_submit(self, start: worker_pb2.ServeStart) -> None:
+    async def _prepare_then_submit(self, start: worker_pb2.ServeStart, decode: bool) -> None:
         request_id = start.request.request_id
         try:
-            blocks = await self.servicer.import_kv(start.kv_source)
+            blocks = await self.servicer.import_kv(start.kv_source) if decode else []
+            schema = start.request.sampling.json_schema
+            grammar = await self.engine.compile_grammar(schema) if schema else None
         except ShoalError as exc:
             self._emit(request_id, exc)
             return
         finally:
             self.importing.pop(request_id, None)
-        self._submit(start.request, blocks, start.coalesce_ms / 1000)
+        self._submit(start.request, blocks, start.coalesce_ms / 1000, grammar)
 
-    def _submit(self, request: worker_pb2.GenerateRequest, imported: list[KVBlock], coalesce_s: float) -> None:
+    def _submit(
+        self,
+        request: worker_pb2.GenerateRequest,
+        imported: list[KVBlock],
+        coalesce_s: float,
+        grammar: Index | None = None,
+    ) -> None:
         request_id = request.request_id
         try:
             engine_request = self.servicer.engine_request(request, imported)
+            engine_request.grammar = grammar
             done = self.servicer.already_done(engine_request)
             if done is not None:
                 self._emit(request_id, done)

@@ -111,6 +111,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             repetition_penalty=params.repetition_penalty or 1.0,
             min_tokens=params.min_tokens,
             logprobs=params.logprobs if params.HasField("logprobs") else None,
+            json_schema=params.json_schema,
         )
 
     def _check_logit_shaping(self, params: common_pb2.SamplingParams) -> None:
@@ -189,12 +190,18 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         usage.completion_tokens = output.completion_tokens
         usage.cached_prompt_tokens = output.cached_tokens
 
+    async def compiled(self, request: EngineRequest) -> EngineRequest:
+        """The request with its JSON schema's grammar compiled, when it has one (cached per schema)."""
+        if request.sampling.json_schema and request.grammar is None:
+            request.grammar = await self.engine.compile_grammar(request.sampling.json_schema)
+        return request
+
     async def _stream(self, request: EngineRequest) -> AsyncIterator[worker_pb2.GenerateResponse]:
         done = self.already_done(request)
         if done is not None:
             yield _response(done)
             return
-        async for output in self.engine.generate(request):
+        async for output in self.engine.generate(await self.compiled(request)):
             yield _response(output)
 
     async def Generate(
@@ -238,7 +245,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling,
         )
-        engine_request = self.engine_request(generate)
+        engine_request = await self.compiled(self.engine_request(generate))
         wanted = engine_request.sampling.max_tokens
         engine_request.sampling = replace(engine_request.sampling, max_tokens=1)
         engine_request.export_prompt_kv = True

@@ -224,6 +224,8 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) 
         params.seed = body.seed % 2**64
     if body.wanted_logprobs is not None:
         params.logprobs = body.wanted_logprobs
+    if body.response_format is not None:
+        params.json_schema = body.response_format.grammar()
     return params
 
 

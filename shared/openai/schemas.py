@@ -1,7 +1,7 @@
 """OpenAI API request and response bodies (the subset Shoal serves).
 
 No parameter is accepted and then ignored: a request that sets one Shoal does
-not implement (tools, response_format, n != 1, ...) or one it does
+not implement (tools, n != 1, ...) or one it does
 not know gets a 400 naming it, as OpenAI's own API refuses unrecognised
 arguments. A parameter sent at its default value, which changes nothing, is
 accepted. Names follow OpenAI's API reference.
@@ -9,6 +9,7 @@ accepted. Names follow OpenAI's API reference.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 300
 MAX_TOP_LOGPROBS = 20
+MAX_SCHEMA_CHARS = 65_536
 MAX_PROMPT_CHARS = 2_000_000
 
 
@@ -34,12 +36,48 @@ NO_EFFECT: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "function_call": (None, "none"),
     "parallel_tool_calls": (None, True, False),  # about tools, of which there are none
-    "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "modalities": (None, ["text"]),
     "store": (None, False),
 }
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=4096)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> JsonSchemaFormat:
+        if len(self.text()) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"the JSON schema is longer than {MAX_SCHEMA_CHARS} characters")
+        return self
+
+    def text(self) -> str:
+        return json.dumps(self.schema_ or {})
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('json_schema is given with type "json_schema", and only then')
+        return self
+
+    def grammar(self) -> str:
+        """The JSON schema the output must match, as JSON text ("": free text)."""
+        if self.type == "text":
+            return ""
+        if self.json_schema is None:  # json_object: any JSON object
+            return '{"type": "object"}'
+        return self.json_schema.text()
 
 
 class _SamplingFields(BaseModel):
@@ -62,6 +100,7 @@ class _SamplingFields(BaseModel):
     min_tokens: int | None = Field(
         default=None, ge=0, le=1_000_000, description="Extension (as in vLLM): no end before this many tokens."
     )
+    response_format: ResponseFormat | None = None
     user: str | None = Field(default=None, max_length=256)
     ignore_eos: bool = Field(default=False, description="Extension (as in vLLM): keep generating past end-of-sequence.")
 

@@ -80,11 +80,16 @@ def to_stream_error(error: ShoalError, out: worker_pb2.StreamError) -> None:
     out.message = error.message
     if isinstance(error, Overloaded):
         out.retry_after_s = error.retry_after_s
+    param = error.fields.get("param")
+    if isinstance(param, str):
+        out.param = param
 
 
 def from_stream_error(error: worker_pb2.StreamError, target: str = "") -> ShoalError:
     """The taxonomy error a Serve stream event's error field stands for."""
     fields: dict[str, Any] = {"peer": target} if target else {}
+    if error.param:
+        fields["param"] = error.param
     try:
         code = ErrorCode(error.code)
     except ValueError:

@@ -57,6 +57,9 @@ class Result:
 
 
 async def collect(engine: BatchingEngine, req: EngineRequest) -> Result:
+    """Run one request to its end (compiling its JSON schema first, as the worker's server does)."""
+    if req.sampling.json_schema and req.grammar is None:
+        req.grammar = await engine.compile_grammar(req.sampling.json_schema)
     tokens: list[int] = []
     text = ""
     finish = None

@@ -12,12 +12,15 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from services.worker.engines.experts import ExpertMap
 from shared.hashing import BlockHash
 from shared.types.kv import KVBlock
 from shared.types.workers import WorkerLoad
+
+if TYPE_CHECKING:
+    from outlines_core import Index
 
 __all__ = ["KVBlock"]
 
@@ -47,6 +50,8 @@ class Sampling:
     min_tokens: int = 0
     # Report each new token's log-probability with this many alternatives (None: do not).
     logprobs: int | None = None
+    # Constrain the output to JSON matching this JSON Schema ("": no constraint).
+    json_schema: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -78,6 +83,8 @@ class EngineRequest:
     export_prompt_kv: bool = False
     # Characters of the resumed tokens' text the client already has (see OutputText).
     resume_text_chars: int = 0
+    # sampling.json_schema compiled (Engine.compile_grammar); required when it is set.
+    grammar: Index | None = None
     # Ending at its length, the request goes on elsewhere (a P/D prefill): text that may still change
     # with the next token (an incomplete character, a possible stop string) is left to the next worker.
     continues: bool = False
@@ -154,6 +161,9 @@ class Engine(Protocol):
 
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
         """Admit a request (raising InvalidArgument or Overloaded at once) and stream it."""
+
+    async def compile_grammar(self, schema: str) -> Index:
+        """Compile a JSON schema for requests' `grammar` (cached; InvalidArgument if it cannot be)."""
 
     def submit(self, request: EngineRequest, sink: OutputSink) -> None:
         """Admit a request as `generate` does, and hand its outputs to `sink` instead (no task or

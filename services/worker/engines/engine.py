@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
+from outlines_core import Index
 
 from services.worker.engines.base import (
     EngineRequest,
@@ -35,9 +36,11 @@ from services.worker.engines.base import (
 from services.worker.engines.blocks import BlockManager
 from services.worker.engines.detokenize import Detokenizer, OutputText
 from services.worker.engines.experts import ExpertMap
+from services.worker.engines.grammar import Constraint, Grammars
 from services.worker.engines.scheduler import Item, Scheduler, SchedulerConfig, Sequence, State
 from services.worker.engines.stats import ExpertLoadWindow, QuantileWindow, RateWindow
-from shared.errors import InvalidArgument, Overloaded, Unavailable
+from services.worker.engines.tokenizer import HFTokenizer
+from shared.errors import FailedPrecondition, InvalidArgument, Overloaded, Unavailable
 from shared.hashing import BlockHash, BlockHasher
 from shared.telemetry.logging import get_logger
 from shared.types.workers import WorkerLoad
@@ -170,6 +173,7 @@ class BatchingEngine:
         self.generated_tokens_total = 0
         self.cached_tokens_total = 0
         self.draining = False
+        self._grammars: Grammars | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -239,12 +243,37 @@ class BatchingEngine:
         output = OutputText(
             self.executor.tokenizer, request.prompt, request.resume, request.sampling.stop, request.resume_text_chars
         )
+        constraint = self._constraint(request)
         seq = scheduler.new_sequence(request, output)
+        seq.constraint = constraint
         self._streams[request.request_id] = _Stream(asyncio.get_running_loop(), sink)
         self._seqs[request.request_id] = seq
         with self._cv:
             self._inbox.append(seq)
             self._cv.notify()
+
+    async def compile_grammar(self, schema: str) -> Index:
+        """The index of a JSON schema, for `EngineRequest.grammar` (InvalidArgument if it cannot be
+        compiled in time)."""
+        return await self._grammar_book().index(schema)
+
+    def _grammar_book(self) -> Grammars:
+        if self._grammars is None:
+            tokenizer = self.executor.tokenizer
+            if not isinstance(tokenizer, HFTokenizer) or not self.executor.eos_token_ids:
+                raise InvalidArgument(
+                    "this engine has no vocabulary and end-of-sequence token to constrain output with",
+                    param="response_format",
+                )
+            self._grammars = Grammars(tokenizer.tokenizer, self.executor.eos_token_ids[0])
+        return self._grammars
+
+    def _constraint(self, request: EngineRequest) -> Constraint | None:
+        if not request.sampling.json_schema:
+            return None
+        if request.grammar is None:
+            raise FailedPrecondition("a request with a JSON schema needs its compiled grammar (compile_grammar)")
+        return self._grammar_book().constraint(request.grammar, request.resume)
 
     def generate(self, request: EngineRequest) -> AsyncIterator[TokenOutput]:
         queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()

@@ -1,5 +1,6 @@
-"""Choosing the next token from logits: logit shaping, then greedy, temperature, top-k, top-p;
-and the log-probabilities a request asked for, taken from the model's logits before any of that.
+"""Choosing the next token from logits: logit shaping, a grammar's mask, then greedy, temperature,
+top-k, top-p; and the log-probabilities a request asked for, taken from the model's logits before
+any of that.
 
 Shaping (OpenAI's `logit_bias`, presence and frequency penalties, the
 repetition penalty of `transformers` and a floor on the output's length)
@@ -30,12 +31,22 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: Collection[
     for row, seq in enumerate(seqs):
         if seq.request.sampling.shapes_logits:
             shape_logits(logits[row], seq.request.sampling, seq.tokens, seq.num_prompt, eos_token_ids)
+        if seq.constraint is not None:
+            _keep_only(logits[row], seq.constraint.allowed)
     out = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         sampling = seq.request.sampling
         if not sampling.greedy:
             out[row] = _draw(logits[row], sampling, len(seq.tokens))
     return [int(token) for token in out]
+
+
+def _keep_only(logits: torch.Tensor, allowed: list[int]) -> None:
+    """Mask every token but `allowed` (a grammar's next tokens) in one row of logits, in place."""
+    keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
+    kept = logits[keep]
+    logits.fill_(float("-inf"))
+    logits[keep] = kept
 
 
 def shape_logits(

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from services.worker.engines.base import EngineRequest, Finish, KVBlock, TokenLogprob
 from services.worker.engines.blocks import BlockManager
 from services.worker.engines.detokenize import OutputText
+from services.worker.engines.grammar import Constraint
 from shared.errors import InvalidArgument
 from shared.hashing import BlockHash, BlockHasher
 
@@ -58,6 +59,7 @@ class Sequence:
     first_token_at: float | None = None
     last_token_at: float | None = None
     exported: list[KVBlock] | None = None
+    constraint: Constraint | None = None  # with a JSON schema: the tokens allowed next
 
     @property
     def request_id(self) -> str:
@@ -250,6 +252,8 @@ class Scheduler:
             seq.pending.append(token)
             if logprobs and index in logprobs:
                 seq.pending_logprobs.append(logprobs[index])
+            if seq.constraint is not None:
+                seq.constraint.advance(token)
             if len(seq.tokens) % self.block_size == 0:
                 parent = seq.hashes[-1] if seq.hashes else self.hasher.seed
                 seq.hashes.extend(self.hasher.extend(parent, seq.tokens[-self.block_size :]))
@@ -267,6 +271,7 @@ class Scheduler:
             (not sampling.ignore_eos and token in self.config.eos_token_ids)
             or token in sampling.stop_token_ids
             or seq.output.stopped
+            or (seq.constraint is not None and seq.constraint.complete)
         ):
             seq.finish = Finish.STOP
         elif seq.num_generated >= sampling.max_tokens or len(seq.tokens) >= self.config.max_context:

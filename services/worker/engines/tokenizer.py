@@ -13,5 +13,9 @@ class HFTokenizer(Detokenizer):
     def __init__(self, path: Path) -> None:
         self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
     def decode(self, ids: list[int]) -> str:
         return str(self._tokenizer.decode(ids, skip_special_tokens=True))

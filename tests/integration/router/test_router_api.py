@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -179,6 +180,44 @@ async def test_logprobs_come_back_in_openai_shape(redis_url: str, tiny_model: Pa
         assert plain.choices[0].logprobs is None
 
 
+async def test_response_format_gives_json_that_matches_the_schema(redis_url: str, tiny_model: Path) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}, "sure": {"type": "boolean"}},
+        "required": ["answer", "sure"],
+    }
+    messages: Any = [{"role": "user", "content": "is it?"}]
+    verdict: Any = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+    async with stack(redis_url, tiny_model, [{}]) as (front, _apps):
+        oai = client(front)
+        answered = await oai.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=60, response_format=verdict
+        )
+        assert answered.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(answered.choices[0].message.content or ""), schema)
+        stream = await oai.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+            response_format=verdict,
+        )
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        jsonschema.validate(json.loads(streamed), schema)
+        unparsable = await _post(
+            front,
+            "/v1/chat/completions",
+            {"model": MODEL, "messages": messages, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "bad", "schema": {"type": "nonsense"}}}},
+        )  # fmt: skip
+        assert unparsable.status_code == 400
+        assert unparsable.json()["error"]["param"] == "response_format"
+        assert "cannot be compiled" in unparsable.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
@@ -192,8 +231,8 @@ async def test_logprobs_come_back_in_openai_shape(redis_url: str, tiny_model: Pa
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, "context length"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "context length"),
         ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
-        # Not implemented, so refused rather than ignored (plain text would come back where JSON was asked).
-        ({"model": MODEL, "messages": USER_X, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"model": MODEL, "messages": USER_X, "response_format": {"type": "json_schema"}}, 400, "json_schema is"),
+        # Not implemented, so refused rather than ignored.
         ({"model": MODEL, "messages": USER_X, "suffix": "x", "top_k": 5}, 400, "suffix, top_k are not"),
         ({"model": MODEL, "messages": USER_X, "typical_p": 0.9}, 400, "typical_p is not"),
         ({"model": MODEL, "messages": USER_X, "logit_bias": {"a7": 1}}, 400, "token ids"),
@@ -214,7 +253,7 @@ async def test_logprobs_come_back_in_openai_shape(redis_url: str, tiny_model: Pa
         "max-tokens",
         "long-prompt",
         "no-model",
-        "response-format",
+        "response-format-no-schema",
         "unimplemented",
         "unknown",
         "bias-key",

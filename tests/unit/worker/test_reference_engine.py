@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,9 @@ import torch
 
 from services.worker.engines.base import Finish
 from services.worker.engines.engine import BatchingEngine
+from services.worker.engines.grammar import Grammars
 from services.worker.engines.scheduler import Item
+from services.worker.engines.tokenizer import HFTokenizer
 from shared.errors import InvalidArgument
 from tests.support.engines import collect, collect_all, prompts, reference_engine, request
 from tests.support.models import transformers_greedy, transformers_model
@@ -322,3 +325,71 @@ async def test_logprobs_are_transformers_log_softmax(engine: BatchingEngine, hf_
             best = torch.topk(row, top)
             assert [token for token, _ in entry.top] == best.indices.tolist()
             assert [lp for _, lp in entry.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+# -- structured output -----------------------------------------------------------
+
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["ok", "color", "tags"],
+    "additionalProperties": False,
+}
+
+
+async def test_json_schema_output_parses_and_matches(engine: BatchingEngine) -> None:
+    import jsonschema
+
+    schema = json.dumps(ANSWER_SCHEMA)
+    batch = prompts(6, [7, 19, 33], seed=16)
+    constrained = [
+        request(f"js{i}", p, max_tokens=80, json_schema=schema, temperature=1.0 if i % 2 else 0.0, seed=i)
+        for i, p in enumerate(batch)
+    ]
+    free = await collect(engine, request("js-free", batch[0], max_tokens=20))
+    results = await collect_all(engine, constrained)
+    for result in results:
+        jsonschema.validate(json.loads(result.text), ANSWER_SCHEMA)
+        assert result.finish is Finish.STOP  # a complete match ends the request, though it ignores EOS
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(free.text)  # the random model alone writes no JSON
+
+
+async def test_a_resumed_constrained_request_continues_identically(engine: BatchingEngine) -> None:
+    schema = json.dumps(ANSWER_SCHEMA)
+    prompt = prompts(1, [21], seed=17)[0]
+    whole = await collect(engine, request("jr-whole", prompt, max_tokens=80, json_schema=schema))
+    cut = 9
+    resumed = await collect(
+        engine, request("jr-rest", prompt, max_tokens=80, json_schema=schema, resume=whole.tokens[:cut])
+    )
+    assert whole.tokens[:cut] + resumed.tokens == whole.tokens
+    with pytest.raises(InvalidArgument, match="do not follow"):
+        await collect(engine, request("jr-bad", prompt, max_tokens=80, json_schema=schema, resume=[20, 20]))
+
+
+async def test_a_schema_that_cannot_be_compiled_is_refused(engine: BatchingEngine) -> None:
+    prompt = prompts(1, [5], seed=18)[0]
+    with pytest.raises(InvalidArgument, match="cannot be compiled") as refused:
+        await collect(engine, request("jb", prompt, json_schema=json.dumps({"type": "nonsense"})))
+    assert refused.value.fields["param"] == "response_format"
+
+
+async def test_a_schema_that_compiles_too_slowly_is_refused_and_the_engine_serves_on(
+    engine: BatchingEngine, tiny_model: Path
+) -> None:
+    """A length bound on a top-level string grows the automaton exponentially: the compile is killed
+    at its limit."""
+    slow = json.dumps({"type": "string", "maxLength": 64})
+    grammars = Grammars(HFTokenizer(tiny_model).tokenizer, eos_token_id=2, timeout_s=1.0)
+    with pytest.raises(InvalidArgument, match="did not compile within 1 s"):
+        await grammars.index(slow)
+    quick = json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    first, second = await asyncio.gather(grammars.index(quick), grammars.index(quick))
+    assert first is second  # one compile for both callers
+    result = await collect(engine, request("after", prompts(1, [6])[0], max_tokens=30, json_schema=quick))
+    assert json.loads(result.text) in ({"ok": True}, {"ok": False})

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from services.worker.engines.base import Finish
-from services.worker.engines.sim.executor import FailureInjection
-from shared.errors import Unavailable
+from services.worker.engines.engine import BatchingEngine
+from services.worker.engines.sim.executor import FailureInjection, SimExecutor
+from services.worker.engines.tokenizer import HFTokenizer
+from shared.errors import InvalidArgument, Unavailable
 from shared.expertload import ExpertLoadModel
-from tests.support.engines import collect, collect_all, prompts, request, sim_engine
+from shared.perfmodel import get_profile
+from tests.support.engines import collect, collect_all, limits, prompts, request, sim_engine
+from tests.support.models import TINY_MODEL_NAME
 
 pytestmark = pytest.mark.unit
 
@@ -83,3 +90,26 @@ async def test_engine_reports_expert_load_window() -> None:
         assert sum(load.counts[0]) > 0
     finally:
         await engine.stop()
+
+
+async def test_a_json_schema_constrains_the_stand_in_tokens(tiny_model: Path) -> None:
+    """With the checkpoint's tokenizer, the sim picks among the tokens the grammar allows, so a
+    structured-output request through a sim worker gets JSON that matches; without one it is refused."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    executor = SimExecutor(get_profile("cpu-reference"), TINY_MODEL_NAME, speedup=50, tokenizer=HFTokenizer(tiny_model))
+    engine = BatchingEngine(executor, limits())
+    bare = sim_engine()
+    await engine.start()
+    await bare.start()
+    try:
+        for i, prompt in enumerate(prompts(4, [8, 30], seed=9)):
+            result = await collect(engine, request(f"j{i}", prompt, max_tokens=40, json_schema=json.dumps(schema)))
+            assert result.finish is Finish.STOP
+            jsonschema.validate(json.loads(result.text), schema)
+        with pytest.raises(InvalidArgument, match="no vocabulary"):
+            await collect(bare, request("bare", prompts(1, [8])[0], json_schema=json.dumps(schema)))
+    finally:
+        await engine.stop()
+        await bare.stop()

@@ -158,7 +158,10 @@ class SimExecutor:
             seed = int.from_bytes(key, "little")
         else:
             seed = sampling.seed or 0
-        return _FIRST_TOKEN + position_seed(seed, position) % _TOKEN_SPAN
+        drawn = position_seed(seed, position)
+        if seq.constraint is not None:  # a grammar: a stand-in choice among the tokens it allows
+            return seq.constraint.allowed[drawn % len(seq.constraint.allowed)]
+        return _FIRST_TOKEN + drawn % _TOKEN_SPAN
 
     def _inject(self, items: list[Item]) -> dict[int, str]:
         errors: dict[int, str] = {}

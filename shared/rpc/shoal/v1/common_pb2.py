@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15shoal/v1/common.proto\x12\x08shoal.v1\"\xa5\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12;\n\nlogit_bias\x18\t \x03(\x0b\x32\'.shoal.v1.SamplingParams.LogitBiasEntry\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xf6\x02\n\nLoadReport\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x12\n\nttft_p90_s\x18\x08 \x01(\x01\x12\x11\n\ttbt_p90_s\x18\t \x01(\x01\x12\x19\n\x11requests_finished\x18\n \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x0b \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x0c \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_tokens_total\x18\r \x01(\x04\x12\x1a\n\x12\x65xpert_map_version\x18\x0e \x01(\x04\"\x1d\n\nKVStoreRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x1a\n\x07PeerRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"q\n\tExpertMap\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tnum_ranks\x18\x02 \x01(\r\x12\x16\n\x0eslots_per_rank\x18\x03 \x01(\r\x12(\n\x06layers\x18\x04 \x03(\x0b\x32\x18.shoal.v1.LayerPlacement\"5\n\x0eLayerPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0cslot_experts\x18\x02 \x03(\x05\"T\n\tBlockMeta\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\rJ\x04\x08\x03\x10\x04R\x05\x63rc32\"]\n\nBlockChunk\x12$\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x13.shoal.v1.BlockMetaH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07missing\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"K\n\x0c\x43hannelHello\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t*q\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x15\n\x11WORKER_ROLE_MIXED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15shoal/v1/common.proto\x12\x08shoal.v1\"\xba\x03\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\r\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12;\n\nlogit_bias\x18\t \x03(\x0b\x32\'.shoal.v1.SamplingParams.LogitBiasEntry\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12\x15\n\x08logprobs\x18\x0e \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\xf6\x02\n\nLoadReport\x12\x18\n\x10running_requests\x18\x01 \x01(\r\x12\x18\n\x10waiting_requests\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x05 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x06 \x01(\x01\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x12\n\nttft_p90_s\x18\x08 \x01(\x01\x12\x11\n\ttbt_p90_s\x18\t \x01(\x01\x12\x19\n\x11requests_finished\x18\n \x01(\x04\x12\x1b\n\x13prompt_tokens_total\x18\x0b \x01(\x04\x12\x1e\n\x16generated_tokens_total\x18\x0c \x01(\x04\x12\x1b\n\x13\x63\x61\x63hed_tokens_total\x18\r \x01(\x04\x12\x1a\n\x12\x65xpert_map_version\x18\x0e \x01(\x04\"\x1d\n\nKVStoreRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x1a\n\x07PeerRef\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"q\n\tExpertMap\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x11\n\tnum_ranks\x18\x02 \x01(\r\x12\x16\n\x0eslots_per_rank\x18\x03 \x01(\r\x12(\n\x06layers\x18\x04 \x03(\x0b\x32\x18.shoal.v1.LayerPlacement\"5\n\x0eLayerPlacement\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x14\n\x0cslot_experts\x18\x02 \x03(\x05\"T\n\tBlockMeta\x12\x0c\n\x04hash\x18\x01 \x01(\x0c\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\rJ\x04\x08\x03\x10\x04R\x05\x63rc32\"]\n\nBlockChunk\x12$\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x13.shoal.v1.BlockMetaH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x11\n\x07missing\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"K\n\x0c\x43hannelHello\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t*q\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x15\n\x11WORKER_ROLE_MIXED\x10\x03*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_WORKERROLE']._serialized_start=1508
-  _globals['_WORKERROLE']._serialized_end=1621
-  _globals['_FINISHREASON']._serialized_start=1623
-  _globals['_FINISHREASON']._serialized_end=1743
+  _globals['_WORKERROLE']._serialized_start=1529
+  _globals['_WORKERROLE']._serialized_end=1642
+  _globals['_FINISHREASON']._serialized_start=1644
+  _globals['_FINISHREASON']._serialized_end=1764
   _globals['_SAMPLINGPARAMS']._serialized_start=36
-  _globals['_SAMPLINGPARAMS']._serialized_end=457
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=387
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=435
-  _globals['_TOKENLOGPROB']._serialized_start=459
-  _globals['_TOKENLOGPROB']._serialized_end=553
-  _globals['_USAGE']._serialized_start=555
-  _globals['_USAGE']._serialized_end=642
-  _globals['_LOADREPORT']._serialized_start=645
-  _globals['_LOADREPORT']._serialized_end=1019
-  _globals['_KVSTOREREF']._serialized_start=1021
-  _globals['_KVSTOREREF']._serialized_end=1050
-  _globals['_PEERREF']._serialized_start=1052
-  _globals['_PEERREF']._serialized_end=1078
-  _globals['_EXPERTMAP']._serialized_start=1080
-  _globals['_EXPERTMAP']._serialized_end=1193
-  _globals['_LAYERPLACEMENT']._serialized_start=1195
-  _globals['_LAYERPLACEMENT']._serialized_end=1248
-  _globals['_BLOCKMETA']._serialized_start=1250
-  _globals['_BLOCKMETA']._serialized_end=1334
-  _globals['_BLOCKCHUNK']._serialized_start=1336
-  _globals['_BLOCKCHUNK']._serialized_end=1429
-  _globals['_CHANNELHELLO']._serialized_start=1431
-  _globals['_CHANNELHELLO']._serialized_end=1506
+  _globals['_SAMPLINGPARAMS']._serialized_end=478
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=408
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=456
+  _globals['_TOKENLOGPROB']._serialized_start=480
+  _globals['_TOKENLOGPROB']._serialized_end=574
+  _globals['_USAGE']._serialized_start=576
+  _globals['_USAGE']._serialized_end=663
+  _globals['_LOADREPORT']._serialized_start=666
+  _globals['_LOADREPORT']._serialized_end=1040
+  _globals['_KVSTOREREF']._serialized_start=1042
+  _globals['_KVSTOREREF']._serialized_end=1071
+  _globals['_PEERREF']._serialized_start=1073
+  _globals['_PEERREF']._serialized_end=1099
+  _globals['_EXPERTMAP']._serialized_start=1101
+  _globals['_EXPERTMAP']._serialized_end=1214
+  _globals['_LAYERPLACEMENT']._serialized_start=1216
+  _globals['_LAYERPLACEMENT']._serialized_end=1269
+  _globals['_BLOCKMETA']._serialized_start=1271
+  _globals['_BLOCKMETA']._serialized_end=1355
+  _globals['_BLOCKCHUNK']._serialized_start=1357
+  _globals['_BLOCKCHUNK']._serialized_end=1450
+  _globals['_CHANNELHELLO']._serialized_start=1452
+  _globals['_CHANNELHELLO']._serialized_end=1527
 # @@protoc_insertion_point(module_scope)

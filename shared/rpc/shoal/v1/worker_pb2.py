@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from shared.rpc.shoal.v1 import common_pb2 as shoal_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15shoal/v1/worker.proto\x12\x08shoal.v1\x1a\x15shoal/v1/common.proto\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.shoal.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12\x19\n\x11resume_text_chars\x18\x07 \x01(\r\"\xac\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.shoal.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.shoal.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.shoal.v1.TokenLogprob\"r\n\x06KVSink\x12\'\n\x07kvstore\x18\x01 \x01(\x0b\x32\x14.shoal.v1.KVStoreRefH\x00\x12\x0e\n\x04hold\x18\x02 \x01(\x08H\x00\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tpin_ttl_s\x18\x04 \x01(\rB\x08\n\x06target\"\x99\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.shoal.v1.SamplingParams\x12\x1e\n\x04sink\x18\x05 \x01(\x0b\x32\x10.shoal.v1.KVSink\"\xe5\x01\n\x0fPrefillResponse\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x12\n\nfirst_text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.shoal.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.Usage\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12-\n\rfirst_logprob\x18\x07 \x01(\x0b\x32\x16.shoal.v1.TokenLogprob\"\x8a\x01\n\x08KVSource\x12\'\n\x07kvstore\x18\x01 \x01(\x0b\x32\x14.shoal.v1.KVStoreRefH\x00\x12!\n\x04peer\x18\x02 \x01(\x0b\x32\x11.shoal.v1.PeerRefH\x00\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x12\n\ntimeout_ms\x18\x04 \x01(\rB\x08\n\x06origin\"b\n\rDecodeRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.shoal.v1.GenerateRequest\x12%\n\tkv_source\x18\x02 \x01(\x0b\x32\x12.shoal.v1.KVSource\"\xe8\x01\n\nServeStart\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.shoal.v1.GenerateRequest\x12%\n\tkv_source\x18\x02 \x01(\x0b\x32\x12.shoal.v1.KVSource\x12=\n\rtrace_context\x18\x03 \x03(\x0b\x32&.shoal.v1.ServeStart.TraceContextEntry\x12\x13\n\x0b\x63oalesce_ms\x18\x04 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x0cServeRequest\x12$\n\x06starts\x18\x01 \x03(\x0b\x32\x14.shoal.v1.ServeStart\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\t\"C\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\"\xe1\x01\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.shoal.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.Usage\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.shoal.v1.StreamError\x12(\n\x08logprobs\x18\x07 \x03(\x0b\x32\x16.shoal.v1.TokenLogprob\"_\n\rServeResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.shoal.v1.StreamEvent\x12\x14\n\x0c\x65ngine_steps\x18\x02 \x01(\x04\x12\x11\n\tin_engine\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"&\n\x0e\x46\x65tchKVRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x10\n\x0eGetLoadRequest\".\n\x0c\x44rainRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06resume\x18\x02 \x01(\x08\"T\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\"&\n\x12\x45xpertStatsRequest\x12\x10\n\x08window_s\x18\x01 \x01(\x01\"0\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\"\xac\x01\n\x13\x45xpertStatsResponse\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12)\n\x06layers\x18\x03 \x03(\x0b\x32\x19.shoal.v1.LayerExpertLoad\x12\x1a\n\x12\x65xpert_map_version\x18\x04 \x01(\x04\x12\'\n\nexpert_map\x18\x05 \x01(\x0b\x32\x13.shoal.v1.ExpertMap\"\x88\x01\n\x13StageExpertsRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.shoal.v1.ExpertMap\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12&\n\x06source\x18\x04 \x01(\x0e\x32\x16.shoal.v1.WeightSource\"C\n\x14StageExpertsResponse\x12\x15\n\rstaged_copies\x18\x01 \x01(\r\x12\x14\n\x0cstaged_bytes\x18\x02 \x01(\x04\"?\n\x16\x43ommitExpertMapRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"I\n\x17\x43ommitExpertMapResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07stall_s\x18\x03 \x01(\x01\"E\n\x15ReleaseExpertsRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64iscard_staged\x18\x02 \x01(\x08\"5\n\x14ResizeExpertsRequest\x12\r\n\x05ranks\x18\x01 \x01(\r\x12\x0e\n\x06master\x18\x02 \x01(\t\"M\n\x15ResizeExpertsResponse\x12\r\n\x05ranks\x18\x01 \x01(\r\x12\x14\n\x0csynced_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07stall_s\x18\x03 \x01(\x01\"I\n\x16ReleaseExpertsResponse\x12\x17\n\x0freleased_copies\x18\x01 \x01(\r\x12\x16\n\x0ereleased_bytes\x18\x02 \x01(\x04*c\n\x0cWeightSource\x12\x1d\n\x19WEIGHT_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WEIGHT_SOURCE_CHECKPOINT\x10\x01\x12\x16\n\x12WEIGHT_SOURCE_PEER\x10\x02\x32\xd4\x06\n\x06Worker\x12\x43\n\x08Generate\x12\x19.shoal.v1.GenerateRequest\x1a\x1a.shoal.v1.GenerateResponse0\x01\x12>\n\x07Prefill\x12\x18.shoal.v1.PrefillRequest\x1a\x19.shoal.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x17.shoal.v1.DecodeRequest\x1a\x1a.shoal.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.shoal.v1.AbortRequest\x1a\x17.shoal.v1.AbortResponse\x12;\n\x07\x46\x65tchKV\x12\x18.shoal.v1.FetchKVRequest\x1a\x14.shoal.v1.BlockChunk0\x01\x12\x39\n\x07GetLoad\x12\x18.shoal.v1.GetLoadRequest\x1a\x14.shoal.v1.LoadReport\x12\x38\n\x05\x44rain\x12\x16.shoal.v1.DrainRequest\x1a\x17.shoal.v1.DrainResponse\x12J\n\x0b\x45xpertStats\x12\x1c.shoal.v1.ExpertStatsRequest\x1a\x1d.shoal.v1.ExpertStatsResponse\x12M\n\x0cStageExperts\x12\x1d.shoal.v1.StageExpertsRequest\x1a\x1e.shoal.v1.StageExpertsResponse\x12V\n\x0f\x43ommitExpertMap\x12 .shoal.v1.CommitExpertMapRequest\x1a!.shoal.v1.CommitExpertMapResponse\x12S\n\x0eReleaseExperts\x12\x1f.shoal.v1.ReleaseExpertsRequest\x1a .shoal.v1.ReleaseExpertsResponse\x12P\n\rResizeExperts\x12\x1e.shoal.v1.ResizeExpertsRequest\x1a\x1f.shoal.v1.ResizeExpertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15shoal/v1/worker.proto\x12\x08shoal.v1\x1a\x15shoal/v1/common.proto\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.shoal.v1.SamplingParams\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x18\n\x10resume_token_ids\x18\x06 \x03(\r\x12\x19\n\x11resume_text_chars\x18\x07 \x01(\r\"\xac\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12-\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x16.shoal.v1.FinishReason\x12\x1e\n\x05usage\x18\x04 \x01(\x0b\x32\x0f.shoal.v1.Usage\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.shoal.v1.TokenLogprob\"r\n\x06KVSink\x12\'\n\x07kvstore\x18\x01 \x01(\x0b\x32\x14.shoal.v1.KVStoreRefH\x00\x12\x0e\n\x04hold\x18\x02 \x01(\x08H\x00\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x11\n\tpin_ttl_s\x18\x04 \x01(\rB\x08\n\x06target\"\x99\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12*\n\x08sampling\x18\x04 \x01(\x0b\x32\x18.shoal.v1.SamplingParams\x12\x1e\n\x04sink\x18\x05 \x01(\x0b\x32\x10.shoal.v1.KVSink\"\xe5\x01\n\x0fPrefillResponse\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x12\n\nfirst_text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.shoal.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.Usage\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12-\n\rfirst_logprob\x18\x07 \x01(\x0b\x32\x16.shoal.v1.TokenLogprob\"\x8a\x01\n\x08KVSource\x12\'\n\x07kvstore\x18\x01 \x01(\x0b\x32\x14.shoal.v1.KVStoreRefH\x00\x12!\n\x04peer\x18\x02 \x01(\x0b\x32\x11.shoal.v1.PeerRefH\x00\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x0c\x12\x12\n\ntimeout_ms\x18\x04 \x01(\rB\x08\n\x06origin\"b\n\rDecodeRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.shoal.v1.GenerateRequest\x12%\n\tkv_source\x18\x02 \x01(\x0b\x32\x12.shoal.v1.KVSource\"\xe8\x01\n\nServeStart\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.shoal.v1.GenerateRequest\x12%\n\tkv_source\x18\x02 \x01(\x0b\x32\x12.shoal.v1.KVSource\x12=\n\rtrace_context\x18\x03 \x03(\x0b\x32&.shoal.v1.ServeStart.TraceContextEntry\x12\x13\n\x0b\x63oalesce_ms\x18\x04 \x01(\r\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x0cServeRequest\x12$\n\x06starts\x18\x01 \x03(\x0b\x32\x14.shoal.v1.ServeStart\x12\x0f\n\x07\x63\x61ncels\x18\x02 \x03(\t\"R\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\r\n\x05param\x18\x04 \x01(\t\"\xe1\x01\n\x0bStreamEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x16.shoal.v1.FinishReason\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.shoal.v1.Usage\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x15.shoal.v1.StreamError\x12(\n\x08logprobs\x18\x07 \x03(\x0b\x32\x16.shoal.v1.TokenLogprob\"_\n\rServeResponse\x12%\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x15.shoal.v1.StreamEvent\x12\x14\n\x0c\x65ngine_steps\x18\x02 \x01(\x04\x12\x11\n\tin_engine\x18\x03 \x01(\r\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"&\n\x0e\x46\x65tchKVRequest\x12\x14\n\x0c\x62lock_hashes\x18\x01 \x03(\x0c\"\x10\n\x0eGetLoadRequest\".\n\x0c\x44rainRequest\x12\x0e\n\x06wait_s\x18\x01 \x01(\x01\x12\x0e\n\x06resume\x18\x02 \x01(\x08\"T\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x18\n\x10running_requests\x18\x02 \x01(\r\x12\x18\n\x10waiting_requests\x18\x03 \x01(\r\"&\n\x12\x45xpertStatsRequest\x12\x10\n\x08window_s\x18\x01 \x01(\x01\"0\n\x0fLayerExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\x04\"\xac\x01\n\x13\x45xpertStatsResponse\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12)\n\x06layers\x18\x03 \x03(\x0b\x32\x19.shoal.v1.LayerExpertLoad\x12\x1a\n\x12\x65xpert_map_version\x18\x04 \x01(\x04\x12\'\n\nexpert_map\x18\x05 \x01(\x0b\x32\x13.shoal.v1.ExpertMap\"\x88\x01\n\x13StageExpertsRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12#\n\x06target\x18\x02 \x01(\x0b\x32\x13.shoal.v1.ExpertMap\x12\x0e\n\x06layers\x18\x03 \x03(\r\x12&\n\x06source\x18\x04 \x01(\x0e\x32\x16.shoal.v1.WeightSource\"C\n\x14StageExpertsResponse\x12\x15\n\rstaged_copies\x18\x01 \x01(\r\x12\x14\n\x0cstaged_bytes\x18\x02 \x01(\x04\"?\n\x16\x43ommitExpertMapRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"I\n\x17\x43ommitExpertMapResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0f\n\x07stall_s\x18\x03 \x01(\x01\"E\n\x15ReleaseExpertsRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x16\n\x0e\x64iscard_staged\x18\x02 \x01(\x08\"5\n\x14ResizeExpertsRequest\x12\r\n\x05ranks\x18\x01 \x01(\r\x12\x0e\n\x06master\x18\x02 \x01(\t\"M\n\x15ResizeExpertsResponse\x12\r\n\x05ranks\x18\x01 \x01(\r\x12\x14\n\x0csynced_bytes\x18\x02 \x01(\x04\x12\x0f\n\x07stall_s\x18\x03 \x01(\x01\"I\n\x16ReleaseExpertsResponse\x12\x17\n\x0freleased_copies\x18\x01 \x01(\r\x12\x16\n\x0ereleased_bytes\x18\x02 \x01(\x04*c\n\x0cWeightSource\x12\x1d\n\x19WEIGHT_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18WEIGHT_SOURCE_CHECKPOINT\x10\x01\x12\x16\n\x12WEIGHT_SOURCE_PEER\x10\x02\x32\xd4\x06\n\x06Worker\x12\x43\n\x08Generate\x12\x19.shoal.v1.GenerateRequest\x1a\x1a.shoal.v1.GenerateResponse0\x01\x12>\n\x07Prefill\x12\x18.shoal.v1.PrefillRequest\x1a\x19.shoal.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x17.shoal.v1.DecodeRequest\x1a\x1a.shoal.v1.GenerateResponse0\x01\x12\x38\n\x05\x41\x62ort\x12\x16.shoal.v1.AbortRequest\x1a\x17.shoal.v1.AbortResponse\x12;\n\x07\x46\x65tchKV\x12\x18.shoal.v1.FetchKVRequest\x1a\x14.shoal.v1.BlockChunk0\x01\x12\x39\n\x07GetLoad\x12\x18.shoal.v1.GetLoadRequest\x1a\x14.shoal.v1.LoadReport\x12\x38\n\x05\x44rain\x12\x16.shoal.v1.DrainRequest\x1a\x17.shoal.v1.DrainResponse\x12J\n\x0b\x45xpertStats\x12\x1c.shoal.v1.ExpertStatsRequest\x1a\x1d.shoal.v1.ExpertStatsResponse\x12M\n\x0cStageExperts\x12\x1d.shoal.v1.StageExpertsRequest\x1a\x1e.shoal.v1.StageExpertsResponse\x12V\n\x0f\x43ommitExpertMap\x12 .shoal.v1.CommitExpertMapRequest\x1a!.shoal.v1.CommitExpertMapResponse\x12S\n\x0eReleaseExperts\x12\x1f.shoal.v1.ReleaseExpertsRequest\x1a .shoal.v1.ReleaseExpertsResponse\x12P\n\rResizeExperts\x12\x1e.shoal.v1.ResizeExpertsRequest\x1a\x1f.shoal.v1.ResizeExpertsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVESTART_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_SERVESTART_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_WEIGHTSOURCE']._serialized_start=3029
-  _globals['_WEIGHTSOURCE']._serialized_end=3128
+  _globals['_WEIGHTSOURCE']._serialized_start=3044
+  _globals['_WEIGHTSOURCE']._serialized_end=3143
   _globals['_GENERATEREQUEST']._serialized_start=59
   _globals['_GENERATEREQUEST']._serialized_end=254
   _globals['_GENERATERESPONSE']._serialized_start=257
@@ -57,45 +57,45 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVEREQUEST']._serialized_start=1411
   _globals['_SERVEREQUEST']._serialized_end=1480
   _globals['_STREAMERROR']._serialized_start=1482
-  _globals['_STREAMERROR']._serialized_end=1549
-  _globals['_STREAMEVENT']._serialized_start=1552
-  _globals['_STREAMEVENT']._serialized_end=1777
-  _globals['_SERVERESPONSE']._serialized_start=1779
-  _globals['_SERVERESPONSE']._serialized_end=1874
-  _globals['_ABORTREQUEST']._serialized_start=1876
-  _globals['_ABORTREQUEST']._serialized_end=1910
-  _globals['_ABORTRESPONSE']._serialized_start=1912
-  _globals['_ABORTRESPONSE']._serialized_end=1942
-  _globals['_FETCHKVREQUEST']._serialized_start=1944
-  _globals['_FETCHKVREQUEST']._serialized_end=1982
-  _globals['_GETLOADREQUEST']._serialized_start=1984
-  _globals['_GETLOADREQUEST']._serialized_end=2000
-  _globals['_DRAINREQUEST']._serialized_start=2002
-  _globals['_DRAINREQUEST']._serialized_end=2048
-  _globals['_DRAINRESPONSE']._serialized_start=2050
-  _globals['_DRAINRESPONSE']._serialized_end=2134
-  _globals['_EXPERTSTATSREQUEST']._serialized_start=2136
-  _globals['_EXPERTSTATSREQUEST']._serialized_end=2174
-  _globals['_LAYEREXPERTLOAD']._serialized_start=2176
-  _globals['_LAYEREXPERTLOAD']._serialized_end=2224
-  _globals['_EXPERTSTATSRESPONSE']._serialized_start=2227
-  _globals['_EXPERTSTATSRESPONSE']._serialized_end=2399
-  _globals['_STAGEEXPERTSREQUEST']._serialized_start=2402
-  _globals['_STAGEEXPERTSREQUEST']._serialized_end=2538
-  _globals['_STAGEEXPERTSRESPONSE']._serialized_start=2540
-  _globals['_STAGEEXPERTSRESPONSE']._serialized_end=2607
-  _globals['_COMMITEXPERTMAPREQUEST']._serialized_start=2609
-  _globals['_COMMITEXPERTMAPREQUEST']._serialized_end=2672
-  _globals['_COMMITEXPERTMAPRESPONSE']._serialized_start=2674
-  _globals['_COMMITEXPERTMAPRESPONSE']._serialized_end=2747
-  _globals['_RELEASEEXPERTSREQUEST']._serialized_start=2749
-  _globals['_RELEASEEXPERTSREQUEST']._serialized_end=2818
-  _globals['_RESIZEEXPERTSREQUEST']._serialized_start=2820
-  _globals['_RESIZEEXPERTSREQUEST']._serialized_end=2873
-  _globals['_RESIZEEXPERTSRESPONSE']._serialized_start=2875
-  _globals['_RESIZEEXPERTSRESPONSE']._serialized_end=2952
-  _globals['_RELEASEEXPERTSRESPONSE']._serialized_start=2954
-  _globals['_RELEASEEXPERTSRESPONSE']._serialized_end=3027
-  _globals['_WORKER']._serialized_start=3131
-  _globals['_WORKER']._serialized_end=3983
+  _globals['_STREAMERROR']._serialized_end=1564
+  _globals['_STREAMEVENT']._serialized_start=1567
+  _globals['_STREAMEVENT']._serialized_end=1792
+  _globals['_SERVERESPONSE']._serialized_start=1794
+  _globals['_SERVERESPONSE']._serialized_end=1889
+  _globals['_ABORTREQUEST']._serialized_start=1891
+  _globals['_ABORTREQUEST']._serialized_end=1925
+  _globals['_ABORTRESPONSE']._serialized_start=1927
+  _globals['_ABORTRESPONSE']._serialized_end=1957
+  _globals['_FETCHKVREQUEST']._serialized_start=1959
+  _globals['_FETCHKVREQUEST']._serialized_end=1997
+  _globals['_GETLOADREQUEST']._serialized_start=1999
+  _globals['_GETLOADREQUEST']._serialized_end=2015
+  _globals['_DRAINREQUEST']._serialized_start=2017
+  _globals['_DRAINREQUEST']._serialized_end=2063
+  _globals['_DRAINRESPONSE']._serialized_start=2065
+  _globals['_DRAINRESPONSE']._serialized_end=2149
+  _globals['_EXPERTSTATSREQUEST']._serialized_start=2151
+  _globals['_EXPERTSTATSREQUEST']._serialized_end=2189
+  _globals['_LAYEREXPERTLOAD']._serialized_start=2191
+  _globals['_LAYEREXPERTLOAD']._serialized_end=2239
+  _globals['_EXPERTSTATSRESPONSE']._serialized_start=2242
+  _globals['_EXPERTSTATSRESPONSE']._serialized_end=2414
+  _globals['_STAGEEXPERTSREQUEST']._serialized_start=2417
+  _globals['_STAGEEXPERTSREQUEST']._serialized_end=2553
+  _globals['_STAGEEXPERTSRESPONSE']._serialized_start=2555
+  _globals['_STAGEEXPERTSRESPONSE']._serialized_end=2622
+  _globals['_COMMITEXPERTMAPREQUEST']._serialized_start=2624
+  _globals['_COMMITEXPERTMAPREQUEST']._serialized_end=2687
+  _globals['_COMMITEXPERTMAPRESPONSE']._serialized_start=2689
+  _globals['_COMMITEXPERTMAPRESPONSE']._serialized_end=2762
+  _globals['_RELEASEEXPERTSREQUEST']._serialized_start=2764
+  _globals['_RELEASEEXPERTSREQUEST']._serialized_end=2833
+  _globals['_RESIZEEXPERTSREQUEST']._serialized_start=2835
+  _globals['_RESIZEEXPERTSREQUEST']._serialized_end=2888
+  _globals['_RESIZEEXPERTSRESPONSE']._serialized_start=2890
+  _globals['_RESIZEEXPERTSRESPONSE']._serialized_end=2967
+  _globals['_RELEASEEXPERTSRESPONSE']._serialized_start=2969
+  _globals['_RELEASEEXPERTSRESPONSE']._serialized_end=3042
+  _globals['_WORKER']._serialized_start=3146
+  _globals['_WORKER']._serialized_end=3998
 # @@protoc_insertion_point(module_scope)
