@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+import uuid
+from collections.abc import AsyncGenerator, Callable
 from contextvars import Token
+from dataclasses import replace
 from typing import Any, Protocol
 
 import orjson
@@ -50,6 +52,8 @@ MAX_PIN_S = 3600
 # A response sent whole needs its tokens only at the end; progress this often bounds what a resume
 # elsewhere recomputes if its worker fails.
 WHOLE_RESPONSE_COALESCE_MS = 500
+# Between the seeds of a request's choices (the golden ratio's 64-bit stride: far apart, never equal).
+SEED_STRIDE = 0x9E3779B97F4A7C15
 
 
 class EdgeMetrics:
@@ -154,34 +158,47 @@ class _Events:
     """One response's server-sent events, rendered from byte templates."""
 
     def __init__(
-        self, chat: bool, completion_id: str, created: int, model: str, logprobs: LogprobsRenderer | None
+        self, chat: bool, completion_id: str, created: int, model: str, logprobs: _LogprobsFactory | None
     ) -> None:
         obj = "chat.completion.chunk" if chat else "text_completion"
         head = orjson.dumps({"id": completion_id, "object": obj, "created": created, "model": model})[:-1]
         self.chat = chat
-        self.logprobs = logprobs
         self._head = b"data: " + head
-        self._choice = self._head + b',"choices":[{"index":0,'
+        self._choices: dict[int, bytes] = {}
         self._tail = b',"finish_reason":null,"logprobs":null}]}\n\n'
+        self._logprobs_factory = logprobs
+        self._logprobs: dict[int, LogprobsRenderer] = {}  # per choice: each keeps its own text offset
 
-    def role(self) -> bytes:
-        return self._choice + b'"delta":{"role":"assistant","content":""}' + self._tail
+    def _choice(self, index: int) -> bytes:
+        choice = self._choices.get(index)
+        if choice is None:
+            choice = self._choices[index] = self._head + b',"choices":[{"index":' + str(index).encode() + b","
+        return choice
+
+    def role(self, index: int) -> bytes:
+        return self._choice(index) + b'"delta":{"role":"assistant","content":""}' + self._tail
 
     def text(self, chunk: Chunk) -> bytes:
         tail = self._tail
-        if self.logprobs is not None:
-            rendered = orjson.dumps(self.logprobs.render(chunk.logprobs))
+        if self._logprobs_factory is not None:
+            renderer = self._logprobs.get(chunk.index)
+            if renderer is None:
+                renderer = self._logprobs[chunk.index] = self._logprobs_factory()
+            rendered = orjson.dumps(renderer.render(chunk.logprobs))
             tail = b',"finish_reason":null,"logprobs":' + rendered + b"}]}\n\n"
         if self.chat:
-            return self._choice + b'"delta":{"content":' + orjson.dumps(chunk.text) + b"}" + tail
-        return self._choice + b'"text":' + orjson.dumps(chunk.text) + tail
+            return self._choice(chunk.index) + b'"delta":{"content":' + orjson.dumps(chunk.text) + b"}" + tail
+        return self._choice(chunk.index) + b'"text":' + orjson.dumps(chunk.text) + tail
 
-    def finish(self, reason: str) -> bytes:
+    def finish(self, index: int, reason: str) -> bytes:
         payload = b'"delta":{}' if self.chat else b'"text":""'
-        return self._choice + payload + b',"finish_reason":"' + reason.encode() + b'","logprobs":null}]}\n\n'
+        return self._choice(index) + payload + b',"finish_reason":"' + reason.encode() + b'","logprobs":null}]}\n\n'
 
-    def usage(self, chunk: Chunk) -> bytes:
-        return self._head + b',"choices":[],"usage":' + orjson.dumps(_usage(chunk)) + b"}\n\n"
+    def usage(self, usage: dict[str, Any]) -> bytes:
+        return self._head + b',"choices":[],"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+
+_LogprobsFactory = Callable[[], LogprobsRenderer]
 
 
 DONE = b"data: [DONE]\n\n"
@@ -193,12 +210,15 @@ def _send_error(responder: Responder, error: ShoalError) -> None:
     responder.send_json(status, orjson.dumps(body), [(k.lower().encode(), v.encode()) for k, v in headers.items()])
 
 
-def _usage(chunk: Chunk) -> dict[str, Any]:
+def _usage(finals: list[Chunk]) -> dict[str, Any]:
+    """The usage of a response from its choices' final chunks: the prompt counts once."""
+    prompt = finals[0].prompt_tokens
+    completion = sum(chunk.completion_tokens for chunk in finals)
     return {
-        "prompt_tokens": chunk.prompt_tokens,
-        "completion_tokens": chunk.completion_tokens,
-        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens},
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": finals[0].cached_tokens},
     }
 
 
@@ -227,6 +247,17 @@ def _sampling(body: ChatCompletionRequest | CompletionRequest, max_tokens: int) 
     if body.response_format is not None:
         params.json_schema = body.response_format.grammar()
     return params
+
+
+def _copy_sampling(sampling: common_pb2.SamplingParams, copy: int) -> common_pb2.SamplingParams:
+    """Choice `copy`'s parameters: the first is the request's own; a seeded request's other choices
+    get seeds of their own, derived from it, so n seeded choices differ and each repeats."""
+    if copy == 0 or not sampling.HasField("seed"):
+        return sampling
+    derived = common_pb2.SamplingParams()
+    derived.CopyFrom(sampling)
+    derived.seed = (sampling.seed + copy * SEED_STRIDE) % 2**64
+    return derived
 
 
 def _hints(request: Request) -> Hints:
@@ -265,8 +296,9 @@ class Completions:
 
     # -- request -> job -------------------------------------------------------------
 
-    async def _job(self, kind: str, body: bytes, hints: Hints) -> tuple[Job, bool, bool]:
-        """The job a request body asks for, and whether to stream it and include usage."""
+    async def _jobs(self, kind: str, body: bytes, hints: Hints) -> tuple[list[Job], bool, bool]:
+        """The jobs a request body asks for (one per choice, `n`), and whether to stream them and
+        include usage."""
         request: ChatCompletionRequest | CompletionRequest
         if kind == "chat":
             chat: ChatCompletionRequest = _parse(ChatCompletionRequest, body)
@@ -278,11 +310,17 @@ class Completions:
             model = self.backend.model(text.model)
             prompt = await self._completion_prompt(model.prompts, text)
             request, wanted = text, text.max_tokens
-        job = self._sized(model, request, prompt, wanted, hints)
+        copies = request.n or 1
+        if copies > 1 and not hints.session:
+            # The copies share one session, so they go where the first one's prompt KV is.
+            hints = replace(hints, session=f"choices-{uuid.uuid4().hex}")
+        sampling = self._sampling_checked(model, request, prompt, wanted)
+        jobs = [self.backend.job(model, prompt, _copy_sampling(sampling, k), hints) for k in range(copies)]
         if not request.stream:
-            job.coalesce_ms = WHOLE_RESPONSE_COALESCE_MS
+            for job in jobs:
+                job.coalesce_ms = WHOLE_RESPONSE_COALESCE_MS
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        return job, request.stream, include_usage
+        return jobs, request.stream, include_usage
 
     @staticmethod
     async def _chat_prompt(prompts: PromptBuilder, request: ChatCompletionRequest) -> list[int]:
@@ -307,14 +345,13 @@ class Completions:
             raise InvalidArgument(f"prompt holds token ids outside the vocabulary (< {vocab})", param="prompt")
         return ids
 
-    def _sized(
-        self,
+    @staticmethod
+    def _sampling_checked(
         model: ServedModel,
         request: ChatCompletionRequest | CompletionRequest,
         prompt: list[int],
         wanted: int | None,
-        hints: Hints,
-    ) -> Job:
+    ) -> common_pb2.SamplingParams:
         context = model.max_context
         if len(prompt) >= context:
             raise InvalidArgument(
@@ -333,7 +370,7 @@ class Completions:
                 f"min_tokens ({request.min_tokens}) exceeds the {max_tokens} tokens the completion may hold",
                 param="min_tokens",
             )
-        return self.backend.job(model, prompt, _sampling(request, max_tokens), hints)
+        return _sampling(request, max_tokens)
 
     # -- serving --------------------------------------------------------------------
 
@@ -362,14 +399,16 @@ class Completions:
     ) -> None:
         try:
             tracked.grant = await self.backend.access.admit(request.header(b"authorization"))
-            job, stream, include_usage = await self._job(kind, request.body, _hints(request))
+            jobs, stream, include_usage = await self._jobs(kind, request.body, _hints(request))
+            job = jobs[0]
             tracked.model = job.model
             tracked.prompt_tokens = len(job.prompt)
             if span is not None:
                 # The OpenTelemetry GenAI convention's name: traces filter by model as metrics do.
                 span.set_attribute("gen_ai.request.model", job.model)
-                propagate.inject(job.trace_context)
-            first, chunks = await self._start(job, tracked)
+                for each in jobs:
+                    propagate.inject(each.trace_context)
+            first, chunks = await self._start(jobs, tracked)
         except ShoalError as exc:
             tracked.done(HTTP_STATUS[exc.code][0])
             _send_error(responder, exc)
@@ -377,19 +416,19 @@ class Completions:
         try:
             logprobs = self._logprobs(kind, job)
             if stream:
-                await self._stream(responder, kind, job, first, chunks, include_usage, tracked, logprobs)
+                await self._stream(responder, kind, jobs, first, chunks, include_usage, tracked, logprobs)
             else:
-                collected = await self._rest(first, chunks, tracked)
-                self._whole(responder, kind, job, collected, tracked, logprobs)
+                collected = await self._rest(len(jobs), first, chunks, tracked)
+                self._whole(responder, kind, jobs, collected, tracked, logprobs)
         except ShoalError as exc:
             tracked.done(HTTP_STATUS[exc.code][0])
             _send_error(responder, exc)
         finally:
             await chunks.aclose()
 
-    async def _start(self, job: Job, tracked: _Tracked) -> tuple[Chunk, AsyncGenerator[Chunk, None]]:
-        """Run the job and wait for its first chunk (so early errors keep their status)."""
-        chunks = self.backend.stream(job)
+    async def _start(self, jobs: list[Job], tracked: _Tracked) -> tuple[Chunk, AsyncGenerator[Chunk, None]]:
+        """Run the jobs and wait for the first chunk (so early errors keep their status)."""
+        chunks = self.backend.stream(jobs[0]) if len(jobs) == 1 else self._choices(jobs)
         try:
             first = await anext(chunks)
         except BaseException:
@@ -398,49 +437,95 @@ class Completions:
         tracked.chunk(first)
         return first, chunks
 
+    async def _choices(self, jobs: list[Job]) -> AsyncGenerator[Chunk, None]:
+        """The chunks of n choices as they come, each marked with its index.
+
+        The first choice runs alone until its first chunk: its prompt's KV is then in its worker's
+        prefix cache, and the other choices (same session, so routed there) reuse it instead of
+        computing the prompt n times. A choice that fails fails the response; closing this stream
+        cancels every choice still running.
+        """
+        queue: asyncio.Queue[tuple[int, Chunk | Exception | None]] = asyncio.Queue()
+
+        async def run(index: int) -> None:
+            stream = self.backend.stream(jobs[index])
+            try:
+                async for chunk in stream:
+                    chunk.index = index
+                    queue.put_nowait((index, chunk))
+                queue.put_nowait((index, None))
+            except Exception as exc:  # handed to the reader, which raises it
+                queue.put_nowait((index, exc))
+            finally:
+                await stream.aclose()  # a cancelled choice is cancelled on its worker
+
+        tasks = [asyncio.create_task(run(0))]
+        running = len(jobs)
+        try:
+            while running:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item is None:
+                    running -= 1
+                    continue
+                if index == 0 and len(tasks) == 1:
+                    tasks += [asyncio.create_task(run(k)) for k in range(1, len(jobs))]
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     @staticmethod
-    async def _rest(first: Chunk, chunks: AsyncGenerator[Chunk, None], tracked: _Tracked) -> list[Chunk]:
+    async def _rest(choices: int, first: Chunk, chunks: AsyncGenerator[Chunk, None], tracked: _Tracked) -> list[Chunk]:
         """Every chunk of a response sent whole (raises the error that ended it early)."""
         collected = [first]
-        if first.finish is None:
-            async for chunk in chunks:
-                tracked.chunk(chunk)
-                collected.append(chunk)
-                if chunk.finish is not None:
-                    break
+        open_choices = choices - (first.finish is not None)
+        while open_choices:
+            chunk = await anext(chunks)
+            tracked.chunk(chunk)
+            collected.append(chunk)
+            open_choices -= chunk.finish is not None
         return collected
 
-    def _logprobs(self, kind: str, job: Job) -> LogprobsRenderer | None:
+    def _logprobs(self, kind: str, job: Job) -> _LogprobsFactory | None:
         if not job.sampling.HasField("logprobs"):
             return None
-        return LogprobsRenderer(kind == "chat", self.backend.model(job.model).prompts.pieces)
+        pieces = self.backend.model(job.model).prompts.pieces
+        return lambda: LogprobsRenderer(kind == "chat", pieces)
 
     @staticmethod
     def _whole(
         responder: Responder,
         kind: str,
-        job: Job,
+        jobs: list[Job],
         collected: list[Chunk],
         tracked: _Tracked,
-        logprobs: LogprobsRenderer | None,
+        logprobs: _LogprobsFactory | None,
     ) -> None:
-        last = collected[-1]
-        text = "".join(chunk.text for chunk in collected)
         tracked.done(200)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": last.finish, "logprobs": None}
-        if logprobs is not None:
-            choice["logprobs"] = logprobs.render(entry for chunk in collected for entry in chunk.logprobs)
-        if kind == "chat":
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
+        choices: list[dict[str, Any]] = []
+        finals: list[Chunk] = []
+        for index in range(len(jobs)):
+            mine = [chunk for chunk in collected if chunk.index == index]
+            text = "".join(chunk.text for chunk in mine)
+            finals.append(mine[-1])
+            choice: dict[str, Any] = {"index": index, "finish_reason": mine[-1].finish, "logprobs": None}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs().render(entry for chunk in mine for entry in chunk.logprobs)
+            if kind == "chat":
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
         payload = {
-            "id": _completion_id(kind, job),
+            "id": _completion_id(kind, jobs[0]),
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()),
-            "model": job.model,
-            "choices": [choice],
-            "usage": _usage(last),
+            "model": jobs[0].model,
+            "choices": choices,
+            "usage": _usage(finals),
         }
         responder.send_json(200, orjson.dumps(payload))
 
@@ -448,28 +533,32 @@ class Completions:
         self,
         responder: Responder,
         kind: str,
-        job: Job,
+        jobs: list[Job],
         first: Chunk,
         chunks: AsyncGenerator[Chunk, None],
         include_usage: bool,
         tracked: _Tracked,
-        logprobs: LogprobsRenderer | None,
+        logprobs: _LogprobsFactory | None,
     ) -> None:
+        job = jobs[0]
         events = _Events(kind == "chat", _completion_id(kind, job), int(time.time()), job.model, logprobs)
         responder.start(200, SSE_HEADERS)
         status = 200
+        finals: list[Chunk] = []
         try:
-            opening = events.role() if kind == "chat" else b""
+            opening = b"".join(events.role(index) for index in range(len(jobs))) if kind == "chat" else b""
             chunk = first
             while True:
-                out = opening + self._render(events, chunk, include_usage)
+                out = opening + self._render(events, chunk)
                 opening = b""
-                await responder.write(out)
                 if chunk.finish is not None:
+                    finals.append(chunk)
+                await responder.write(out)
+                if len(finals) == len(jobs):
                     break
                 chunk = await anext(chunks)
                 tracked.chunk(chunk)
-            tail = DONE
+            tail = (events.usage(_usage(finals)) if include_usage else b"") + DONE
         except ShoalError as exc:
             status = HTTP_STATUS[exc.code][0]
             tail = _error_event(exc) + DONE
@@ -480,12 +569,10 @@ class Completions:
         responder.end(tail)
 
     @staticmethod
-    def _render(events: _Events, chunk: Chunk, include_usage: bool) -> bytes:
+    def _render(events: _Events, chunk: Chunk) -> bytes:
         out = events.text(chunk) if chunk.text or chunk.logprobs or chunk.finish is None else b""
         if chunk.finish is not None:
-            out += events.finish(chunk.finish)
-            if include_usage:
-                out += events.usage(chunk)
+            out += events.finish(chunk.index, chunk.finish)
         return out
 
 

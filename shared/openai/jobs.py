@@ -53,3 +53,5 @@ class Chunk:
     cached_tokens: int = 0
     # One per new token when the request asked for logprobs.
     logprobs: Sequence[common_pb2.TokenLogprob] = ()
+    # The choice it belongs to (a request with n > 1 has n).
+    index: int = 0

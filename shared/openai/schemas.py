@@ -1,7 +1,7 @@
 """OpenAI API request and response bodies (the subset Shoal serves).
 
 No parameter is accepted and then ignored: a request that sets one Shoal does
-not implement (tools, n != 1, ...) or one it does
+not implement (tools, best_of, ...) or one it does
 not know gets a 400 naming it, as OpenAI's own API refuses unrecognised
 arguments. A parameter sent at its default value, which changes nothing, is
 accepted. Names follow OpenAI's API reference.
@@ -18,6 +18,7 @@ MAX_STOP = 4
 MAX_LOGIT_BIAS = 300
 MAX_TOP_LOGPROBS = 20
 MAX_SCHEMA_CHARS = 65_536
+MAX_CHOICES = 16
 MAX_PROMPT_CHARS = 2_000_000
 
 
@@ -84,7 +85,7 @@ class _SamplingFields(BaseModel):
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=1, description="Only n=1 is served.")
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[Annotated[str, Field(max_length=256)]] | None = None

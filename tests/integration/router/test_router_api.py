@@ -218,13 +218,45 @@ async def test_response_format_gives_json_that_matches_the_schema(redis_url: str
         assert "cannot be compiled" in unparsable.json()["error"]["message"]
 
 
+async def test_n_choices_share_the_prompt_and_repeat_with_a_seed(redis_url: str, tiny_model: Path) -> None:
+    prompt = [20 + (i * 37) % 200 for i in range(40)]  # byte tokens, within the tokenizer's vocabulary
+    sampled: Any = {"model": MODEL, "prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 7}
+    sampled["extra_body"] = {"ignore_eos": True}
+    async with stack(redis_url, tiny_model, [{}]) as (front, apps):
+        oai = client(front)
+        three = await oai.completions.create(**sampled, n=3)
+        # Two 16-token blocks of the prompt, computed once, reused by the two other choices.
+        assert apps[0].engine.load().cached_tokens_total == 2 * 32
+        again = await oai.completions.create(**sampled, n=3)
+        one = await oai.completions.create(**sampled)
+        stream = await oai.completions.create(**sampled, n=3, stream=True, stream_options={"include_usage": True})
+        streamed: dict[int, str] = {0: "", 1: "", 2: ""}
+        finishes: dict[int, str] = {}
+        usage = None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                streamed[choice.index] += choice.text
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+    texts = [choice.text for choice in sorted(three.choices, key=lambda c: c.index)]
+    assert [choice.index for choice in sorted(three.choices, key=lambda c: c.index)] == [0, 1, 2]
+    assert len(set(texts)) == 3  # each choice has a seed of its own
+    assert texts == [choice.text for choice in sorted(again.choices, key=lambda c: c.index)]
+    assert one.choices[0].text == texts[0]  # the first choice is the request's own
+    assert [streamed[i] for i in range(3)] == texts and finishes == {0: "length", 1: "length", 2: "length"}
+    assert three.usage is not None and usage is not None
+    assert (three.usage.prompt_tokens, three.usage.completion_tokens) == (40, 30)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (40, 30)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [
         ({"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "does not exist"),
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 5}, 400, "temperature"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),
         ({"model": MODEL, "messages": USER_X, "top_logprobs": 3}, 400, "top_logprobs needs logprobs"),
         ({"model": MODEL, "messages": USER_X, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
         ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
