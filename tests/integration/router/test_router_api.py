@@ -458,6 +458,34 @@ async def test_a_worker_dying_mid_stream_is_resumed_on_another(redis_url: str, t
         assert front.app.metrics.retries.labels("resume").value >= 1
 
 
+async def test_choices_on_a_dying_worker_resume_to_the_uninterrupted_text(redis_url: str, tiny_model: Path) -> None:
+    """n = 2, seeded: the worker serving the choices dies mid-stream; each choice it held resumes once
+    elsewhere, and every choice's text is what the uninterrupted request gave."""
+    slow = {"engine": EngineKind.SIM, "sim_speedup": 1.0}
+    body: Any = {"model": MODEL, "prompt": "tell me", "max_tokens": 40, "temperature": 1.0, "seed": 3, "n": 2}
+    async with stack(redis_url, tiny_model, [slow, slow]) as (front, apps):
+        oai = client(front)
+        whole = await oai.completions.create(**body)
+        expected = {choice.index: choice.text for choice in whole.choices}
+        stream = await oai.completions.create(**body, stream=True)
+        texts = {0: "", 1: "", 2: ""}
+        chunks = 0
+        held = 0
+        async for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+            chunks += 1
+            if chunks == 6 and not held:
+                victim = max(apps, key=lambda app: app.engine.load().running_requests)
+                held = victim.engine.load().running_requests
+                assert victim.server is not None
+                await victim.channels.stop()
+                await victim.server.server.stop(0)
+        assert held >= 1
+        assert front.app.metrics.retries.labels("resume").value == held
+    assert {0: texts[0], 1: texts[1]} == expected and texts[2] == ""
+
+
 async def test_a_client_that_disconnects_aborts_its_request(redis_url: str, tiny_model: Path) -> None:
     slow = {"engine": EngineKind.SIM, "sim_speedup": 1.0}
     async with stack(redis_url, tiny_model, [slow]) as (front, apps):
