@@ -35,6 +35,14 @@ class ExpertWeights:
 
 
 @dataclass
+class GroupedExperts:
+    """All of a layer's experts stacked, so each projection is one batched matmul over every expert."""
+
+    w13: torch.Tensor  # [experts, 2 * intermediate, hidden]
+    w2: torch.Tensor  # [experts, hidden, intermediate]
+
+
+@dataclass
 class LayerWeights:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -50,6 +58,8 @@ class LayerWeights:
     experts: dict[int, ExpertWeights] = field(default_factory=dict)
     shared_expert: ExpertWeights | None = None
     shared_gate: torch.Tensor | None = None
+    # When this process holds every expert: the same weights stacked (`experts` then holds views of them).
+    grouped: GroupedExperts | None = None
 
 
 def load_expert(ckpt: Checkpoint, layer: int, expert: int, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
@@ -103,6 +113,8 @@ class MoEModel:
             held = range(config.num_experts) if experts_of_layer is None else experts_of_layer.get(index, ())
             for expert in held:
                 layer.experts[expert] = load_expert(ckpt, index, expert, dtype, device)
+            if experts_of_layer is None:
+                layer.grouped = stack_experts(layer.experts)
             if config.shared_expert_size:
                 shared = prefix + "mlp.shared_expert."
                 w13 = torch.cat([get(shared + "gate_proj.weight"), get(shared + "up_proj.weight")], dim=0)
@@ -144,6 +156,43 @@ class MoEModel:
         if layer.shared_expert is None or layer.shared_gate is None:
             return None
         return torch.sigmoid(F.linear(x, layer.shared_gate)) * layer.shared_expert(x)
+
+
+def stack_experts(experts: dict[int, ExpertWeights]) -> GroupedExperts:
+    """Stack the experts (ids 0..n-1) and make each one's weights views of the stack: no second copy."""
+    grouped = GroupedExperts(
+        torch.stack([experts[e].w13 for e in range(len(experts))]),
+        torch.stack([experts[e].w2 for e in range(len(experts))]),
+    )
+    for expert in range(len(experts)):
+        experts[expert] = ExpertWeights(grouped.w13[expert], grouped.w2[expert])
+    return grouped
+
+
+def run_grouped_experts(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grouped: GroupedExperts
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`run_local_experts` for a process holding every expert, with two batched matmuls per layer.
+
+    Routed rows are sorted by expert and laid out [experts, most rows of one expert, hidden] (zero
+    padding past each expert's own rows), so one `bmm` per projection covers every expert instead of
+    a Python loop of small matmuls. Rows are summed into their tokens in expert order, as
+    `run_local_experts` and `transformers` do.
+    """
+    num_experts = grouped.w13.shape[0]
+    top_k = ids.shape[1]
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=num_experts)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k
+    expert_of = flat[order]
+    slot = torch.arange(flat.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[expert_of]
+    padded = x.new_zeros(num_experts, int(counts.max()), x.shape[1])
+    padded[expert_of, slot] = x[token_of]
+    gate, up = torch.bmm(padded, grouped.w13.transpose(1, 2)).chunk(2, dim=-1)
+    y = torch.bmm(F.silu(gate) * up, grouped.w2.transpose(1, 2))
+    rows = y[expert_of, slot] * weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, token_of, rows), counts
 
 
 def run_local_experts(
