@@ -7,12 +7,12 @@ request with a schema carries a `Constraint` (its automaton state); the sampler
 masks every other token, and the request ends when the output is a complete
 match that nothing can extend (only end-of-sequence is left).
 
-Compiling is the costly part, and a hostile schema can make it unbounded
-(a length bound on a top-level string grows the automaton exponentially:
-`maxLength: 16` takes seconds, 32 does not finish). So a schema is compiled in a child process
-that is killed after `COMPILE_TIMEOUT_S`, off the event loop, and refused with
-a 400 if it takes longer. Indexes are cached per schema text (bounded), as
-agents send the same schemas again and again.
+Compiling is the costly part, and a hostile schema can make it unbounded (a
+length bound on a top-level string grows the automaton exponentially:
+`maxLength: 16` takes seconds, 32 does not finish). So a schema is compiled in
+a child process that is killed after `COMPILE_TIMEOUT_S`, off the event loop,
+and refused with a 400 if it takes longer. Indexes are cached per schema text
+(bounded), as agents send the same schemas again and again.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ class Constraint:
 
     @property
     def complete(self) -> bool:
-        """The output matches and nothing can extend it."""
-        return self.allowed == [self._eos]
+        """The output matches and nothing can extend it (or this vocabulary cannot)."""
+        return not self.allowed or self.allowed == [self._eos]
 
 
 class Grammars:
@@ -93,6 +93,10 @@ class Grammars:
     def constraint(self, index: Index, resumed: Iterable[int]) -> Constraint:
         """A fresh constraint on `index`, advanced past the tokens a resumed request already has."""
         constraint = Constraint(Guide(index), self._eos)
+        if not constraint.allowed:
+            raise InvalidArgument(
+                "no token of this model can begin output the JSON schema allows", param="response_format"
+            )
         for token in resumed:
             if token not in constraint.allowed:
                 raise InvalidArgument(

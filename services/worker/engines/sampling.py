@@ -42,9 +42,15 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_token_ids: Collection[
 
 
 def _keep_only(logits: torch.Tensor, allowed: list[int]) -> None:
-    """Mask every token but `allowed` (a grammar's next tokens) in one row of logits, in place."""
+    """Mask every token but `allowed` (a grammar's next tokens) in one row of logits, in place.
+
+    The grammar outranks shaping: where shaping excluded every allowed token (`min_tokens` against
+    a stop token the grammar wants), the allowed ones stay, equally likely, rather than none.
+    """
     keep = torch.tensor(allowed, dtype=torch.long, device=logits.device)
     kept = logits[keep]
+    if not bool(torch.isfinite(kept).any()):
+        kept = torch.zeros_like(kept)
     logits.fill_(float("-inf"))
     logits[keep] = kept
 

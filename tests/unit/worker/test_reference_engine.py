@@ -393,3 +393,16 @@ async def test_a_schema_that_compiles_too_slowly_is_refused_and_the_engine_serve
     assert first is second  # one compile for both callers
     result = await collect(engine, request("after", prompts(1, [6])[0], max_tokens=30, json_schema=quick))
     assert json.loads(result.text) in ({"ok": True}, {"ok": False})
+
+
+async def test_the_grammar_outranks_shaping_that_excludes_every_allowed_token(engine: BatchingEngine) -> None:
+    """`min_tokens` bans the stop tokens, and the grammar allows only those: the grammar's tokens stay
+    (the request is not left with no candidate, and the engine serves on)."""
+    first_letters = (16 + ord("t"), 16 + ord("f"))  # the tiny tokenizer's byte tokens
+    prompt = prompts(1, [9], seed=19)[0]
+    boolean = json.dumps({"type": "boolean"})
+    shaped = request("gs", prompt, max_tokens=8, json_schema=boolean, stop_token_ids=first_letters, min_tokens=3)
+    result = await collect(engine, shaped)
+    assert result.tokens[0] in first_letters and result.finish is Finish.STOP
+    after = await collect(engine, request("gs-after", prompt, max_tokens=8, json_schema=boolean))
+    assert json.loads(after.text) in (True, False)
