@@ -211,14 +211,15 @@ def _send_error(responder: Responder, error: ShoalError) -> None:
 
 
 def _usage(finals: list[Chunk]) -> dict[str, Any]:
-    """The usage of a response from its choices' final chunks: the prompt counts once."""
-    prompt = finals[0].prompt_tokens
+    """The usage of a response from its choices' final chunks: the prompt counts once (as the first
+    choice computed it)."""
+    first = min(finals, key=lambda chunk: chunk.index)
     completion = sum(chunk.completion_tokens for chunk in finals)
     return {
-        "prompt_tokens": prompt,
+        "prompt_tokens": first.prompt_tokens,
         "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": finals[0].cached_tokens},
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     }
 
 
