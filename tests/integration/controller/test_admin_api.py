@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from shared.config import EngineKind
-from tests.support.fuzz import assert_no_server_errors
 from tests.support.services import ADMIN, OPERATOR, VIEWER, RunningController, running_controller, running_worker
 
 pytestmark = pytest.mark.integration
@@ -150,13 +149,6 @@ async def test_workers_are_listed_cordoned_and_removed_by_a_drain_first_job(redi
             assert state["phase"] == "remove"  # drained; the (in-process) worker is ours to stop
         assert (await call(front, "DELETE", "/v1/workers/nobody", token=OPERATOR)).status_code == 404
         assert (await call(front, "POST", "/v1/jobs/nope/cancel", token=OPERATOR)).status_code == 404
-
-
-@pytest.mark.slow
-async def test_schemathesis_finds_no_server_errors(redis_url: str) -> None:
-    async with running_controller(redis_url, local_max_workers=0) as front:  # fuzzed pools start no process
-        await call(front, "POST", "/v1/models", json=MODEL)
-        await assert_no_server_errors(front.url, 15, 2, "--header", f"Authorization: Bearer {ADMIN}")
 
 
 async def test_invalid_graphs_are_refused_with_located_errors(redis_url: str) -> None:

@@ -16,7 +16,6 @@ from openai import AsyncOpenAI
 from services.worker.app import WorkerApp
 from shared.config import EngineKind, WorkerRole
 from tests.support.engines import collect, prompts, reference_engine, request
-from tests.support.fuzz import assert_no_server_errors
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.services import RunningRouter, running_kvstore, running_router, running_worker
 
@@ -503,12 +502,6 @@ async def test_a_client_that_disconnects_aborts_its_request(redis_url: str, tiny
             await asyncio.sleep(0.05)
         assert apps[0].engine.load().running_requests == 0
         assert front.app.dispatcher.requests == 0
-
-
-@pytest.mark.slow
-async def test_schemathesis_finds_no_server_errors(redis_url: str, tiny_model: Path) -> None:
-    async with stack(redis_url, tiny_model, [SIM]) as (front, _apps):
-        await assert_no_server_errors(front.url, 40, 1, "--request-timeout", "30")
 
 
 async def test_one_trace_spans_router_prefill_kvstore_and_decode(redis_url: str, tiny_model: Path) -> None:
