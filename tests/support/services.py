@@ -166,7 +166,16 @@ def in_process_jobs(app_ref: list[ControllerApp]) -> Any:
             else run_scale_down(job.id, app.jobs, app.registry, app.desired, security)
         )
         tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        task.add_done_callback(finished)
+
+    def finished(task: asyncio.Task[Any]) -> None:
+        tasks.discard(task)
+        # A job that outlives its test fails when the test's Redis goes away. Its error is taken here:
+        # left for the garbage collector, asyncio logs it from whatever code is running then, and under
+        # Python 3.11 a log written during `ast.parse` makes the parse fail ("AST constructor
+        # recursion depth mismatch").
+        if not task.cancelled():
+            task.exception()
 
     return submit
 
