@@ -45,7 +45,14 @@ class Constraint:
         self.allowed: list[int] = list(guide.get_tokens())
 
     def advance(self, token: int) -> None:
-        self.allowed = list(self._guide.advance(token))
+        if token == self._eos:
+            # Allowed only where the output is a complete match; the automaton has no move for it.
+            self.allowed = [self._eos]
+            return
+        try:
+            self.allowed = list(self._guide.advance(token))
+        except ValueError:  # a token the mask did not allow: end the request, not the engine
+            self.allowed = []
 
     @property
     def complete(self) -> bool:

@@ -406,3 +406,22 @@ async def test_the_grammar_outranks_shaping_that_excludes_every_allowed_token(en
     assert result.tokens[0] in first_letters and result.finish is Finish.STOP
     after = await collect(engine, request("gs-after", prompt, max_tokens=8, json_schema=boolean))
     assert json.loads(after.text) in (True, False)
+
+
+@pytest.mark.parametrize("ignore_eos", [True, False])
+async def test_end_of_sequence_where_the_grammar_allows_it_ends_the_request(
+    engine: BatchingEngine, ignore_eos: bool
+) -> None:
+    """An integer is a complete match after its first digit yet may go on: end-of-sequence is one of
+    the allowed tokens there, and choosing it (pushed by a bias) ends the request with that match."""
+    prompt = prompts(1, [12], seed=20)[0]
+    integer = json.dumps({"type": "integer"})
+    eos = 2
+    ended = await collect(
+        engine,
+        request("ge", prompt, max_tokens=20, json_schema=integer, logit_bias=((eos, 100.0),), ignore_eos=ignore_eos),
+    )
+    assert ended.finish is Finish.STOP and ended.tokens[-1] == eos
+    assert isinstance(json.loads(ended.text), int)
+    after = await collect(engine, request("ge-after", prompt, max_tokens=8))
+    assert after.finish is Finish.LENGTH  # the engine serves on
