@@ -265,7 +265,7 @@ class BatchingEngine:
                     "this engine has no vocabulary and end-of-sequence token to constrain output with",
                     param="response_format",
                 )
-            self._grammars = Grammars(tokenizer.tokenizer, self.executor.eos_token_ids[0])
+            self._grammars = Grammars(tokenizer.tokenizer, self.executor.eos_token_ids[0], self.executor.vocab_size)
         return self._grammars
 
     def _constraint(self, request: EngineRequest) -> Constraint | None:

@@ -63,9 +63,12 @@ class Constraint:
 class Grammars:
     """JSON-schema indexes over one tokenizer's vocabulary."""
 
-    def __init__(self, tokenizer: Tokenizer, eos_token_id: int, timeout_s: float = COMPILE_TIMEOUT_S) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, eos_token_id: int, vocab_size: int, timeout_s: float = COMPILE_TIMEOUT_S
+    ) -> None:
         self._tokenizer = tokenizer
         self._eos = eos_token_id
+        self._vocab_size = vocab_size  # the model's logits: a tokenizer may name more ids than it has
         self._timeout_s = timeout_s
         self._vocabulary: Vocabulary | None = None
         self._indexes: OrderedDict[str, Index] = OrderedDict()
@@ -118,7 +121,7 @@ class Grammars:
             special = {i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special}
             pieces = TokenPieces(self._tokenizer)
             by_bytes: dict[bytes, list[int]] = {}
-            for token_id in range(self._tokenizer.get_vocab_size()):
+            for token_id in range(min(self._tokenizer.get_vocab_size(), self._vocab_size)):
                 raw = bytes(pieces.piece(token_id)[1])
                 if token_id != self._eos and token_id not in special and raw:
                     by_bytes.setdefault(raw, []).append(token_id)
