@@ -35,7 +35,7 @@ from shared.httpapi import http_server
 from shared.policies.agents import Hardware
 from shared.policies.scaling import PolicyState
 from shared.rpc.pool import ClientPool
-from shared.rpc.security import Role, RpcSecurity
+from shared.rpc.security import RELOAD_INTERVAL_S, Role, RpcSecurity
 from shared.rpc.worker_client import WorkerClient
 from shared.state.apikeys import APIKeyStore
 from shared.state.redis import connect
@@ -138,6 +138,7 @@ class ControllerApp:
         self.worker_clients: ClientPool[WorkerClient] = ClientPool(lambda a: WorkerClient(a, self.security))
         self.expert_watch = ExpertWatch(self.redis, self.registry, self.worker_clients, settings, self.open_migration)
         self._experts = Ticker("experts", settings.expert_stats_interval_s, self._watch_experts)
+        self._certificates = Ticker("certificates", RELOAD_INTERVAL_S, self.security.watch)
         self._launch = Ticker("launcher", LAUNCH_INTERVAL_S, self.launcher.tick) if self.launcher else None
         self.started_at = time.time()
 
@@ -231,12 +232,14 @@ class ControllerApp:
             self._launch.start()
         self._reconcile.start()
         self._experts.start()
+        self._certificates.start()
         log.info("controller ready", actuator=self.actuator.name)
 
     async def stop(self) -> None:
         await self.graph_runner.stop()
         await self._experts.stop()
         await self._reconcile.stop()
+        await self._certificates.stop()
         await self.worker_clients.close()
         if self._launch is not None:
             await self._launch.stop()

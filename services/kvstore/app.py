@@ -23,7 +23,7 @@ from shared.config.services import KVStoreSettings
 from shared.kvlocal.client import STAGING_PREFIX
 from shared.policies.eviction import make_policy
 from shared.rpc.channel import ChannelServer
-from shared.rpc.security import Role, RpcSecurity
+from shared.rpc.security import RELOAD_INTERVAL_S, Role, RpcSecurity
 from shared.rpc.server import GrpcServer, run_until_signal
 from shared.rpc.shoal.v1 import kvstore_pb2, kvstore_pb2_grpc
 from shared.state.kvevents import KVEventPublisher
@@ -65,6 +65,7 @@ class KVStoreApp:
         self.redis = connect(settings.redis_url)
         self.publisher = KVEventPublisher(self.redis, settings.store_id)
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
+        self._certificates = Ticker("certificates", RELOAD_INTERVAL_S, self.security.watch)
         self.server: GrpcServer | None = None
         self.metrics_port = 0
         self._opening: asyncio.Task[None] | None = None
@@ -90,6 +91,7 @@ class KVStoreApp:
         self.servicer.data_address = settings.advertised(data_port)
         _server, self.metrics_port = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
         self._events.start()
+        self._certificates.start()
         # Serving first: a disk tier of any size must not hold the port (and the probes) back.
         self._opening = asyncio.create_task(self._open_disk(), name="kvstore-disk-listing")
         log.info("kvstore serving", address=self.address, memory_bytes=settings.memory_bytes)
@@ -111,6 +113,7 @@ class KVStoreApp:
                 await self._opening
         await self.channels.stop()
         await self._events.stop()
+        await self._certificates.stop()
         if self.local is not None:
             await self.local.stop()
         self.arena.close()

@@ -42,7 +42,7 @@ from shared.openai.models import ServedModel, load_model
 from shared.policies.routing import PDPolicy, Router, load_config
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pool import ClientPool
-from shared.rpc.security import Role, RpcSecurity
+from shared.rpc.security import RELOAD_INTERVAL_S, Role, RpcSecurity
 from shared.rpc.serve_client import ServeSession
 from shared.rpc.server import stop_event_on_signals
 from shared.rpc.shoal.v1 import common_pb2
@@ -141,6 +141,7 @@ class RouterApp:
         self._events = Ticker("kv-index", 0.001, self._follow)
         self._stats = Ticker("work-stats", 1.0, self._flush_work)
         self._sessions = Ticker("sessions", SESSION_FLUSH_S, self.sessions.flush)
+        self._certificates = Ticker("certificates", RELOAD_INTERVAL_S, self.security.watch)
 
     # -- the OpenAI API's backend (shared/openai/completions.py) --------------------
 
@@ -206,6 +207,7 @@ class RouterApp:
         self._events.start()
         self._stats.start()
         self._sessions.start()
+        self._certificates.start()
         models = [m.name for m in self.catalog.models()]
         log.info("router ready", models=models, workers=len(self.directory.records))
 
@@ -216,6 +218,7 @@ class RouterApp:
         await self._events.stop()
         await self._stats.stop()
         await self._sessions.stop()
+        await self._certificates.stop()
         await self.sessions.flush()
         await self.clients.close()
         await self.streams.close()

@@ -28,7 +28,7 @@ from shared.openai.completions import EdgeMetrics
 from shared.openai.models import ServedModel
 from shared.openai.prompts import PromptBuilder
 from shared.rpc.channel import ChannelServer
-from shared.rpc.security import Role, RpcSecurity
+from shared.rpc.security import RELOAD_INTERVAL_S, Role, RpcSecurity
 from shared.rpc.serve_client import CHANNEL as SERVE_CHANNEL
 from shared.rpc.server import GrpcServer, run_until_signal
 from shared.rpc.shoal.v1 import worker_pb2_grpc
@@ -80,6 +80,7 @@ class WorkerApp:
         self._events = Ticker("kv-events", EVENT_INTERVAL_S, self._publish_events)
         self._docs = DocumentStore(self.redis)
         self._slo = Ticker("pool-slo", SLO_REFRESH_S, self._read_slo)
+        self._certificates = Ticker("certificates", RELOAD_INTERVAL_S, self.security.watch)
 
     @property
     def address(self) -> str:
@@ -127,6 +128,7 @@ class WorkerApp:
         with suppress(RedisError, OSError):  # a worker serves without its pool's document (then: default SLO)
             await self._read_slo()
         self._slo.start()
+        self._certificates.start()
         log.info("worker serving", worker_id=settings.worker_id, address=self.address, role=settings.role.value)
 
     async def _serve_http(self, port: int) -> None:
@@ -162,6 +164,7 @@ class WorkerApp:
         await self.channels.stop()
         await self._events.stop()
         await self._slo.stop()
+        await self._certificates.stop()
         if self.heartbeat is not None:
             await self.heartbeat.stop(deregister=True)
         with suppress(RedisError, OSError):

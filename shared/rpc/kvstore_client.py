@@ -24,7 +24,7 @@ from shared.errors import ShoalError, Unavailable
 from shared.hashing import BlockHash
 from shared.kvlocal.client import LocalAccess
 from shared.rpc.blocks import BlockAssembler, CorruptBlock, block_chunks
-from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
+from shared.rpc.client import CONTROL_TIMEOUT_S, PeerChannel
 from shared.rpc.errors import from_rpc_error
 from shared.rpc.kvchannel import KVChannelClient
 from shared.rpc.security import Role, RpcSecurity
@@ -78,8 +78,7 @@ class KVStoreClient:
         self.security = security
         self._want_data = data_channel
         self.timeout_s = timeout_s
-        self._channel = open_channel(address, Role.KVSTORE, security)
-        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self._peer = PeerChannel(address, Role.KVSTORE, security, kvstore_pb2_grpc.KVStoreStub)
         self._want_local = local
         self._decided = False
         self._next_check = 0.0
@@ -153,7 +152,7 @@ class KVStoreClient:
             await self._local.close()
         if self._data is not None:
             await self._data.close()
-        await self._channel.close()
+        await self._peer.close()
 
     def _error(self, exc: grpc.RpcError) -> ShoalError:
         return from_rpc_error(exc, self.address)
@@ -192,7 +191,9 @@ class KVStoreClient:
                 yield kvstore_pb2.PutRequest(chunk=chunk)
 
         try:
-            response: kvstore_pb2.PutResponse = await self._stub.Put(requests(), timeout=timeout_s or self.timeout_s)
+            response: kvstore_pb2.PutResponse = await self._peer.stub.Put(
+                requests(), timeout=timeout_s or self.timeout_s
+            )
         except grpc.RpcError as exc:
             raise self._error(exc) from None
         return response
@@ -231,7 +232,7 @@ class KVStoreClient:
     async def _grpc_get(self, hashes: Sequence[BlockHash], prefix_only: bool, timeout_s: float | None) -> list[KVBlock]:
         assembler = BlockAssembler(MAX_BLOCK_BYTES)
         out: list[KVBlock] = []
-        call = self._stub.Get(
+        call = self._peer.stub.Get(
             kvstore_pb2.GetRequest(hashes=list(hashes), prefix_only=prefix_only),
             timeout=timeout_s or self.timeout_s,
         )
@@ -247,7 +248,7 @@ class KVStoreClient:
 
     async def lookup(self, hashes: Sequence[BlockHash]) -> Lookup:
         try:
-            response = await self._stub.Lookup(
+            response = await self._peer.stub.Lookup(
                 kvstore_pb2.LookupRequest(hashes=list(hashes)), timeout=CONTROL_TIMEOUT_S
             )
         except grpc.RpcError as exc:
@@ -256,7 +257,7 @@ class KVStoreClient:
 
     async def delete(self, hashes: Sequence[BlockHash]) -> int:
         try:
-            response = await self._stub.Delete(
+            response = await self._peer.stub.Delete(
                 kvstore_pb2.DeleteRequest(hashes=list(hashes)), timeout=CONTROL_TIMEOUT_S
             )
         except grpc.RpcError as exc:
@@ -265,7 +266,7 @@ class KVStoreClient:
 
     async def pin(self, session_id: str, hashes: Sequence[BlockHash], ttl_s: int) -> int:
         try:
-            response = await self._stub.Pin(
+            response = await self._peer.stub.Pin(
                 kvstore_pb2.PinRequest(session_id=session_id, hashes=list(hashes), ttl_s=ttl_s),
                 timeout=CONTROL_TIMEOUT_S,
             )
@@ -275,7 +276,7 @@ class KVStoreClient:
 
     async def stats(self) -> kvstore_pb2.StatsResponse:
         try:
-            response: kvstore_pb2.StatsResponse = await self._stub.Stats(
+            response: kvstore_pb2.StatsResponse = await self._peer.stub.Stats(
                 kvstore_pb2.StatsRequest(), timeout=CONTROL_TIMEOUT_S
             )
         except grpc.RpcError as exc:

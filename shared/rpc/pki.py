@@ -77,6 +77,7 @@ class Authority:
             _builder(name, name, key.public_key(), days)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
         return cls(cert, key)
@@ -115,6 +116,8 @@ class Authority:
                 critical=False,
             )
             .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+            # Which CA signed it, by key: during a rotation both CAs share a name in the trusted bundle.
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
         folder.mkdir(parents=True, exist_ok=True)

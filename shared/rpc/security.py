@@ -11,10 +11,14 @@ the data channels (shared/rpc/channel.py).
 
 Files follow a cert-manager Secret's layout (ca.crt, tls.crt, tls.key), so a
 Certificate resource, a Secret a user provides or `shoal pki init` fill the
-same folder (SHOAL_TLS_DIR). Certificates are read at start: rotating one is a
-rolling restart. Plaintext is an explicit development setting
-(SHOAL_RPC_PLAINTEXT) that each service warns about; the internal token, when
-set, is checked in both modes.
+same folder (SHOAL_TLS_DIR). Services read the folder again every
+RELOAD_INTERVAL_S (`RpcSecurity.reload`): a renewed certificate or CA bundle
+is used by every connection made after that, on gRPC (servers through
+dynamic credentials, clients through channels opened again, see
+shared/rpc/client.py) and on the data channels, without a restart.
+Connections already made keep the certificate they were made with.
+Plaintext is an explicit development setting (SHOAL_RPC_PLAINTEXT) that each
+service warns about; the internal token, when set, is checked in both modes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc import aio
 
 from shared.config.base import CommonSettings
@@ -40,6 +45,8 @@ log = get_logger("shoal.rpc.security")
 
 IDENTITY_DOMAIN = "shoal.internal"
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "tls.crt", "tls.key"
+# How often services read their certificate folder again (a Kubernetes Secret volume itself lags a minute).
+RELOAD_INTERVAL_S = 10.0
 
 
 class Role(enum.StrEnum):
@@ -99,13 +106,34 @@ class TLSFiles:
         return certificate_roles(self.cert)
 
 
-@dataclass(frozen=True)
-class RpcSecurity:
-    """How one service authenticates on internal channels: its role, its certificate, the shared token."""
+def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    """Whether the private key is the certificate's (a folder caught between two writes may pair them wrong)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError:
+        return False
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bool(cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki))
 
-    role: Role
-    tls: TLSFiles | None
-    token: str | None = None
+
+class RpcSecurity:
+    """How one service authenticates on internal channels: its role, its certificate, the shared token.
+
+    `tls` is the certificate folder as last read; `generation` counts the reloads that changed it, so
+    what holds a channel knows when to open it again."""
+
+    def __init__(self, role: Role, tls: TLSFiles | None, token: str | None = None) -> None:
+        self.role = role
+        self.token = token
+        self.generation = 0
+        self._tls = tls
+        self._contexts: list[tuple[ssl.Purpose, ssl.SSLContext]] = []
+        self._served_generation = 0
+
+    @property
+    def tls(self) -> TLSFiles | None:
+        return self._tls
 
     @classmethod
     def from_settings(cls, settings: CommonSettings, role: Role) -> RpcSecurity:
@@ -126,13 +154,38 @@ class RpcSecurity:
     @classmethod
     def for_role(cls, role: Role, tls: TLSFiles, token: str | None = None) -> RpcSecurity:
         """`tls` checked to name `role`: a service started with another's certificate stops at once."""
-        if role not in tls.roles:
-            claimed = ", ".join(sorted(r.identity for r in tls.roles)) or "no Shoal service"
-            raise FailedPrecondition(
-                f"the certificate in {tls.folder} names {claimed}, not {role.identity}: give the {role.value} "
-                "its own certificate folder"
-            )
+        _check(role, tls)
         return cls(role, tls, token)
+
+    # -- renewals --------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Read the certificate folder again; True when it changed. A folder that cannot be used (unreadable,
+        another role's certificate, a key that is not the certificate's) is logged and the last one kept."""
+        current = self._tls
+        if current is None:
+            return False
+        try:
+            files = TLSFiles.load(current.folder)
+            _check(self.role, files)
+        except FailedPrecondition as exc:
+            log.error("certificate folder not reloaded; the last certificate stays in use", error=str(exc))
+            return False
+        if files == current:
+            return False
+        if not _key_matches(files.cert, files.key):
+            log.error("certificate folder not reloaded: tls.key is not tls.crt's key", folder=str(files.folder))
+            return False
+        self._tls = files
+        for purpose, context in self._contexts:
+            self._load(context, purpose, files)
+        self.generation += 1
+        log.info("certificates reloaded", folder=str(files.folder), generation=self.generation)
+        return True
+
+    async def watch(self) -> None:
+        """One reload, for a service's Ticker (reading three small files: no thread needed)."""
+        self.reload()
 
     # -- gRPC ------------------------------------------------------------------------------------
 
@@ -159,10 +212,23 @@ class RpcSecurity:
     def add_port(self, server: aio.Server, address: str) -> int:
         if self.tls is None:
             return int(server.add_insecure_port(address))
-        credentials = grpc.ssl_server_credentials(
-            [(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca, require_client_auth=True
+        self._served_generation = self.generation
+        credentials = grpc.dynamic_ssl_server_credentials(
+            self._server_certificate(self.tls), self._renewed_server_certificate, require_client_authentication=True
         )
         return int(server.add_secure_port(address, credentials))
+
+    @staticmethod
+    def _server_certificate(tls: TLSFiles) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(tls.key, tls.cert)], root_certificates=tls.ca)
+
+    def _renewed_server_certificate(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC asks before each new connection's handshake: the folder as reloaded, once per reload."""
+        tls = self._tls
+        if tls is None or self._served_generation == self.generation:
+            return None
+        self._served_generation = self.generation
+        return self._server_certificate(tls)
 
     def server_interceptors(self) -> list[aio.ServerInterceptor]:
         return [] if self.tls is None else [CallerInterceptor(self.role)]
@@ -178,13 +244,24 @@ class RpcSecurity:
         return self._ssl_context(ssl.Purpose.CLIENT_AUTH)
 
     def _ssl_context(self, purpose: ssl.Purpose) -> ssl.SSLContext | None:
-        """Either side of a data channel: this service's certificate, the CA's, the peer's required."""
+        """Either side of a data channel: this service's certificate, the CA's, the peer's required. A reload
+        loads the new files into the same context, so connections made after it use them."""
         if self.tls is None:
             return None
-        context = ssl.create_default_context(purpose, cadata=self.tls.ca.decode())
-        context.load_cert_chain(self.tls.folder / CERT_FILE, self.tls.folder / KEY_FILE)
-        context.verify_mode = ssl.CERT_REQUIRED
+        # Not create_default_context: without cadata it would trust the system's public CAs too.
+        client = purpose is ssl.Purpose.SERVER_AUTH
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if client else ssl.PROTOCOL_TLS_SERVER)
+        self._load(context, purpose, self.tls)
+        self._contexts.append((purpose, context))
         return context
+
+    @staticmethod
+    def _load(context: ssl.SSLContext, purpose: ssl.Purpose, tls: TLSFiles) -> None:
+        # A fresh trust store cannot be swapped into a context: the new CAs are added to the old ones, which is
+        # what a CA rotation needs anyway (both trusted until every certificate is the new CA's).
+        context.load_verify_locations(cadata=tls.ca.decode())
+        context.load_cert_chain(tls.folder / CERT_FILE, tls.folder / KEY_FILE)
+        context.verify_mode = ssl.CERT_REQUIRED
 
     def refusal(self, peercert: Mapping[str, Any] | None) -> str | None:
         """Why a data channel's peer (ssl's `getpeercert()`) may not call this service; None: it may."""
@@ -192,6 +269,15 @@ class RpcSecurity:
             return None
         names = {value for kind, value in (peercert or {}).get("subjectAltName", ()) if kind == "DNS"}
         return _refusal(names, CALLERS.get(self.role, frozenset()), self.role)
+
+
+def _check(role: Role, tls: TLSFiles) -> None:
+    if role not in tls.roles:
+        claimed = ", ".join(sorted(r.identity for r in tls.roles)) or "no Shoal service"
+        raise FailedPrecondition(
+            f"the certificate in {tls.folder} names {claimed}, not {role.identity}: give the {role.value} "
+            "its own certificate folder"
+        )
 
 
 def _refusal(names: Iterable[str], allowed: frozenset[Role], role: Role) -> str | None:

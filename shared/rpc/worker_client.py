@@ -16,7 +16,7 @@ import grpc
 from shared.errors import ShoalError
 from shared.hashing import BlockHash
 from shared.rpc.blocks import BlockAssembler
-from shared.rpc.client import CONTROL_TIMEOUT_S, open_channel
+from shared.rpc.client import CONTROL_TIMEOUT_S, PeerChannel
 from shared.rpc.errors import from_rpc_error
 from shared.rpc.security import Role, RpcSecurity
 from shared.rpc.shoal.v1 import common_pb2, worker_pb2, worker_pb2_grpc
@@ -29,11 +29,14 @@ MIGRATION_TIMEOUT_S = 300.0
 class WorkerClient:
     def __init__(self, address: str, security: RpcSecurity) -> None:
         self.address = address
-        self._channel = open_channel(address, Role.WORKER, security)
-        self.stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._peer = PeerChannel(address, Role.WORKER, security, worker_pb2_grpc.WorkerStub)
+
+    @property
+    def stub(self) -> worker_pb2_grpc.WorkerStub:
+        return self._peer.stub
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._peer.close()
 
     def _error(self, exc: grpc.RpcError) -> ShoalError:
         return from_rpc_error(exc, self.address)

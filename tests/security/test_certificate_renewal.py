@@ -1,0 +1,114 @@
+"""A renewed certificate or a new CA is used without a restart (RpcSecurity.reload), on gRPC and on the
+data channels, by servers and clients; connections made before keep working; a folder caught half-written
+is not loaded.
+
+The test swaps the kvstore's certificate for one from another authority, so which certificate a
+handshake used shows in who can connect: a client trusting only the new authority succeeds only once the
+server presents the new certificate.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from shared.errors import Unavailable
+from shared.rpc.kvchannel import KVChannelClient
+from shared.rpc.kvstore_client import KVStoreClient
+from shared.rpc.pki import init_pki
+from shared.rpc.security import CA_FILE, CERT_FILE, KEY_FILE, Role, RpcSecurity, TLSFiles
+from tests.support.blocks import blocks
+from tests.support.services import running_kvstore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def authorities(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two authorities with a certificate for every service each: before and after a rotation."""
+    old, new = tmp_path_factory.mktemp("old-ca"), tmp_path_factory.mktemp("new-ca")
+    init_pki(old, days=1)
+    init_pki(new, days=1)
+    return old, new
+
+
+def install(folder: Path, source: Path, trusted: list[Path]) -> None:
+    """Put `source`'s certificate and key in `folder`, trusting the CAs of `trusted` (a bundle)."""
+    folder.mkdir(exist_ok=True)
+    for name in (CERT_FILE, KEY_FILE):
+        shutil.copyfile(source / name, folder / name)
+    (folder / CA_FILE).write_bytes(b"".join((ca / CA_FILE).read_bytes() for ca in trusted))
+
+
+def loaded(role: Role, folder: Path) -> RpcSecurity:
+    return RpcSecurity.for_role(role, TLSFiles.load(folder))
+
+
+async def reachable(client: KVStoreClient) -> bool:
+    try:
+        await client.stats()
+    except Unavailable:
+        return False
+    return True
+
+
+async def test_a_server_and_a_client_take_up_a_new_authority_without_a_restart(
+    redis_url: str, authorities: tuple[Path, Path], tmp_path: Path
+) -> None:
+    old, new = authorities
+    served = tmp_path / "kvstore"
+    install(served, old / "kvstore", [old])
+    rotating = tmp_path / "worker"
+    install(rotating, old / "worker", [old])
+    async with running_kvstore(redis_url, tls_dir=served) as app:
+        before = KVStoreClient(app.address, loaded(Role.WORKER, old / "worker"), data_channel=False)
+        after = KVStoreClient(app.address, loaded(Role.WORKER, new / "worker"), data_channel=False)
+        client_security = loaded(Role.WORKER, rotating)
+        moving = KVStoreClient(app.address, client_security, data_channel=False)
+        data = app.servicer.data_address
+        try:
+            assert await reachable(before)
+            assert not await reachable(after)  # the server's certificate is from the old authority
+
+            # The kvstore's Secret is renewed from the new authority; it trusts both during the rotation.
+            install(served, new / "kvstore", [old, new])
+            assert app.security.reload() and not app.security.reload()  # once per change
+            assert await reachable(after)  # a new connection: the new certificate
+            assert await reachable(before)  # its connection made before the renewal still works
+            fresh_before = KVStoreClient(app.address, loaded(Role.WORKER, old / "worker"), data_channel=False)
+            assert not await reachable(fresh_before)  # but a new one meets the new certificate
+            await fresh_before.close()
+            kv = KVChannelClient(data, loaded(Role.WORKER, new / "worker"))
+            assert (await kv.put(blocks(1), "", 0, timeout_s=5)).stored == 1
+            await kv.close()
+
+            # A client that trusts only the old authority meets the new certificate; once its own folder is
+            # renewed, its next call opens a channel with the new files.
+            assert not await reachable(moving)
+            install(rotating, new / "worker", [new])
+            assert client_security.reload()
+            assert await reachable(moving)
+            kv = KVChannelClient(data, client_security)
+            assert (await kv.put(blocks(2), "", 0, timeout_s=5)).stored >= 1
+            await kv.close()
+        finally:
+            for client in (before, after, moving):
+                await client.close()
+
+
+async def test_a_half_written_folder_is_not_loaded(authorities: tuple[Path, Path], tmp_path: Path) -> None:
+    old, new = authorities
+    folder = tmp_path / "worker"
+    install(folder, old / "worker", [old])
+    security = loaded(Role.WORKER, folder)
+    context = security.client_ssl
+    shutil.copyfile(new / "worker" / CERT_FILE, folder / CERT_FILE)  # the key is still the old one
+    assert not security.reload()
+    assert security.tls is not None and security.tls.cert == (old / "worker" / CERT_FILE).read_bytes()
+    install(folder, old / "kvstore", [old])  # another service's certificate
+    assert not security.reload() and security.generation == 0
+    install(folder, new / "worker", [new])
+    assert security.reload() and security.generation == 1
+    assert security.client_ssl is context  # loaded into the context connections are made with
