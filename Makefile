@@ -88,8 +88,8 @@ test-monitoring: $(STAMP) redis monitoring-tools $(MODEL_DIR)/config.json ## Das
 	$(PY) -m pytest tests/monitoring -m monitoring --timeout=900 $(PYTEST_ARGS)
 
 .PHONY: compose-env
-compose-env: ## Write .env with fresh secrets for docker compose (an existing .env is kept)
-	@test -f .env || (umask 077 && python3 -c 'import secrets as s; print("\n".join(f"{k}={s.token_hex(24)}" for k in ("SHOAL_REDIS_PASSWORD", "SHOAL_INTERNAL_TOKEN", "SHOAL_ADMIN_TOKEN")) + f"\nSHOAL_API_KEY=sk-{s.token_hex(24)}")' > .env)
+compose-env: ## Write .env with fresh secrets for docker compose (an existing .env keeps its values and gains what it lacks)
+	@umask 077 && touch .env && python3 -c 'import re, secrets as s; old = set(re.findall(r"^(\w+)=", open(".env").read(), re.M)); new = {k: s.token_hex(24) for k in ("SHOAL_REDIS_PASSWORD", "SHOAL_INTERNAL_TOKEN", "SHOAL_ADMIN_TOKEN", *(f"SHOAL_REDIS_PASSWORD_{u}" for u in ("ROUTER", "WORKER", "KVSTORE", "CONTROLLER")))} | {"SHOAL_API_KEY": f"sk-{s.token_hex(24)}"}; open(".env", "a").write("".join(f"{k}={v}\n" for k, v in new.items() if k not in old))'
 	@echo ".env holds the compose stack's secrets: SHOAL_API_KEY (OpenAI API), SHOAL_ADMIN_TOKEN (admin API)"
 
 .PHONY: test-images

@@ -33,10 +33,11 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cli.supervisor import StartupError, Supervisor
-from shared.config.base import redacted_url, with_password
+from shared.config.base import redacted_url, with_password, without_credentials
 from shared.processes import free_port, redis_server_argv
 from shared.rpc.pki import init_pki
 from shared.rpc.security import Role, RpcSecurity, TLSFiles
+from shared.state import acl
 
 DEFAULT_MODEL = Path(".cache/models/shoal-tiny-moe")
 # `make run`'s Redis keeps its append-only file here: pools and models made through the admin API are
@@ -123,6 +124,8 @@ class Endpoints:
     dev_mode: bool = False
     # The run's certificates (shared/rpc/pki.py layout); None: plaintext internal channels.
     pki: Path | None = None
+    # Each service's Redis user and its password (shared/state/acl.py); empty: services share `redis_url`'s.
+    redis_users: dict[str, str] = field(default_factory=dict)
     workers: dict[str, str] = field(default_factory=dict)
     # Worker id -> host:port of its own OpenAI API, for workers started with SHOAL_WORKER_HTTP_PORT.
     worker_http: dict[str, str] = field(default_factory=dict)
@@ -137,6 +140,17 @@ class Endpoints:
         if self.pki is None:
             return {"SHOAL_RPC_PLAINTEXT": "true"}
         return {variable: str(self.pki / role.value)}
+
+    def service_env(self, role: Role) -> dict[str, str]:
+        """The settings a service process of `role` gets: its certificates and its own Redis user."""
+        env = self.tls_env(role)
+        if role.value in self.redis_users:
+            env |= {
+                "SHOAL_REDIS_URL": without_credentials(self.redis_url),
+                "SHOAL_REDIS_USERNAME": role.value,
+                "SHOAL_REDIS_PASSWORD": self.redis_users[role.value],
+            }
+        return env
 
     def security(self, role: Role) -> RpcSecurity:
         """Credentials to call the stack's internal services as `role` (tests and benchmarks)."""
@@ -188,13 +202,17 @@ class LocalStack:
         if "SHOAL_REDIS_URL" not in env:
             port = free_port()
             password = env.setdefault("SHOAL_REDIS_PASSWORD", secrets.token_hex(16))
+            # Each service signs in as its own ACL user; the default user's password stays with this process.
+            self.endpoints.redis_users = {name: secrets.token_hex(16) for name in acl.USER_NAMES}
             # An append-only file: desired state (pools, models) survives a restart of Redis.
-            argv = redis_server_argv(port, self._data_dir, persistent=True, password=password)
+            argv = redis_server_argv(
+                port, self._data_dir, persistent=True, password=password, users=self.endpoints.redis_users
+            )
             self.supervisor.start("redis", argv, ready=lambda: redis_ready(port, password))
             env["SHOAL_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
         self.endpoints.redis_url = with_password(env["SHOAL_REDIS_URL"], env.get("SHOAL_REDIS_PASSWORD", ""))
         self._certificates(env)
-        tls = self.endpoints.tls_env
+        tls = self.endpoints.service_env
 
         kv_port, kv_metrics_port = free_port(), free_port()
         kvstore = f"127.0.0.1:{kv_port}"
@@ -229,7 +247,8 @@ class LocalStack:
             {
                 **env,
                 **tls(Role.CONTROLLER),
-                **tls(Role.WORKER, "SHOAL_CONTROLLER_LOCAL_WORKER_TLS_DIR"),
+                **self.endpoints.tls_env(Role.WORKER, "SHOAL_CONTROLLER_LOCAL_WORKER_TLS_DIR"),
+                **self._local_worker_redis(),
                 "SHOAL_CONTROLLER_HTTP_PORT": str(controller_port),
                 "SHOAL_CONTROLLER_BOOTSTRAP": str(bootstrap),
                 "SHOAL_CONTROLLER_ROUTER_URL": router,
@@ -265,6 +284,11 @@ class LocalStack:
         if env.get("SHOAL_RPC_PLAINTEXT", "").lower() not in {"1", "true", "yes"}:
             self.endpoints.pki = Path(self._data_dir).resolve() / "pki"
             init_pki(self.endpoints.pki)
+
+    def _local_worker_redis(self) -> dict[str, str]:
+        """The Redis user of the workers the controller starts."""
+        password = self.endpoints.redis_users.get(Role.WORKER.value)
+        return {"SHOAL_CONTROLLER_LOCAL_WORKER_REDIS_PASSWORD": password} if password else {}
 
     def _router_ready(self, url: str, name: str) -> Callable[[], bool]:
         """With several routers on the port, a health check may land on another: wait for this one's pid."""

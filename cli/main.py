@@ -10,7 +10,7 @@ from cli.admin import COMMANDS
 from cli.dashboards import dashboards
 from cli.graphs import catalogue, graph_app
 from cli.models import alias_app, model_app
-from cli.security import audit, key_app, own_security, pki_app
+from cli.security import audit, key_app, own_security, pki_app, redis_users
 from cli.sim import sim
 
 app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
@@ -20,6 +20,7 @@ app.command()(sim)
 app.command()(catalogue)
 app.command()(audit)
 app.command()(dashboards)
+app.command("redis-users")(redis_users)
 app.add_typer(graph_app, name="graph")
 app.add_typer(model_app, name="model")
 app.add_typer(alias_app, name="alias")

@@ -1,5 +1,5 @@
-"""`shoal key create | list | revoke` (OpenAI API keys), `shoal audit` (the admin API's audit log) and
-`shoal pki init` (certificates of the internal channels)."""
+"""`shoal key create | list | revoke` (OpenAI API keys), `shoal audit` (the admin API's audit log),
+`shoal pki init` (certificates of the internal channels) and `shoal redis-users` (each service's Redis user)."""
 
 from __future__ import annotations
 
@@ -91,3 +91,11 @@ def pki_init(
 
     written = init_pki(folder, days=days, force=force)
     typer.echo(f"{'wrote' if written else 'kept'} the certificates in {folder}")
+
+
+def redis_users() -> None:
+    """Print the redis.conf `user` lines of every service (shared/state/acl.py), with
+    ${SHOAL_REDIS_PASSWORD_<USER>} where each password goes: what deploy/helm/shoal/files/redis-users.conf holds."""
+    from shared.state.acl import users_template
+
+    typer.echo(users_template(), nl=False)

@@ -31,6 +31,8 @@ from typing import IO, Any
 
 import uvloop
 
+from shared.state import acl
+
 _COLORS = ("36", "33", "35", "32", "34", "31", "96", "93", "95", "92")
 
 
@@ -122,11 +124,18 @@ def spawn(
     return ManagedProcess(name, popen)
 
 
-def redis_server_argv(port: int, data_dir: str, persistent: bool = False, password: str | None = None) -> list[str]:
-    """Command line of a loopback-only redis-server on `port`, with data in `data_dir`, asking for `password`.
+def redis_server_argv(
+    port: int,
+    data_dir: str,
+    persistent: bool = False,
+    password: str | None = None,
+    users: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Command line of a loopback-only redis-server on `port`, with data in `data_dir`, asking for `password`
+    (the `default` user) and, given `users` (name -> password), with each service's ACL user.
 
-    The password goes in a config file only the owner can read (written to `data_dir`), not on the command
-    line, where every local user would see it in the process list."""
+    Passwords go in a config file only the owner can read (written to `data_dir`), not on the command
+    line, where every local user would see them in the process list."""
     argv = ["redis-server"]
     if password:
         config = os.path.join(data_dir, "redis-auth.conf")
@@ -134,6 +143,8 @@ def redis_server_argv(port: int, data_dir: str, persistent: bool = False, passwo
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(f'requirepass "{password}"\n')
+            if users:
+                out.write(acl.users_with(users))
         argv.append(config)
     argv += ["--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir]
     argv += ["--save", "", "--appendonly", "yes" if persistent else "no", "--protected-mode", "yes"]

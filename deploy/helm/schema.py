@@ -133,7 +133,7 @@ def schema() -> dict[str, Any]:
                                 "renewBefore": {"type": "string"},
                             }
                         ),
-                        "existingSecrets": obj({role.value: {"type": "string"} for role in Role}),
+                        "existingSecrets": obj({name: {"type": "string"} for name in (*Role, "redis")}),
                     }
                 ),
                 "models": {
@@ -154,7 +154,8 @@ def schema() -> dict[str, Any]:
                 "redis": obj(
                     {
                         "enabled": {"type": "boolean"},
-                        "externalUrl": {"type": "string", "pattern": "^(redis://.*)?$"},
+                        "externalUrl": {"type": "string", "pattern": "^(rediss?://.*)?$"},
+                        "serviceUsers": {"type": "boolean"},
                         "image": {"type": "string"},
                         "persistence": persistence,
                         "resources": RESOURCES,

@@ -30,6 +30,7 @@ from services.controller.jobs.store import Job, JobStore
 from services.controller.launcher import LocalLauncher
 from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconciler
 from shared.config import ControllerSettings
+from shared.config.base import without_credentials
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.httpapi import http_server
 from shared.policies.agents import Hardware
@@ -101,8 +102,12 @@ class ControllerApp:
         self.registry = WorkerRegistry(self.redis)
         self.jobs = JobStore(self.redis, settings.job_lease_s)
         self.actuator = make_actuator(settings, self.redis)
-        # Local workers find the cluster where the controller does.
+        # Local workers find the cluster where the controller does, as the Redis user `worker` when it has one.
         worker_env = {"SHOAL_REDIS_URL": settings.redis_url}
+        if settings.local_worker_redis_password:
+            worker_env["SHOAL_REDIS_URL"] = without_credentials(settings.redis_url)
+            worker_env["SHOAL_REDIS_USERNAME"] = "worker"
+            worker_env["SHOAL_REDIS_PASSWORD"] = settings.local_worker_redis_password
         if settings.internal_token:
             worker_env["SHOAL_INTERNAL_TOKEN"] = settings.internal_token
         if settings.rpc_plaintext:

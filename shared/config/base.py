@@ -54,10 +54,21 @@ class CommonSettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         description="Redis holding cluster state (registry, desired state, events), as a redis:// or rediss:// URL.",
     )
+    redis_username: str | None = common(
+        "SHOAL_REDIS_USERNAME",
+        default=None,
+        description=(
+            "Redis ACL user this service authenticates as (router, worker, kvstore, controller: each reaches "
+            "only its own keys, see shared/state/acl.py). Unset: the `default` user."
+        ),
+    )
     redis_password: str | None = common(
         "SHOAL_REDIS_PASSWORD",
         default=None,
-        description="Redis password (AUTH), put into SHOAL_REDIS_URL when that carries none (from a Secret).",
+        description=(
+            "Redis password (AUTH) of SHOAL_REDIS_USERNAME, put into SHOAL_REDIS_URL when that carries none "
+            "(from a Secret)."
+        ),
     )
     otlp_endpoint: str | None = common(
         "SHOAL_OTLP_ENDPOINT",
@@ -115,7 +126,8 @@ class CommonSettings(BaseSettings):
     def _redis_credentials(self) -> CommonSettings:
         if self.redis_password:
             # Frozen settings: the one effective URL is what every client and Celery connect with.
-            object.__setattr__(self, "redis_url", with_password(self.redis_url, self.redis_password))
+            url = with_password(self.redis_url, self.redis_password, self.redis_username)
+            object.__setattr__(self, "redis_url", url)
         return self
 
     @property
@@ -159,16 +171,24 @@ class CommonSettings(BaseSettings):
         return data
 
 
-def with_password(url: str, password: str) -> str:
-    """A redis:// or rediss:// `url` carrying `password`, unless it carries one already (or none is given)."""
+def with_password(url: str, password: str, username: str | None = None) -> str:
+    """A redis:// or rediss:// `url` carrying `password` (and `username`, an ACL user), unless it carries a
+    password already (or none is given)."""
     parts = urlsplit(url)
     if not password or parts.scheme not in ("redis", "rediss") or parts.password is not None:
         return url
     host = parts.hostname or ""
-    netloc = f"{quote(parts.username or '', safe='')}:{quote(password, safe='')}@{f'[{host}]' if ':' in host else host}"
+    user = quote(username or parts.username or "", safe="")
+    netloc = f"{user}:{quote(password, safe='')}@{f'[{host}]' if ':' in host else host}"
     if parts.port is not None:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def without_credentials(url: str) -> str:
+    """`url` with no user or password."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def redacted_url(url: str) -> str:

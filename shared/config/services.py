@@ -393,6 +393,13 @@ class ControllerSettings(CommonSettings):
             "workers get none, so they start only with SHOAL_RPC_PLAINTEXT."
         ),
     )
+    local_worker_redis_password: str | None = Field(
+        default=None,
+        description=(
+            "local actuator: the password of the Redis user `worker`, which the workers it starts authenticate "
+            "as. Unset: they use the controller's own Redis credentials."
+        ),
+    )
 
     @field_validator("actuator")
     @classmethod
@@ -414,7 +421,7 @@ class ControllerSettings(CommonSettings):
 
     @classmethod
     def secret_fields(cls) -> tuple[str, ...]:
-        return (*super().secret_fields(), "admin_tokens", "router_api_keys")
+        return (*super().secret_fields(), "admin_tokens", "router_api_keys", "local_worker_redis_password")
 
     _split_tokens = field_validator("admin_tokens", "router_api_keys", "tool_hosts", "rendezvous_hosts", mode="before")(
         _split_list

@@ -57,7 +57,7 @@ def second_router(running: tuple[Endpoints, Supervisor], model: Path, preset: st
         **os.environ,
         "SHOAL_REDIS_URL": endpoints.redis_url,
         "SHOAL_INTERNAL_TOKEN": endpoints.internal_token,
-        **endpoints.tls_env(Role.ROUTER),
+        **endpoints.service_env(Role.ROUTER),
         "SHOAL_ROUTER_HTTP_PORT": str(port),
         "SHOAL_ROUTER_ROUTING_PRESET": preset,
         "SHOAL_LOG_LEVEL": "WARNING",

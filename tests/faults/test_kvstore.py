@@ -29,6 +29,7 @@ from shared.rpc.worker_client import WorkerClient
 from tests.support.blocks import blocks
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.pki import as_worker, tls_dir
+from tests.support.redis import service_url
 from tests.support.services import running_kvstore
 
 MODEL = TINY_MODEL_NAME
@@ -151,7 +152,7 @@ async def test_a_kvstore_killed_mid_transfer_loses_no_request(pd_stack: tuple[En
 
 def _kvstore_process(redis_url: str, port: int, disk: Path, memory_bytes: int) -> ManagedProcess:
     env = {
-        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_REDIS_URL": service_url(redis_url, Role.KVSTORE),
         "SHOAL_LOG_LEVEL": "WARNING",
         "SHOAL_KVSTORE_GRPC_PORT": str(port),
         "SHOAL_KVSTORE_MEMORY_BYTES": str(memory_bytes),

@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from shared.processes import free_port
+from shared.state import acl
 from tests.support.containers import BASE_TAG, REDIS_TAG, ComposeStack, Engine, build_image, compose_stack, local_images
 
 pytestmark = pytest.mark.images
@@ -84,6 +85,7 @@ def stack(engine: Engine, image: str) -> Iterator[tuple[ComposeStack, str, str]]
         "SHOAL_API_KEY": API_KEY,
         "SHOAL_REDIS_PASSWORD": secrets.token_hex(16),
         "SHOAL_INTERNAL_TOKEN": secrets.token_hex(16),
+        **{acl.password_variable(user): secrets.token_hex(16) for user in acl.USER_NAMES},
     }
     if engine.name == "podman":
         env["SHOAL_REDIS_IMAGE"] = REDIS_TAG

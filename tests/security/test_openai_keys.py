@@ -94,10 +94,10 @@ async def test_no_key_a_wrong_key_and_a_revoked_key_get_401(redis_url: str, tiny
 
 async def test_a_key_made_just_after_the_routers_last_read_is_admitted(redis_url: str, tiny_model: Path) -> None:
     """The read an unknown key triggers starts after the request arrived, however recent the last one was."""
-    async with routers(redis_url, tiny_model) as ([front], _controller):
+    async with routers(redis_url, tiny_model) as ([front], controller):
         for attempt in range(5):
             await front.app.keys.refresh()  # a read has just happened: a new key is not in it
-            made = await front.app.keys.store.create(APIKeyCreate(name=f"fresh-{attempt}"))
+            made = await controller.app.api_keys.create(APIKeyCreate(name=f"fresh-{attempt}"))
             assert (await front.app.keys.admit(f"Bearer {made.key}")).key_id == made.id
 
 

@@ -27,11 +27,12 @@ from shared.processes import ManagedProcess, free_port, spawn, wait_for_port
 from shared.rpc.security import Role
 from tests.support.models import TINY_MODEL_NAME
 from tests.support.pki import tls_dir
+from tests.support.redis import service_password, service_url
 
 
 def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
     defaults: dict[str, Any] = {
-        "redis_url": redis_url,
+        "redis_url": service_url(redis_url, Role.WORKER),
         "model_name": TINY_MODEL_NAME,
         "grpc_port": 0,
         "metrics_port": 0,
@@ -59,7 +60,7 @@ async def running_worker(redis_url: str, **overrides: Any) -> AsyncIterator[Work
 
 def kvstore_settings(redis_url: str, **overrides: Any) -> KVStoreSettings:
     defaults: dict[str, Any] = {
-        "redis_url": redis_url,
+        "redis_url": service_url(redis_url, Role.KVSTORE),
         "grpc_port": 0,
         "metrics_port": 0,
         "memory_bytes": 64 * 2**20,
@@ -82,7 +83,7 @@ async def running_kvstore(redis_url: str, **overrides: Any) -> AsyncIterator[KVS
 def router_settings(redis_url: str, model_path: Path, **overrides: Any) -> RouterSettings:
     # Development mode: these suites test routing, so requests go without keys; tests/security runs as deployed.
     defaults: dict[str, Any] = {
-        "redis_url": redis_url,
+        "redis_url": service_url(redis_url, Role.ROUTER),
         "models": [f"{TINY_MODEL_NAME}={model_path}"],
         "http_port": 0,
         "env": Environment.DEV,
@@ -134,7 +135,8 @@ VIEWER = "viewer-token-for-tests"
 
 def controller_settings(redis_url: str, **overrides: Any) -> ControllerSettings:
     defaults: dict[str, Any] = {
-        "redis_url": redis_url,
+        "redis_url": service_url(redis_url, Role.CONTROLLER),
+        "local_worker_redis_password": service_password(redis_url, Role.WORKER),
         "http_port": 0,
         "admin_tokens": [f"{ADMIN}:admin", f"{OPERATOR}:operator", f"{VIEWER}:viewer"],
         "reconcile_interval_s": 0.5,
@@ -198,7 +200,7 @@ async def running_controller(
 
 def _ep_env(redis_url: str, model_path: Path, worker_id: str, ranks: int, master: int) -> dict[str, str]:
     return {
-        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_REDIS_URL": service_url(redis_url, Role.WORKER),
         "SHOAL_WORKER_WORKER_ID": worker_id,
         "SHOAL_WORKER_MODEL_PATH": str(model_path),
         "SHOAL_WORKER_ENGINE": "reference",

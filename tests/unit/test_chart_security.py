@@ -1,5 +1,6 @@
 """The chart as rendered (`helm template`): NetworkPolicies allow exactly the documented flows, pods run
-locked down, each account has only the rights its process uses, Redis asks for a password."""
+locked down, each account has only the rights its process uses, Redis asks for a password and each
+service signs in as its own user."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from shared.state import acl
 
 pytestmark = pytest.mark.unit
 
@@ -163,14 +166,56 @@ def test_celery_has_its_own_account_with_no_rights_and_the_controller_only_its_a
             assert spec.get("automountServiceAccountToken") is False or "serviceAccountName" not in spec
 
 
-def test_redis_asks_for_the_password_every_client_is_given() -> None:
+def redis_user_of(pod: str) -> str:
+    """The Redis user a pod of the release signs in as."""
+    component = pod.removeprefix("shoal-")
+    return "worker" if component.startswith("worker-") else {"celery": "controller"}.get(component, component)
+
+
+def redis_password_keys(container: dict[str, Any]) -> dict[str, str]:
+    """The container's variables read from the Secret's Redis password keys, and those keys."""
+    return {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+        for e in container.get("env", [])
+        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("key", "").startswith("redis-password")
+    }
+
+
+def test_redis_has_a_user_per_service_and_each_pod_gets_only_its_own_password() -> None:
     docs = render()
     redis = pods(docs)["shoal-redis"]["containers"][0]
     assert 'requirepass "$REDIS_PASSWORD"' in redis["args"][0]
+    # The rules are shared/state/acl.py's, their passwords from the Secret.
+    for line in acl.users_template().splitlines():
+        assert line in redis["args"][0]
+    assert redis_password_keys(redis) == {
+        "REDIS_PASSWORD": "redis-password",
+        "REDISCLI_AUTH": "redis-password",
+        **{acl.password_variable(user): f"redis-password-{user}" for user in acl.USER_NAMES},
+    }
     secret = next(d for d in docs if d["kind"] == "Secret")
-    assert len(secret["stringData"]["redis-password"]) >= 32
+    for user in ("", *(f"-{name}" for name in acl.USER_NAMES)):
+        assert len(secret["stringData"][f"redis-password{user}"]) >= 32
     for name, spec in pods(docs).items():
         if name == "shoal-redis":
             continue
-        env = {e["name"]: e for e in spec["containers"][0]["env"]}
-        assert env["SHOAL_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password", name
+        user = redis_user_of(name)
+        for container in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env["SHOAL_REDIS_USERNAME"] == user, name
+            assert redis_password_keys(container) == {"SHOAL_REDIS_PASSWORD": f"redis-password-{user}"}, name
+
+
+def test_without_service_users_every_client_signs_in_as_the_default_user() -> None:
+    docs = render("redis.serviceUsers=false")
+    assert "user " not in pods(docs)["shoal-redis"]["containers"][0]["args"][0]
+    for name, spec in pods(docs).items():
+        if name != "shoal-redis":
+            assert redis_password_keys(spec["containers"][0]) == {"SHOAL_REDIS_PASSWORD": "redis-password"}, name
+            assert "SHOAL_REDIS_USERNAME" not in {e["name"] for e in spec["containers"][0]["env"]}
+
+
+def test_the_charts_redis_users_file_is_the_acl_table() -> None:
+    written = (ROOT / "deploy/helm/shoal/files/redis-users.conf").read_text()
+    regenerate = "shoal redis-users > deploy/helm/shoal/files/redis-users.conf"
+    assert written == acl.users_template(), f"regenerate it: {regenerate}"

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.unit
 # Which certificate each pod presents (the Celery worker acts for the controller).
 POD_ROLES = {"router": "router", "controller": "controller", "celery": "controller", "kvstore": "kvstore"}
 GRPC_PORTS = {"worker": 50051, "kvstore": 50060}
+# The names the chart's Redis certificate carries: what redis clients check against the URL's host.
+REDIS_NAMES = ["shoal-redis", "shoal-redis.shoal.svc", "shoal-redis.shoal.svc.cluster.local"]
 
 
 def pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -76,6 +78,30 @@ def test_plaintext_is_an_explicit_setting() -> None:
     for spec in pods(docs).values():
         assert env(spec)["SHOAL_RPC_PLAINTEXT"] == "true"
         assert "SHOAL_TLS_DIR" not in env(spec) and tls_secret(spec) is None
+        assert env(spec)["SHOAL_REDIS_URL"] == "redis://shoal-redis:6379/0"
+    redis = next(d for d in docs if d["metadata"]["name"] == "shoal-redis" and d["kind"] == "StatefulSet")
+    assert "--tls-port" not in redis["spec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+def test_the_charts_redis_speaks_tls_with_a_certificate_naming_its_service() -> None:
+    docs = render()
+    secrets = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "Secret"}
+    redis = next(d for d in docs if d["metadata"]["name"] == "shoal-redis" and d["kind"] == "StatefulSet")
+    spec = redis["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert "--port 0 --tls-port 6379" in container["args"][0]  # no plaintext port at all
+    assert {"name": "tls", "mountPath": "/etc/redis-tls", "readOnly": True} in container["volumeMounts"]
+    assert "--tls" in container["readinessProbe"]["exec"]["command"]
+    data = secrets[tls_secret(spec) or ""]
+    cert = x509.load_pem_x509_certificate(base64.b64decode(data["tls.crt"]))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == REDIS_NAMES
+    assert certificate_roles(base64.b64decode(data["tls.crt"])) == set()  # no service identity
+    for component, pod in pods(docs).items():
+        trusted = secrets[tls_secret(pod) or ""]["ca.crt"]
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(base64.b64decode(trusted)))
+        url = env(pod)["SHOAL_REDIS_URL"]
+        assert url == "rediss://shoal-redis:6379/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/shoal-tls/ca.crt", component
 
 
 def test_cert_manager_issues_the_same_identities_into_the_same_secrets() -> None:
@@ -85,10 +111,10 @@ def test_cert_manager_issues_the_same_identities_into_the_same_secrets() -> None
         "tls.certManager.issuerRef.kind=ClusterIssuer",
     )
     certificates = {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
-    assert set(certificates) == {f"shoal-tls-{role.value}" for role in Role}
+    assert set(certificates) == {f"shoal-tls-{name}" for name in (*Role, "redis")}
     for name, spec in certificates.items():
         role = name.removeprefix("shoal-tls-")
-        assert spec["dnsNames"] == [f"{role}.shoal.internal"]
+        assert spec["dnsNames"] == (REDIS_NAMES if role == "redis" else [f"{role}.shoal.internal"])
         assert {"server auth", "client auth"} <= set(spec["usages"])
         assert spec["issuerRef"] == {"name": "shoal-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
     assert not [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].startswith("shoal-tls-")]
@@ -98,10 +124,12 @@ def test_cert_manager_issues_the_same_identities_into_the_same_secrets() -> None
 
 
 def test_provided_secrets_are_mounted_by_name() -> None:
-    names = {role.value: f"mine-{role.value}" for role in Role}
+    names = {name: f"mine-{name}" for name in (*Role, "redis")}
     docs = render("tls.source=existing", *(f"tls.existingSecrets.{r}={n}" for r, n in names.items()))
     for component, spec in pods(docs).items():
         assert tls_secret(spec) == names[POD_ROLES.get(component, "worker")]
+    redis = next(d for d in docs if d["metadata"]["name"] == "shoal-redis" and d["kind"] == "StatefulSet")
+    assert tls_secret(redis["spec"]["template"]["spec"]) == names["redis"]
     with pytest.raises(subprocess.CalledProcessError):
         render("tls.source=existing")
 

@@ -23,6 +23,7 @@ from shared.processes import ManagedProcess, spawn
 from shared.rpc.security import Role
 from shared.state.versioned import DocumentStore
 from tests.support.pki import tls_dir
+from tests.support.redis import service_url
 from tests.support.services import ADMIN, RunningController, running_controller, running_router, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -113,7 +114,7 @@ async def busy_worker(front: RunningController) -> str:
 
 def celery_worker(redis_url: str, name: str) -> ManagedProcess:
     env = {
-        "SHOAL_REDIS_URL": redis_url,
+        "SHOAL_REDIS_URL": service_url(redis_url, Role.CONTROLLER),
         "SHOAL_LOG_LEVEL": "WARNING",
         "SHOAL_CONTROLLER_JOB_LEASE_S": "2",
         "SHOAL_TLS_DIR": str(tls_dir(Role.CONTROLLER)),

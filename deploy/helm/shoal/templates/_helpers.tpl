@@ -43,45 +43,65 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-worker-" (include "shoal.fullname" .) -}}
 {{- end -}}
 
+{{/* The chart's own Redis speaks TLS when internal TLS is on, with a certificate from the same CA (checked
+against the Service's name by every client). */}}
 {{- define "shoal.redisUrl" -}}
-{{- if .Values.redis.enabled -}}
+{{- if and .Values.redis.enabled .Values.tls.enabled -}}
+{{- printf "rediss://%s-redis:6379/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/shoal-tls/ca.crt" (include "shoal.fullname" .) -}}
+{{- else if .Values.redis.enabled -}}
 {{- printf "redis://%s-redis:6379/0" (include "shoal.fullname" .) -}}
 {{- else -}}
 {{- required "redis.externalUrl is required when redis.enabled is false" .Values.redis.externalUrl -}}
 {{- end -}}
 {{- end -}}
 
-{{/* Environment of every Shoal container: cluster state, telemetry, the internal token. */}}
+{{/* Environment of every Shoal container: cluster state, telemetry, the internal token.
+(dict "root" $ "user" "worker"): with redis.serviceUsers, the container signs in to Redis as that user. */}}
 {{- define "shoal.commonEnv" -}}
+{{- $root := .root -}}
 - name: SHOAL_ENV
   value: prod
 - name: SHOAL_REDIS_URL
-  value: {{ include "shoal.redisUrl" . | quote }}
+  value: {{ include "shoal.redisUrl" $root | quote }}
+{{- if $root.Values.redis.serviceUsers }}
+- name: SHOAL_REDIS_USERNAME
+  value: {{ .user }}
+{{- end }}
 - name: SHOAL_REDIS_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "shoal.secretName" . }}
-      key: redis-password
+      name: {{ include "shoal.secretName" $root }}
+      key: {{ include "shoal.redisPasswordKey" . }}
 - name: SHOAL_LOG_LEVEL
-  value: {{ .Values.logLevel | quote }}
+  value: {{ $root.Values.logLevel | quote }}
 - name: SHOAL_LOG_FORMAT
   value: json
-{{- with .Values.otlpEndpoint }}
+{{- with $root.Values.otlpEndpoint }}
 - name: SHOAL_OTLP_ENDPOINT
   value: {{ . | quote }}
 {{- end }}
 - name: SHOAL_INTERNAL_TOKEN
   valueFrom:
     secretKeyRef:
-      name: {{ include "shoal.secretName" . }}
+      name: {{ include "shoal.secretName" $root }}
       key: internal-token
-{{- if .Values.tls.enabled }}
+{{- if $root.Values.tls.enabled }}
 - name: SHOAL_TLS_DIR
   value: /etc/shoal-tls
 {{- else }}
 - name: SHOAL_RPC_PLAINTEXT
   value: "true"
 {{- end }}
+{{- end -}}
+
+{{/* The Secret key of a Redis user's password: (dict "root" $ "user" "worker"); without service users, the
+default user's. */}}
+{{- define "shoal.redisPasswordKey" -}}
+{{- if .root.Values.redis.serviceUsers -}}
+redis-password-{{ .user }}
+{{- else -}}
+redis-password
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret holding a service's certificate (ca.crt, tls.crt, tls.key): (dict "root" $ "role" "worker"). */}}
@@ -95,6 +115,12 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{/* The mount and the volume of a service's certificate (SHOAL_TLS_DIR), when TLS is on. */}}
+{{/* The DNS names of the chart's Redis (its certificate's), space-separated. */}}
+{{- define "shoal.redisNames" -}}
+{{- $service := printf "%s-redis" (include "shoal.fullname" .) -}}
+{{- $service }} {{ $service }}.{{ .Release.Namespace }}.svc {{ $service }}.{{ .Release.Namespace }}.svc.cluster.local
+{{- end -}}
+
 {{- define "shoal.tlsMount" -}}
 {{- if .Values.tls.enabled }}
 - {name: tls, mountPath: /etc/shoal-tls, readOnly: true}
@@ -112,7 +138,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* The controller's settings, shared by the controller and its Celery worker. */}}
 {{- define "shoal.controllerEnv" -}}
-{{ include "shoal.commonEnv" . }}
+{{ include "shoal.commonEnv" (dict "root" . "user" "controller") }}
 - name: SHOAL_CONTROLLER_HOST
   value: 0.0.0.0
 - name: SHOAL_CONTROLLER_HTTP_PORT
