@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from shared.policies.placement import (
     EMPTY,
+    EPLBMatchedPolicy,
     EPLBPolicy,
     MigrationAwarePolicy,
     Topology,
@@ -14,6 +17,7 @@ from shared.policies.placement import (
     copy_counts,
     count_moves,
     lower_bound,
+    max_assignment,
     vacate_last_rank,
 )
 
@@ -96,3 +100,39 @@ def test_a_joined_rank_is_filled_and_a_leaving_rank_is_emptied() -> None:
     assert vacated.moves == count_moves(filled.slots, vacated.slots, topo)
     with pytest.raises(ValueError, match="cannot hold 32 experts"):
         vacate_last_rank(MigrationAwarePolicy(), load, current[:, :30], Topology(ranks=6, nodes=1, slots_per_rank=5))
+
+
+def test_the_assignment_is_the_best_of_every_permutation() -> None:
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 3, 5, 6):
+        for _ in range(20):
+            score = rng.integers(0, 10, (n, n))
+            chosen = max_assignment(score)
+            assert sorted(chosen.tolist()) == list(range(n))
+            best = max(sum(score[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+            assert score[np.arange(n), chosen].sum() == best
+
+
+def test_eplb_matched_keeps_eplbs_balance_and_node_grouping_with_fewer_moves() -> None:
+    rng = np.random.default_rng(5)
+    before = zipf(rng)
+    after = 0.9 * before + 0.1 * zipf(rng)
+    current = EPLBPolicy().place(before, np.zeros((len(before), TOPO.slots), dtype=np.int64), TOPO).slots
+    raw, matched = EPLBPolicy().place(after, current, TOPO), EPLBMatchedPolicy().place(after, current, TOPO)
+    assert np.allclose(matched.balance, raw.balance)
+    assert matched.moves < raw.moves
+    per_node = TOPO.slots_per_rank * TOPO.ranks // TOPO.nodes
+    for layer in range(len(after)):  # the same node groups, each on one node
+        groups = {frozenset(raw.slots[layer, n * per_node : (n + 1) * per_node].tolist()) for n in range(TOPO.nodes)}
+        moved = {frozenset(matched.slots[layer, n * per_node : (n + 1) * per_node].tolist()) for n in range(TOPO.nodes)}
+        assert groups == moved
+
+
+def test_eplb_matched_moves_nothing_when_the_packing_only_relabels_ranks() -> None:
+    load = zipf(np.random.default_rng(6))
+    packed = EPLBPolicy().place(load, np.zeros((len(load), TOPO.slots), dtype=np.int64), TOPO).slots
+    # The same packing with its nodes swapped and each node's ranks in reverse: nothing needs to move.
+    grid = packed.reshape(len(load), TOPO.nodes, TOPO.ranks // TOPO.nodes, TOPO.slots_per_rank)
+    current = grid[:, ::-1, ::-1, :].reshape(len(load), TOPO.slots)
+    assert EPLBPolicy().place(load, current, TOPO).moves > 0
+    assert EPLBMatchedPolicy().place(load, current, TOPO).moves == 0
