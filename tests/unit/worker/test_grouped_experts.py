@@ -5,14 +5,38 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.worker.engines.reference.model import (
-    ExpertWeights,
-    run_grouped_experts,
-    run_local_experts,
-    stack_experts,
-)
+from services.worker.engines.reference.model import ExpertWeights, run_grouped_experts, stack_experts
 
 pytestmark = pytest.mark.unit
+
+
+def run_local_experts(  # the per-expert loop the batched layer replaced: the reference
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    experts: dict[int, ExpertWeights],
+    num_experts: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each held expert on its routed tokens, one small matmul each, summed per token in expert order."""
+    top_k = ids.shape[1]
+    flat = ids.flatten()
+    counts = torch.bincount(flat, minlength=num_experts)
+    order = torch.argsort(flat, stable=True)
+    token_of = order // top_k
+    weight_of = weights.flatten()[order]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        end = start + count
+        held = experts.get(expert)
+        if held is not None:
+            rows = token_of[start:end]
+            y = held(x[rows]) * weight_of[start:end, None]
+            out.index_add_(0, rows, y)
+        start = end
+    return out, counts
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 64, 300])

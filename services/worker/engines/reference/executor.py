@@ -26,7 +26,7 @@ from services.worker.engines.base import KVBlock, TokenLogprob
 from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
 from services.worker.engines.reference.checkpoint import Checkpoint
-from services.worker.engines.reference.model import LayerWeights, MoEModel, run_grouped_experts, run_local_experts
+from services.worker.engines.reference.model import LayerWeights, MoEModel, run_grouped_experts
 from services.worker.engines.sampling import model_logprobs, sample, token_logprob
 from services.worker.engines.scheduler import Item
 from services.worker.engines.tokenizer import HFTokenizer
@@ -169,15 +169,15 @@ class ReferenceExecutor:
 
     def _local_experts(
         self,
-        _layer_index: int,
+        layer_index: int,
         layer: LayerWeights,
         x: torch.Tensor,
         ids: torch.Tensor,
         weights: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer.grouped is not None:
-            return run_grouped_experts(x, ids, weights, layer.grouped)
-        return run_local_experts(x, ids, weights, layer.experts, self.num_experts)
+        if layer.grouped is None:  # only expert-parallel ranks hold a subset, and they install their own runner
+            raise RuntimeError(f"layer {layer_index} holds a subset of the experts but has no expert-parallel runner")
+        return run_grouped_experts(x, ids, weights, layer.grouped)
 
     def execute(self, items: list[Item]) -> StepResult:
         logits, expert_counts = self.forward(items)

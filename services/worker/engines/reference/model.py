@@ -172,12 +172,13 @@ def stack_experts(experts: dict[int, ExpertWeights]) -> GroupedExperts:
 def run_grouped_experts(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, grouped: GroupedExperts
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`run_local_experts` for a process holding every expert, with two batched matmuls per layer.
+    """Apply every expert to its routed tokens, for a process holding every expert: two batched matmuls per
+    layer. Returns the weighted sum per token and the routed-token count of every expert.
 
     Routed rows are sorted by expert and laid out [experts, most rows of one expert, hidden] (zero
     padding past each expert's own rows), so one `bmm` per projection covers every expert instead of
     a Python loop of small matmuls. Rows are summed into their tokens in expert order, as
-    `run_local_experts` and `transformers` do.
+    `transformers` does.
     """
     num_experts = grouped.w13.shape[0]
     top_k = ids.shape[1]
@@ -193,37 +194,3 @@ def run_grouped_experts(
     y = torch.bmm(F.silu(gate) * up, grouped.w2.transpose(1, 2))
     rows = y[expert_of, slot] * weights.flatten()[order, None]
     return torch.zeros_like(x).index_add_(0, token_of, rows), counts
-
-
-def run_local_experts(
-    x: torch.Tensor,
-    ids: torch.Tensor,
-    weights: torch.Tensor,
-    experts: dict[int, ExpertWeights],
-    num_experts: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply the held experts to their routed tokens.
-
-    Returns the weighted sum per token (experts not held contribute nothing)
-    and the routed-token count of every logical expert. Tokens are summed in
-    expert order, as `transformers` does, so outputs match it bit for bit.
-    """
-    top_k = ids.shape[1]
-    flat = ids.flatten()
-    counts = torch.bincount(flat, minlength=num_experts)
-    order = torch.argsort(flat, stable=True)
-    token_of = order // top_k
-    weight_of = weights.flatten()[order]
-    out = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        end = start + count
-        held = experts.get(expert)
-        if held is not None:
-            rows = token_of[start:end]
-            y = held(x[rows]) * weight_of[start:end, None]
-            out.index_add_(0, rows, y)
-        start = end
-    return out, counts
