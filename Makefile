@@ -65,12 +65,19 @@ format: $(STAMP) ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Markers make test leaves to CI's other targets (pyproject's addopts name the same, minus slow).
+NOT_IN_TEST := not slow and not images and not fuzz and not monitoring
+
 .PHONY: test
-test: $(STAMP) redis lint helm-lint ## Run every test (unit, integration, e2e), after lint and helm-lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: $(STAMP) redis lint helm-lint ## Run every test but the slow ones (unit, integration, e2e), after lint and helm-lint
+	$(PY) -m pytest -m "$(NOT_IN_TEST)" $(PYTEST_ARGS)
+
+.PHONY: test-slow
+test-slow: $(STAMP) redis ## The tests marked slow (long fault and scaling scenarios; CI; not in make test)
+	$(PY) -m pytest -m "slow and not images and not fuzz and not monitoring" $(PYTEST_ARGS)
 
 .PHONY: test-faults
-test-faults: $(STAMP) redis ## Only the fault-injection suite (tests/faults; also part of make test)
+test-faults: $(STAMP) redis ## Only the fault-injection suite (tests/faults; the quick ones are also in make test)
 	$(PY) -m pytest tests/faults $(PYTEST_ARGS)
 
 .PHONY: test-fuzz
