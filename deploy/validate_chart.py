@@ -25,6 +25,7 @@ import kubernetes_validate
 import yaml
 
 from shared.config import SERVICE_SETTINGS, SettingsError, env_names, load_settings
+from shared.state.acl import USER_NAMES
 from shared.types.pools import ModelCreate, PoolCreate
 
 KUBERNETES = "1.35.0"
@@ -34,6 +35,7 @@ SAMPLES = {
     "secretKeyRef:admin-tokens": "sample-admin-token-7f3a9c:admin",
     "secretKeyRef:api-keys": "sk-sample-key-7f3a9c",
     "secretKeyRef:redis-password": "sample-redis-password-7f3a9c",
+    **{f"secretKeyRef:redis-password-{user}": f"sample-redis-{user}-7f3a9c" for user in USER_NAMES},
     "fieldRef:metadata.name": "shoal-worker-decode-5d8f7-abcde",
     "fieldRef:status.podIP": "10.0.0.12",
 }
