@@ -105,12 +105,12 @@ class _Tracked:
     """Timing and counters of one request, reported when it ends."""
 
     __slots__ = (
+        "_last_token",
         "_tbt",
         "_tokens",
         "completion_tokens",
         "endpoint",
         "grant",
-        "last_token",
         "metrics",
         "model",
         "prompt_tokens",
@@ -123,7 +123,8 @@ class _Tracked:
         self.endpoint = endpoint
         self.model = ""
         self.started = time.monotonic()
-        self.last_token: float | None = None
+        # Per choice (n > 1 interleaves them): a gap is between two tokens of one choice.
+        self._last_token: dict[int, float] = {}
         self.reported = False
         self.grant = OPEN
         self.prompt_tokens = 0
@@ -132,14 +133,15 @@ class _Tracked:
     def chunk(self, chunk: Chunk) -> None:
         if chunk.tokens:
             now = time.monotonic()
-            if self.last_token is None:
+            if not self._last_token:
                 # The model's children, looked up once per request rather than once per token.
                 self._tbt = self.metrics.tbt.labels(self.model)
                 self._tokens = self.metrics.tokens.labels(self.model, "completion")
                 self.metrics.ttft.labels(self.model).observe(now - self.started)
-            else:
-                self._tbt.observe(now - self.last_token)
-            self.last_token = now
+            previous = self._last_token.get(chunk.index)
+            if previous is not None:
+                self._tbt.observe(now - previous)
+            self._last_token[chunk.index] = now
             self._tokens.inc(chunk.tokens)
             self.completion_tokens += chunk.tokens
 
@@ -147,7 +149,7 @@ class _Tracked:
         if self.reported:  # a client that hangs up as its response ends is counted once
             return
         self.reported = True
-        if self.last_token is not None:  # the prompt was computed: charge it and what came of it
+        if self._last_token:  # the prompt was computed: charge it and what came of it
             self.grant.charge(self.prompt_tokens + self.completion_tokens)
         self.metrics.requests.labels(self.model, self.endpoint, str(status)).inc()
         if status == 200:
