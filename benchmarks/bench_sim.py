@@ -274,7 +274,7 @@ def main() -> None:
         bench_honesty(args.traces, args.model)
     print(
         f"bench-sim: sim_requests_per_s={speed.sim_requests_per_s:.0f} pd_goodput_per_gpu_ratio={pd_ratio:.2f} "
-        f"autoscale_cost_vs_peak={cost_ratio:.2f} prefix_hit={routing.prefix_hit_rate:.3f}"
+        f"autoscale_cost_vs_peak={cost_ratio:.2f} prefix_hit={routing.prefix_hit_rate or 0.0:.3f}"
     )
 
 

@@ -13,7 +13,14 @@ from cli.models import alias_app, model_app
 from cli.security import audit, key_app, own_security, pki_app, redis_users
 from cli.sim import sim
 
-app = typer.Typer(help="Shoal: orchestration for MoE LLM inference clusters.", no_args_is_help=True)
+# Plain help, wrapped at the terminal's width up to 120 columns: Rich's option tables cut long words
+# (paths, examples, variable names) with an ellipsis.
+app = typer.Typer(
+    help="Shoal: orchestration for MoE LLM inference clusters.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
+)
 for command in COMMANDS:
     app.command()(command)
 app.command()(sim)

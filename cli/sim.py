@@ -12,9 +12,11 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 
+from shared.policies.routing import PRESETS
+from shared.policies.scaling import SCALING_POLICIES
 from simulator.cluster import simulate
 from simulator.config import load_config
-from simulator.report import measure, plot, table
+from simulator.report import cap_warnings, measure, plot, table
 from simulator.workload import FORMATS, SyntheticSpec, Workload, load_trace, reshape, synthetic
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "simulator" / "examples"
@@ -44,6 +46,9 @@ def _variants(items: list[str]) -> list[dict[str, str]]:
         kind, sep, name = item.partition("=")
         if not sep or kind not in POLICY_KINDS or not name:
             raise ValueError(f"--policy {item!r}: expected routing=<preset> or scaling=<policy>[:replicas]")
+        known = PRESETS if kind == "routing" else SCALING_POLICIES
+        if name.partition(":")[0] not in known:
+            raise ValueError(f"--policy {item!r}: unknown {kind} policy; known: {', '.join(sorted(known))}")
         values.setdefault(kind, []).append(name)
     return [dict(zip(values, combination, strict=True)) for combination in itertools.product(*values.values())]
 
@@ -72,7 +77,9 @@ def _label(chosen: dict[str, str]) -> str:
 
 def sim(
     trace: Path | None = typer.Option(None, help="Trace file, read by path (see --format)."),
-    format: str = typer.Option("mooncake", help=f"Trace format: {', '.join(FORMATS)}."),
+    format: str = typer.Option(
+        "auto", help=f"Trace format: {', '.join(FORMATS)} (auto: told from the file's first line)."
+    ),
     synthetic_spec: str = typer.Option(
         "", "--synthetic", help="Instead of a trace: key=value,... e.g. rate_rps=20,duration_s=300,prompt_mean=2048."
     ),
@@ -113,7 +120,7 @@ def sim(
         elif trace is not None:
             workload = load_trace(trace, format)
         else:
-            raise ValueError("give --trace PATH (with --format) or --synthetic key=value,...")
+            raise ValueError("give --trace PATH or --synthetic key=value,...")
         workload = reshape(
             workload,
             time_scale=time_scale,
@@ -150,6 +157,8 @@ def sim(
             typer.echo(f"  {heading}t={event.t:8.1f}s {event.pool}: {event.before} -> {event.after} ({event.reason})")
         if len(result.scaling_events) > 20:
             typer.echo(f"  {heading}... {len(result.scaling_events) - 20} more scaling events")
+        for warning in cap_warnings(result):
+            typer.echo(f"warning: {heading}{warning}", err=True)
     out.mkdir(parents=True, exist_ok=True)
     # One run: its metrics, as before; several: keyed by run.
     dumped = {name: asdict(m) for name, m in metrics.items()}

@@ -29,7 +29,7 @@ class Metrics:
     output_tokens_per_s: float
     worker_seconds: float
     cost: float
-    prefix_hit_rate: float
+    prefix_hit_rate: float | None  # None: no request carries block hashes (nothing to cache by)
     scaling_events: int
     replicas_mean: float
     wall_s: float
@@ -55,7 +55,10 @@ class Metrics:
             ("output tokens", f"{self.output_tokens_per_s:.0f} tok/s"),
             ("worker-seconds / mean replicas", f"{self.worker_seconds:.0f} / {self.replicas_mean:.2f}"),
             ("cost", f"{self.cost:.3f}"),
-            ("prefix-cache hit rate (tokens)", f"{self.prefix_hit_rate:.3f}"),
+            (
+                "prefix-cache hit rate (tokens)",
+                "n/a (no block hashes)" if self.prefix_hit_rate is None else f"{self.prefix_hit_rate:.3f}",
+            ),
             ("scaling events", str(self.scaling_events)),
             (
                 "expert balance / copies moved",
@@ -102,7 +105,9 @@ def measure(result: SimResult, ttft_slo_s: float | None = None, tbt_slo_s: float
         output_tokens_per_s=sum(j.request.output_tokens for j in served) / span,
         worker_seconds=worker_seconds,
         cost=cost,
-        prefix_hit_rate=sum(j.cached_tokens for j in served) / prompt if prompt else 0.0,
+        prefix_hit_rate=(
+            sum(j.cached_tokens for j in served) / prompt if any(j.request.hashes for j in served) and prompt else None
+        ),
         scaling_events=len(result.scaling_events),
         replicas_mean=worker_seconds / span,
         wall_s=result.wall_s,
@@ -126,6 +131,39 @@ def table(columns: dict[str, Metrics]) -> str:
     return "\n".join(lines)
 
 
+# A pool at its replica cap for this share of the run or more gets a warning: what it would have scaled to
+# is unknown, so its figures understate what the policy would do.
+CAP_WARNING_SHARE = 0.1
+
+
+def cap_warnings(result: SimResult) -> list[str]:
+    """The scaled pools that sat at max_replicas for a tenth of the run or more."""
+    rows = [row for row in result.timeline if row.t >= result.measured_from]
+    warnings = []
+    for name, pool in result.pools.items():
+        cap = pool.spec.max_replicas
+        if pool.spec.scaling.policy == "fixed" or not rows:
+            continue
+        share = sum(row.replicas.get(name, 0) >= cap for row in rows) / len(rows)
+        if share >= CAP_WARNING_SHARE:
+            warnings.append(
+                f"pool {name} sat at its replica cap ({cap}) for {share:.0%} of the run: it may have needed more "
+                "(raise max_replicas in the cluster file to see how many)"
+            )
+    return warnings
+
+
+# The arrivals panel shows at most this many bins: per-tick counts of a bursty trace are an unreadable band.
+ARRIVAL_BINS = 150
+
+
+def _binned(t: list[float], rates: list[float]) -> tuple[list[float], list[float]]:
+    """Arrival rates averaged over consecutive ticks, at most ARRIVAL_BINS of them."""
+    width = max(1, -(-len(t) // ARRIVAL_BINS))
+    starts = list(range(0, len(t), width))
+    return [t[i] for i in starts], [float(np.mean(rates[i : i + width])) for i in starts]
+
+
 def plot(results: dict[str, SimResult], path: Path) -> Path:
     """A PNG of load, replicas and latency over time, one line per run."""
     import matplotlib
@@ -136,7 +174,7 @@ def plot(results: dict[str, SimResult], path: Path) -> Path:
     figure, (load, replicas, latency) = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     for name, result in results.items():
         t = [row.t for row in result.timeline]
-        load.plot(t, [row.arrivals_per_s for row in result.timeline], label=name)
+        load.step(*_binned(t, [row.arrivals_per_s for row in result.timeline]), where="post", label=name)
         replicas.step(t, [sum(row.replicas.values()) for row in result.timeline], where="post", label=name)
         latency.plot(t, [row.ttft_p90_s for row in result.timeline], label=f"{name} TTFT p90")
     load.set_ylabel("arrivals / s")

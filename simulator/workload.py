@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from shared.hashing import BlockHash
 
 MOONCAKE_BLOCK = 512
-FORMATS = ("mooncake", "azure", "burstgpt")
+FORMATS = ("auto", "mooncake", "azure", "burstgpt")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,8 +95,14 @@ def load_mooncake(path: Path) -> Workload:
             hashes=tuple(_hash(int(i)) for i in ids),
         )
 
+    lines = []
     with path.open("rb") as handle:
-        lines = [(n, orjson.loads(text)) for n, text in enumerate(handle, 1) if text.strip()]
+        for n, text in enumerate(handle, 1):
+            if text.strip():
+                try:
+                    lines.append((n, orjson.loads(text)))
+                except orjson.JSONDecodeError as exc:
+                    raise TraceError(f"{path}:{n}: not a JSON object ({exc}); is it a CSV trace? (--format)") from None
     return Workload(path.name, _rows(path, parse, iter(lines)), MOONCAKE_BLOCK)
 
 
@@ -140,13 +146,32 @@ LOADERS: dict[str, Callable[[Path], Workload]] = {
 }
 
 
-def load_trace(path: Path, fmt: str) -> Workload:
-    loader = LOADERS.get(fmt)
-    if loader is None:
+def detect_format(path: Path) -> str:
+    """A trace's format from its first line: a JSON object (Mooncake) or a CSV header with Azure's or
+    BurstGPT's columns."""
+    with path.open("rb") as handle:
+        first = next((line.strip() for line in handle if line.strip()), b"")
+    if first.startswith(b"{"):
+        return "mooncake"
+    header = {name.strip().strip('"') for name in first.decode(errors="replace").split(",")}
+    if "TIMESTAMP" in header:
+        return "azure"
+    if {"Timestamp", "Request tokens"} <= header:
+        return "burstgpt"
+    raise TraceError(
+        f"{path}:1: cannot tell the trace format from {first[:80].decode(errors='replace')!r}: expected a JSON "
+        "object per line (mooncake), or a CSV header with TIMESTAMP (azure) or Timestamp and Request tokens "
+        "(burstgpt); name it with --format"
+    )
+
+
+def load_trace(path: Path, fmt: str = "auto") -> Workload:
+    """Read a trace by path; `fmt` "auto" tells the format from the file's first line."""
+    if fmt not in FORMATS:
         raise ValueError(f"unknown trace format {fmt!r}; known: {', '.join(FORMATS)}")
     if not path.is_file():
         raise ValueError(f"trace {path} does not exist")
-    return loader(path)
+    return LOADERS[detect_format(path) if fmt == "auto" else fmt](path)
 
 
 def reshape(

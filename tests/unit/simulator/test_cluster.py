@@ -104,6 +104,7 @@ def test_prefix_aware_routing_finds_more_cached_prefixes_than_round_robin() -> N
     four = pool(min_replicas=4, max_replicas=4, scaling={"policy": "fixed", "params": {"replicas": 4}})
     prefix = measure(simulate(config(four, preset="prefix-aware"), workload))
     rr = measure(simulate(config(four, preset="round-robin"), workload))
+    assert prefix.prefix_hit_rate is not None and rr.prefix_hit_rate is not None
     assert prefix.prefix_hit_rate > rr.prefix_hit_rate + 0.05
     assert prefix.ttft_s[0] < rr.ttft_s[0]
 

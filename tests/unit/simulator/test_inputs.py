@@ -73,6 +73,27 @@ def test_bad_rows_are_refused_with_file_and_line(tmp_path: Path, fmt: str, text:
         load_trace(trace, fmt)
 
 
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ('{"timestamp": 0, "input_length": 5, "output_length": 2, "hash_ids": [1]}\n', (5, 2)),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:03.9799600,7,3\n", (7, 3)),
+        ('"Timestamp","Model","Request tokens","Response tokens"\n5,gpt,9,4\n', (9, 4)),
+    ],
+)
+def test_the_format_is_told_from_the_first_line(tmp_path: Path, text: str, tokens: tuple[int, int]) -> None:
+    (request,) = load_trace(write(tmp_path / "trace.txt", text)).requests  # the extension says nothing
+    assert (request.prompt_tokens, request.output_tokens) == tokens
+
+
+def test_a_trace_of_no_known_format_is_refused_naming_the_file(tmp_path: Path) -> None:
+    trace = write(tmp_path / "t.csv", "time,prompt\n1,2\n")
+    with pytest.raises(TraceError, match=f"{trace}:1: cannot tell the trace format from 'time,prompt'"):
+        load_trace(trace)
+    with pytest.raises(TraceError, match=f"{trace}:1: not a JSON object .*--format"):
+        load_trace(trace, "mooncake")
+
+
 def test_unknown_format_and_missing_file_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown trace format 'csv'"):
         load_trace(tmp_path, "csv")
@@ -169,10 +190,27 @@ def test_repeated_policies_run_side_by_side_on_the_same_requests(tmp_path: Path)
         (["--synthetic", "rate_rps=5", "--policy", "scaling=fixed:many"], "only fixed takes a size"),
         (["--synthetic", "rate_rps=-1"], "--synthetic: rate_rps"),
         (["--synthetic", "rate_rps=5", "--policy", "speed=max"], "expected routing=<preset>"),
-        (["--synthetic", "rate_rps=5", "--policy", "scaling=magic"], "unknown scaling policy 'magic'"),
+        (["--synthetic", "rate_rps=5", "--policy", "scaling=magic"], "--policy 'scaling=magic': unknown scaling"),
+        (["--synthetic", "rate_rps=5", "--policy", "routing=magic"], "--policy 'routing=magic': unknown routing"),
     ],
 )
 def test_shoal_sim_refuses_bad_arguments(tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["sim", "--out", str(tmp_path), *args])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_a_trace_without_hashes_has_no_hit_rate_and_a_capped_pool_is_named(tmp_path: Path) -> None:
+    rows = "".join(f"2023-11-16 18:17:{i // 10:02d}.{i % 10}000000,8000,50\n" for i in range(300))
+    trace = write(tmp_path / "azure.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n" + rows)
+    document = yaml.safe_load((EXAMPLES / "colocated.yaml").read_text())
+    document["pools"][0]["max_replicas"] = 1  # far too few for 10 requests/s of 8k-token prompts
+    cluster = write(tmp_path / "cluster.yaml", yaml.safe_dump(document))
+    args = ["sim", "--trace", str(trace), "--cluster", str(cluster), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "n/a (no block hashes)" in result.output
+    assert "pool mixed sat at its replica cap (1)" in result.output
+    # A pool held at a fixed size is where it was told to be: no warning.
+    fixed = CliRunner().invoke(app, [*args, "--policy", "scaling=fixed:1"])
+    assert fixed.exit_code == 0 and "replica cap" not in fixed.output
