@@ -95,9 +95,9 @@ class AdminEdge:
             return
         body = await _read_body(receive)
         if body is None:
-            await _too_large(send)
             if scope["method"] in WRITES:
                 await self._record(scope, 413, b"")
+            await _too_large(send)
             return
         replayed = False
 
@@ -108,19 +108,23 @@ class AdminEdge:
             replayed = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        status = 500
+        write = scope["method"] in WRITES
+        recorded = False
 
         async def watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
+            # A write is recorded before its caller sees the answer, so what a caller did is in the log by the
+            # time it can ask for the log.
+            nonlocal recorded
+            if write and message["type"] == "http.response.start":
+                recorded = True
+                await self._record(scope, int(message["status"]), body)
             await send(message)
 
         try:
             await self.app(scope, replay, watch)
         finally:
-            if scope["method"] in WRITES:
-                await self._record(scope, status, body)
+            if write and not recorded:  # it failed before answering
+                await self._record(scope, 500, body)
 
     async def _record(self, scope: Scope, status: int, body: bytes) -> None:
         who = str(scope.get("state", {}).get("who", UNAUTHENTICATED))
