@@ -71,9 +71,9 @@ def router_ready(url: str, pid: int) -> bool:
     """The router process `pid` answers /health on `url` (which several routers may share)."""
     try:
         response = httpx.get(f"{url}/health", timeout=1)
-    except httpx.HTTPError:
+        return response.status_code == 200 and response.json().get("pid") == pid
+    except (httpx.HTTPError, ValueError):  # ValueError: not JSON, so not a router
         return False
-    return response.status_code == 200 and response.json().get("pid") == pid
 
 
 def redis_ready(port: int, password: str) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import uvloop
@@ -44,11 +46,35 @@ def die_with_parent(argv: Sequence[str]) -> list[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
+# The lowest port free_port draws from; it draws below the kernel's ephemeral range.
+_LOWEST_PICK = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now on `host` (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A port free right now on `host`, for a process to bind later.
+
+    Drawn at random from below the kernel's ephemeral range, which bind(0) and
+    outgoing connections take from: until the process binds it, another
+    process's bind(0) (a worker's metrics port) or client socket cannot take it."""
+    highest = _ephemeral_low() - 1
+    for _ in range(64 if highest > _LOWEST_PICK else 0):
+        port = random.randint(_LOWEST_PICK, highest)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # no room below the range: the kernel's pick
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems start higher
 
 
 @dataclass
