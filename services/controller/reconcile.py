@@ -48,6 +48,7 @@ from shared.policies.scaling import (
     pool_snapshot,
 )
 from shared.state import schema
+from shared.state.redis import read_marked
 from shared.state.registry import WorkerRegistry
 from shared.state.versioned import DocumentStore, Versioned
 from shared.state.workstats import read_work
@@ -235,7 +236,9 @@ class Reconciler:
                     await self.desired.forget_model(model.name)
                     log.info("model deleted: its pools drained and are gone", model=model.name)
             await self._resubmit_stale(open_jobs, now)
-            self._documents = await self.docs.snapshot()
+            documents, whole = await read_marked(self.redis, self.docs.snapshot)
+            if whole:  # a read across a wipe may be partial: keep the last whole one to write back
+                self._documents = documents
         return statuses
 
     async def _stop_drained(self, open_jobs: list[Job], pools: list[PoolPublic]) -> None:

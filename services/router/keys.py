@@ -33,6 +33,7 @@ from shared.errors import Overloaded, Unavailable
 from shared.openai.access import OPEN, Grant, StaticKeys, presented_key, refuse
 from shared.state import schema
 from shared.state.apikeys import APIKeyStore
+from shared.state.redis import read_marked
 from shared.telemetry.logging import get_logger
 from shared.telemetry.loopmetrics import LoopMetrics
 from shared.types.apikeys import SECRET_PREFIX, APIKeyRecord, digest
@@ -122,9 +123,8 @@ class KeyGate:
             changes = await self.store.changes()
             if changes == self._seen_changes:
                 return
-            records = await self.store.all()
-            # Redis lost its data (wiped, or restarted empty): the controller writes the keys back.
-            lost = not records and bool(self._keys) and not await self.store.redis.exists(schema.CLUSTER)
+            records, whole = await read_marked(self.store.redis, self.store.all)
+            lost = not whole and bool(self._keys)
         except (RedisError, OSError) as exc:
             # Keep the keys we know: Redis down must not lock every client out.
             log.warning("API keys not refreshed: redis unreachable", error=str(exc))

@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 from shared.errors import NotFound
 from shared.openai.models import ServedModel, load_model
 from shared.state import schema
+from shared.state.redis import read_marked
 from shared.state.versioned import DocumentStore, Versioned
 from shared.telemetry.logging import get_logger
 from shared.types.pools import ModelState
@@ -74,9 +75,8 @@ class ModelCatalog:
             changes = await self.docs.redis.get(schema.CATALOG_CHANGES)
             if changes is not None and changes == self._changes and time.monotonic() < self._read_at + FULL_READ_S:
                 return
-            documents = await self.docs.snapshot(schema.CATALOG_DOCS)
-            # Redis lost its data (wiped, or restarted empty): the controller writes the documents back.
-            lost = not documents and bool(self._loaded) and not await self.docs.redis.exists(schema.CLUSTER)
+            documents, whole = await read_marked(self.docs.redis, lambda: self.docs.snapshot(schema.CATALOG_DOCS))
+            lost = not whole and bool(self._loaded)
         except (RedisError, OSError) as exc:
             log.warning("admin state unreachable; keeping the models served", error=str(exc))
             return

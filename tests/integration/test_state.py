@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 from shared.config.services import EngineKind, WorkerRole
 from shared.state import schema
 from shared.state.records import FINISHED_TTL_S, RecordIndex, RecordKeys
-from shared.state.redis import connect
+from shared.state.redis import connect, read_marked
 from shared.state.registry import Heartbeat, WorkerRegistry
 from shared.state.versioned import DocumentStore, VersionConflict
 from shared.types.workers import WorkerInfo, WorkerLoad
@@ -117,3 +117,21 @@ async def test_records_expire_once_finished_and_listings_forget_them(redis: Redi
     assert len(await records.recent(10)) == 2
     assert await redis.zcard(schema.GRAPH_INDEX) == 2  # the index forgot it as it met it
     assert await redis.scard(schema.OPEN_GRAPHS) == 2
+
+
+async def test_a_read_is_whole_only_when_the_cluster_mark_stood_before_and_after_it(redis: Redis) -> None:
+    async def read() -> int:
+        return 7
+
+    async def read_across_a_wipe() -> int:
+        await redis.flushdb()
+        return 7
+
+    async def read_across_a_restore() -> int:
+        await redis.set(schema.CLUSTER, "1")
+        return 7
+
+    assert await read_marked(redis, read) == (7, False)  # never marked: a new cluster, or a wiped one
+    assert await read_marked(redis, read_across_a_restore) == (7, False)  # the read may predate the restore
+    assert await read_marked(redis, read) == (7, True)
+    assert await read_marked(redis, read_across_a_wipe) == (7, False)

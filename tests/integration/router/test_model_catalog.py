@@ -25,6 +25,7 @@ async def _served(catalog: ModelCatalog) -> dict[str, str]:
 async def test_models_with_a_pool_are_served_and_follow_every_change(redis: Redis, tiny_model: Path) -> None:
     desired = DesiredState(redis)
     catalog = ModelCatalog(DocumentStore(redis))
+    await redis.set(schema.CLUSTER, "1")  # as the controller's first tick does
     await desired.create_model(ModelCreate(name="a", path=str(tiny_model), context_length=1024))
     assert await _served(catalog) == {}  # no pool serves it yet
     await desired.create_pool(PoolCreate(name="a", model="a"))
@@ -61,6 +62,9 @@ async def test_a_wiped_redis_keeps_the_models_served_until_the_documents_come_ba
     documents = await DocumentStore(redis).snapshot()
     await redis.flushdb()
     assert await _served(catalog) == {"a": "a"}  # nothing to read and the mark is gone: Redis lost its data
+    model_only = {name: doc for name, doc in documents.items() if name.startswith("model:")}
+    await DocumentStore(redis).restore(model_only)
+    assert await _served(catalog) == {"a": "a"}  # half written back (no pool yet), still unmarked: kept
     await DocumentStore(redis).restore(documents)
     await redis.set(schema.CLUSTER, "1")
     await desired.delete_pool("a")
