@@ -25,6 +25,7 @@ import asyncio
 import ctypes
 import hmac
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Protocol, TypeVar
 
@@ -70,6 +71,13 @@ _SCRATCH_BYTES = 4 * BIG_FRAME_BYTES
 # One read into the shared buffer takes at most this much: the start of a big frame that arrives in
 # it must be copied out, so reading less there bounds that copy (a read still holds ~100 small frames).
 _SCRATCH_READ_BYTES = 16 * 2**10
+# Big payloads go to the transport in writes of at most this much, each once it has room. A TLS
+# transport encrypts all it is handed into one growing buffer before sending any: a 64 MiB reply
+# handed over whole passes through memory several more times than one sent in cache-sized pieces
+# (docs/architecture.md, "Inside the kvstore").
+_WRITE_BYTES = 256 * 2**10
+
+Piece = bytes | bytearray | memoryview
 
 # A bytearray whose bytes are not zeroed first: a big frame's buffer is written whole by the socket
 # before anyone sees it, and zeroing megabytes per frame costs as much as a tenth of the transfer.
@@ -100,6 +108,9 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
         self._big_got = 0
         self._paused = False
         self._drained: asyncio.Future[None] | None = None
+        # Frames not yet handed to the transport, in order (see send_parts).
+        self._outbox: deque[Piece] = deque()
+        self._eof_when_sent = False
         self._discarding = False
         self.is_closed = False
 
@@ -165,17 +176,48 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
 
     def send(self, payload: bytes) -> None:
         """Queue one frame (never blocks; see `drain`)."""
-        if self.transport is not None and not self.is_closed:
-            self.transport.write(_LENGTH.pack(len(payload)) + payload)
+        if self.transport is None or self.is_closed:
+            return
+        frame = _LENGTH.pack(len(payload)) + payload
+        if self._outbox:
+            self._outbox.append(frame)
+        else:
+            self.transport.write(frame)
 
-    def send_parts(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        """Queue one frame per part without joining them (big payloads are not copied here)."""
-        if self.transport is not None and not self.is_closed:
-            self.transport.writelines([piece for part in parts for piece in (_LENGTH.pack(len(part)), part)])
+    def send_parts(self, parts: list[Piece]) -> None:
+        """Queue one frame per part without joining them (big payloads are not copied here). The parts are
+        read as the transport takes them, so they must not change until the peer has answered."""
+        if self.transport is None or self.is_closed:
+            return
+        pieces = [piece for part in parts for piece in (_LENGTH.pack(len(part)), part)]
+        if not self._outbox and sum(len(piece) for piece in pieces) <= _WRITE_BYTES:
+            self.transport.writelines(pieces)
+            return
+        self._outbox.extend(pieces)
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand the transport the outbox in writes of up to _WRITE_BYTES while it has room."""
+        transport, outbox = self.transport, self._outbox
+        while outbox and not self._paused and not self.is_closed and transport is not None:
+            batch: list[Piece] = []
+            room = _WRITE_BYTES
+            while outbox and room > 0:
+                piece = outbox.popleft()
+                if len(piece) > room:
+                    view = memoryview(piece)
+                    outbox.appendleft(view[room:])
+                    piece = view[:room]
+                batch.append(piece)
+                room -= len(piece)
+            transport.writelines(batch)
+        if not outbox and self._eof_when_sent:
+            self._eof_when_sent = False
+            self._write_eof()
 
     async def drain(self) -> None:
         """Wait while the peer reads more slowly than we send."""
-        if self._paused and not self.is_closed:
+        if (self._paused or self._outbox) and not self.is_closed:
             self._drained = asyncio.get_running_loop().create_future()
             await self._drained
 
@@ -184,11 +226,18 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._pump()
+        if self._paused or self._outbox:
+            return
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
     def close(self) -> None:
+        """Close once what was sent has gone out (the transport flushes what it holds before closing)."""
         if self.transport is not None and not self.is_closed:
+            if self._outbox:
+                self.transport.writelines(list(self._outbox))
+                self._outbox.clear()
             self.transport.close()
         self.is_closed = True
 
@@ -197,12 +246,19 @@ class _Framer(asyncio.BufferedProtocol, abc.ABC):
         comes in for a moment. Closing at once, with the peer's bytes unread, would reset the connection
         and could destroy the reply on its way."""
         self._discarding = True
+        if self._outbox:
+            self._eof_when_sent = True
+        else:
+            self._write_eof()
+        asyncio.get_running_loop().call_later(LINGER_S, self.close)
+
+    def _write_eof(self) -> None:
         if self.transport is not None and not self.is_closed and self.transport.can_write_eof():
             self.transport.write_eof()
-        asyncio.get_running_loop().call_later(LINGER_S, self.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.is_closed = True
+        self._outbox.clear()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
