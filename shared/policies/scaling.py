@@ -20,6 +20,11 @@ Built-ins (SCALING_POLICIES):
   with queued requests adds a replica whatever the forecast says.
 * `reactive`: the queue length now (running + waiting) over a target per
   replica: the common baseline, with no forecast.
+* `kpa`: the Knative Pod Autoscaler as AIBrix runs it for LLM pools, a
+  baseline: concurrency (running + waiting) averaged over a stable and a
+  panic window, each over a target per replica; a burst that doubles the
+  panic count over the ready replicas starts panic mode, which scales up on
+  the panic window and never down until a stable window passes calm.
 * `fixed`: a constant number (sizing for the peak).
 """
 
@@ -45,6 +50,7 @@ class ScalingReason(enum.StrEnum):
     SCALE_DOWN_IDLE = "scale-down-idle"
     HOLD_HYSTERESIS = "hold-hysteresis"
     HOLD_COOLDOWN = "hold-cooldown"
+    HOLD_PANIC = "hold-panic"
     AT_MIN = "at-min-replicas"
     AT_MAX = "at-max-replicas"
     FIXED = "fixed"
@@ -149,6 +155,11 @@ class PolicyState:
     decode_capacity: float | None = None
     last_change: float = -math.inf
     low_since: float | None = None
+    # kpa: the concurrency seen at each tick of the stable window, (time, requests).
+    concurrency: tuple[tuple[float, float], ...] = ()
+    # kpa: when panic mode last saw the burst (None: not panicking) and the most replicas it asked for.
+    panic_at: float | None = None
+    panic_replicas: int = 0
 
 
 @dataclass(frozen=True)
@@ -380,6 +391,65 @@ class ReactivePolicy:
         return ScalingDecision(current, reason, explanation, state)
 
 
+class KPAParams(BaseModel):
+    """AIBrix's KPA defaults (Knative's own windows are 60 s and 6 s)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: float = Field(default=16.0, gt=0, description="Running + waiting requests per replica to aim for.")
+    stable_window_s: float = Field(default=180.0, gt=0, description="Window of the stable average.")
+    panic_window_s: float = Field(default=60.0, gt=0, description="Window of the panic average.")
+    panic_threshold: float = Field(
+        default=2.0, gt=1, description="Panic when the panic window wants this many times the ready replicas."
+    )
+    max_scale_up_rate: float = Field(default=2.0, gt=1, description="At most this many times the ready replicas.")
+    max_scale_down_rate: float = Field(default=2.0, gt=1, description="At least ready / this many replicas.")
+
+
+class KPAPolicy:
+    Params = KPAParams
+
+    def __init__(self, params: KPAParams) -> None:
+        self.p = params
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        p, now = self.p, snapshot.now
+        observed = sum(r.running + r.waiting for r in snapshot.workers) + snapshot.refused
+        window = (*(s for s in state.concurrency if s[0] > now - p.stable_window_s), (now, observed))
+        stable = sum(v for _, v in window) / len(window)
+        recent = [v for t, v in window if t > now - p.panic_window_s]
+        panic = sum(recent) / len(recent)
+        ready = max(1, snapshot.ready)
+        lowest, highest = math.floor(ready / p.max_scale_down_rate), max(1, math.ceil(p.max_scale_up_rate * ready))
+        want_stable = min(max(math.ceil(stable / p.target - 1e-9), lowest), highest)
+        want_panic = min(max(math.ceil(panic / p.target - 1e-9), lowest), highest)
+        over = want_panic / ready >= p.panic_threshold
+        panic_at, panic_replicas = state.panic_at, state.panic_replicas
+        if over:
+            panic_at = now  # a burst seen again extends panic mode
+        elif panic_at is not None and now - panic_at > p.stable_window_s:
+            panic_at, panic_replicas = None, 0  # the burst has reached the stable window: calm again
+        wanted = want_stable
+        if panic_at is not None:
+            panic_replicas = max(panic_replicas, want_stable, want_panic)  # never down while panicking
+            wanted = panic_replicas
+        explanation = (
+            f"concurrency {stable:.1f} over {p.stable_window_s:g}s, {panic:.1f} over {p.panic_window_s:g}s "
+            f"/ {p.target:g} per replica -> {want_stable} stable, {want_panic} panic"
+            + (" (panicking)" if panic_at is not None else "")
+        )
+        wanted, bound = _clamp(wanted, snapshot)
+        nxt = replace(state, concurrency=window, panic_at=panic_at, panic_replicas=panic_replicas)
+        current = snapshot.current
+        if wanted > current:
+            reason = bound or ScalingReason.SCALE_UP_QUEUE
+        elif wanted < current:
+            reason = bound or ScalingReason.SCALE_DOWN_DEMAND
+        else:
+            reason = bound or (ScalingReason.HOLD_PANIC if panic_at is not None else ScalingReason.STEADY)
+        return ScalingDecision(wanted, reason, explanation, replace(nxt, last_change=now) if wanted != current else nxt)
+
+
 class FixedParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -400,6 +470,7 @@ class FixedPolicy:
 SCALING_POLICIES: Mapping[str, Any] = {
     "predictive": PredictivePolicy,
     "reactive": ReactivePolicy,
+    "kpa": KPAPolicy,
     "fixed": FixedPolicy,
 }
 

@@ -129,3 +129,43 @@ def test_bounds_and_baselines() -> None:
 def test_bad_policy_specs_are_refused(name: str, params: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_policy(name, params)
+
+
+def _busy(requests: int) -> list[WorkerReport]:
+    return [WorkerReport(running=requests, waiting=0, max_running=64, prefill_tokens_per_s=0, decode_tokens_per_s=0,
+                         ttft_p90_s=0.1, tbt_p90_s=0.01)]  # fmt: skip
+
+
+def test_kpa_follows_the_stable_window_and_panics_on_a_burst() -> None:
+    kpa = make_policy("kpa", {"target": 10, "stable_window_s": 60, "panic_window_s": 6})
+    state = PolicyState()
+    for t in range(0, 60, 2):  # a minute at 20 requests on 2 replicas: steady
+        decision = kpa.decide(snapshot(now=float(t), ready=2, workers=_busy(20)), state)
+        state = decision.state
+    assert decision.replicas == 2 and decision.reason is ScalingReason.STEADY and state.panic_at is None
+
+    # A burst to 80: the 6 s window wants 8 = 4x the ready replicas, past the 2x threshold: panic, capped at 2x.
+    burst = kpa.decide(snapshot(now=60.0, ready=2, workers=_busy(80)), state)
+    assert burst.state.panic_at == 60.0
+    assert burst.replicas == 4 and burst.reason is ScalingReason.SCALE_UP_QUEUE
+
+    # The burst ends at once: in panic mode the pool never shrinks until a stable window passes calm.
+    state = burst.state
+    for t in range(62, 122, 2):
+        decision = kpa.decide(snapshot(now=float(t), ready=4, workers=_busy(4)), state)
+        state = decision.state
+        assert decision.replicas == 4 and decision.reason is ScalingReason.HOLD_PANIC
+    calm = kpa.decide(snapshot(now=122.0, ready=4, workers=_busy(4)), state)
+    assert calm.state.panic_at is None
+    assert calm.replicas == 2 and calm.reason is ScalingReason.SCALE_DOWN_DEMAND  # at most half the ready ones
+
+
+def test_kpa_without_a_burst_scales_on_the_stable_average() -> None:
+    kpa = make_policy("kpa", {"target": 10, "stable_window_s": 60, "panic_window_s": 6})
+    state = PolicyState()
+    for t in range(0, 30, 2):
+        state = kpa.decide(snapshot(now=float(t), ready=2, workers=_busy(10)), state).state
+    # Load rises to 30 (1.5x the ready replicas in the panic window: no panic): the stable average moves slowly.
+    rising = kpa.decide(snapshot(now=30.0, ready=2, workers=_busy(30)), state)
+    assert rising.state.panic_at is None
+    assert rising.replicas == 2  # mean of 15 samples at 10 and one at 30: 11.25 -> 2 replicas
