@@ -124,7 +124,8 @@ class KeyGate:
             if changes == self._seen_changes:
                 return
             records, whole = await read_marked(self.store.redis, self.store.all)
-            lost = not whole and bool(self._keys)
+            # Without the mark a key that went missing may be a restore not yet finished, not a deletion.
+            lost = not whole and not {k.record.id for k in self._keys.values()} <= {r.id for r in records}
         except (RedisError, OSError) as exc:
             # Keep the keys we know: Redis down must not lock every client out.
             log.warning("API keys not refreshed: redis unreachable", error=str(exc))

@@ -76,12 +76,8 @@ class ModelCatalog:
             if changes is not None and changes == self._changes and time.monotonic() < self._read_at + FULL_READ_S:
                 return
             documents, whole = await read_marked(self.docs.redis, lambda: self.docs.snapshot(schema.CATALOG_DOCS))
-            lost = not whole and bool(self._loaded)
         except (RedisError, OSError) as exc:
             log.warning("admin state unreachable; keeping the models served", error=str(exc))
-            return
-        if lost:
-            log.warning("admin state lost from Redis; keeping the models served until it is restored")
             return
         pooled = {doc.body.get("model") for name, doc in documents.items() if name.startswith(POOL)}
         wanted = {
@@ -91,6 +87,10 @@ class ModelCatalog:
             and (model_name := name.removeprefix(MODEL)) in pooled
             and doc.body.get("state") != ModelState.DELETING
         }
+        if not whole and not self._loaded.keys() <= wanted.keys():
+            # Without the mark a model that went missing may be a restore not yet finished, not a deletion.
+            log.warning("admin state lost from Redis; keeping the models served until it is restored")
+            return
         loaded = {}
         for name, doc in wanted.items():
             model = await self._load(name, doc)
