@@ -1,4 +1,4 @@
-"""Autoscaling on a bursty trace: the default (predictive) policy vs a pool sized for the peak vs a reactive one.
+"""Autoscaling on a bursty trace: the default (predictive) policy vs a pool sized for the peak, a reactive one and KPA.
 
 The Azure LLM inference 2023 code trace (read by path, never copied), its
 last 17 minutes (bursts separated by idle minutes), every THIN-th request, time compressed COMPRESSION times,
@@ -11,7 +11,10 @@ scaling policy:
 
 * predictive: the default policy, 1..PEAK replicas;
 * peak: fixed at PEAK replicas, ready before the replay starts;
-* reactive: queue length over a target, 1..PEAK replicas.
+* reactive: queue length over a target, 1..PEAK replicas;
+* kpa: the Knative Pod Autoscaler as AIBrix runs it (shared/policies/scaling.py),
+  its 180 s stable and 60 s panic windows compressed like the trace, the same
+  target per replica as reactive, 1..PEAK replicas.
 
 A request meets the SLO when it succeeds, its TTFT is within the pool's TTFT
 SLO and its mean time between tokens within the TBT SLO (real, compressed
@@ -19,7 +22,7 @@ seconds). Worker-seconds integrate every worker the actuator holds
 (starting, serving, draining) over the replay, sampled every 0.5 s.
 
 Run: make bench-autoscale. Last line:
-bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> worker_seconds_vs_peak=<ratio>
+bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> worker_seconds_vs_peak=<ratio>
 """
 
 from __future__ import annotations
@@ -113,6 +116,10 @@ def pool_spec(name: str, cold_start_s: float) -> dict[str, Any]:
         },
         "peak": {"policy": "fixed", "params": {"replicas": PEAK}},
         "reactive": {"policy": "reactive", "params": {"target_queue": 8, "down_cooldown_s": 4}},
+        "kpa": {
+            "policy": "kpa",
+            "params": {"target": 8, "stable_window_s": 180 / COMPRESSION, "panic_window_s": 60 / COMPRESSION},
+        },
     }[name]
     return {
         "name": "default",
@@ -252,7 +259,7 @@ def main() -> None:
         flush=True,
     )
     results = {}
-    for name in ("predictive", "peak", "reactive"):
+    for name in ("predictive", "peak", "reactive", "kpa"):
         results[name] = run_policy(name, args.model, arrivals, args.cold_start_s)
         print(f"  {name}: done", flush=True)
     print(
@@ -272,6 +279,7 @@ def main() -> None:
     default, peak, reactive = results["predictive"], results["peak"], results["reactive"]
     print(
         f"bench-autoscale: slo={default.slo:.3f} peak_slo={peak.slo:.3f} reactive_slo={reactive.slo:.3f} "
+        f"kpa_slo={results['kpa'].slo:.3f} "
         f"worker_seconds_vs_peak={default.worker_seconds / peak.worker_seconds:.2f}"
     )
 
