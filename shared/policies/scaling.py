@@ -421,8 +421,7 @@ class KPAPolicy:
         panic = sum(recent) / len(recent)
         ready = max(1, snapshot.ready)
         lowest, highest = math.floor(ready / p.max_scale_down_rate), max(1, math.ceil(p.max_scale_up_rate * ready))
-        want_stable = min(max(math.ceil(stable / p.target - 1e-9), lowest), highest)
-        want_panic = min(max(math.ceil(panic / p.target - 1e-9), lowest), highest)
+        want_stable, want_panic = (min(max(math.ceil(v / p.target - 1e-9), lowest), highest) for v in (stable, panic))
         over = want_panic / ready >= p.panic_threshold
         panic_at, panic_replicas = state.panic_at, state.panic_replicas
         if over:
@@ -439,7 +438,6 @@ class KPAPolicy:
             + (" (panicking)" if panic_at is not None else "")
         )
         wanted, bound = _clamp(wanted, snapshot)
-        nxt = replace(state, concurrency=window, panic_at=panic_at, panic_replicas=panic_replicas)
         current = snapshot.current
         if wanted > current:
             reason = bound or ScalingReason.SCALE_UP_QUEUE
@@ -447,7 +445,8 @@ class KPAPolicy:
             reason = bound or ScalingReason.SCALE_DOWN_DEMAND
         else:
             reason = bound or (ScalingReason.HOLD_PANIC if panic_at is not None else ScalingReason.STEADY)
-        return ScalingDecision(wanted, reason, explanation, replace(nxt, last_change=now) if wanted != current else nxt)
+        nxt = replace(state, concurrency=window, panic_at=panic_at, panic_replicas=panic_replicas)
+        return ScalingDecision(wanted, reason, explanation, nxt)
 
 
 class FixedParams(BaseModel):
