@@ -10,6 +10,7 @@ Bad rows are refused with the file, line and field named.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import random
 import struct
@@ -240,6 +241,13 @@ class SyntheticSpec(BaseModel):
     sigma: float = Field(default=0.6, ge=0, le=3, description="Log-normal shape of both lengths.")
     prefix_groups: int = Field(default=0, ge=0, description="Distinct shared prefixes (0: none shared).")
     prefix_tokens: int = Field(default=0, ge=0, description="Tokens of each shared prefix.")
+    prefix_skew: float = Field(
+        default=0.0,
+        ge=0,
+        le=4,
+        description="Zipf exponent of the groups' popularity (0: all alike; 1: the k-th group is k times rarer "
+        "than the first, as a few system prompts take most of real traffic).",
+    )
     block_size: int = Field(default=256, ge=1)
     seed: int = 0
 
@@ -248,6 +256,8 @@ def synthetic(spec: SyntheticSpec) -> Workload:
     rng = random.Random(spec.seed)
     mu = -(spec.sigma**2) / 2  # so that the log-normal factor has mean 1
     requests = []
+    groups = range(spec.prefix_groups)
+    popularity = list(itertools.accumulate(1 / (g + 1) ** spec.prefix_skew for g in groups))
     top = max(spec.rate_rps, spec.peak_rps or 0.0)
     t = rng.expovariate(top)
     while t < spec.duration_s:
@@ -262,7 +272,8 @@ def synthetic(spec: SyntheticSpec) -> Workload:
         hashes: tuple[BlockHash, ...] = ()
         session = ""
         if spec.prefix_groups and spec.prefix_tokens:
-            group = rng.randrange(spec.prefix_groups)
+            # randrange when all are alike: the same seed gives the same workload as before skew existed.
+            group = rng.choices(groups, cum_weights=popularity)[0] if spec.prefix_skew else rng.randrange(len(groups))
             prompt += spec.prefix_tokens
             hashes = tuple(_hash(group, -1 - b) for b in range(spec.prefix_tokens // spec.block_size))
             session = f"group-{group}"
