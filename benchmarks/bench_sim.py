@@ -15,8 +15,11 @@
    the policy never loses to the right fixed pool). On a synthetic day (2 ->
    60 -> 2 requests/s over an hour) and on the Azure 2023 code trace at 4x
    its rate.
-4. Routing on the Mooncake trace, 8 H100 replicas: prefix-aware vs load-only
-   (least-load) vs round-robin: prefix-cache hit rate and TTFT.
+4. Routing on the Mooncake trace, 8 H100 replicas: the default (work-scored,
+   prefix-aware) vs hit-fraction scoring (the default before work scoring)
+   vs load-only (least-load) vs round-robin: prefix-cache hit rate and TTFT;
+   then SLO attainment, TTFT p90 and hit rate from 3 to 16 replicas at the
+   trace's rate and three times it.
 5. Expert placement on an MoE pool (8 expert-parallel ranks per replica):
    never rebalancing vs the EPLB-style baseline vs the migration-aware policy
    (balance, copies moved, time between tokens).
@@ -213,17 +216,26 @@ def bench_autoscale_on(name: str, workload: Workload, out: Path) -> tuple[float,
 # -- 4. routing on Mooncake ---------------------------------------------------------------
 
 
+ROUTING_PRESETS = ("default", "hit-fraction", "least-load", "round-robin")
+# (replicas, rate scale): from saturated to underloaded, at the trace's rate and three times it.
+ROUTING_SWEEP = ((3, 1.0), (4, 1.0), (8, 1.0), (16, 1.0), (6, 3.0), (8, 3.0), (16, 3.0))
+
+
 def bench_routing(traces: Path, out: Path) -> Metrics:
     workload = load_trace(traces / "mooncake_synthetic_trace.jsonl", "mooncake")
-    results = {
-        preset: simulate(cluster(pool("mixed", 8), preset=preset), workload)
-        for preset in ("prefix-aware", "least-load", "round-robin")
-    }
+    results = {preset: simulate(cluster(pool("mixed", 8), preset=preset), workload) for preset in ROUTING_PRESETS}
     metrics = {preset: measure(r) for preset, r in results.items()}
     print(f"\n4. routing on the Mooncake trace ({len(workload.requests)} requests, 8 x h100)")
     print(table(metrics))
     print(f"plot: {plot(results, out / 'routing.png')}")
-    return metrics["prefix-aware"]
+    print("\nSLO attainment / TTFT p90 (s) / prefix hit rate, per cluster size and rate scale:")
+    print(f"{'replicas':>8}{'rate':>6}" + "".join(f"{preset:>24}" for preset in ROUTING_PRESETS))
+    for replicas, scale in ROUTING_SWEEP:
+        scaled = reshape(workload, rate_scale=scale) if scale != 1.0 else workload
+        row = [measure(simulate(cluster(pool("mixed", replicas), preset=p), scaled)) for p in ROUTING_PRESETS]
+        cells = "".join(f"{m.slo_attainment:>9.3f} {m.ttft_s[1]:>6.2f} {m.prefix_hit_rate or 0.0:>6.3f}" for m in row)
+        print(f"{replicas:>8}{scale:>5g}x{cells}")
+    return metrics["default"]
 
 
 # -- 5. expert placement ---------------------------------------------------------------------

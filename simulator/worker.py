@@ -59,6 +59,7 @@ class Job:
     imported: int = 0
     # Progress on the current worker.
     prefill_left: int = 0
+    queued_prefill: int = 0  # while waiting: its prompt tokens not in the worker's cache when it arrived
     position: int = 0
     ctx_base: int = 0
     reserved: int = 0
@@ -151,6 +152,7 @@ class SimWorker:
         self.max_steps = max_steps_per_segment
         self.cache: OrderedDict[BlockHash, None] = OrderedDict()
         self.waiting: deque[Job] = deque()
+        self.waiting_prefill = 0  # queued_prefill summed over the waiting jobs
         self.prefilling: list[Job] = []
         self.decoding: list[tuple[int, int, Job]] = []  # heap of (finish step, job index, job)
         self.step = 0  # decode steps taken so far: a decoding job's context is ctx_base + step
@@ -193,6 +195,8 @@ class SimWorker:
                 running=self.running,
                 waiting=len(self.waiting),
                 kv_usage=self.kv_tokens / self.kv_capacity,
+                prefill_tokens=self.waiting_prefill + sum(j.prefill_left for j in self.prefilling),
+                kv_tokens=self.kv_tokens,
                 max_running=limits.max_running,
                 capacity=limits.max_running + limits.max_waiting,
                 gpu_type=gpu_type,
@@ -217,6 +221,8 @@ class SimWorker:
     def submit(self, job: Job, now: float) -> float | None:
         """Queue a job; returns a new segment end time when the worker must re-plan, else None."""
         job.worker = self.worker_id
+        job.queued_prefill = max(0, job.context - max(self._cached_blocks(job.request) * self.hash_block, job.imported))
+        self.waiting_prefill += job.queued_prefill
         self.waiting.append(job)
         self._view = None
         seg = self.segment
@@ -300,13 +306,20 @@ class SimWorker:
         self.prefilling.append(job)
         return True
 
-    def _match(self, request: Request) -> int:
+    def _cached_blocks(self, request: Request) -> int:
+        """Leading prompt blocks the cache holds now."""
         matched = 0
         for block in request.hashes:
             if block not in self.cache:
                 break
-            self.cache.move_to_end(block)
             matched += 1
+        return matched
+
+    def _match(self, request: Request) -> int:
+        """Prompt tokens found in the cache, whose blocks become the most recently used."""
+        matched = self._cached_blocks(request)
+        for block in request.hashes[:matched]:
+            self.cache.move_to_end(block)
         return matched * self.hash_block
 
     def _remember(self, hashes: tuple[BlockHash, ...]) -> None:
@@ -343,6 +356,7 @@ class SimWorker:
             budget -= chunk
         while self.waiting and budget > 0 and self.running < limits.max_running and self._admit(self.waiting[0]):
             job = self.waiting.popleft()
+            self.waiting_prefill -= job.queued_prefill
             chunk = min(job.prefill_left, budget)
             chunks.append((job, chunk))
             budget -= chunk

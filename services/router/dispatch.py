@@ -78,6 +78,7 @@ class _Attempt:
     worker_id: str
     prefill_worker: str
     source: worker_pb2.KVSource | None
+    prefill_tokens: int = 0  # prompt tokens the worker computes (neither cached there nor imported)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,8 @@ class Dispatcher:
                     capacity=record.info.max_running + record.info.max_waiting,
                     cached_blocks=cached.get(record.worker_id, 0),
                     gpu_type=record.info.gpu_type,
+                    prefill_tokens=self.inflight.prefill_tokens(record.worker_id),
+                    kv_tokens=load.kv_blocks_used * record.info.block_size,
                 )
             )
         return views
@@ -215,8 +218,9 @@ class Dispatcher:
                 handed = None
                 events = self._open(job, attempt, progress)
                 try:
-                    with self.inflight.track(attempt.worker_id):
+                    with self.inflight.track(attempt.worker_id, attempt.prefill_tokens) as tracked:
                         async for event in events:
+                            tracked.prefilled()
                             chunk = self._chunk(job, attempt, event, progress)
                             yield chunk
                             if chunk.finish is not None:
@@ -244,6 +248,7 @@ class Dispatcher:
             job.sampling,
             job.session_id,
             lambda phase: self._decide(job, phase, views, progress),
+            lambda worker_id: _uncached(job, views, worker_id),
         )
 
     def _first_chunk(self, handed: Prefilled, progress: _Progress) -> Chunk:
@@ -270,7 +275,8 @@ class Dispatcher:
                     raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
                 raise self._refuse(job, decision)
             source = self._store_source(job, decision.worker_id, views) if not progress.produced else None
-            attempt = _Attempt(decision.worker_id, decision.worker_id, source)
+            prefill = _uncached(job, views, decision.worker_id) if source is None else 0
+            attempt = _Attempt(decision.worker_id, decision.worker_id, source, prefill)
         if job.session_id:
             self.sessions.remember(job.session_id, attempt.worker_id)
         return attempt
@@ -348,3 +354,9 @@ class Dispatcher:
             block_hashes=job.hashes[:stored],
             timeout_ms=int(store.transfer_timeout_s * 1000),
         )
+
+
+def _uncached(job: Job, views: Sequence[WorkerView], worker_id: str) -> int:
+    """The prompt tokens `worker_id` would compute: those past the prefix it holds."""
+    held = next((v.cached_blocks for v in views if v.worker_id == worker_id), 0)
+    return max(0, len(job.prompt) - held * job.block_size)

@@ -80,8 +80,11 @@ class Handoff:
         sampling: common_pb2.SamplingParams,
         session_id: str,
         decide: Callable[[Phase], Decision],
+        uncached: Callable[[str], int],
     ) -> Prefilled | None:
-        """Prefill on the worker `decide(PREFILL)` picks, for the one `decide(DECODE)` picks; None: fall back."""
+        """Prefill on the worker `decide(PREFILL)` picks, for the one `decide(DECODE)` picks; None: fall back.
+
+        `uncached(worker)`: the prompt tokens that worker would compute (counted as its queue meanwhile)."""
         prefill, decode = decide(Phase.PREFILL), decide(Phase.DECODE)
         if prefill.worker_id is None or decode.worker_id is None:
             return None
@@ -97,7 +100,7 @@ class Handoff:
             request_id=f"{request_id}-prefill", model=model, prompt_token_ids=prompt, sampling=sampling, sink=sink
         )
         try:
-            with self.inflight.track(prefill.worker_id):
+            with self.inflight.track(prefill.worker_id, uncached(prefill.worker_id)):
                 result = await self.clients.get(prefill_address).prefill(
                     request, timeout_s=self.kv_transfer_timeout_s + prefill_budget_s(len(prompt))
                 )

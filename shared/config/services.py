@@ -247,7 +247,9 @@ class RouterSettings(CommonSettings):
     )
     routing_preset: str = Field(
         default="default",
-        description="Routing profile by name: default, prefix-aware, least-load, session-affinity, round-robin.",
+        description=(
+            "Routing profile by name: default, prefix-aware, hit-fraction, least-load, session-affinity, round-robin."
+        ),
     )
     routing_config: Path | None = Field(
         default=None, description="YAML routing document (filters, scorers, picker); overrides routing_preset."

@@ -52,6 +52,10 @@ class WorkerView:
     capacity: int = 0
     cached_blocks: int = 0  # leading blocks of this request's prompt the worker holds
     gpu_type: str = ""
+    # Prompt tokens the worker has yet to prefill (queued and part-done requests, cache hits left out).
+    prefill_tokens: int = 0
+    # Tokens whose KV the worker's running requests hold: what each of its decode steps reads.
+    kv_tokens: int = 0
 
     @property
     def queue(self) -> int:
@@ -182,12 +186,7 @@ class QueueScorer:
         self.params = params
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
-        queues = [w.running + w.waiting for w in workers]
-        low, high = min(queues, default=0), max(queues, default=0)
-        if high == low:
-            return dict.fromkeys((w.worker_id for w in workers), 1.0)
-        span = high - low
-        return {w.worker_id: (high - q) / span for w, q in zip(workers, queues, strict=True)}
+        return _least_best(workers, [w.running + w.waiting for w in workers])
 
 
 class KVUsageScorer:
@@ -217,6 +216,47 @@ class PrefixScorer:
         if blocks == 0:
             return dict.fromkeys((w.worker_id for w in workers), 0.0)
         return {w.worker_id: min(1.0, w.cached_blocks / blocks) if w.cached_blocks else 0.0 for w in workers}
+
+
+class WorkScorer:
+    """Type `work`: the work a request would queue behind and cost there, as Dynamo's KV router scores it.
+
+    A worker's cost is the prompt tokens it has yet to prefill, plus this request's prompt
+    tokens it does not hold, plus `decode_weight` x the KV tokens its running requests hold.
+    Prefill is what a new request waits behind, and a cached prefix counts as the prefill it
+    saves, in the same tokens as the queue: a worker holding the prefix wins while its queue is
+    shorter than what the prefix saves. A prefill-only phase leaves decode load out; a decode
+    phase (its KV comes from the prefill worker) leaves prefill out.
+    """
+
+    class Params(_Params):
+        decode_weight: float = Field(
+            default=0.1,
+            ge=0,
+            description="Cost of a token of KV held by running requests, in prompt tokens to prefill: each "
+            "decode step reads all of it, but a step of a whole batch costs about what a few prompt tokens do.",
+        )
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def cost(self, request: RequestView, worker: WorkerView) -> float:
+        prefill = 0
+        if request.phase is not Phase.DECODE:
+            prefill = worker.prefill_tokens + max(0, request.prompt_tokens - worker.cached_blocks * request.block_size)
+        decode = 0.0 if request.phase is Phase.PREFILL else self.params.decode_weight * worker.kv_tokens
+        return prefill + decode
+
+    def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
+        return _least_best(workers, [self.cost(request, w) for w in workers])
+
+
+def _least_best(workers: Sequence[WorkerView], costs: Sequence[float]) -> dict[str, float]:
+    """(worst - cost) / (worst - best) per worker: 1 for the least cost, 0 for the most; 1 for all when equal."""
+    best, worst = min(costs, default=0.0), max(costs, default=0.0)
+    if worst == best:
+        return dict.fromkeys((w.worker_id for w in workers), 1.0)
+    return {w.worker_id: (worst - c) / (worst - best) for w, c in zip(workers, costs, strict=True)}
 
 
 class SessionScorer:
@@ -301,6 +341,7 @@ SCORERS: dict[str, Any] = {
     "queue": QueueScorer,
     "kv-usage": KVUsageScorer,
     "prefix": PrefixScorer,
+    "work": WorkScorer,
     "session": SessionScorer,
 }
 PICKERS: dict[str, Any] = {"max-score": MaxScorePicker, "round-robin": RoundRobinPicker, "random": RandomPicker}
@@ -350,10 +391,13 @@ def _scorers(*pairs: tuple[str, float]) -> ProfileSpec:
 PRESETS: dict[str, ProfileSpec] = {
     "round-robin": ProfileSpec(picker=PluginSpec(type="round-robin")),
     "least-load": _scorers(("queue", 2.0), ("kv-usage", 1.0)),
-    "prefix-aware": _scorers(("prefix", 3.0), ("queue", 2.0), ("kv-usage", 2.0)),
+    # The cache where it is, weighed against the work each worker has queued (docs/routing.md, "Scoring").
+    "prefix-aware": _scorers(("work", 4.0), ("prefix", 3.0), ("kv-usage", 1.0)),
+    # The scoring before `work` existed: hit fraction plus request counts (kept to compare against).
+    "hit-fraction": _scorers(("prefix", 3.0), ("queue", 2.0), ("kv-usage", 2.0)),
     "session-affinity": _scorers(("session", 4.0), ("queue", 2.0), ("kv-usage", 1.0)),
-    # The default: the cache where it is, the session where it was, balanced by load.
-    "default": _scorers(("session", 3.0), ("prefix", 3.0), ("queue", 2.0), ("kv-usage", 2.0)),
+    # The default: prefix-aware, and the session where it was.
+    "default": _scorers(("work", 4.0), ("prefix", 3.0), ("session", 1.0), ("kv-usage", 1.0)),
 }
 
 

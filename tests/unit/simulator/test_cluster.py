@@ -6,10 +6,12 @@ from typing import Any
 
 import pytest
 
+from shared.kvindex import KVIndex
 from shared.perfmodel import PROFILES
 from simulator.cluster import Simulation, simulate
 from simulator.config import parse_config
 from simulator.report import measure
+from simulator.worker import Job, Limits, SimWorker
 from simulator.workload import Request, SyntheticSpec, Workload, synthetic
 
 pytestmark = pytest.mark.unit
@@ -107,6 +109,55 @@ def test_prefix_aware_routing_finds_more_cached_prefixes_than_round_robin() -> N
     assert prefix.prefix_hit_rate is not None and rr.prefix_hit_rate is not None
     assert prefix.prefix_hit_rate > rr.prefix_hit_rate + 0.05
     assert prefix.ttft_s[0] < rr.ttft_s[0]
+
+
+@pytest.mark.parametrize("rate", [4.0, 6.0])
+def test_the_default_routing_wins_on_latency_where_a_few_prefixes_are_hot(rate: float) -> None:
+    # Zipf-popular prefixes, sessions per prefix: hit fraction or session alone piles the hot ones on one worker.
+    spec = SyntheticSpec(
+        rate_rps=rate,
+        duration_s=120,
+        prompt_mean=300,
+        output_mean=40,
+        prefix_groups=64,
+        prefix_tokens=2048,
+        prefix_skew=1.0,
+        block_size=64,
+        seed=1,
+    )
+    workload = synthetic(spec)
+    four = pool(min_replicas=4, max_replicas=4, scaling={"policy": "fixed", "params": {"replicas": 4}})
+    runs = {
+        preset: measure(simulate(config(four, preset=preset), workload))
+        for preset in ("default", "hit-fraction", "least-load", "round-robin")
+    }
+    default = runs.pop("default")
+    for other in runs.values():
+        assert default.ttft_s[1] < other.ttft_s[1]
+        assert default.slo_attainment >= other.slo_attainment
+    assert default.prefix_hit_rate is not None
+    assert default.prefix_hit_rate > max(
+        runs["least-load"].prefix_hit_rate or 0, runs["round-robin"].prefix_hit_rate or 0
+    )
+
+
+def test_a_worker_counts_the_prompt_tokens_it_has_yet_to_prefill() -> None:
+    limits = Limits(max_running=8, max_batch_tokens=512, max_waiting=8, engine_block_size=16)
+    profile = PROFILES["cpu-reference"]
+    worker = SimWorker("w", "mixed", "mixed", profile, limits, 1.0, cache_blocks=64, hash_block=64, index=KVIndex())
+    worker.cache.update(dict.fromkeys([b"a" * 16, b"b" * 16]))  # two 64-token blocks held
+    requests = [
+        Request(0.0, 3000, 10),
+        Request(0.0, 1000, 10, hashes=(b"a" * 16, b"b" * 16, b"c" * 16)),
+        Request(0.0, 500, 10),
+    ]
+    for index, request in enumerate(requests):
+        job = Job(index, request, 0.0)
+        job.context, job.to_generate = request.prompt_tokens, request.output_tokens
+        worker.submit(job, 0.0)
+    # The first is being prefilled (admitted when the worker planned); the others wait for the step to end.
+    assert len(worker.prefilling) == 1 and len(worker.waiting) == 2
+    assert worker.view("cpu").prefill_tokens == 3000 + (1000 - 2 * 64) + 500
 
 
 def test_long_prompts_go_through_the_prefill_pool_and_short_ones_do_not() -> None:
