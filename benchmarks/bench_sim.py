@@ -14,7 +14,9 @@
    count that attains at least the policy's own SLO attainment (at most 1.0:
    the policy never loses to the right fixed pool). On a synthetic day (2 ->
    60 -> 2 requests/s over an hour) and on the Azure 2023 code trace at 4x
-   its rate.
+   its rate, at cold starts of 10, 60 and 180 s; the first 10 minutes are
+   run but not judged (the autoscaler starts at one replica and learns, a
+   fixed pool starts full).
 4. Routing on the Mooncake trace, 8 H100 replicas: the default (work-scored,
    prefix-aware) vs hit-fraction scoring (the default before work scoring)
    vs load-only (least-load) vs round-robin: prefix-cache hit rate and TTFT;
@@ -29,7 +31,7 @@
 
 Run: make bench-sim. Last line:
 bench-sim: sim_requests_per_s=<x> pd_goodput_per_gpu_ratio=<ratio> autoscale_cost_vs_peak=<ratio> prefix_hit=<x>
-  vs_best_fixed=<the worse of the two traces' autoscaler ratios> kpa_vs_best_fixed=<the same for the best KPA>
+  vs_best_fixed=<the worst autoscaler ratio over traces and cold starts> kpa_vs_best_fixed=<the same for the best KPA>
 """
 
 from __future__ import annotations
@@ -154,16 +156,27 @@ def bench_pd(out: Path) -> float:
 # -- 3. autoscaler vs fixed ---------------------------------------------------------------
 
 
+# Every policy and every fixed pool is judged from the same time on: the autoscaler starts at one
+# replica and learns its pool's demand, a fixed pool starts full (the issue's "same starting state").
+WARMUP_S = 600.0
+COLD_STARTS_S = (10.0, 60.0, 180.0)
+
+
+def scaled_pool(replicas: int, cold_start_s: float, **fields: Any) -> dict[str, Any]:
+    return pool("mixed", replicas, worker_env={"SIM_STARTUP_DELAY_S": str(cold_start_s)}, **fields)
+
+
 class FixedPools:
     """Fixed pools of 1..`most` replicas on one workload, each simulated once when first needed."""
 
-    def __init__(self, workload: Workload, most: int) -> None:
-        self.workload, self.most = workload, most
+    def __init__(self, workload: Workload, most: int, cold_start_s: float) -> None:
+        self.workload, self.most, self.cold_start_s = workload, most, cold_start_s
         self._results: dict[int, SimResult] = {}
 
     def run(self, replicas: int) -> SimResult:
         if replicas not in self._results:
-            self._results[replicas] = simulate(cluster(pool("mixed", replicas)), self.workload)
+            config = cluster(scaled_pool(replicas, self.cold_start_s))
+            self._results[replicas] = simulate(config, self.workload, warmup_s=WARMUP_S)
         return self._results[replicas]
 
     def cheapest_at(self, target: float) -> int:
@@ -178,39 +191,57 @@ class FixedPools:
         return low
 
 
-def bench_autoscale_on(name: str, workload: Workload, out: Path) -> tuple[float, float]:
+def bench_autoscale_on(name: str, workload: Workload, out: Path, cold_start_s: float) -> tuple[float, float]:
     """Each policy's cost over that of the cheapest fixed pool reaching the policy's own SLO attainment:
-    the autoscaler's, and the best over KPA_TARGETS of the KPA baseline's (its target tuned per trace)."""
+    the autoscaler's, and the best over KPA_TARGETS of the KPA baseline's (its target tuned per trace).
+    At the 60 s cold start the whole table, a comparison and a plot; at the others a line."""
     slug = name.replace(" ", "-")
     most = 16
-    fixed = FixedPools(workload, most)
+    fixed = FixedPools(workload, most, cold_start_s)
     runs = {"autoscaler 1..16": AUTOSCALER} | {f"kpa {t:g} 1..16": kpa(t) for t in KPA_TARGETS}
     results = {
-        label: simulate(cluster(pool("mixed", 1, max_replicas=most, scaling=s)), workload) for label, s in runs.items()
+        label: simulate(
+            cluster(scaled_pool(1, cold_start_s, max_replicas=most, scaling=s)), workload, warmup_s=WARMUP_S
+        )
+        for label, s in runs.items()
     }
-    ratios = {}
-    print(f"\n3. autoscaler vs fixed on {name} ({len(workload.requests)} requests, cold start 60 s)")
-    print(f"{'policy':<18}{'SLO':>7}{'cost':>9}{'fixed at equal SLO':>20}{'its cost':>10}{'ratio':>7}")
+    ratios, rows = {}, []
     for label, result in results.items():
         metrics = measure(result)
         replicas = fixed.cheapest_at(metrics.slo_attainment)
         fixed_cost = measure(fixed.run(replicas)).cost
         ratios[label] = metrics.cost / fixed_cost
-        print(
-            f"{label:<18}{metrics.slo_attainment:>7.3f}{metrics.cost:>9.2f}{replicas:>20}{fixed_cost:>10.2f}"
-            f"{ratios[label]:>7.2f}"
-        )
+        rows.append((label, metrics.slo_attainment, metrics.cost, replicas, fixed_cost, ratios[label]))
+    best_kpa = min((label for label in ratios if label.startswith("kpa")), key=ratios.__getitem__)
+    auto = ratios["autoscaler 1..16"]
+    if cold_start_s != 60.0:
+        print(f"   cold start {cold_start_s:g} s: autoscaler {auto:.2f}, best KPA {ratios[best_kpa]:.2f} ({best_kpa})")
+        return auto, ratios[best_kpa]
+    print(
+        f"\n3. autoscaler vs fixed on {name} ({len(workload.requests)} requests, cold start 60 s, "
+        f"the first {WARMUP_S:g} s not judged)"
+    )
+    print(f"{'policy':<18}{'SLO':>7}{'cost':>9}{'fixed at equal SLO':>20}{'its cost':>10}{'ratio':>7}")
+    for label, slo, cost, replicas, fixed_cost, ratio in rows:
+        print(f"{label:<18}{slo:>7.3f}{cost:>9.2f}{replicas:>20}{fixed_cost:>10.2f}{ratio:>7.2f}")
     auto_metrics = measure(results["autoscaler 1..16"])
     replicas = fixed.cheapest_at(auto_metrics.slo_attainment)
     print(table({"autoscaler 1..16": auto_metrics, f"fixed {replicas} (equal SLO)": measure(fixed.run(replicas))}))
-    best_kpa = min((label for label in ratios if label.startswith("kpa")), key=ratios.__getitem__)
     shown = {
         "autoscaler": results["autoscaler 1..16"],
         best_kpa: results[best_kpa],
         f"fixed {replicas}": fixed.run(replicas),
     }
     print(f"plot: {plot(shown, out / f'autoscale-{slug}.png')}")
-    return ratios["autoscaler 1..16"], ratios[best_kpa]
+    print("   the ratios at other cold starts:")
+    return auto, ratios[best_kpa]
+
+
+def bench_autoscale_all(name: str, workload: Workload, out: Path) -> tuple[float, float]:
+    """The worst ratio over the cold starts, the autoscaler's and the best KPA's."""
+    ordered = sorted(COLD_STARTS_S, key=lambda c: c != 60.0)  # the full table first
+    pairs = [bench_autoscale_on(name, workload, out, cold) for cold in ordered]
+    return max(a for a, _ in pairs), max(k for _, k in pairs)
 
 
 # -- 4. routing on Mooncake ---------------------------------------------------------------
@@ -313,12 +344,12 @@ def main() -> None:
     day = synthetic(
         SyntheticSpec(rate_rps=2, peak_rps=60, period_s=3600, duration_s=3600, prompt_mean=2048, output_mean=64, seed=5)
     )
-    cost_ratio, day_kpa = bench_autoscale_on("a synthetic day", day, args.out)
+    cost_ratio, day_kpa = bench_autoscale_all("a synthetic day", day, args.out)
     azure = reshape(load_trace(args.traces / "azure_llm_2023_code.csv", "azure"), rate_scale=4)
-    azure_ratio, azure_kpa = bench_autoscale_on("azure-code-x4", azure, args.out)
+    azure_ratio, azure_kpa = bench_autoscale_all("azure-code-x4", azure, args.out)
     print(
-        f"cost / fixed cost at equal SLO: autoscaler day {cost_ratio:.2f}, azure code x4 {azure_ratio:.2f}; "
-        f"best KPA day {day_kpa:.2f}, azure code x4 {azure_kpa:.2f}"
+        f"cost / fixed cost at equal SLO, worst over cold starts: autoscaler day {cost_ratio:.2f}, azure code x4 "
+        f"{azure_ratio:.2f}; best KPA day {day_kpa:.2f}, azure code x4 {azure_kpa:.2f}"
     )
     routing = bench_routing(args.traces, args.out)
     bench_experts(args.out)

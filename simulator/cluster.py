@@ -23,6 +23,7 @@ from shared.kvindex import KVIndex
 from shared.perfmodel import PerfProfile
 from shared.policies.routing import PDPolicy, Phase, RequestView, Router, WorkerView
 from shared.policies.scaling import (
+    WORK_HISTORY_S,
     PolicyState,
     PoolSnapshot,
     ScalingPolicy,
@@ -37,8 +38,7 @@ from simulator.experts import PoolExperts
 from simulator.worker import Job, Limits, Outcome, SimWorker
 from simulator.workload import Request, Workload
 
-# As the reconciler: seconds of work history kept, and of refusals counted.
-HISTORY_S = 300.0
+# As the reconciler: seconds of refusals counted.
 REFUSED_WINDOW_S = 10.0
 SESSIONS_KEPT = 100_000
 
@@ -388,7 +388,7 @@ class Simulation:
         self.worker_seconds[pool.name] += max(0.0, t - max(self.started.pop(worker_id), self.warmup_s))
 
     def _snapshot(self, pool: SimPool, t: float) -> PoolSnapshot:
-        while pool.work and pool.work[0].t < t - HISTORY_S:
+        while pool.work and pool.work[0].t < t - WORK_HISTORY_S:
             pool.work.popleft()
         while pool.refused and pool.refused[0] < t - REFUSED_WINDOW_S:
             pool.refused.popleft()

@@ -38,6 +38,7 @@ from services.controller.desired import DesiredState
 from services.controller.jobs.store import Job, JobState, JobStore
 from shared.errors import ShoalError
 from shared.policies.scaling import (
+    WORK_HISTORY_S,
     PolicyState,
     PoolSnapshot,
     ScalingDecision,
@@ -58,7 +59,6 @@ from shared.types.workers import WorkerRecord
 
 log = get_logger("shoal.controller.reconcile")
 
-HISTORY_S = 300
 SCALE_DOWN = "scale-down"
 DEFAULT_COLD_START_S = 10.0
 # Routers read the model catalog every second: a deleted model's workers keep serving this long first.
@@ -171,10 +171,10 @@ class Reconciler:
             for model, count in entry.refused.items():
                 self.refused[model].append((entry.t, count))
         for history in self.history.values():
-            while history and history[0].t < now - HISTORY_S:
+            while history and history[0].t < now - WORK_HISTORY_S:
                 history.popleft()
         for refused in self.refused.values():
-            while refused and refused[0][0] < now - HISTORY_S:
+            while refused and refused[0][0] < now - WORK_HISTORY_S:
                 refused.popleft()
 
     def _snapshot(

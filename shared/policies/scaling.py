@@ -17,7 +17,12 @@ Built-ins (SCALING_POLICIES):
   from their own work, which sets the P:D ratio. Scale-ups act at once;
   scale-downs wait until demand has stayed low for `down_delay_s`, respect a
   cool-down and step down gradually, so the pool never flaps. An SLO breach
-  with queued requests adds a replica whatever the forecast says.
+  with queued requests adds a replica whatever the forecast says. Demand whose
+  bursts end before a replica ordered for them would be up (its correlation a
+  cold start plus the down delay later is low, as on the Azure code trace) is
+  *bursty*: the forecast then reads demand smoothed over a cold start, and a
+  floor holds the replicas that a fluid queue replaying the last half hour
+  says absorb its bursts within the TTFT SLO.
 * `reactive`: the queue length now (running + waiting) over a target per
   replica: the common baseline, with no forecast.
 * `kpa`: the Knative Pod Autoscaler as AIBrix runs it for LLM pools, a
@@ -43,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 class ScalingReason(enum.StrEnum):
     STEADY = "steady"
     SCALE_UP_FORECAST = "scale-up-forecast"
+    SCALE_UP_BURSTS = "scale-up-bursts"
     SCALE_UP_SLO = "scale-up-slo"
     SCALE_UP_QUEUE = "scale-up-queue"
     SCALE_FROM_ZERO = "scale-from-zero"
@@ -57,6 +63,11 @@ class ScalingReason(enum.StrEnum):
     MANUAL = "manual-override"
     PAUSED = "paused"
     MODEL_DELETED = "model-deleted"
+
+
+# Seconds of per-second work the controller and the simulator keep for the policies: the longest
+# window any of them reads (the predictive policy's burst window).
+WORK_HISTORY_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,10 @@ class PolicyState:
     # kpa: when panic mode last saw the burst (None: not panicking) and the most replicas it asked for.
     panic_at: float | None = None
     panic_replicas: int = 0
+    # predictive: whether demand is bursty, the replicas that absorb its bursts, and when that was judged.
+    bursty: bool = False
+    floor: int = 0
+    floor_at: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -224,6 +239,48 @@ def per_second(work: Sequence[WorkSample], kind: str, start: float, now: float, 
     return [(sums[i + 1] - sums[max(0, i + 1 - width)]) / min(width, i + 1) for i in range(len(dense))]
 
 
+def late_share(series: Sequence[float], capacity: float, wait_s: float) -> float:
+    """Share of the work in a per-second series that a first-come-first-served server of `capacity` per
+    second (a fluid queue) would start later than `wait_s` after it arrived."""
+    total = sum(series)
+    if total <= 0:
+        return 0.0
+    backlog = late = 0.0
+    allowed = capacity * wait_s
+    for arrived in series:
+        backlog += arrived
+        late += min(arrived, max(0.0, backlog - allowed))
+        backlog = max(0.0, backlog - capacity)
+    return late / total
+
+
+def lag_correlation(series: Sequence[float], lag: int) -> float:
+    """Pearson correlation of a series with itself `lag` steps later (1.0 when either side is constant)."""
+    if len(series) <= lag + 1:
+        return 1.0
+    a, b = series[:-lag], series[lag:]
+    n = len(a)
+    mean_a, mean_b = sum(a) / n, sum(b) / n
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(a, b, strict=True))
+    var_a = sum((x - mean_a) ** 2 for x in a)
+    var_b = sum((y - mean_b) ** 2 for y in b)
+    if var_a <= 0 or var_b <= 0:
+        return 1.0
+    return cov / math.sqrt(var_a * var_b)
+
+
+def burst_floor(series: Sequence[float], per_replica: float, wait_s: float, miss: float, most: int) -> int:
+    """The fewest replicas (up to `most`) that start all but `miss` of the series' work within `wait_s`."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high) // 2
+        if late_share(series, middle * per_replica, wait_s) <= miss:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
 class PredictiveParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -243,6 +300,24 @@ class PredictiveParams(BaseModel):
         ge=1,
         le=600,
         description="Average the per-second work over this many seconds first (heavy-tailed prompts: 5-30).",
+    )
+    burst_window_s: float = Field(
+        default=WORK_HISTORY_S,
+        ge=0,
+        le=WORK_HISTORY_S,
+        description="Seconds of work history that say whether bursts outlast a new replica, and that the burst "
+        "floor is sized on (0: never treat demand as bursty).",
+    )
+    burst_miss: float = Field(
+        default=0.1, gt=0, lt=1, description="Share of the window's work the burst floor may start past the TTFT SLO."
+    )
+    burst_every_s: float = Field(default=30.0, gt=0, description="Seconds between two sizings of the burst floor.")
+    burst_persistence: float = Field(
+        default=0.5,
+        ge=-1,
+        le=1,
+        description="Demand is bursty when its correlation with itself a cold start plus down_delay_s later is "
+        "below this: a replica ordered for a burst would come up after it and be paid for idle.",
     )
 
 
@@ -289,14 +364,20 @@ class PredictivePolicy:
     def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
         p = self.p
         state = self._learn(snapshot, state)
+        if p.burst_window_s:
+            state = self._judge_bursts(snapshot, state)
         assert state.prefill_capacity is not None and state.decode_capacity is not None
         horizon = max(p.min_horizon_s, snapshot.cold_start_s)
         span = max(p.window_s, p.peak_window_s)
         recent = [w for w in snapshot.work if w.t > snapshot.now - span]
         peak_from = snapshot.now - p.peak_window_s
         forecasts: dict[str, float] = {}
+        smooth_s = p.smooth_s
+        if state.bursty:
+            # Only demand that lasts a cold start is worth a replica: the floor takes the bursts.
+            smooth_s = max(smooth_s, snapshot.cold_start_s)
         for kind in ("prefill", "decode"):
-            series = per_second(recent, kind, snapshot.now - span, snapshot.now, p.smooth_s)
+            series = per_second(recent, kind, snapshot.now - span, snapshot.now, smooth_s)
             peak = max(series[-max(1, int(p.peak_window_s)) :], default=0.0)
             trend = holt_forecast(series[-max(1, int(p.window_s)) :], horizon, damping=p.trend_damping)
             forecasts[kind] = max(trend, peak)
@@ -306,13 +387,15 @@ class PredictivePolicy:
         if snapshot.role != "prefill":
             need = max(need, forecasts["decode"] / state.decode_capacity)
         wanted = math.ceil(need / p.target_utilization - 1e-9)
+        reason = ScalingReason.SCALE_UP_FORECAST
+        if state.bursty and state.floor > wanted:
+            wanted, reason = state.floor, ScalingReason.SCALE_UP_BURSTS
         requests = sum(w.requests for w in recent if w.t > peak_from) + snapshot.refused
         breach = any(
             r.waiting > 0 and (r.ttft_p90_s > snapshot.ttft_slo_s or r.tbt_p90_s > snapshot.tbt_slo_s)
             for r in snapshot.workers
         )
         current = snapshot.current
-        reason = ScalingReason.SCALE_UP_FORECAST
         # Replicas still starting are the remedy already on its way: adding one per tick
         # until they are up would ratchet to max_replicas during every long cold start.
         if breach and wanted <= current and snapshot.starting == 0:
@@ -322,10 +405,39 @@ class PredictivePolicy:
         explanation = (
             f"forecast prefill {forecasts['prefill']:.0f} tok/s / {state.prefill_capacity:.0f} per replica, "
             f"decode {forecasts['decode']:.0f} tok/s / {state.decode_capacity:.0f} per replica, "
-            f"horizon {horizon:.0f}s, at {p.target_utilization:.0%} utilization -> {wanted}"
+            f"horizon {horizon:.0f}s, at {p.target_utilization:.0%} utilization"
+            + (
+                f"; bursty, {state.floor} replicas absorb the last {p.burst_window_s:.0f}s of bursts"
+                if state.bursty
+                else ""
+            )
+            + f" -> {wanted}"
         )
         decision = self._apply(snapshot, state, wanted, reason, explanation, requests == 0)
         return replace(decision, forecast_prefill_tps=forecasts["prefill"], forecast_decode_tps=forecasts["decode"])
+
+    def _judge_bursts(self, snapshot: PoolSnapshot, state: PolicyState) -> PolicyState:
+        """Every burst_every_s: is demand bursty (see PredictiveParams.burst_persistence), and how many
+        replicas would have started all but burst_miss of the window's work within the TTFT SLO (a
+        fluid queue replaying it). A decode backlog delays first tokens as a prefill one does."""
+        p = self.p
+        if snapshot.now - state.floor_at < p.burst_every_s:
+            return state
+        assert state.prefill_capacity is not None and state.decode_capacity is not None
+        start = snapshot.now - p.burst_window_s
+        lag = max(1, round(snapshot.cold_start_s + p.down_delay_s))
+        kinds = {"prefill": state.prefill_capacity, "decode": state.decode_capacity}
+        if snapshot.role != "mixed":
+            kinds = {snapshot.role: kinds[snapshot.role]}
+        bursty, floor = False, 0
+        for kind, per_replica in kinds.items():
+            smoothed = per_second(snapshot.work, kind, start, snapshot.now, p.smooth_s)
+            bursty = bursty or lag_correlation(smoothed, lag) < p.burst_persistence
+            series = per_second(snapshot.work, kind, start, snapshot.now)
+            floor = max(
+                floor, burst_floor(series, per_replica, snapshot.ttft_slo_s, p.burst_miss, snapshot.max_replicas)
+            )
+        return replace(state, bursty=bursty, floor=floor, floor_at=snapshot.now)
 
     def _apply(
         self,

@@ -12,7 +12,10 @@ from shared.policies.scaling import (
     ScalingReason,
     WorkerReport,
     WorkSample,
+    burst_floor,
     holt_forecast,
+    lag_correlation,
+    late_share,
     make_policy,
 )
 
@@ -169,3 +172,56 @@ def test_kpa_without_a_burst_scales_on_the_stable_average() -> None:
     rising = kpa.decide(snapshot(now=30.0, ready=2, workers=_busy(30)), state)
     assert rising.state.panic_at is None
     assert rising.replicas == 2  # mean of 15 samples at 10 and one at 30: 11.25 -> 2 replicas
+
+
+def test_the_fluid_queue_counts_work_started_past_the_wait() -> None:
+    # 300 tokens in one second at 100/s: the first 100 wait under a second, the rest longer.
+    assert late_share([300.0, 0.0, 0.0], capacity=100.0, wait_s=1.0) == pytest.approx(200 / 300)
+    assert late_share([300.0, 0.0, 0.0], capacity=100.0, wait_s=3.0) == 0.0
+    assert late_share([0.0, 0.0], capacity=100.0, wait_s=1.0) == 0.0
+    # Two replicas of 100/s absorb a 400-token burst within 2 s; one does not.
+    assert burst_floor([400.0] + [0.0] * 9, per_replica=100.0, wait_s=2.0, miss=0.0, most=10) == 2
+    assert burst_floor([0.0] * 10, per_replica=100.0, wait_s=2.0, miss=0.0, most=10) == 0
+
+
+def test_persistence_tells_bursts_from_a_level_that_lasts() -> None:
+    ramp = [float(t) for t in range(600)]
+    assert lag_correlation(ramp, 80) > 0.99
+    spikes = [500.0 if t % 97 < 5 else 0.0 for t in range(1800)]  # 5 s bursts, 97 s apart
+    assert abs(lag_correlation(spikes, 80)) < 0.2
+    assert lag_correlation([3.0] * 100, 10) == 1.0  # constant: nothing to tell, not bursty
+
+
+def bursts(now: int, every: int = 97, height: float = 4000.0) -> list[WorkSample]:
+    """Prefill work in 5-second bursts `every` seconds apart, nothing between: over by the time a replica is up."""
+    return [
+        WorkSample(float(t), requests=2, prefill_tokens=height if t % every < 5 else 0.0)
+        for t in range(max(0, now - 1800), now)
+    ]
+
+
+def test_short_bursts_get_a_standing_floor_and_are_not_chased() -> None:
+    policy = make_policy("predictive", {})
+    now = 97 * 18 + 5  # right after a burst: its peak alone asks for 4000 / 1000 / 0.7 = 6 replicas
+    snap = snapshot(now=now, role="prefill", work=bursts(now), cold_start_s=60.0, ready=2)
+    decision = policy.decide(snap, PolicyState())
+    assert decision.state.bursty
+    # Three replicas would start 15% of each burst's work more than 2 s (the TTFT SLO) after it came,
+    # over the 10% allowed; four keep up. Fewer than the chase asks for, and they stay between bursts.
+    assert late_share([w.prefill_tokens for w in bursts(now)], 3000.0, 2.0) == pytest.approx(0.15)
+    assert decision.state.floor == 4
+    assert (decision.replicas, decision.reason) == (4, ScalingReason.SCALE_UP_BURSTS)
+    assert "bursty, 4 replicas absorb" in decision.explanation
+    # With the bursts' history forgotten (no burst window), the same peak is chased.
+    chased = make_policy("predictive", {"burst_window_s": 0}).decide(snap, PolicyState())
+    assert not chased.state.bursty and chased.replicas >= 6
+
+
+def test_demand_that_lasts_is_followed_as_before() -> None:
+    policy = make_policy("predictive", {"target_utilization": 1.0})
+    ramp = [WorkSample(float(t), requests=1, prefill_tokens=10.0 * t) for t in range(0, 1200)]
+    snap = snapshot(now=1200, role="prefill", work=ramp, cold_start_s=60.0, max_replicas=20)
+    decision = policy.decide(snap, PolicyState())
+    assert not decision.state.bursty
+    # 12,000 tokens/s and rising, at 1000 per replica.
+    assert decision.reason is ScalingReason.SCALE_UP_FORECAST and decision.replicas >= 12
