@@ -39,7 +39,7 @@ def config(*pools: dict[str, Any], preset: str = "default", **extra: Any) -> Any
 
 
 def shared_prefix_load(
-    seed: int = 1, rate: float = 6.0, duration: float = 20.0, groups: int = 4, prefix: int = 512
+    seed: int = 1, rate: float = 6.0, duration: float = 20.0, groups: int = 4, prefix: int = 512, skew: float = 0.0
 ) -> Workload:
     return synthetic(
         SyntheticSpec(
@@ -49,6 +49,7 @@ def shared_prefix_load(
             output_mean=40,
             prefix_groups=groups,
             prefix_tokens=prefix,
+            prefix_skew=skew,
             block_size=64,
             seed=seed,
         )
@@ -114,18 +115,7 @@ def test_prefix_aware_routing_finds_more_cached_prefixes_than_round_robin() -> N
 @pytest.mark.parametrize("rate", [4.0, 6.0])
 def test_the_default_routing_wins_on_latency_where_a_few_prefixes_are_hot(rate: float) -> None:
     # Zipf-popular prefixes, sessions per prefix: hit fraction or session alone piles the hot ones on one worker.
-    spec = SyntheticSpec(
-        rate_rps=rate,
-        duration_s=120,
-        prompt_mean=300,
-        output_mean=40,
-        prefix_groups=64,
-        prefix_tokens=2048,
-        prefix_skew=1.0,
-        block_size=64,
-        seed=1,
-    )
-    workload = synthetic(spec)
+    workload = shared_prefix_load(rate=rate, duration=120, groups=64, prefix=2048, skew=1.0)
     four = pool(min_replicas=4, max_replicas=4, scaling={"policy": "fixed", "params": {"replicas": 4}})
     runs = {
         preset: measure(simulate(config(four, preset=preset), workload))
