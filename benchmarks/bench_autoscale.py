@@ -14,7 +14,10 @@ scaling policy:
 * reactive: queue length over a target, 1..PEAK replicas;
 * kpa: the Knative Pod Autoscaler as AIBrix runs it (shared/policies/scaling.py),
   its 180 s stable and 60 s panic windows compressed like the trace, the same
-  target per replica as reactive, 1..PEAK replicas.
+  target per replica as reactive, 1..PEAK replicas;
+* fixed N for N below PEAK, ready before the replay starts: with peak, the
+  fixed pools the predictive policy is held to (the cheapest one reaching its
+  SLO attainment is the best fixed).
 
 A request meets the SLO when it succeeds, its TTFT is within the pool's TTFT
 SLO and its mean time between tokens within the TBT SLO (real, compressed
@@ -23,6 +26,7 @@ seconds). Worker-seconds integrate every worker the actuator holds
 
 Run: make bench-autoscale. Last line:
 bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> worker_seconds_vs_peak=<ratio>
+  best_fixed=<replicas> worker_seconds_vs_best_fixed=<ratio>
 """
 
 from __future__ import annotations
@@ -108,25 +112,38 @@ class RunResult:
         return sum(count * (t1 - t0) for (t0, count), (t1, _) in zip(self.replicas, self.replicas[1:], strict=False))
 
 
+def fixed_replicas(name: str) -> int | None:
+    """N for "peak" (PEAK) and "fixed N"; None for a scaling policy."""
+    if name == "peak":
+        return PEAK
+    return int(name.removeprefix("fixed ")) if name.startswith("fixed ") else None
+
+
 def pool_spec(name: str, cold_start_s: float) -> dict[str, Any]:
+    fixed = fixed_replicas(name)
+    if fixed is not None:
+        return pool_body({"policy": "fixed", "params": {"replicas": fixed}}, fixed, cold_start_s)
     scaling: dict[str, Any] = {
         "predictive": {
             "policy": "predictive",
             "params": {"window_s": 20, "peak_window_s": 5, "min_horizon_s": 2, "down_delay_s": 6, "down_cooldown_s": 3},
         },
-        "peak": {"policy": "fixed", "params": {"replicas": PEAK}},
         "reactive": {"policy": "reactive", "params": {"target_queue": 8, "down_cooldown_s": 4}},
         "kpa": {
             "policy": "kpa",
             "params": {"target": 8, "stable_window_s": 180 / COMPRESSION, "panic_window_s": 60 / COMPRESSION},
         },
     }[name]
+    return pool_body(scaling, 1, cold_start_s)
+
+
+def pool_body(scaling: dict[str, Any], min_replicas: int, cold_start_s: float) -> dict[str, Any]:
     return {
         "name": "default",
         "model": MODEL,
         "role": "mixed",
         "engine": "sim",
-        "min_replicas": PEAK if name == "peak" else 1,
+        "min_replicas": min_replicas,
         "max_replicas": PEAK,
         "slo": {"ttft_p90_s": TTFT_SLO_S, "tbt_p90_s": TBT_SLO_S},
         # One cpu-reference worker sped up COMPRESSION times, at this trace's ~2k-token prompts.
@@ -259,7 +276,7 @@ def main() -> None:
         flush=True,
     )
     results = {}
-    for name in ("predictive", "peak", "reactive", "kpa"):
+    for name in ("predictive", "peak", "reactive", "kpa", *(f"fixed {n}" for n in range(1, PEAK))):
         results[name] = run_policy(name, args.model, arrivals, args.cold_start_s)
         print(f"  {name}: done", flush=True)
     print(
@@ -277,10 +294,18 @@ def main() -> None:
             f"{max(c for _, c in r.replicas):>9}{r.decisions:>10}"
         )
     default, peak, reactive = results["predictive"], results["peak"], results["reactive"]
+    fixed = sorted(
+        ((n, r) for name, r in results.items() if (n := fixed_replicas(name)) is not None), key=lambda f: f[0]
+    )
+    best_n, best = next(((n, r) for n, r in fixed if r.slo >= default.slo), fixed[-1])
+    print(
+        f"best fixed at the predictive policy's SLO attainment: {best_n} replicas ({best.worker_seconds:.0f} worker-s)"
+    )
     print(
         f"bench-autoscale: slo={default.slo:.3f} peak_slo={peak.slo:.3f} reactive_slo={reactive.slo:.3f} "
         f"kpa_slo={results['kpa'].slo:.3f} "
-        f"worker_seconds_vs_peak={default.worker_seconds / peak.worker_seconds:.2f}"
+        f"worker_seconds_vs_peak={default.worker_seconds / peak.worker_seconds:.2f} "
+        f"best_fixed={best_n} worker_seconds_vs_best_fixed={default.worker_seconds / best.worker_seconds:.2f}"
     )
 
 
