@@ -232,11 +232,16 @@ def per_second(work: Sequence[WorkSample], kind: str, start: float, now: float, 
         index = int(sample.t) - first
         if 0 <= index < len(dense):
             dense[index] += sample.prefill_tokens if kind == "prefill" else sample.decode_tokens
+    return trailing_mean(dense, smooth_s)
+
+
+def trailing_mean(series: list[float], smooth_s: float) -> list[float]:
+    """Each value averaged with those before it, over `smooth_s` values (fewer at the start)."""
     width = max(1, int(smooth_s))
     if width == 1:
-        return dense
-    sums = [0.0, *itertools.accumulate(dense)]
-    return [(sums[i + 1] - sums[max(0, i + 1 - width)]) / min(width, i + 1) for i in range(len(dense))]
+        return series
+    sums = [0.0, *itertools.accumulate(series)]
+    return [(sums[i + 1] - sums[max(0, i + 1 - width)]) / min(width, i + 1) for i in range(len(series))]
 
 
 def late_share(series: Sequence[float], capacity: float, wait_s: float) -> float:
@@ -431,9 +436,8 @@ class PredictivePolicy:
             kinds = {snapshot.role: kinds[snapshot.role]}
         bursty, floor = False, 0
         for kind, per_replica in kinds.items():
-            smoothed = per_second(snapshot.work, kind, start, snapshot.now, p.smooth_s)
-            bursty = bursty or lag_correlation(smoothed, lag) < p.burst_persistence
             series = per_second(snapshot.work, kind, start, snapshot.now)
+            bursty = bursty or lag_correlation(trailing_mean(series, p.smooth_s), lag) < p.burst_persistence
             floor = max(
                 floor, burst_floor(series, per_replica, snapshot.ttft_slo_s, p.burst_miss, snapshot.max_replicas)
             )
