@@ -6,6 +6,13 @@ share one size, so they share one class and waste under 4 KiB each); the data
 region is cut into pages, each page given to one class on demand and split
 into that class's slots, and handed back when all its slots are free, so a
 change of block sizes does not strand memory for long. Only the store's event loop calls these methods.
+
+The data channel sends a block straight from its slot (`lease`) rather than
+copying it out first: a copy of a 256 KiB block took a sixth of the store's
+time per remote Get. A leased slot that is removed meanwhile (evicted,
+deleted) leaves the index at once, but is not handed out again until every
+lease on it is given back (`unlease`), so bytes on their way to a socket are
+never overwritten.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.hashing import BlockHash
@@ -83,6 +91,20 @@ class SlabAllocator:
         return self._page_class[offset // self.page_bytes]
 
 
+@dataclass(frozen=True, slots=True)
+class SlotLease:
+    """A block read in place: `payload` is a view of its slot, valid until `Arena.unlease(offset)`."""
+
+    offset: int
+    hash: BlockHash
+    header: bytes
+    payload: memoryview
+    crc32c: int
+
+    def checksum(self) -> int:
+        return self.crc32c
+
+
 class Arena:
     """The arena file, mapped read-write by the server (see module doc)."""
 
@@ -112,6 +134,8 @@ class Arena:
         self.allocator = SlabAllocator(self.geometry.data_bytes, self.geometry.page_bytes)
         self._slot_gen: dict[int, int] = {}
         self._where: dict[BlockHash, tuple[int, int]] = {}  # hash -> (index entry, slot offset)
+        self._leases: dict[int, int] = {}  # slot offset -> leases not given back
+        self._free_when_unleased: set[int] = set()
 
     @property
     def capacity_bytes(self) -> int:
@@ -153,6 +177,30 @@ class Arena:
         where = self._where.get(block)
         return None if where is None else self.reader.read_slot(where[1], block)
 
+    def lease(self, block: BlockHash) -> SlotLease | None:
+        """The block as a view of its slot, which stays unused by other blocks until `unlease`."""
+        where = self._where.get(block)
+        if where is None:
+            return None
+        offset = where[1]
+        start = self.geometry.data_offset + offset
+        _gen, _hash, header_len, payload_len, crc, _pad = FRAME.unpack_from(self._view, start)
+        body = start + FRAME.size
+        header = bytes(self._view[body : body + header_len])
+        payload = self._view[body + header_len : body + header_len + payload_len]
+        self._leases[offset] = self._leases.get(offset, 0) + 1
+        return SlotLease(offset, block, header, payload, crc)
+
+    def unlease(self, offset: int) -> None:
+        left = self._leases[offset] - 1
+        if left:
+            self._leases[offset] = left
+            return
+        del self._leases[offset]
+        if offset in self._free_when_unleased:
+            self._free_when_unleased.discard(offset)
+            self.allocator.release(offset)
+
     def remove(self, block: BlockHash) -> bool:
         where = self._where.pop(block, None)
         if where is None:
@@ -163,7 +211,10 @@ class Arena:
         gen = self._slot_gen[offset] + 1  # odd: readers holding the old location give up
         GEN.pack_into(self._view, self.geometry.data_offset + offset, gen)
         self._slot_gen[offset] = gen + 1
-        self.allocator.release(offset)
+        if offset in self._leases:
+            self._free_when_unleased.add(offset)
+        else:
+            self.allocator.release(offset)
         return True
 
     def _index_insert(self, block: BlockHash, offset: int, length: int) -> int:
@@ -201,5 +252,8 @@ class Arena:
     def close(self) -> None:
         self.reader.view.release()
         self._view.release()
-        self._map.close()
+        # A reply still on its way out of a closing connection can hold a view of a slot; the
+        # mapping then goes when that view does, and the file is unlinked below either way.
+        with contextlib.suppress(BufferError):
+            self._map.close()
         self.path.unlink(missing_ok=True)

@@ -5,17 +5,22 @@ request frame, a put's payload frames after it, a reply frame and a get's
 payload frames after that. Payloads never pass through protobuf: a put's
 payload arrives in a buffer of its own (shared/rpc/channel.py reads big
 frames straight into one), is checked against its size and CRC-32 and
-copied once into the arena; a get's payload is copied once out of the arena
-and written to the socket as it is. Requests on one connection are answered
-in order, one at a time; clients open several connections to overlap them.
+copied once into the arena; a get's payload goes to the socket straight from
+its arena slot, leased until the kernel has the bytes (services/kvstore/arena.py),
+or copied out first when the connection is still sending an earlier reply
+(a client that asks without reading could otherwise hold slots without end)
+or the block is read from disk. Requests on one connection are answered in
+order, one at a time; clients open several connections to overlap them.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from typing import Literal
 
+from services.kvstore.arena import SlotLease
 from services.kvstore.server import KVStoreMetrics, check_hashes, check_pin_ttl
 from services.kvstore.store import BlockStore
 from shared.errors import Internal, InvalidArgument, ShoalError
@@ -112,15 +117,23 @@ class KVChannel:
             return True
         if any(self.store.only_on_disk(block_hash) for block_hash in hashes):
             return False
-        found: list[KVBlock] = []
+        read = self.store.get_now if self.conn.sending else self.store.lease_now
+        found: list[KVBlock | SlotLease] = []
         for block_hash in hashes:
-            block = self.store.get_now(block_hash)
+            block = read(block_hash)
             if block is not None:
                 found.append(block)
             elif get.prefix_only:
                 break
         self._send_blocks(found)
+        leases = [block for block in found if isinstance(block, SlotLease)]
+        if leases:
+            self.conn.after_sent(lambda: self._unlease(leases))
         return True
+
+    def _unlease(self, leases: list[SlotLease]) -> None:
+        for lease in leases:
+            self.store.unlease(lease)
 
     async def _get(self, get: kvstore_pb2.KVChannelGet) -> None:
         hashes = list(get.hashes)
@@ -134,7 +147,7 @@ class KVChannel:
                 break
         self._send_blocks(found)
 
-    def _send_blocks(self, found: list[KVBlock]) -> None:
+    def _send_blocks(self, found: Sequence[KVBlock | SlotLease]) -> None:
         reply = kvstore_pb2.KVChannelReply()
         for block in found:
             reply.blocks.add(hash=block.hash, size=len(block.payload), crc32c=block.checksum(), header=block.header)

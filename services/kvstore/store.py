@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import TypeVar
 
+from services.kvstore.arena import SlotLease
 from services.kvstore.tiers.disk import DiskFull, DiskTier
 from services.kvstore.tiers.memory import MemoryTier, block_cost
 from shared.errors import Overloaded
@@ -32,6 +34,7 @@ log = get_logger("shoal.kvstore.store")
 
 # Victims considered per look at the eviction order (a full scan per write would be O(blocks)).
 EVICTION_SCAN = 64
+T = TypeVar("T")
 MEMORY = kvstore_pb2.TIER_MEMORY
 DISK = kvstore_pb2.TIER_DISK
 
@@ -103,13 +106,22 @@ class BlockStore:
 
     def get_now(self, block: BlockHash) -> KVBlock | None:
         """`get` for a block that is not only on disk: answered without leaving the event loop's turn."""
-        stored = self.memory.get(block)
-        if stored is not None:
+        return self._counted(block, self.memory.get(block))
+
+    def lease_now(self, block: BlockHash) -> SlotLease | None:
+        """`get_now` without the copy: the block in place in memory, until `unlease` (see Arena.lease)."""
+        return self._counted(block, self.memory.arena.lease(block))
+
+    def unlease(self, lease: SlotLease) -> None:
+        self.memory.arena.unlease(lease.offset)
+
+    def _counted(self, block: BlockHash, found: T | None) -> T | None:
+        if found is not None:
             self._memory_policy.accessed(block, "")
             self.hits += 1
         else:
             self.misses += 1
-        return stored
+        return found
 
     async def get(self, block: BlockHash) -> KVBlock | None:
         if not self.only_on_disk(block):

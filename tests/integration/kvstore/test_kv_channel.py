@@ -13,7 +13,7 @@ from shared.rpc.kvchannel import CHANNEL, KVChannelClient
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.security import Role
 from shared.rpc.shoal.v1 import kvstore_pb2
-from shared.types.kv import KVBlock
+from shared.types.kv import KVBlock, checksum
 from tests.support.blocks import block, blocks
 from tests.support.pki import as_worker
 from tests.support.services import running_kvstore
@@ -112,3 +112,42 @@ async def test_a_store_that_went_away_fails_the_call_cleanly(redis_url: str) -> 
     with pytest.raises(Unavailable):
         await channel.get([block(6).hash], prefix_only=True, timeout_s=2)
     await channel.close()
+
+
+async def test_a_block_on_its_way_to_a_slow_reader_keeps_its_bytes_while_its_slot_is_wanted(redis_url: str) -> None:
+    # Gets are sent straight from the block's arena slot. Two slots: the block is deleted while its
+    # reply waits on a reader that stopped reading, and two more blocks are put, which would reuse the slot.
+    size = 12 * 2**20
+    async with running_kvstore(redis_url, max_block_bytes=16 * 2**20, memory_bytes=2 * (16 * 2**20 + 2**16)) as app:
+        writer = KVChannelClient(app.servicer.data_address, as_worker(), connections=1)
+        sent, later, latest = blocks(3, size=size, start=70)
+        assert (await writer.put([sent], "", 0, timeout_s=10)).stored == 1
+        frames: list[bytes] = []
+        reply_done = asyncio.Event()
+
+        def collect(frame: memoryview | bytearray) -> None:
+            frames.append(bytes(frame))
+            if len(frames) == 2:
+                reply_done.set()
+
+        reader = await connect(app.servicer.data_address, CHANNEL, Role.KVSTORE, as_worker(), collect, lambda: None)
+        assert reader.transport is not None
+        reader.transport.pause_reading()
+        request = kvstore_pb2.KVChannelRequest(get=kvstore_pb2.KVChannelGet(hashes=[sent.hash], prefix_only=True))
+        reader.send(request.SerializeToString())
+        await asyncio.sleep(0.2)  # the store answered; most of the reply waits for the reader
+        assert await app.store.delete([sent.hash]) == 1
+        assert (await writer.put([later], "", 0, timeout_s=10)).stored == 1
+        assert (await writer.put([latest], "", 0, timeout_s=10)).stored == 1
+        assert app.store.tier_of(later.hash) is None  # evicted for `latest`: the leased slot was not free
+        reader.transport.resume_reading()
+        await asyncio.wait_for(reply_done.wait(), 10)
+        reply = kvstore_pb2.KVChannelReply.FromString(frames[0])
+        assert [meta.hash for meta in reply.blocks] == [sent.hash]
+        assert frames[1] == sent.payload
+        assert checksum(frames[1]) == reply.blocks[0].crc32c
+        reader.close()
+        await asyncio.sleep(0.1)  # the slot is free once the reply has gone: a put no longer evicts
+        assert (await writer.put([later], "", 0, timeout_s=10)).stored == 1
+        assert app.store.tier_of(latest.hash) is not None
+        await writer.close()

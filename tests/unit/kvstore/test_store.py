@@ -149,3 +149,20 @@ def test_session_lru_evicts_anonymous_blocks_before_session_blocks() -> None:
 def test_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="lru, session-lru"):
         make_policy("random")
+
+
+async def test_a_leased_slot_is_not_reused_until_given_back(tmp_path: Path) -> None:
+    s = store(tmp_path, memory_blocks=2)
+    a, b, c, d = blocks(4)
+    await s.put([a, b])
+    lease = s.lease_now(a.hash)
+    assert lease is not None and bytes(lease.payload) == a.payload and lease.checksum() == a.checksum()
+    await s.put([c])  # b was least recently used (the lease read a)
+    await s.put([d])  # a leaves the store, but its slot is leased: c is evicted to make room
+    assert [s.tier_of(x.hash) for x in (a, b, c, d)] == [None, None, None, MEMORY]
+    assert bytes(lease.payload) == a.payload
+    s.unlease(lease)
+    await s.put([c])  # a's slot is free again: d stays
+    assert [s.tier_of(x.hash) for x in (c, d)] == [MEMORY, MEMORY]
+    assert s.lease_now(a.hash) is None
+    assert (s.hits, s.misses) == (1, 1)
