@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
+from shared.errors import ErrorCode, ShoalError
 from shared.state.registry import WorkerRegistry
 from shared.telemetry.logging import get_logger
 from shared.types.workers import WorkerRecord
@@ -59,9 +60,11 @@ class WorkerDirectory:
         self.records = fresh
         self.refreshes += 1
 
-    def bench(self, worker_id: str) -> None:
-        """Keep a worker that just failed out of new decisions for a few seconds."""
-        self._benched[worker_id] = time.monotonic() + BENCH_S
+    def bench(self, worker_id: str, error: ShoalError) -> None:
+        """Keep a worker that just failed out of new decisions for a few seconds. One that refused because
+        it is full (RESOURCE_EXHAUSTED) has not failed: it stays in, and its load steers the policy."""
+        if error.code is not ErrorCode.RESOURCE_EXHAUSTED:
+            self._benched[worker_id] = time.monotonic() + BENCH_S
 
     def serving(self, model: str | None = None) -> list[WorkerRecord]:
         """Workers (of `model`, or of every model) that may take new requests now."""

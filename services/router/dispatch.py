@@ -68,6 +68,8 @@ class _Progress:
     sent_chars: int = 0
     failed: set[str] = field(default_factory=set)
     attempts: int = 0
+    # Attempts a worker refused because it was full (backpressure, not a fault).
+    busy: int = 0
     session_worker: str = ""
 
 
@@ -183,10 +185,10 @@ class Dispatcher:
         if decode_pool is not None:
             self.work.record(decode_pool, requests=1, decode_tokens=chunk.completion_tokens)
 
-    def _refuse(self, job: Job, decision: Decision) -> ShoalError:
+    def _refuse(self, job: Job, full: bool) -> ShoalError:
         if self.work is not None:
             self.work.refused(job.model)
-        if decision.reason is Reason.ALL_OVERLOADED:
+        if full:
             return Overloaded("every worker for this model is at capacity; retry shortly", retry_after_s=1.0)
         return Unavailable("no worker is serving this model right now", retry_after_s=2.0)
 
@@ -271,9 +273,9 @@ class Dispatcher:
         else:
             decision = self._decide(job, Phase.GENERATE, views, progress)
             if decision.worker_id is None:
-                if progress.attempts:
+                if progress.attempts > progress.busy:
                     raise Unavailable(f"no worker left to retry on after {progress.attempts} failure(s)")
-                raise self._refuse(job, decision)
+                raise self._refuse(job, full=progress.busy > 0 or decision.reason is Reason.ALL_OVERLOADED)
             source = self._store_source(job, decision.worker_id, views) if not progress.produced else None
             prefill = _uncached(job, views, decision.worker_id) if source is None else 0
             attempt = _Attempt(decision.worker_id, decision.worker_id, source, prefill)
@@ -330,13 +332,23 @@ class Dispatcher:
             raise exc
         progress.failed.add(worker_id)
         progress.attempts += 1
-        self.directory.bench(worker_id)
+        self.directory.bench(worker_id, exc)
         kind = "resume" if progress.produced else "retry"
         self.metrics.retries.labels(kind).inc()
-        log.warning(
-            "worker failed; trying another", request_id=job.request_id, worker=worker_id, kind=kind, error=exc.message
-        )
+        if exc.code is ErrorCode.RESOURCE_EXHAUSTED:
+            progress.busy += 1
+            log.info("worker full; trying another", request_id=job.request_id, worker=worker_id, kind=kind)
+        else:
+            log.warning(
+                "worker failed; trying another",
+                request_id=job.request_id,
+                worker=worker_id,
+                kind=kind,
+                error=exc.message,
+            )
         if progress.attempts >= MAX_ATTEMPTS:
+            if progress.busy == progress.attempts:
+                raise self._refuse(job, full=True)
             raise Unavailable(f"request failed on {progress.attempts} workers; last error: {exc.message}") from None
 
     def _store_source(self, job: Job, worker_id: str, views: Sequence[WorkerView]) -> worker_pb2.KVSource | None:

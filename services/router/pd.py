@@ -107,7 +107,7 @@ class Handoff:
         except ShoalError as exc:
             if exc.code not in FALLBACK:
                 raise
-            self.directory.bench(prefill.worker_id)
+            self.directory.bench(prefill.worker_id, exc)
             self.metrics.pd.labels("prefill-failed").inc()
             log.warning("prefill failed; computing the prompt on the decode side", error=exc.message)
             return None

@@ -103,3 +103,26 @@ async def test_pd_decisions_agree_across_routers(redis_url: str, tiny_model: Pat
         assert second.app.metrics.pd.labels("disaggregated").value == 0
         assert (await _post(first.url, body)).status_code == 200
         assert first.app.metrics.pd.labels("disaggregated").value == 1
+
+
+async def test_a_worker_full_with_another_routers_requests_is_busy_not_failed(redis_url: str, tiny_model: Path) -> None:
+    # Router A fills the worker's one running slot and one queue place; router B cannot know yet and
+    # sends a third request, which the worker refuses at once. That is backpressure (429, retry
+    # shortly), not a fault: B must not set the worker aside as failed, and takes it again once it
+    # has room (a failed worker stays out of B's decisions for seconds: "no worker is serving").
+    one_slot = {"engine": EngineKind.SIM, "sim_speedup": 0.5, "max_running": 1, "max_waiting": 1}
+    async with AsyncExitStack() as stack:
+        await stack.enter_async_context(running_worker(redis_url, model_path=tiny_model, **one_slot))
+        a, b = [await stack.enter_async_context(running_router(redis_url, tiny_model)) for _ in range(2)]
+        await _ready([a, b], 1)
+        long = {"model": MODEL, "prompt": "x", "max_tokens": 40}
+        short = {**long, "max_tokens": 2}
+        running = asyncio.create_task(_post(a.url, long))
+        await asyncio.sleep(0.1)
+        queued = asyncio.create_task(_post(a.url, long))
+        await asyncio.sleep(0.1)
+        refused = await _post(b.url, short)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert [(await running).status_code, (await queued).status_code] == [200, 200]
+        assert (await _post(b.url, short)).status_code == 200
