@@ -1,4 +1,4 @@
-"""Autoscaling on a bursty trace: the default (predictive) policy vs a pool sized for the peak, a reactive one and KPA.
+"""Autoscaling on a bursty trace: the default (predictive) policy vs a pool sized for the peak, reactive, KPA, planner.
 
 The Azure LLM inference 2023 code trace (read by path, never copied), its
 last 17 minutes (bursts separated by idle minutes), every THIN-th request, time compressed COMPRESSION times,
@@ -15,6 +15,9 @@ scaling policy:
 * kpa: the Knative Pod Autoscaler as AIBrix runs it (shared/policies/scaling.py),
   its 180 s stable and 60 s panic windows compressed like the trace, the same
   target per replica as reactive, 1..PEAK replicas;
+* planner: the Dynamo-style SLA planner (shared/policies/scaling.py), its
+  60 s adjustment interval compressed like the trace, sized from the pool's
+  declared capacity (its profile), 1..PEAK replicas;
 * fixed N for N below PEAK, ready before the replay starts: with peak, the
   fixed pools the predictive policy is held to (the cheapest one reaching its
   SLO attainment is the best fixed).
@@ -25,7 +28,7 @@ seconds). Worker-seconds integrate every worker the actuator holds
 (starting, serving, draining) over the replay, sampled every 0.5 s.
 
 Run: make bench-autoscale. Last line:
-bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> worker_seconds_vs_peak=<ratio>
+bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> planner_slo=<x> worker_seconds_vs_peak=<ratio>
   best_fixed=<replicas> worker_seconds_vs_best_fixed=<ratio>
 """
 
@@ -133,6 +136,7 @@ def pool_spec(name: str, cold_start_s: float) -> dict[str, Any]:
             "policy": "kpa",
             "params": {"target": 8, "stable_window_s": 180 / COMPRESSION, "panic_window_s": 60 / COMPRESSION},
         },
+        "planner": {"policy": "planner", "params": {"interval_s": 60 / COMPRESSION}},
     }[name]
     return pool_body(scaling, 1, cold_start_s)
 
@@ -276,7 +280,7 @@ def main() -> None:
         flush=True,
     )
     results = {}
-    for name in ("predictive", "peak", "reactive", "kpa", *(f"fixed {n}" for n in range(1, PEAK))):
+    for name in ("predictive", "peak", "reactive", "kpa", "planner", *(f"fixed {n}" for n in range(1, PEAK))):
         results[name] = run_policy(name, args.model, arrivals, args.cold_start_s)
         print(f"  {name}: done", flush=True)
     print(
@@ -303,7 +307,7 @@ def main() -> None:
     )
     print(
         f"bench-autoscale: slo={default.slo:.3f} peak_slo={peak.slo:.3f} reactive_slo={reactive.slo:.3f} "
-        f"kpa_slo={results['kpa'].slo:.3f} "
+        f"kpa_slo={results['kpa'].slo:.3f} planner_slo={results['planner'].slo:.3f} "
         f"worker_seconds_vs_peak={default.worker_seconds / peak.worker_seconds:.2f} "
         f"best_fixed={best_n} worker_seconds_vs_best_fixed={default.worker_seconds / best.worker_seconds:.2f}"
     )

@@ -24,7 +24,7 @@ tensor parallelism 2, not measurements: use them for relative comparisons.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,32 @@ class PerfProfile:
         """Seconds to prefill `tokens` new tokens after `cached` ones, alone."""
         context = tokens * cached + tokens * (tokens + 1) // 2
         return self.step_time(tokens, context, 0, 0)
+
+    def sped_up(self, factor: float) -> PerfProfile:
+        """The profile of steps `factor` times faster (the sim engine's speed-up)."""
+        if factor == 1:
+            return self
+        return replace(
+            self,
+            overhead_s=self.overhead_s / factor,
+            prefill_token_s=self.prefill_token_s / factor,
+            prefill_attn_s=self.prefill_attn_s / factor,
+            decode_seq_s=self.decode_seq_s / factor,
+            decode_ctx_s=self.decode_ctx_s / factor,
+        )
+
+    def decode_throughput(self, context: float, tbt_s: float) -> float:
+        """Tokens per second one replica decodes at `context` tokens a request, with the largest batch whose
+        step stays within `tbt_s` and whose KV fits (one request at a time if even that is slower)."""
+        most = max(1, int(self.kv_capacity_tokens // max(1.0, context)))
+        low, high = 1, most
+        while low < high:  # the step grows with the batch
+            middle = (low + high + 1) // 2
+            if self.step_time(0, 0, middle, int(middle * context)) <= tbt_s:
+                low = middle
+            else:
+                high = middle - 1
+        return low / self.step_time(0, 0, low, int(low * context))
 
     def kv_transfer_time(self, tokens: int) -> float:
         return tokens * self.kv_bytes_per_token / self.kv_transfer_bytes_per_s

@@ -415,6 +415,7 @@ class Simulation:
             list(pool.work),
             reports,
             float(len(pool.refused)),
+            pool.profile.sped_up(pool.speedup),
         )
 
     def _scale(self, pool: SimPool, t: float, initial: bool = False) -> None:

@@ -30,6 +30,20 @@ Built-ins (SCALING_POLICIES):
   panic window, each over a target per replica; a burst that doubles the
   panic count over the ready replicas starts panic mode, which scales up on
   the panic window and never down until a stable window passes calm.
+* `planner`: NVIDIA Dynamo's SLA planner (throughput mode), a baseline: every
+  `interval_s` it splits each past interval's work into requests and prompt
+  (ISL) and output (OSL) tokens per request, predicts each for the next
+  interval (last value, or a local-linear-trend Kalman filter over the
+  interval history), and sizes the pool from a profile of one replica:
+  predicted requests x ISL over the interval, over its prefill throughput at
+  that ISL, and requests x OSL over its decode throughput at context ISL +
+  OSL/2 with the largest batch whose step meets the TBT SLO. The profile is
+  the replica's step-time model where the snapshot carries one (the
+  simulator), else the pool's declared capacity. A mixed pool's replicas
+  share their time between the two, so the fractions add. It holds that
+  number until the next interval; Dynamo's correction factors (observed over
+  profiled latency) are left out, since the declared capacity is already at
+  the SLO and the prefill factor could only lower the count.
 * `fixed`: a constant number (sizing for the peak).
 """
 
@@ -40,9 +54,11 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.perfmodel import PerfProfile
 
 
 class ScalingReason(enum.StrEnum):
@@ -108,6 +124,8 @@ class PoolSnapshot:
     workers: Sequence[WorkerReport] = ()
     # Requests refused for want of any worker (the demand of a pool at zero).
     refused: float = 0.0
+    # The step-time model of one replica, where one is known (the simulator's): the planner's profile.
+    profile: PerfProfile | None = None
 
     @property
     def current(self) -> int:
@@ -138,6 +156,7 @@ def pool_snapshot(
     work: Sequence[WorkSample],
     workers: Sequence[WorkerReport],
     refused: float,
+    profile: PerfProfile | None = None,
 ) -> PoolSnapshot:
     """The snapshot of a pool from its spec and what was observed: the reconciler and the simulator both
     build it here. A prefill pool never counts refusals (requests are refused for want of a decode side)."""
@@ -157,6 +176,7 @@ def pool_snapshot(
         work=work,
         workers=workers,
         refused=refused if role != "prefill" else 0.0,
+        profile=profile,
     )
 
 
@@ -175,6 +195,9 @@ class PolicyState:
     bursty: bool = False
     floor: int = 0
     floor_at: float = -math.inf
+    # planner: the replicas of its last adjustment, and when that was.
+    planned: int = 0
+    planned_at: float = -math.inf
 
 
 @dataclass(frozen=True)
@@ -565,6 +588,105 @@ class KPAPolicy:
         return ScalingDecision(wanted, reason, explanation, nxt)
 
 
+def kalman_next(series: Sequence[float]) -> float:
+    """One step ahead of a local-linear-trend Kalman filter (level and slope, each a random walk) run over
+    `series`. Noise is scaled to the series: observation noise is the variance of its steps, the level's
+    a tenth of that and the slope's a hundredth, so a lasting change is followed within a few steps."""
+    if not series:
+        return 0.0
+    steps = [b - a for a, b in itertools.pairwise(series)]
+    mean = sum(steps) / len(steps) if steps else 0.0
+    noise = sum((d - mean) ** 2 for d in steps) / len(steps) if steps else 0.0
+    noise = noise or max(1e-9, series[0] ** 2)
+    q_level, q_slope = 0.1 * noise, 0.01 * noise
+    level, slope = series[0], 0.0
+    p00, p01, p11 = noise, 0.0, noise
+    for value in series[1:]:
+        # Predict: x = F x, P = F P F' + Q with F = [[1, 1], [0, 1]].
+        level += slope
+        p00, p01, p11 = p00 + 2 * p01 + p11 + q_level, p01 + p11, p11 + q_slope
+        # Update with the observation of the level.
+        gain0, gain1 = p00 / (p00 + noise), p01 / (p00 + noise)
+        residual = value - level
+        level, slope = level + gain0 * residual, slope + gain1 * residual
+        p00, p01, p11 = (1 - gain0) * p00, (1 - gain0) * p01, p11 - gain1 * p01
+    return max(0.0, level + slope)
+
+
+def _last(series: Sequence[float]) -> float:
+    return series[-1] if series else 0.0
+
+
+class PlannerParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    interval_s: float = Field(default=60.0, gt=0, le=WORK_HISTORY_S / 4, description="Seconds between two adjustments.")
+    predictor: Literal["constant", "kalman"] = Field(
+        default="kalman", description="How the next interval's requests, ISL and OSL are predicted."
+    )
+
+
+class PlannerPolicy:
+    Params = PlannerParams
+
+    def __init__(self, params: PlannerParams) -> None:
+        self.p = params
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        p, now = self.p, snapshot.now
+        if now - state.planned_at < p.interval_s:
+            replicas, bound = _clamp(state.planned, snapshot)
+            return ScalingDecision(replicas, bound or ScalingReason.STEADY, "planner: between adjustments", state)
+        requests, isl, osl = self._intervals(snapshot)
+        predict = kalman_next if p.predictor == "kalman" else _last
+        rate = predict(requests) / p.interval_s
+        next_isl, next_osl = predict(isl), predict(osl)
+        prefill_tps, decode_tps = snapshot.prior_prefill_tps, snapshot.prior_decode_tps
+        if snapshot.profile is not None and next_isl >= 1:
+            prefill_tps = next_isl / snapshot.profile.prefill_time(round(next_isl))
+            decode_tps = snapshot.profile.decode_throughput(next_isl + next_osl / 2, snapshot.tbt_slo_s)
+        prefill_need, decode_need = rate * next_isl / prefill_tps, rate * next_osl / decode_tps
+        need = {"prefill": prefill_need, "decode": decode_need}.get(snapshot.role, prefill_need + decode_need)
+        wanted = math.ceil(need - 1e-9)
+        if snapshot.current == 0 and snapshot.refused > 0:
+            wanted = max(wanted, 1)
+        explanation = (
+            f"planner: {rate:.2f} req/s x ISL {next_isl:.0f} / {prefill_tps:.0f} tok/s = {prefill_need:.2f} prefill, "
+            f"x OSL {next_osl:.0f} / {decode_tps:.0f} tok/s = {decode_need:.2f} decode -> {wanted}"
+        )
+        replicas, bound = _clamp(wanted, snapshot)
+        if replicas > snapshot.current:
+            reason = bound or ScalingReason.SCALE_UP_FORECAST
+        elif replicas < snapshot.current:
+            reason = bound or ScalingReason.SCALE_DOWN_DEMAND
+        else:
+            reason = bound or ScalingReason.STEADY
+        return ScalingDecision(replicas, reason, explanation, replace(state, planned=replicas, planned_at=now))
+
+    def _intervals(self, snapshot: PoolSnapshot) -> tuple[list[float], list[float], list[float]]:
+        """Requests, and prompt and output tokens per request, of each whole interval in the work history,
+        oldest first (an interval without requests repeats the sequence lengths before it)."""
+        width = self.p.interval_s
+        count = int(WORK_HISTORY_S // width)
+        start = snapshot.now - count * width
+        totals = [[0.0, 0.0, 0.0] for _ in range(count)]
+        for sample in snapshot.work:
+            index = math.floor((sample.t - start) / width)
+            if 0 <= index < count:
+                totals[index][0] += sample.requests
+                totals[index][1] += sample.prefill_tokens
+                totals[index][2] += sample.decode_tokens
+        first = next((i for i, t in enumerate(totals) if t[0] > 0), count)
+        requests: list[float] = []
+        isl: list[float] = []
+        osl: list[float] = []
+        for n, prefill, decode in totals[first:]:
+            requests.append(n)
+            isl.append(prefill / n if n else isl[-1])
+            osl.append(decode / n if n else osl[-1])
+        return requests, isl, osl
+
+
 class FixedParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -586,6 +708,7 @@ SCALING_POLICIES: Mapping[str, Any] = {
     "predictive": PredictivePolicy,
     "reactive": ReactivePolicy,
     "kpa": KPAPolicy,
+    "planner": PlannerPolicy,
     "fixed": FixedPolicy,
 }
 

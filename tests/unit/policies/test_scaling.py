@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
 
+from shared.perfmodel import PROFILES
 from shared.policies.scaling import (
     PolicyState,
     PoolSnapshot,
@@ -14,6 +16,7 @@ from shared.policies.scaling import (
     WorkSample,
     burst_floor,
     holt_forecast,
+    kalman_next,
     lag_correlation,
     late_share,
     make_policy,
@@ -225,3 +228,55 @@ def test_demand_that_lasts_is_followed_as_before() -> None:
     assert not decision.state.bursty
     # 12,000 tokens/s and rising, at 1000 per replica.
     assert decision.reason is ScalingReason.SCALE_UP_FORECAST and decision.replicas >= 12
+
+
+def _steady(now: float, rate: float, isl: float, osl: float) -> list[WorkSample]:
+    return [
+        WorkSample(t, requests=rate, prefill_tokens=rate * isl, decode_tokens=rate * osl)
+        for t in range(int(now) - 600, int(now))
+    ]
+
+
+def test_planner_sizes_each_phase_from_its_profile_and_holds_between_adjustments() -> None:
+    planner = make_policy("planner", {"interval_s": 60, "predictor": "constant"})
+    # 2 req/s x 1000 prompt tokens over 1000 tok/s = 2 replicas' prefill; x 30 output tokens over 100 = 0.6.
+    work = _steady(1000.0, rate=2.0, isl=1000.0, osl=30.0)
+    mixed = snapshot(now=1000.0, role="mixed", work=work)
+    decision = planner.decide(mixed, PolicyState())
+    assert decision.replicas == 3  # a mixed replica's time is shared: 2 + 0.6, rounded up
+    assert decision.reason is ScalingReason.SCALE_UP_FORECAST
+    assert planner.decide(replace(mixed, role="prefill"), PolicyState()).replicas == 2
+    assert planner.decide(replace(mixed, role="decode"), PolicyState()).replicas == 1
+    # Demand triples, but the next adjustment is a minute after the last one.
+    tripled = replace(mixed, now=1030.0, work=_steady(1030.0, rate=6.0, isl=1000.0, osl=30.0))
+    assert planner.decide(tripled, decision.state).replicas == 3
+    later = planner.decide(replace(tripled, now=1060.0, work=_steady(1060.0, 6.0, 1000.0, 30.0)), decision.state)
+    assert later.replicas == 8  # 6 + 1.8
+
+
+def test_planner_uses_a_replicas_step_time_model_when_it_has_one() -> None:
+    profile = PROFILES["h100"]
+    planner = make_policy("planner", {"interval_s": 60, "predictor": "constant"})
+    base = snapshot(now=1000.0, role="mixed", work=_steady(1000.0, rate=4.0, isl=2000.0, osl=200.0))
+    decision = planner.decide(replace(base, profile=profile, max_replicas=100), PolicyState())
+    prefill = 4.0 * 2000.0 / (2000.0 / profile.prefill_time(2000))
+    decode = 4.0 * 200.0 / profile.decode_throughput(2100.0, base.tbt_slo_s)
+    assert decision.replicas == math.ceil(prefill + decode)
+    assert decision.replicas != planner.decide(base, PolicyState()).replicas  # not the declared capacity
+
+
+def test_decode_throughput_takes_the_largest_batch_within_the_tbt() -> None:
+    profile = PROFILES["h100"]
+    tps = profile.decode_throughput(context=4000.0, tbt_s=0.05)
+    within_tbt = next(b for b in range(1, 10_000) if profile.step_time(0, 0, b + 1, (b + 1) * 4000) > 0.05)
+    batch = min(within_tbt, profile.kv_capacity_tokens // 4000)  # and the KV of the batch fits
+    assert profile.step_time(0, 0, batch, batch * 4000) <= 0.05
+    assert tps == pytest.approx(batch / profile.step_time(0, 0, batch, batch * 4000))
+    assert profile.sped_up(2.0).decode_throughput(4000.0, 0.05) > tps
+
+
+def test_kalman_prediction_follows_a_level_and_a_trend() -> None:
+    assert kalman_next([5.0] * 12) == pytest.approx(5.0)
+    assert kalman_next([float(v) for v in range(1, 21)]) == pytest.approx(21.0, rel=0.05)
+    assert kalman_next([]) == 0.0
+    assert kalman_next([10.0, 0.0, 0.0, 0.0]) >= 0.0  # never a negative demand
