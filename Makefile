@@ -165,7 +165,7 @@ calibrate-sim: $(STAMP) $(MODEL_DIR)/config.json ## Fit the sim engine's cpu-ref
 	$(PY) -m benchmarks.bench_engine --model $(MODEL_DIR) --calibrate
 
 .PHONY: bench-autoscale
-bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs reactive vs KPA scaling and fixed pools (the best fixed at equal SLO) on the Azure code trace
+bench-autoscale: $(STAMP) redis $(MODEL_DIR)/config.json ## Predictive vs reactive vs KPA vs planner scaling and fixed pools (the best fixed at equal SLO) on the Azure code trace
 	$(PY) -m benchmarks.bench_autoscale $(TRACES)/azure_llm_2023_code.csv $(MODEL_DIR)
 
 .PHONY: bench-sim
