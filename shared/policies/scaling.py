@@ -224,6 +224,17 @@ def _clamp(replicas: int, snapshot: PoolSnapshot) -> tuple[int, ScalingReason | 
     return replicas, None
 
 
+def _reason(
+    wanted: int, current: int, bound: ScalingReason | None, up: ScalingReason, held: ScalingReason
+) -> ScalingReason:
+    """Why a policy that acts at once (no hysteresis) asks for `wanted`: the bound that held it, else its direction."""
+    if bound is not None:
+        return bound
+    if wanted > current:
+        return up
+    return ScalingReason.SCALE_DOWN_DEMAND if wanted < current else held
+
+
 def holt_forecast(
     series: Sequence[float], horizon: float, alpha: float = 0.5, beta: float = 0.2, damping: float = 1.0
 ) -> float:
@@ -578,12 +589,8 @@ class KPAPolicy:
         )
         wanted, bound = _clamp(wanted, snapshot)
         current = snapshot.current
-        if wanted > current:
-            reason = bound or ScalingReason.SCALE_UP_QUEUE
-        elif wanted < current:
-            reason = bound or ScalingReason.SCALE_DOWN_DEMAND
-        else:
-            reason = bound or (ScalingReason.HOLD_PANIC if panic_at is not None else ScalingReason.STEADY)
+        held = ScalingReason.HOLD_PANIC if panic_at is not None else ScalingReason.STEADY
+        reason = _reason(wanted, current, bound, ScalingReason.SCALE_UP_QUEUE, held)
         nxt = replace(state, concurrency=window, panic_at=panic_at, panic_replicas=panic_replicas)
         return ScalingDecision(wanted, reason, explanation, nxt)
 
@@ -655,12 +662,7 @@ class PlannerPolicy:
             f"x OSL {next_osl:.0f} / {decode_tps:.0f} tok/s = {decode_need:.2f} decode -> {wanted}"
         )
         replicas, bound = _clamp(wanted, snapshot)
-        if replicas > snapshot.current:
-            reason = bound or ScalingReason.SCALE_UP_FORECAST
-        elif replicas < snapshot.current:
-            reason = bound or ScalingReason.SCALE_DOWN_DEMAND
-        else:
-            reason = bound or ScalingReason.STEADY
+        reason = _reason(replicas, snapshot.current, bound, ScalingReason.SCALE_UP_FORECAST, ScalingReason.STEADY)
         return ScalingDecision(replicas, reason, explanation, replace(state, planned=replicas, planned_at=now))
 
     def _intervals(self, snapshot: PoolSnapshot) -> tuple[list[float], list[float], list[float]]:
