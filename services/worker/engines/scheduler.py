@@ -18,6 +18,7 @@ the engine loop calls it.
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -60,6 +61,8 @@ class Sequence:
     last_token_at: float | None = None
     exported: list[KVBlock] | None = None
     constraint: Constraint | None = None  # with a JSON schema: the tokens allowed next
+    # Unique in this process (request ids may repeat): executors key what they keep per sequence by it.
+    serial: int = field(default_factory=itertools.count().__next__)
 
     @property
     def request_id(self) -> str:

@@ -1,4 +1,4 @@
-"""The batched MoE layer against the per-expert loop it replaces for a process holding every expert."""
+"""The grouped MoE layer against the per-expert loop it replaces for a process holding every expert."""
 
 from __future__ import annotations
 

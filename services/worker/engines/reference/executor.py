@@ -2,13 +2,12 @@
 
 The KV cache is two preallocated tensors per layer (K and V) of
 [kv_heads, num_blocks * block_size, head_dim]; block b holds slots
-[b * block_size, (b + 1) * block_size). Heads outermost makes a gathered
-context contiguous per head, so attention multiplies it without a copy. A step flattens the scheduled tokens
+[b * block_size, (b + 1) * block_size). A step flattens the scheduled tokens
 of every request into one batch for the projections and experts; attention
-runs once for all decoding requests (their contexts gathered from the cache
-and padded, with a mask) and once per prompt chunk (causal, offset by the
-chunk's start). The MoE layer goes through an `ExpertRunner`, which is the
-local loop here and the expert-parallel dispatch when the model spans ranks.
+runs once for all decoding requests (over their contiguous rows, which
+mirror the cache: decoderows.py) and once per prompt chunk (causal, offset by
+the chunk's start). The MoE layer goes through an `ExpertRunner`, which is the
+grouped matmul here and the expert-parallel dispatch when the model spans ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from services.worker.engines.base import KVBlock, TokenLogprob
 from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
 from services.worker.engines.reference.checkpoint import Checkpoint
+from services.worker.engines.reference.decoderows import DecodeRows
 from services.worker.engines.reference.model import LayerWeights, MoEModel, run_grouped_experts
 from services.worker.engines.sampling import model_logprobs, sample, token_logprob
 from services.worker.engines.scheduler import Item
@@ -93,7 +93,7 @@ class ReferenceExecutor:
         # Experts this process holds per layer (None: all); expert parallelism sets it.
         self.experts_of_layer: dict[int, list[int]] | None = None
         self.compute_threads = compute_threads if compute_threads > 0 else _default_threads(self.device)
-        self._gather_buffers = [torch.empty(0), torch.empty(0)]
+        self.decode_rows: DecodeRows | None = None
         self._map_version = 0
 
     # -- setup ----------------------------------------------------------------
@@ -118,6 +118,9 @@ class ReferenceExecutor:
         shape = (config.num_kv_heads, num_blocks * block_size, config.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+        self.decode_rows = DecodeRows(
+            config.num_layers, config.num_kv_heads, config.head_dim, block_size, self.dtype, self.device
+        )
 
     def _geometry(self, block_size: int) -> KVGeometry:
         config = self.config
@@ -214,8 +217,7 @@ class ReferenceExecutor:
         positions: list[int] = []
         slots: list[int] = []
         decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lengths: list[int] = []
+        decodes: list[tuple[int, int, list[int]]] = []
         segments: list[_Segment] = []
         sample_rows: list[int] = []
         for item in items:
@@ -227,8 +229,7 @@ class ReferenceExecutor:
             slots.extend(self._slots(seq.block_ids, item.start, end))
             if item.length == 1:
                 decode_rows.append(row)
-                decode_tables.append(seq.block_ids)
-                decode_lengths.append(end)
+                decodes.append((seq.serial, item.start, seq.block_ids))
             else:
                 context = None
                 if item.start > 0:
@@ -240,7 +241,9 @@ class ReferenceExecutor:
         tokens_t = torch.tensor(ids, device=device)
         positions_t = torch.tensor(positions, device=device)
         slots_t = torch.tensor(slots, device=device)
-        gather, mask = self._decode_plan(decode_tables, decode_lengths)
+        rows = self.decode_rows
+        assert rows is not None
+        plan = rows.plan(decodes) if decodes else None
         decode_rows_t = torch.tensor(decode_rows, device=device)
         total = len(ids)
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -256,18 +259,9 @@ class ReferenceExecutor:
             k_cache[:, slots_t] = k.transpose(0, 1)
             v_cache[:, slots_t] = v.transpose(0, 1)
             attn = torch.empty_like(q)
-            if decode_rows:
-                assert gather is not None and mask is not None
-                # One query per request: fold each KV head's query heads into
-                # the query axis so no K/V copy per query head is needed.
-                batch = len(decode_rows)
-                qd = q[decode_rows_t].view(batch, kv_heads, heads // kv_heads, head_dim).transpose(0, 1)
-                kd = self._gather_blocks(k_cache, gather, 0)  # [KVH, B, C, D]
-                vd = self._gather_blocks(v_cache, gather, 1)
-                scores = torch.matmul(qd, kd.transpose(-1, -2)) * head_dim**-0.5
-                probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-                out = torch.matmul(probs, vd)  # [KVH, B, group, D]
-                attn[decode_rows_t] = out.transpose(0, 1).reshape(batch, heads, head_dim)
+            if plan is not None:
+                rows.write(index, plan, k_cache, v_cache, k[decode_rows_t], v[decode_rows_t])
+                attn[decode_rows_t] = rows.attend(index, plan, q[decode_rows_t])
             for seg in segments:
                 span = slice(seg.row, seg.row + seg.length)
                 qs = q[span].transpose(0, 1).unsqueeze(0)
@@ -292,38 +286,6 @@ class ReferenceExecutor:
             x = x + moe
             counts.append(layer_counts)
 
-        rows = list(range(total)) if all_logits else sample_rows
-        hidden = model.rms_norm(x[torch.tensor(rows, dtype=torch.long, device=device)], model.norm)
+        logit_rows = list(range(total)) if all_logits else sample_rows
+        hidden = model.rms_norm(x[torch.tensor(logit_rows, dtype=torch.long, device=device)], model.norm)
         return F.linear(hidden, model.lm_head).float(), torch.stack(counts)
-
-    def _decode_plan(
-        self, tables: list[list[int]], lengths: list[int]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Block tables of the decoding requests, padded, and the mask of real positions.
-
-        Whole blocks are gathered (index_select of contiguous blocks is far
-        faster than gathering single slots); positions past a request's
-        length are masked out.
-        """
-        if not tables:
-            return None, None
-        width = max(len(table) for table in tables)
-        table_t = torch.tensor([table + [0] * (width - len(table)) for table in tables], device=self.device)
-        lengths_t = torch.tensor(lengths, device=self.device)
-        mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lengths_t[:, None]
-        return table_t, mask[None, :, None, :]
-
-    def _gather_blocks(self, cache: torch.Tensor, table: torch.Tensor, buffer: int) -> torch.Tensor:
-        """[kv_heads, B, width * block_size, head_dim] copy of the blocks in `table` [B, width].
-
-        Copies into a reused buffer: a fresh multi-megabyte tensor per layer
-        costs more in page faults than the copy itself.
-        """
-        heads, _, dim = cache.shape
-        blocks = cache.view(heads, -1, self.block_size * dim)
-        needed = heads * table.numel() * self.block_size * dim
-        if self._gather_buffers[buffer].numel() < needed:
-            self._gather_buffers[buffer] = torch.empty(needed, dtype=cache.dtype, device=cache.device)
-        out = self._gather_buffers[buffer][:needed].view(heads, table.numel(), self.block_size * dim)
-        torch.index_select(blocks, 1, table.flatten(), out=out)
-        return out.view(heads, table.shape[0], -1, dim)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -78,10 +78,11 @@ def rendezvous(master: str) -> tuple[str, int]:
 
 @dataclass
 class _PlannedSeq:
-    """What a follower needs of a sequence to run a step: its tokens and block table."""
+    """What a follower needs of a sequence to run a step: its tokens, block table and the leader's serial."""
 
     tokens: list[int]
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int]
+    serial: int
 
 
 class ExpertParallelRunner:
@@ -157,7 +158,7 @@ class ExpertParallelExecutor(ReferenceExecutor):
 
     def execute(self, items: list[Item]) -> StepResult:
         plan = [(item.seq.tokens[item.start : item.start + item.length], item.start, item.length, item.sample,
-                 list(item.seq.block_ids)) for item in items]  # fmt: skip
+                 list(item.seq.block_ids), item.seq.serial) for item in items]  # fmt: skip
         dist.broadcast_object_list([("step", plan)], src=0)
         return super().execute(items)
 
@@ -432,7 +433,7 @@ class ExpertParallelExecutor(ReferenceExecutor):
                     self._apply(kind, body)
                 continue
             items = []
-            for tokens, start, length, sample, block_ids in body:
-                seq = _PlannedSeq([0] * start + tokens, block_ids)
+            for tokens, start, length, sample, block_ids, serial in body:
+                seq = _PlannedSeq([0] * start + tokens, block_ids, serial)
                 items.append(Item(cast(Sequence, seq), start, length, sample))
             self.forward(items)

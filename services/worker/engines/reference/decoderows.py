@@ -1,0 +1,154 @@
+"""Decode attention without copying every context every step: one contiguous K/V row per decoding request.
+
+A decoding request attends over its whole context each step. Gathered from
+the paged cache, that is a copy of every running context per layer per step
+(a fifth of a decode step on the CPU, as much as `transformers` spends
+concatenating its cache). Here each decoding request owns a row, kept between
+steps: its context is copied in once, when it starts decoding, and each step
+then appends the one token it computed. Attention multiplies the rows in
+place, one batched matmul over all of them.
+
+The paged cache stays the truth (prefix sharing, export, preemption, the
+prefill of a later chunk); a row only mirrors it, and lives while its request
+decodes in every step. A request that skips a step (it was preempted, or
+finished) loses its row and gets a fresh copy when it decodes again. Rows and
+their width grow on demand and are kept for reuse: at most the size of the
+gather buffer they replace (every decoding request padded to the longest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Width grows in these steps (and at least doubles) so that a batch of decodes does not reallocate each step.
+WIDTH_STEP = 64
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """Where this step's decoding requests live: row of each (in item order) and what to copy in first."""
+
+    rows: torch.Tensor  # [B] row of each decoding request
+    positions: torch.Tensor  # [B] position of the token each computes
+    fill_rows: torch.Tensor | None  # per copied position: its row ...
+    fill_positions: torch.Tensor | None  # ... its position ...
+    fill_slots: torch.Tensor | None  # ... and its cache slot
+    used: int  # rows [0, used) take part in attention
+    width: int  # positions [0, width) take part in attention
+    bias: torch.Tensor  # [used, 1, 1, width]: 0 at the positions each row holds, -inf past them
+
+
+class DecodeRows:
+    """Per layer, K and V of [rows, kv_heads, width, head_dim]; row r holds one request's context."""
+
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.layers, self.kv_heads, self.head_dim, self.block_size = layers, kv_heads, head_dim, block_size
+        self.dtype, self.device = dtype, device
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._allocate(0, 0)
+        self._row_of: dict[int, int] = {}  # request serial -> row
+        self._length: list[int] = []  # positions each row holds
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(rows, width) allocated."""
+        return self.k[0].shape[0], self.k[0].shape[2]
+
+    def _allocate(self, rows: int, width: int) -> None:
+        shape = (rows, self.kv_heads, width, self.head_dim)
+        old_k, old_v = self.k, self.v
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
+        if old_k:
+            for new, old in zip(self.k + self.v, old_k + old_v, strict=True):
+                new[: old.shape[0], :, : old.shape[2]] = old
+
+    def plan(self, decodes: list[tuple[int, int, list[int]]]) -> DecodePlan:
+        """Rows for this step's decodes, each (request serial, position of its new token, block table)."""
+        now = {serial for serial, _, _ in decodes}
+        for serial in [s for s in self._row_of if s not in now]:
+            self._length[self._row_of.pop(serial)] = 0
+        taken = set(self._row_of.values())
+        free = (row for row in range(len(self._length) + len(decodes)) if row not in taken)
+        rows: list[int] = []
+        fills: list[tuple[int, int, list[int]]] = []  # (row, positions to copy, block table)
+        for serial, start, blocks in decodes:
+            row = self._row_of.get(serial)
+            if row is None or self._length[row] != start:  # new, or its context changed since the last step
+                row = row if row is not None else next(free)
+                self._row_of[serial] = row
+                fills.append((row, start, blocks))
+            rows.append(row)
+        used = max(rows) + 1
+        width = max(start for _, start, _ in decodes) + 1
+        self._grow(used, width)
+        self._length += [0] * (used - len(self._length))
+        for row, (_, start, _) in zip(rows, decodes, strict=True):
+            self._length[row] = start + 1
+        lengths = torch.tensor([max(n, 1) for n in self._length[:used]], device=self.device)
+        past = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
+        bias = torch.zeros(past.shape, dtype=self.dtype, device=self.device).masked_fill_(past, float("-inf"))
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
+        fill_rows = fill_positions = fill_slots = None
+        if fills:
+            fill_rows = tensor([row for row, length, _ in fills for _ in range(length)])
+            fill_positions = torch.cat([torch.arange(length, device=self.device) for _, length, _ in fills])
+            fill_slots = torch.cat([self._slots(blocks, length) for _, length, blocks in fills])
+        return DecodePlan(
+            tensor(rows),
+            tensor([start for _, start, _ in decodes]),
+            fill_rows,
+            fill_positions,
+            fill_slots,
+            used,
+            width,
+            bias[:, None, None, :],
+        )
+
+    def _slots(self, blocks: list[int], length: int) -> torch.Tensor:
+        """Cache slots of positions [0, length) under block table `blocks`."""
+        size = self.block_size
+        table = torch.tensor(blocks[: -(-length // size)], dtype=torch.long, device=self.device)
+        return (table[:, None] * size + torch.arange(size, device=self.device)).flatten()[:length]
+
+    def _grow(self, rows: int, width: int) -> None:
+        have_rows, have_width = self.capacity
+        if rows <= have_rows and width <= have_width:
+            return
+        if width > have_width:
+            width = max(2 * have_width, -(-width // WIDTH_STEP) * WIDTH_STEP)
+        self._allocate(max(rows, have_rows), max(width, have_width))
+
+    def write(
+        self, layer: int, plan: DecodePlan, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Copy in the contexts of new rows from the cache ([kv_heads, slots, head_dim]), then append
+        each request's new K and V ([B, kv_heads, head_dim])."""
+        for rows, cache, new in ((self.k[layer], k_cache, k), (self.v[layer], v_cache, v)):
+            if plan.fill_slots is not None:
+                rows[plan.fill_rows, :, plan.fill_positions] = cache[:, plan.fill_slots].transpose(0, 1)
+            rows[plan.rows, :, plan.positions] = new
+
+    def attend(self, layer: int, plan: DecodePlan, q: torch.Tensor) -> torch.Tensor:
+        """Attention of each request's query [B, heads, head_dim] over its row: [B, heads, head_dim].
+
+        The query heads of one KV head fold into the query axis, so no K/V copy per query head is
+        needed; the rows are read in place (a strided view, no copy)."""
+        batch, heads, dim = q.shape
+        group = heads // self.kv_heads
+        queries = q.new_zeros(plan.used, self.kv_heads, group, dim)
+        queries[plan.rows] = q.view(batch, self.kv_heads, group, dim)
+        keys = self.k[layer][: plan.used, :, : plan.width]
+        values = self.v[layer][: plan.used, :, : plan.width]
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(dim**-0.5).add_(plan.bias)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, values)[plan.rows].reshape(batch, heads, dim)
