@@ -248,20 +248,29 @@ class ReferenceExecutor:
         total = len(ids)
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
 
+        rotation = model.rotation(positions_t)
+        # Only decodes (the common step): their rows are the whole batch, in order, and need no picking.
+        only_decodes = len(decode_rows) == total
+
+        def decoding(t: torch.Tensor) -> torch.Tensor:
+            return t if only_decodes else t[decode_rows_t]
+
         x = model.embed[tokens_t]
         counts: list[torch.Tensor] = []
         for index, layer in enumerate(model.layers):
             h = model.rms_norm(x, layer.input_norm)
-            q = model.rope(F.linear(h, layer.wq, layer.bq).view(total, heads, head_dim), positions_t)
-            k = model.rope(F.linear(h, layer.wk, layer.bk).view(total, kv_heads, head_dim), positions_t)
+            q = model.rope(F.linear(h, layer.wq, layer.bq).view(total, heads, head_dim), rotation)
+            k = model.rope(F.linear(h, layer.wk, layer.bk).view(total, kv_heads, head_dim), rotation)
             v = F.linear(h, layer.wv, layer.bv).view(total, kv_heads, head_dim)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             k_cache[:, slots_t] = k.transpose(0, 1)
             v_cache[:, slots_t] = v.transpose(0, 1)
-            attn = torch.empty_like(q)
-            if plan is not None:
-                rows.write(index, plan, k_cache, v_cache, k[decode_rows_t], v[decode_rows_t])
-                attn[decode_rows_t] = rows.attend(index, plan, q[decode_rows_t])
+            if plan is None:
+                attn = torch.empty_like(q)
+            else:
+                rows.write(index, plan, k_cache, v_cache, decoding(k), decoding(v))
+                decoded = rows.attend(index, plan, decoding(q))
+                attn = decoded if only_decodes else torch.empty_like(q).index_put_((decode_rows_t,), decoded)
             for seg in segments:
                 span = slice(seg.row, seg.row + seg.length)
                 qs = q[span].transpose(0, 1).unsqueeze(0)
