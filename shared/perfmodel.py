@@ -17,7 +17,11 @@ numbers. The `cpu-reference` profile is fitted to the reference engine
 serving the tiny model on a 2-core CPU: `make calibrate-sim` times every step
 under mixed prefill and decode work and fits the five terms by non-negative
 least squares (median step error 17% on the development VM, whose step times
-themselves jitter by about that much). The GPU profiles are rough roofline
+themselves jitter by about that much). It was fitted before the engine's
+grouped experts and decode rows, and is kept as it was: the autoscaling
+benchmarks size their workloads and declared capacities to it. The engine now
+fits about twice as fast per decoding request (decode_seq_s 2.3e-4, decode_ctx_s
+5e-7, overhead_s 0.006, prefill_token_s 9e-5). The GPU profiles are rough roofline
 estimates for a Mixtral-8x7B-class model (47B weights, 13B active, fp16) at
 tensor parallelism 2, not measurements: use them for relative comparisons.
 """
@@ -96,7 +100,8 @@ class PerfProfile:
 
 
 PROFILES: dict[str, PerfProfile] = {
-    # Fitted to the reference engine serving the tiny model on 2 CPU cores (make calibrate-sim).
+    # Fitted to the reference engine serving the tiny model on 2 CPU cores (make calibrate-sim), before
+    # its grouped experts and decode rows (see the module doc).
     "cpu-reference": PerfProfile(
         name="cpu-reference",
         overhead_s=0.0099,
