@@ -73,7 +73,13 @@ def schema() -> dict[str, Any]:
             "tolerations": {"type": "array", "items": FREE},
             "podDisruptionBudget": obj({"maxUnavailable": {"type": ["integer", "string"]}}),
             # One pod per instance, `ranks` processes in it (one per GPU the pod requests).
-            "expertParallel": obj({"ranks": bound(WorkerSettings, "ep_size")}, required=["ranks"]),
+            "expertParallel": obj(
+                {
+                    "ranks": bound(WorkerSettings, "ep_size"),
+                    "redundantSlots": bound(WorkerSettings, "ep_redundant_slots"),
+                },
+                required=["ranks"],
+            ),
         },
         required=["name", "role", "engine", "minReplicas", "maxReplicas", "resources"],
     )

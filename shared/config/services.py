@@ -125,6 +125,16 @@ class WorkerSettings(GrpcServiceSettings):
             "on CUDA, rank r uses GPU r), and exits if one of them fails."
         ),
     )
+    ep_redundant_slots: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description=(
+            "Expert slots per rank beyond its share, for copies of hot experts (SGLang's redundant experts): "
+            "filled at start with copies spread over the ranks, then moved onto the hottest experts by the "
+            "controller's rebalancing."
+        ),
+    )
     ep_join: bool = Field(
         default=False,
         description=(
@@ -174,6 +184,8 @@ class WorkerSettings(GrpcServiceSettings):
             raise ValueError(f"ep_rank ({self.ep_rank}) must be below ep_size ({self.ep_size})")
         if self.ep_size > 1 and self.engine is not EngineKind.REFERENCE:
             raise ValueError("expert parallelism (ep_size > 1) needs the reference engine")
+        if self.ep_redundant_slots and self.ep_size == 1:
+            raise ValueError("ep_redundant_slots is for expert-parallel instances (ep_size > 1)")
         if self.ep_local_followers and (self.ep_rank or self.ep_size == 1 or self.ep_join):
             raise ValueError("ep_local_followers is for rank 0 of an instance of ep_size > 1 ranks")
         if self.ep_join and not 0 < self.ep_rank == self.ep_size - 1:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from shared.errors import InvalidArgument
-from shared.policies.placement import EMPTY  # every slot of a rank that holds nothing: it just joined, or will leave
+from shared.policies.placement import EMPTY, MigrationAwarePolicy, Topology
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,29 @@ class ExpertMap:
     def round_robin(cls, layers: int, experts: int, ranks: int) -> ExpertMap:
         """Expert e on rank e % ranks, in every layer."""
         return cls(tuple(tuple((e % ranks,) for e in range(experts)) for _ in range(layers)))
+
+    @classmethod
+    def initial(cls, layers: int, experts: int, ranks: int, redundant_slots: int = 0) -> ExpertMap:
+        """Where an instance starts: round robin, and `redundant_slots` more per rank holding copies.
+
+        No load is known yet, so the copies are what the default placement policy gives under an even
+        load (each on a rank without the expert); the controller's rebalancing moves them onto the hot
+        experts once the instance reports its load."""
+        if not redundant_slots:
+            return cls.round_robin(layers, experts, ranks)
+        per_rank = -(-experts // ranks) + redundant_slots
+        if per_rank > experts:
+            raise InvalidArgument(
+                f"{redundant_slots} redundant expert slots per rank: a rank would hold {per_rank} slots of "
+                f"{experts} experts, and it holds an expert at most once"
+            )
+        current = np.full((layers, ranks * per_rank), EMPTY)  # the spare slots empty: the policy fills them
+        for layer in range(layers):
+            for rank in range(ranks):
+                held = list(range(rank, experts, ranks))
+                current[layer, rank * per_rank : rank * per_rank + len(held)] = held
+        placed = MigrationAwarePolicy().place(np.ones((layers, experts)), current, Topology(ranks, 1, per_rank))
+        return cls.from_slots(0, ranks, per_rank, placed.slots.tolist(), experts)
 
     def held_by(self, rank: int) -> dict[int, list[int]]:
         """Layer -> experts this rank holds."""

@@ -43,6 +43,7 @@ def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor
         settings.ep_size,
         host=rendezvous(settings.ep_master)[0],
         joining=settings.ep_join,
+        redundant_slots=settings.ep_redundant_slots,
         device=settings.device,
         dtype=settings.dtype,
         compute_threads=settings.compute_threads,

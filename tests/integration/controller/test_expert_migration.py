@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,51 @@ async def test_scheduled_rebalancing_records_balance_and_migrates(
                 assert all(s["balance_max"] >= s["balance_mean"] >= 1.0 for s in samples)
             await load.stop()
             assert load.errors == [] and all(load.results)
+        finally:
+            await client.close()
+
+
+def copies(layer: common_pb2.LayerPlacement, slots_per_rank: int) -> Counter[int]:
+    """Copies of each expert in one layer (a rank's slots may repeat an expert: one copy)."""
+    slots = list(layer.slot_experts)
+    ranks = len(slots) // slots_per_rank
+    return Counter(e for r in range(ranks) for e in set(slots[r * slots_per_rank : (r + 1) * slots_per_rank]))
+
+
+async def test_redundant_slots_end_up_holding_copies_of_the_hot_experts(
+    redis_url: str, tiny_model: Path, expected: list[list[int]]
+) -> None:
+    spare = {"SHOAL_WORKER_EP_REDUNDANT_SLOTS": "1"}
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-spare", extra_env=spare) as (address, _):
+        client = WorkerClient(address, as_controller())
+        load = Load(client, expected, clients=2)
+        try:
+            start = (await client.expert_stats()).expert_map
+            assert start.slots_per_rank == 8 // 2 + 1  # each rank's share and one spare slot, filled
+            assert all(sum(copies(layer, start.slots_per_rank).values()) == 10 for layer in start.layers)
+            await asyncio.sleep(2.0)  # expert statistics to plan from
+            async with running_controller(
+                redis_url, expert_stats_interval_s=0.3, expert_rebalance_interval_s=0.5, expert_rebalance_min_gain=0.0
+            ) as front:
+                for _ in range(300):
+                    jobs = [j for j in await front.app.jobs.recent() if j.kind == MIGRATE]
+                    if jobs:
+                        break
+                    await asyncio.sleep(0.1)
+                assert jobs, "no rebalance was planned"
+                job = await wait_job(front, jobs[0].id)
+                assert job["state"] == "succeeded", job
+            stats = await client.expert_stats()
+            served = stats.expert_map
+            assert served.version > start.version
+            # In every layer the copies now sit on the experts the load made hottest: the hottest has two,
+            # where in some layer it started with one (the spare slots began as copies of other experts).
+            hottest = [max(range(8), key=lambda e: layer.tokens[e]) for layer in stats.layers]
+            for expert, placement in zip(hottest, served.layers, strict=True):
+                assert copies(placement, served.slots_per_rank)[expert] == 2, (hottest, placement)
+            assert any(copies(p, start.slots_per_rank)[e] == 1 for e, p in zip(hottest, start.layers, strict=True))
+            await load.stop()
+            assert load.errors == [] and all(load.results)  # outputs unchanged throughout
         finally:
             await client.close()
 

@@ -134,13 +134,17 @@ class ExpertParallelExecutor(ReferenceExecutor):
         expert_map: ExpertMap | None = None,
         host: str = "127.0.0.1",
         joining: bool = False,
+        redundant_slots: int = 0,
         **kwargs: Any,
     ) -> None:
         """`host`: where ranks can reach this one (it hosts the rendezvous of a shrink);
-        `joining`: a new last rank, which loads no expert and learns the map in `join`."""
+        `joining`: a new last rank, which loads no expert and learns the map in `join`;
+        `redundant_slots`: expert slots per rank beyond its share, for copies (`ExpertMap.initial`)."""
         super().__init__(model_path, model_name, **kwargs)
         self.rank, self.world_size, self.host = rank, world_size, host
-        self.expert_map = expert_map or ExpertMap.round_robin(self.num_layers, self.num_experts, world_size)
+        self.expert_map = expert_map or ExpertMap.initial(
+            self.num_layers, self.num_experts, world_size, redundant_slots
+        )
         self.expert_map.validate(world_size)
         self.experts_of_layer = (
             {layer: [] for layer in range(self.num_layers)} if joining else self.expert_map.held_by(rank)
