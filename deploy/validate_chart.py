@@ -38,6 +38,7 @@ SAMPLES = {
     **{f"secretKeyRef:redis-password-{user}": f"sample-redis-{user}-7f3a9c" for user in USER_NAMES},
     "fieldRef:metadata.name": "shoal-worker-decode-5d8f7-abcde",
     "fieldRef:status.podIP": "10.0.0.12",
+    "fieldRef:spec.nodeName": "gpu-node-3",
 }
 
 

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from redis.asyncio import Redis
 
-from services.controller.jobs.migrate import plan_from_stats
+from services.controller.jobs.migrate import plan_from_stats, topology_of
 from shared.config import ControllerSettings
 from shared.errors import FailedPrecondition, ShoalError
-from shared.policies.placement import Topology, layer_report
+from shared.policies.placement import layer_report
 from shared.rpc.pool import ClientPool
 from shared.rpc.shoal.v1 import worker_pb2
 from shared.rpc.worker_client import WorkerClient
@@ -43,7 +43,7 @@ def balance_sample(stats: worker_pb2.ExpertStatsResponse) -> dict[str, float] | 
         return None
     slots = [list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)]
     loads = [[float(t) for t in layer.tokens] for layer in sorted(stats.layers, key=lambda layer: layer.layer)]
-    _, balance = layer_report(slots, loads, Topology(ranks=wire.num_ranks, nodes=1, slots_per_rank=wire.slots_per_rank))
+    _, balance = layer_report(slots, loads, topology_of(wire))
     return {"balance_mean": float(np.mean(balance)), "balance_max": float(np.max(balance)), "version": wire.version}
 
 

@@ -336,7 +336,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
         parallel = self.engine.expert_parallel()
         if parallel is not None:
-            ranks, current = parallel.expert_map()
+            ranks, nodes, current = parallel.expert_map()
             width, slots = current.to_slots(ranks)
             response.expert_map.CopyFrom(
                 common_pb2.ExpertMap(
@@ -344,9 +344,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     num_ranks=ranks,
                     slots_per_rank=width,
                     layers=[common_pb2.LayerPlacement(layer=i, slot_experts=s) for i, s in enumerate(slots)],
+                    num_nodes=nodes,
                 )
             )
-            topo = Topology(ranks=ranks, nodes=1, slots_per_rank=width)
+            topo = Topology(ranks=ranks, nodes=nodes, slots_per_rank=width)
             _, balance = layer_report(slots, [[float(t) for t in c] for c in stats.counts], topo)
             for layer, value in enumerate(balance):
                 self.metrics.expert_balance.labels(str(layer)).set(value)
@@ -398,7 +399,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @staticmethod
     def _target_map(parallel: ExpertParallel, wire: common_pb2.ExpertMap) -> ExpertMap:
-        ranks, current = parallel.expert_map()
+        ranks, _, current = parallel.expert_map()
         if wire.num_ranks != ranks or wire.slots_per_rank == 0:
             raise InvalidArgument(f"the target map must span this instance's {ranks} ranks", param="target")
         layers = sorted(wire.layers, key=lambda layer: layer.layer)

@@ -135,6 +135,13 @@ class WorkerSettings(GrpcServiceSettings):
             "controller's rebalancing."
         ),
     )
+    node_name: str = Field(
+        default="",
+        description=(
+            "The machine this rank runs on, for the instance's topology (the chart passes the Kubernetes node's "
+            "name); empty: this host's name."
+        ),
+    )
     ep_join: bool = Field(
         default=False,
         description=(

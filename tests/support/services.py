@@ -221,19 +221,15 @@ def ep_worker_processes(
     worker_id: str = "ep-worker",
     local_followers: bool = False,
     rank_models: dict[int, Path] | None = None,
-    extra_env: dict[str, str] | None = None,
+    rank_env: dict[int, dict[str, str]] | None = None,
 ) -> Iterator[tuple[str, list[ManagedProcess]]]:
     """One reference-engine worker spanning `ranks` processes (expert parallelism): (address, processes).
 
     `local_followers`: start rank 0 alone; it starts the others as its children (as in a pod).
     `rank_models`: a copy of the checkpoint for some ranks (as on separate hosts).
-    `extra_env`: more settings for every rank."""
+    `rank_env`: more settings for some ranks."""
     port = free_port()
-    env = {
-        **_ep_env(redis_url, model_path, worker_id, ranks, free_port()),
-        "SHOAL_WORKER_GRPC_PORT": str(port),
-        **(extra_env or {}),
-    }
+    env = {**_ep_env(redis_url, model_path, worker_id, ranks, free_port()), "SHOAL_WORKER_GRPC_PORT": str(port)}
     if local_followers:
         env["SHOAL_WORKER_EP_LOCAL_FOLLOWERS"] = "true"
     argv = [sys.executable, "-m", "services.worker"]
@@ -242,7 +238,12 @@ def ep_worker_processes(
         spawn(
             f"rank{r}",
             argv,
-            {**env, "SHOAL_WORKER_EP_RANK": str(r), "SHOAL_WORKER_MODEL_PATH": str(models.get(r, model_path))},
+            {
+                **env,
+                "SHOAL_WORKER_EP_RANK": str(r),
+                "SHOAL_WORKER_MODEL_PATH": str(models.get(r, model_path)),
+                **(rank_env or {}).get(r, {}),
+            },
             out=io.StringIO(),
         )
         for r in range(1 if local_followers else ranks)

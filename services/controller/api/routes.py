@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.controller.agents.tools import RETRIEVERS, TOOLS
 from services.controller.api.audit import AdminEdge, AuditEntry, caller
 from services.controller.api.ui import mount_console
+from services.controller.jobs.migrate import topology_of
 from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -35,7 +36,7 @@ from shared.errors import (
 )
 from shared.httpapi import install_error_handlers
 from shared.policies.agents import PlanError
-from shared.policies.placement import Topology, layer_report
+from shared.policies.placement import layer_report
 from shared.telemetry.metrics import render
 from shared.types.apikeys import KEY_ID, APIKeyCreate, APIKeyCreated, APIKeyPublic
 from shared.types.graphs import GraphRecord, GraphSpec, RunState, ToolStep, check_graph
@@ -369,12 +370,13 @@ def build_api(controller: ControllerApp) -> FastAPI:
         if not wire.num_ranks:
             return {"expert_parallel": False, "num_experts": stats.num_experts, "expert_tokens": layers}
         slots = [list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)]
-        topo = Topology(ranks=wire.num_ranks, nodes=1, slots_per_rank=wire.slots_per_rank)
+        topo = topology_of(wire)
         per_rank, balance = layer_report(slots, [[float(t) for t in layer] for layer in layers], topo)
         return {
             "expert_parallel": True,
             "version": wire.version,
             "num_ranks": wire.num_ranks,
+            "num_nodes": topo.nodes,
             "slots_per_rank": wire.slots_per_rank,
             "slots": slots,
             "expert_tokens": layers,

@@ -53,6 +53,11 @@ JOIN_RETRY_S = 1.0
 SOURCES = {"checkpoint": worker_pb2.WEIGHT_SOURCE_CHECKPOINT, "peer": worker_pb2.WEIGHT_SOURCE_PEER}
 
 
+def topology_of(wire: common_pb2.ExpertMap) -> Topology:
+    """The instance's ranks, the nodes it reports (1 when it does not) and its slots per rank."""
+    return Topology(ranks=wire.num_ranks, nodes=wire.num_nodes or 1, slots_per_rank=wire.slots_per_rank)
+
+
 def plan_from_stats(stats: worker_pb2.ExpertStatsResponse, policy: str, vacate_last: bool = False) -> dict[str, Any]:
     """The placement policy's answer for this instance, as a JSON-able plan (`vacate_last`: leave the last rank
     empty, so it can leave)."""
@@ -61,7 +66,7 @@ def plan_from_stats(stats: worker_pb2.ExpertStatsResponse, policy: str, vacate_l
         raise FailedPrecondition("the worker holds every expert itself: no expert parallelism, nothing to place")
     loads = np.array([list(layer.tokens) for layer in sorted(stats.layers, key=lambda layer: layer.layer)], float)
     current = np.array([list(layer.slot_experts) for layer in sorted(wire.layers, key=lambda layer: layer.layer)])
-    topo = Topology(ranks=wire.num_ranks, nodes=1, slots_per_rank=wire.slots_per_rank)
+    topo = topology_of(wire)
     if vacate_last:
         try:
             result = vacate_last_rank(PLACEMENT_POLICIES[policy](), loads, current, topo)

@@ -198,8 +198,8 @@ class ExpertParallel(Protocol):
     """What an expert-parallel instance adds: its expert map, and changing it live. Each call that changes
     the instance runs between two engine steps, on every rank."""
 
-    def expert_map(self) -> tuple[int, ExpertMap]:
-        """(ranks, the map served now)."""
+    def expert_map(self) -> tuple[int, int, ExpertMap]:
+        """(ranks, the nodes they span, the map served now)."""
 
     async def stage_experts(
         self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False

@@ -106,6 +106,7 @@ class MigratableExecutor(Protocol):
     """An executor spread over ranks whose expert map can change live (reference/parallel.py)."""
 
     world_size: int
+    nodes: int
     expert_map: ExpertMap
 
     def stage(
@@ -553,8 +554,8 @@ class ExpertParallelControl:
         self._engine = engine
         self._executor = executor
 
-    def expert_map(self) -> tuple[int, ExpertMap]:
-        return self._executor.world_size, self._executor.expert_map
+    def expert_map(self) -> tuple[int, int, ExpertMap]:
+        return self._executor.world_size, self._executor.nodes, self._executor.expert_map
 
     async def stage_experts(
         self, migration_id: str, target: ExpertMap, layers: list[int], from_peer: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,3 +84,15 @@ class ExpertMap:
                     raise InvalidArgument(
                         f"layer {layer} expert {expert}: holders {holders} are not distinct ranks < {ranks}"
                     )
+
+
+def node_count(names: Sequence[str]) -> int:
+    """Nodes an instance spans, from each rank's machine name in rank order: the count when every node holds
+    the same number of consecutive ranks (what node-aware placement assumes), else 1 (placement then treats
+    the ranks as one node, which is only less careful about where copies go)."""
+    nodes = len(set(names))
+    per_node = len(names) // nodes
+    groups = [names[i : i + per_node] for i in range(0, len(names), per_node)]
+    if len(names) % nodes or any(len(set(group)) != 1 for group in groups):
+        return 1
+    return nodes

@@ -44,6 +44,7 @@ def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor
         host=rendezvous(settings.ep_master)[0],
         joining=settings.ep_join,
         redundant_slots=settings.ep_redundant_slots,
+        node_name=settings.node_name,
         device=settings.device,
         dtype=settings.dtype,
         compute_threads=settings.compute_threads,

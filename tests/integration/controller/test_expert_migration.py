@@ -261,12 +261,14 @@ def copies(layer: common_pb2.LayerPlacement, slots_per_rank: int) -> Counter[int
 async def test_redundant_slots_end_up_holding_copies_of_the_hot_experts(
     redis_url: str, tiny_model: Path, expected: list[list[int]]
 ) -> None:
-    spare = {"SHOAL_WORKER_EP_REDUNDANT_SLOTS": "1"}
-    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-spare", extra_env=spare) as (address, _):
+    # Each rank on its own machine, as far as the instance can tell: its topology is two nodes.
+    ranks = {r: {"SHOAL_WORKER_EP_REDUNDANT_SLOTS": "1", "SHOAL_WORKER_NODE_NAME": f"node-{r}"} for r in range(2)}
+    with ep_worker_processes(redis_url, tiny_model, 2, worker_id="ep-spare", rank_env=ranks) as (address, _):
         client = WorkerClient(address, as_controller())
         load = Load(client, expected, clients=2)
         try:
             start = (await client.expert_stats()).expert_map
+            assert start.num_nodes == 2
             assert start.slots_per_rank == 8 // 2 + 1  # each rank's share and one spare slot, filled
             assert all(sum(copies(layer, start.slots_per_rank).values()) == 10 for layer in start.layers)
             await asyncio.sleep(2.0)  # expert statistics to plan from
@@ -281,6 +283,9 @@ async def test_redundant_slots_end_up_holding_copies_of_the_hot_experts(
                 assert jobs, "no rebalance was planned"
                 job = await wait_job(front, jobs[0].id)
                 assert job["state"] == "succeeded", job
+                async with httpx.AsyncClient(base_url=front.url, headers=front.headers(VIEWER)) as http:
+                    shown = (await http.get("/v1/workers/ep-spare/experts")).json()
+                assert shown["num_nodes"] == 2 and shown["slots_per_rank"] == 5
             stats = await client.expert_stats()
             served = stats.expert_map
             assert served.version > start.version

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.engines.experts import ExpertMap
+from services.worker.engines.experts import ExpertMap, node_count
 from shared.config import WorkerSettings
 from shared.errors import InvalidArgument
 
@@ -38,3 +38,17 @@ def test_redundant_slots_need_expert_parallelism() -> None:
     with pytest.raises(ValueError, match="ep_redundant_slots"):
         WorkerSettings(engine="reference", ep_redundant_slots=1)
     assert WorkerSettings(engine="reference", ep_size=2, ep_redundant_slots=1).ep_redundant_slots == 1
+
+
+@pytest.mark.parametrize(
+    ("names", "nodes"),
+    [
+        (["a", "a", "a", "a"], 1),
+        (["a", "a", "b", "b"], 2),
+        (["a", "b", "c", "d"], 4),
+        (["a", "b", "a", "b"], 1),  # a node's ranks are not consecutive: placement cannot group them
+        (["a", "a", "a", "b"], 1),  # nodes of unequal size
+    ],
+)
+def test_the_nodes_of_an_instance_come_from_where_its_ranks_run(names: list[str], nodes: int) -> None:
+    assert node_count(names) == nodes

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,7 +51,7 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]  # re-expor
 
 from services.worker.engines.base import KVBlock
 from services.worker.engines.engine import StepResult
-from services.worker.engines.experts import ExpertMap
+from services.worker.engines.experts import ExpertMap, node_count
 from services.worker.engines.reference.executor import ReferenceExecutor
 from services.worker.engines.reference.model import ExpertWeights, LayerWeights, load_expert
 from services.worker.engines.scheduler import Item, Sequence
@@ -135,11 +136,13 @@ class ExpertParallelExecutor(ReferenceExecutor):
         host: str = "127.0.0.1",
         joining: bool = False,
         redundant_slots: int = 0,
+        node_name: str = "",
         **kwargs: Any,
     ) -> None:
         """`host`: where ranks can reach this one (it hosts the rendezvous of a shrink);
         `joining`: a new last rank, which loads no expert and learns the map in `join`;
-        `redundant_slots`: expert slots per rank beyond its share, for copies (`ExpertMap.initial`)."""
+        `redundant_slots`: expert slots per rank beyond its share, for copies (`ExpertMap.initial`);
+        `node_name`: the machine this rank runs on (default: the host name), for the instance's topology."""
         super().__init__(model_path, model_name, **kwargs)
         self.rank, self.world_size, self.host = rank, world_size, host
         self.expert_map = expert_map or ExpertMap.initial(
@@ -157,6 +160,10 @@ class ExpertParallelExecutor(ReferenceExecutor):
         self._migration: str | None = None
         self._target: ExpertMap | None = None
         self._staged: dict[tuple[int, int], ExpertWeights] = {}
+        self.node_name = node_name or socket.gethostname()
+        self.nodes = 1  # machines the ranks span (node_count); learnt with the other ranks
+        if not joining:
+            self._gather_nodes()
 
     # -- leader ---------------------------------------------------------------
 
@@ -280,10 +287,17 @@ class ExpertParallelExecutor(ReferenceExecutor):
         self.world_size = ranks
         return self._welcome(members, blocks)
 
+    def _gather_nodes(self) -> None:
+        """Every rank of the (re)formed group: learn which machine each rank runs on."""
+        names: list[Any] = [None] * self.world_size
+        dist.all_gather_object(names, self.node_name)
+        self.nodes = node_count(names)
+
     def _welcome(self, members: int, blocks: list[int] | None = None) -> int:
         """The leader hands ranks `members`.. what every rank holds: the expert map and the KV blocks in use.
 
         Returns the bytes sent (leader) or received (joiner)."""
+        self._gather_nodes()
         state: list[Any] = [None]
         if self.rank == 0:
             num_blocks = self.k_cache[0].shape[1] // self.block_size

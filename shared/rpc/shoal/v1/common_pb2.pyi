@@ -388,10 +388,15 @@ class ExpertMap(_message.Message):
     NUM_RANKS_FIELD_NUMBER: _builtins.int
     SLOTS_PER_RANK_FIELD_NUMBER: _builtins.int
     LAYERS_FIELD_NUMBER: _builtins.int
+    NUM_NODES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Monotonic; a worker commits only a map newer than the one it serves."""
     num_ranks: _builtins.int
     slots_per_rank: _builtins.int
+    num_nodes: _builtins.int
+    """Machines the ranks span, each holding the same number of consecutive ranks
+    (0: not reported, read as 1). Placement keeps an expert's copies node-aware.
+    """
     @_builtins.property
     def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___LayerPlacement]: ...
     def __init__(
@@ -401,10 +406,11 @@ class ExpertMap(_message.Message):
         num_ranks: _builtins.int = ...,
         slots_per_rank: _builtins.int = ...,
         layers: _abc.Iterable[Global___LayerPlacement] | None = ...,
+        num_nodes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers", "num_ranks", b"num_ranks", "slots_per_rank", b"slots_per_rank", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["layers", b"layers", "num_nodes", b"num_nodes", "num_ranks", b"num_ranks", "slots_per_rank", b"slots_per_rank", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
