@@ -151,6 +151,15 @@ class WorkerSettings(GrpcServiceSettings):
     )
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per KV-cache block.")
     kv_cache_bytes: int = Field(default=256 * 2**20, ge=2**20, description="Bytes preallocated for the paged KV cache.")
+    decode_rows_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Reference engine: memory for decoding requests' contexts kept in contiguous rows between steps, "
+            "so a step does not copy them out of the KV cache again (docs/architecture.md). Default: as much as "
+            "the KV cache on a CPU, none on a GPU."
+        ),
+    )
     max_running: int = Field(default=128, ge=1, description="Most requests decoded together in one step.")
     max_batch_tokens: int = Field(
         default=2048, ge=16, description="Token budget of one engine step (chunked prefill + decode)."

@@ -21,8 +21,9 @@ def limits(
     return EngineLimits(block_size, kv_cache_bytes, max_running, max_batch_tokens, max_waiting=256)
 
 
-def reference_engine(model: Path, **kwargs: int) -> BatchingEngine:
-    return BatchingEngine(ReferenceExecutor(model, TINY_MODEL_NAME, device="cpu"), limits(**kwargs))
+def reference_engine(model: Path, decode_rows_bytes: int | None = None, **kwargs: int) -> BatchingEngine:
+    executor = ReferenceExecutor(model, TINY_MODEL_NAME, device="cpu", decode_rows_bytes=decode_rows_bytes)
+    return BatchingEngine(executor, limits(**kwargs))
 
 
 def sim_engine(speedup: float = 50.0, failures: FailureInjection | None = None, **kwargs: int) -> BatchingEngine:

@@ -48,6 +48,7 @@ def expert_parallel_executor(settings: WorkerSettings) -> ExpertParallelExecutor
         device=settings.device,
         dtype=settings.dtype,
         compute_threads=settings.compute_threads,
+        decode_rows_bytes=settings.decode_rows_bytes,
     )
 
 
@@ -83,7 +84,12 @@ def build_engine(settings: WorkerSettings, observer: EngineObserver | None = Non
             expert_parallel_executor(settings)
             if settings.ep_size > 1
             else ReferenceExecutor(
-                settings.model_path, settings.model_name, settings.device, settings.dtype, settings.compute_threads
+                settings.model_path,
+                settings.model_name,
+                settings.device,
+                settings.dtype,
+                settings.compute_threads,
+                settings.decode_rows_bytes,
             )
         )
         return BatchingEngine(executor, limits, observer)

@@ -42,10 +42,15 @@ class PagedCache:
         return (probs[:, None, :] @ v).squeeze(1)
 
 
+def rows_of(max_bytes: int) -> DecodeRows:
+    return DecodeRows(1, KV_HEADS, DIM, BLOCK, torch.float32, torch.device("cpu"), max_bytes)
+
+
 def step(rows: DecodeRows, cache: PagedCache, decodes: dict[int, int]) -> DecodePlan:
     """One decode step of every (serial -> position of its new token), checked against the cache."""
     entries = [(serial, start, cache.table(serial, start + 1)) for serial, start in decodes.items()]
     plan = rows.plan(entries)
+    assert plan is not None
     new_k = torch.randn(len(entries), KV_HEADS, DIM, generator=cache.generator)
     new_v = torch.randn(len(entries), KV_HEADS, DIM, generator=cache.generator)
     for index, (serial, start, _) in enumerate(entries):  # the executor writes the cache first
@@ -66,7 +71,7 @@ def copied(plan: DecodePlan) -> int:
 
 def test_rows_give_the_attention_of_the_paged_cache_and_copy_each_context_once() -> None:
     cache = PagedCache(blocks=64)
-    rows = DecodeRows(1, KV_HEADS, DIM, BLOCK, torch.float32, torch.device("cpu"))
+    rows = rows_of(2**30)
     assert copied(step(rows, cache, {1: 5, 2: 9})) == 5 + 9
     # Both continue (only their new tokens are written) and a third starts decoding (its context is copied).
     assert copied(step(rows, cache, {1: 6, 2: 10, 3: 3})) == 3
@@ -75,7 +80,7 @@ def test_rows_give_the_attention_of_the_paged_cache_and_copy_each_context_once()
 
 def test_a_request_that_skips_a_step_is_copied_again_with_what_the_cache_holds_then() -> None:
     cache = PagedCache(blocks=64)
-    rows = DecodeRows(1, KV_HEADS, DIM, BLOCK, torch.float32, torch.device("cpu"))
+    rows = rows_of(2**30)
     step(rows, cache, {1: 5, 2: 9})
     step(rows, cache, {1: 6})  # 2 was preempted: its row is let go
     # Recomputed, its K/V may differ from what its row held: the row must come from the cache again.
@@ -88,7 +93,7 @@ def test_a_request_that_skips_a_step_is_copied_again_with_what_the_cache_holds_t
 
 def test_rows_and_width_grow_keeping_what_the_rows_hold() -> None:
     cache = PagedCache(blocks=128)
-    rows = DecodeRows(1, KV_HEADS, DIM, BLOCK, torch.float32, torch.device("cpu"))
+    rows = rows_of(2**30)
     step(rows, cache, {1: 3, 2: 4})
     assert rows.capacity == (2, WIDTH_STEP)
     long_start = WIDTH_STEP + 5
@@ -101,8 +106,23 @@ def test_rows_and_width_grow_keeping_what_the_rows_hold() -> None:
 
 def test_a_finished_request_frees_its_row_for_the_next() -> None:
     cache = PagedCache(blocks=64)
-    rows = DecodeRows(1, KV_HEADS, DIM, BLOCK, torch.float32, torch.device("cpu"))
+    rows = rows_of(2**30)
     step(rows, cache, {1: 5, 2: 9, 3: 2})
     plan = step(rows, cache, {1: 6, 3: 3, 4: 6})  # 2 finished; 4 takes its row
     assert rows.capacity[0] == 3 and plan.used == 3
     assert copied(plan) == 6
+
+
+def test_rows_that_would_pass_the_memory_budget_give_no_plan_and_are_dropped() -> None:
+    cache = PagedCache(blocks=64)
+    token_bytes = 2 * KV_HEADS * DIM * 4  # one layer's K and V of one position
+    rows = rows_of(max_bytes=2 * WIDTH_STEP * token_bytes)  # two rows of the first width
+    assert copied(step(rows, cache, {1: 5, 2: 9})) == 5 + 9
+    # A third request does not fit: no plan (the executor gathers from the cache), and the rows are freed.
+    assert rows.plan([(s, n, cache.table(s, n + 1)) for s, n in {1: 6, 2: 10, 3: 3}.items()]) is None
+    assert rows.capacity == (0, 0)
+    # Back within the budget, rows are made again: each context copied once more, then only appended to.
+    assert copied(step(rows, cache, {1: 7, 3: 4})) == 7 + 4
+    assert copied(step(rows, cache, {1: 8, 3: 5})) == 0
+    # A context longer than the budget's width does not fit either.
+    assert rows.plan([(1, 9 + WIDTH_STEP, cache.table(1, 10 + WIDTH_STEP))]) is None

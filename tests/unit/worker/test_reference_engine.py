@@ -64,6 +64,18 @@ async def test_greedy_output_matches_transformers_generate(engine: BatchingEngin
         assert result.finish is Finish.LENGTH
 
 
+async def test_without_memory_for_decode_rows_the_output_is_the_same(tiny_model: Path, hf_model: Any) -> None:
+    engine = reference_engine(tiny_model, decode_rows_bytes=0)  # every step copies contexts layer by layer
+    await engine.start()
+    try:
+        batch = prompts(4, [5, 30, 64, 3], seed=1)
+        results = await collect_all(engine, [request(f"n{i}", p, max_tokens=40) for i, p in enumerate(batch)])
+    finally:
+        await engine.stop()
+    for prompt, result in zip(batch, results, strict=True):
+        assert result.tokens == transformers_greedy(hf_model, prompt, 40)
+
+
 async def test_tokens_do_not_depend_on_the_batch(engine: BatchingEngine) -> None:
     batch = prompts(6, [9, 20, 41], seed=2)
     alone = [await collect(engine, request(f"a{i}", p, max_tokens=24)) for i, p in enumerate(batch)]

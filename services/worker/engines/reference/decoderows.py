@@ -12,8 +12,12 @@ The paged cache stays the truth (prefix sharing, export, preemption, the
 prefill of a later chunk); a row only mirrors it, and lives while its request
 decodes in every step. A request that skips a step (it was preempted, or
 finished) loses its row and gets a fresh copy when it decodes again. Rows and
-their width grow on demand and are kept for reuse: at most the size of the
-gather buffer they replace (every decoding request padded to the longest).
+their width grow on demand (every row as wide as the longest context) and are
+kept for reuse, up to `max_bytes` for all layers. A step whose rows would not
+fit gets no plan: the rows are dropped and the executor gathers the contexts
+from the cache, layer by layer, as it would without rows (the worker's
+default allows as much as the KV cache on a CPU and none on a GPU, where that
+copy runs at device memory speed and memory is scarce).
 """
 
 from __future__ import annotations
@@ -44,32 +48,56 @@ class DecodeRows:
     """Per layer, K and V of [rows, kv_heads, width, head_dim]; row r holds one request's context."""
 
     def __init__(
-        self, layers: int, kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_bytes: int,
     ) -> None:
         self.layers, self.kv_heads, self.head_dim, self.block_size = layers, kv_heads, head_dim, block_size
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.max_bytes = dtype, device, max_bytes
+        self._itemsize = torch.empty((), dtype=dtype).element_size()
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
-        self._allocate(0, 0)
         self._row_of: dict[int, int] = {}  # request serial -> row
         self._length: list[int] = []  # positions each row holds
+        self._allocate(0, 0)
 
     @property
     def capacity(self) -> tuple[int, int]:
         """(rows, width) allocated."""
         return self.k[0].shape[0], self.k[0].shape[2]
 
+    def _bytes(self, rows: int, width: int) -> int:
+        """Rows of every layer, K and V."""
+        return 2 * self.layers * rows * self.kv_heads * width * self.head_dim * self._itemsize
+
     def _allocate(self, rows: int, width: int) -> None:
+        """Rows of every layer, keeping what the old ones held."""
         shape = (rows, self.kv_heads, width, self.head_dim)
-        old_k, old_v = self.k, self.v
+        old = self.k + self.v
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
-        if old_k:
-            for new, old in zip(self.k + self.v, old_k + old_v, strict=True):
-                new[: old.shape[0], :, : old.shape[2]] = old
+        for new, kept in zip(self.k + self.v, old, strict=False):  # none kept on the first allocation
+            new[: kept.shape[0], :, : kept.shape[2]] = kept
 
-    def plan(self, decodes: list[tuple[int, int, list[int]]]) -> DecodePlan:
-        """Rows for this step's decodes, each (request serial, position of its new token, block table)."""
+    def drop(self) -> None:
+        """Forget every row and free their memory."""
+        self._row_of.clear()
+        self._length.clear()
+        self.k, self.v = [], []
+        self._allocate(0, 0)
+
+    def plan(self, decodes: list[tuple[int, int, list[int]]]) -> DecodePlan | None:
+        """Rows for this step's decodes, each (request serial, position of its new token, block table);
+        None when they would not fit in `max_bytes` (every row is dropped then)."""
+        width = max(start for _, start, _ in decodes) + 1
+        if self._bytes(len(decodes), width) > self.max_bytes:
+            self.drop()
+            return None
         now = {serial for serial, _, _ in decodes}
         for serial in [s for s in self._row_of if s not in now]:
             self._length[self._row_of.pop(serial)] = 0
@@ -85,11 +113,13 @@ class DecodeRows:
                 fills.append((row, start, blocks))
             rows.append(row)
         used = max(rows) + 1
-        width = max(start for _, start, _ in decodes) + 1
-        self._grow(used, width)
+        if not self._grow(used, width):
+            self.drop()
+            return None
         self._length += [0] * (used - len(self._length))
         for row, (_, start, _) in zip(rows, decodes, strict=True):
             self._length[row] = start + 1
+        # A row no request holds attends to one (zero) position, not to none (NaN).
         lengths = torch.tensor([max(n, 1) for n in self._length[:used]], device=self.device)
         past = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
         bias = torch.zeros(past.shape, dtype=self.dtype, device=self.device).masked_fill_(past, float("-inf"))
@@ -119,13 +149,18 @@ class DecodeRows:
         table = torch.tensor(blocks[: -(-length // size)], dtype=torch.long, device=self.device)
         return (table[:, None] * size + torch.arange(size, device=self.device)).flatten()[:length]
 
-    def _grow(self, rows: int, width: int) -> None:
+    def _grow(self, rows: int, width: int) -> bool:
+        """Make room for `rows` x `width`; False when that would pass `max_bytes`."""
         have_rows, have_width = self.capacity
         if rows <= have_rows and width <= have_width:
-            return
+            return True
         if width > have_width:
             width = max(2 * have_width, -(-width // WIDTH_STEP) * WIDTH_STEP)
-        self._allocate(max(rows, have_rows), max(width, have_width))
+        rows, width = max(rows, have_rows), max(width, have_width)
+        if self._bytes(rows, width) > self.max_bytes:
+            return False
+        self._allocate(rows, width)
+        return True
 
     def write(
         self, layer: int, plan: DecodePlan, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,

@@ -5,8 +5,9 @@ The KV cache is two preallocated tensors per layer (K and V) of
 [b * block_size, (b + 1) * block_size). A step flattens the scheduled tokens
 of every request into one batch for the projections and experts; attention
 runs once for all decoding requests (over their contiguous rows, which
-mirror the cache: decoderows.py) and once per prompt chunk (causal, offset by
-the chunk's start). The MoE layer goes through an `ExpertRunner`, which is the
+mirror the cache: decoderows.py; or, past the rows' memory, over their
+contexts gathered from the cache by whole blocks into a reused buffer) and
+once per prompt chunk (causal, offset by the chunk's start). The MoE layer goes through an `ExpertRunner`, which is the
 grouped matmul here and the expert-parallel dispatch when the model spans ranks.
 """
 
@@ -70,7 +71,10 @@ class ReferenceExecutor:
         device: str = "auto",
         dtype: str = "float32",
         compute_threads: int = 0,
+        decode_rows_bytes: int | None = None,
     ) -> None:
+        """`decode_rows_bytes`: memory for decode rows (decoderows.py); None: as much as the KV cache on a CPU,
+        none on a GPU."""
         self.checkpoint = Checkpoint(model_path)
         config = self.checkpoint.config
         self.config = config
@@ -94,6 +98,8 @@ class ReferenceExecutor:
         self.experts_of_layer: dict[int, list[int]] | None = None
         self.compute_threads = compute_threads if compute_threads > 0 else _default_threads(self.device)
         self.decode_rows: DecodeRows | None = None
+        self.decode_rows_bytes = decode_rows_bytes
+        self._gather_buffers = [torch.empty(0), torch.empty(0)]
         self._map_version = 0
 
     # -- setup ----------------------------------------------------------------
@@ -118,8 +124,12 @@ class ReferenceExecutor:
         shape = (config.num_kv_heads, num_blocks * block_size, config.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
+        budget = self.decode_rows_bytes
+        if budget is None:
+            budget = 2 * self.k_cache[0].numel() * self.k_cache[0].element_size() * config.num_layers
+            budget = budget if self.device.type == "cpu" else 0
         self.decode_rows = DecodeRows(
-            config.num_layers, config.num_kv_heads, config.head_dim, block_size, self.dtype, self.device
+            config.num_layers, config.num_kv_heads, config.head_dim, block_size, self.dtype, self.device, budget
         )
 
     def _geometry(self, block_size: int) -> KVGeometry:
@@ -217,7 +227,7 @@ class ReferenceExecutor:
         positions: list[int] = []
         slots: list[int] = []
         decode_rows: list[int] = []
-        decodes: list[tuple[int, int, list[int]]] = []
+        decodes: list[tuple[int, int, list[int]]] = []  # (serial, position of the new token, block table)
         segments: list[_Segment] = []
         sample_rows: list[int] = []
         for item in items:
@@ -244,6 +254,7 @@ class ReferenceExecutor:
         rows = self.decode_rows
         assert rows is not None
         plan = rows.plan(decodes) if decodes else None
+        gather = self._gather_plan(decodes) if decodes and plan is None else None
         decode_rows_t = torch.tensor(decode_rows, device=device)
         total = len(ids)
         heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -265,11 +276,15 @@ class ReferenceExecutor:
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             k_cache[:, slots_t] = k.transpose(0, 1)
             v_cache[:, slots_t] = v.transpose(0, 1)
-            if plan is None:
+            if not decodes:
                 attn = torch.empty_like(q)
             else:
-                rows.write(index, plan, k_cache, v_cache, decoding(k), decoding(v))
-                decoded = rows.attend(index, plan, decoding(q))
+                if plan is not None:
+                    rows.write(index, plan, k_cache, v_cache, decoding(k), decoding(v))
+                    decoded = rows.attend(index, plan, decoding(q))
+                else:
+                    assert gather is not None
+                    decoded = self._gathered_attention(k_cache, v_cache, decoding(q), *gather)
                 attn = decoded if only_decodes else torch.empty_like(q).index_put_((decode_rows_t,), decoded)
             for seg in segments:
                 span = slice(seg.row, seg.row + seg.length)
@@ -298,3 +313,43 @@ class ReferenceExecutor:
         logit_rows = list(range(total)) if all_logits else sample_rows
         hidden = model.rms_norm(x[torch.tensor(logit_rows, dtype=torch.long, device=device)], model.norm)
         return F.linear(hidden, model.lm_head).float(), torch.stack(counts)
+
+    def _gather_plan(self, decodes: list[tuple[int, int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Without decode rows: the decoding requests' block tables, padded, and the mask of real positions.
+
+        Whole blocks are gathered (index_select of contiguous blocks is far faster than gathering
+        single slots); positions past a request's length are masked out."""
+        width = max(len(table) for _, _, table in decodes)
+        table_t = torch.tensor([table + [0] * (width - len(table)) for _, _, table in decodes], device=self.device)
+        lengths_t = torch.tensor([start + 1 for _, start, _ in decodes], device=self.device)
+        mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lengths_t[:, None]
+        return table_t, mask[None, :, None, :]
+
+    def _gathered_attention(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, table: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of each decoding request's query [B, heads, head_dim] over its context gathered from
+        the cache; the query heads of one KV head fold into the query axis (no K/V copy per query head)."""
+        batch, heads, dim = q.shape
+        kv_heads = k_cache.shape[0]
+        qd = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)
+        kd = self._gather_blocks(k_cache, table, 0)  # [KVH, B, C, D]
+        vd = self._gather_blocks(v_cache, table, 1)
+        scores = torch.matmul(qd, kd.transpose(-1, -2)) * dim**-0.5
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        return torch.matmul(probs, vd).transpose(0, 1).reshape(batch, heads, dim)
+
+    def _gather_blocks(self, cache: torch.Tensor, table: torch.Tensor, buffer: int) -> torch.Tensor:
+        """[kv_heads, B, width * block_size, head_dim] copy of the blocks in `table` [B, width].
+
+        Copies into a reused buffer: a fresh multi-megabyte tensor per layer
+        costs more in page faults than the copy itself.
+        """
+        heads, _, dim = cache.shape
+        blocks = cache.view(heads, -1, self.block_size * dim)
+        needed = heads * table.numel() * self.block_size * dim
+        if self._gather_buffers[buffer].numel() < needed:
+            self._gather_buffers[buffer] = torch.empty(needed, dtype=cache.dtype, device=cache.device)
+        out = self._gather_buffers[buffer][:needed].view(heads, table.numel(), self.block_size * dim)
+        torch.index_select(blocks, 1, table.flatten(), out=out)
+        return out.view(heads, table.shape[0], -1, dim)
