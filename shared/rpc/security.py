@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -260,7 +261,16 @@ class RpcSecurity:
         # A fresh trust store cannot be swapped into a context: the new CAs are added to the old ones, which is
         # what a CA rotation needs anyway (both trusted until every certificate is the new CA's).
         context.load_verify_locations(cadata=tls.ca.decode())
-        context.load_cert_chain(tls.folder / CERT_FILE, tls.folder / KEY_FILE)
+        # The bytes `reload` checked (certificate and key a pair), not the folder again: it may be mid-write
+        # by now. load_cert_chain reads only paths, so they go through an in-memory file (no disk, which may
+        # be read-only, ever holds a copy of the key).
+        fd = os.memfd_create("shoal-tls-chain", os.MFD_CLOEXEC)
+        try:
+            with open(fd, "wb", closefd=False) as chain:
+                chain.write(tls.cert + b"\n" + tls.key)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
         context.verify_mode = ssl.CERT_REQUIRED
 
     def refusal(self, peercert: Mapping[str, Any] | None) -> str | None:

@@ -1,6 +1,6 @@
 """A renewed certificate or a new CA is used without a restart (RpcSecurity.reload), on gRPC and on the
 data channels, by servers and clients; connections made before keep working; a folder caught half-written
-is not loaded.
+is not loaded, and one rewritten during a reload loads the files as they were checked.
 
 The test swaps the kvstore's certificate for one from another authority, so which certificate a
 handshake used shows in who can connect: a client trusting only the new authority succeeds only once the
@@ -10,11 +10,15 @@ server presents the new certificate.
 from __future__ import annotations
 
 import shutil
+import ssl
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from shared.errors import Unavailable
+from shared.rpc import security as security_module
 from shared.rpc.kvchannel import KVChannelClient
 from shared.rpc.kvstore_client import KVStoreClient
 from shared.rpc.pki import init_pki
@@ -119,3 +123,55 @@ async def test_a_half_written_folder_is_not_loaded(authorities: tuple[Path, Path
     install(folder, new / "worker", [new])
     assert security.reload() and security.generation == 1
     assert security.client_ssl is context  # loaded into the context connections are made with
+
+
+def presented(client: ssl.SSLContext, server: Path) -> bytes:
+    """The certificate (DER) `client` shows a kvstore whose folder is `server`, in a handshake in memory."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(server / CERT_FILE, server / KEY_FILE)
+    context.load_verify_locations(cadata=(server / CA_FILE).read_text())
+    context.verify_mode = ssl.CERT_REQUIRED
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    ours = client.wrap_bio(pipes[0], pipes[1], server_hostname=Role.KVSTORE.identity)
+    theirs = context.wrap_bio(pipes[1], pipes[0], server_side=True)
+    for _ in range(10):
+        done = 0
+        for side in (ours, theirs):
+            try:
+                side.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        if done == 2:
+            break
+    certificate = theirs.getpeercert(binary_form=True)
+    assert certificate is not None
+    return certificate
+
+
+def der(folder: Path) -> bytes:
+    return x509.load_pem_x509_certificate((folder / CERT_FILE).read_bytes()).public_bytes(serialization.Encoding.DER)
+
+
+async def test_a_folder_rewritten_during_a_reload_loads_what_was_checked(
+    authorities: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = authorities
+    folder = tmp_path / "worker"
+    install(folder, old / "worker", [old, new])
+    security = loaded(Role.WORKER, folder)
+    context = security.client_ssl
+    assert context is not None and presented(context, old / "kvstore") == der(old / "worker")
+    install(folder, new / "worker", [old, new])
+    checked = security_module._key_matches
+
+    def then_rewritten(cert: bytes, key: bytes) -> bool:
+        # The folder changes again right after the check (a renewal writes its files one at a time): the
+        # old certificate is back beside the new key, a pair that does not match.
+        matches = checked(cert, key)
+        shutil.copyfile(old / "worker" / CERT_FILE, folder / CERT_FILE)
+        return matches
+
+    monkeypatch.setattr(security_module, "_key_matches", then_rewritten)
+    assert security.reload()
+    assert presented(context, new / "kvstore") == der(new / "worker")
