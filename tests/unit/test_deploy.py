@@ -20,6 +20,7 @@ import yaml
 
 from cli.localstack import StackConfig
 from shared.config import SERVICE_SETTINGS, env_names, load_settings
+from shared.state import acl
 
 pytestmark = pytest.mark.unit
 
@@ -144,3 +145,22 @@ def test_prometheus_scrapes_every_service_under_the_names_the_rules_use() -> Non
         "./deploy/helm/shoal/monitoring/dashboards",
     }
     assert all((ROOT / path).exists() for path in mounted)
+
+
+def test_make_compose_env_writes_every_secret_compose_asks_for_and_keeps_old_ones(tmp_path: Path) -> None:
+    """The compose-env recipe run for real (in a scratch folder): a password per Redis user of
+    shared/state/acl.py, every secret docker-compose.yml requires, and a second run changes nothing."""
+    recipe = re.search(r"^compose-env:.*\n\t@(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe is not None
+    runs = []
+    for _ in range(2):
+        subprocess.run(["sh", "-c", recipe.group(1)], cwd=tmp_path, check=True)
+        runs.append(dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines()))
+    written = runs[0]
+    assert runs[1] == written  # an existing .env keeps its values
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", (ROOT / "docker-compose.yml").read_text()))
+    assert required <= set(written)
+    users = {acl.password_variable(user) for user in acl.USER_NAMES}
+    assert users <= set(written)
+    redis = {k for k in SERVICES["redis"]["environment"] if k.startswith("SHOAL_REDIS_PASSWORD_")}
+    assert redis == users
