@@ -7,8 +7,9 @@ of every request into one batch for the projections and experts; attention
 runs once for all decoding requests (over their contiguous rows, which
 mirror the cache: decoderows.py; or, past the rows' memory, over their
 contexts gathered from the cache by whole blocks into a reused buffer) and
-once per prompt chunk (causal, offset by the chunk's start). The MoE layer goes through an `ExpertRunner`, which is the
-grouped matmul here and the expert-parallel dispatch when the model spans ranks.
+once per prompt chunk (causal, offset by the chunk's start). The MoE layer
+goes through an `ExpertRunner`: the grouped matmul here, the expert-parallel
+dispatch when the model spans ranks.
 """
 
 from __future__ import annotations
