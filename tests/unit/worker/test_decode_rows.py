@@ -126,3 +126,18 @@ def test_rows_that_would_pass_the_memory_budget_give_no_plan_and_are_dropped() -
     assert copied(step(rows, cache, {1: 8, 3: 5})) == 0
     # A context longer than the budget's width does not fit either.
     assert rows.plan([(1, 9 + WIDTH_STEP, cache.table(1, 10 + WIDTH_STEP))]) is None
+
+
+def test_rows_grow_by_doubling_as_requests_join_one_at_a_time_unless_the_budget_allows_only_what_is_needed() -> None:
+    cache = PagedCache(blocks=128)
+    rows = rows_of(2**30)
+    capacities = []
+    for joined in range(1, 10):
+        step(rows, cache, {serial: 3 + joined - serial for serial in range(joined)})
+        capacities.append(rows.capacity[0])
+    assert capacities == [1, 2, 4, 4, 8, 8, 8, 8, 16]  # 5 allocations for 9 requests, not 9
+    token_bytes = 2 * KV_HEADS * DIM * 4
+    tight = rows_of(max_bytes=3 * WIDTH_STEP * token_bytes)
+    step(tight, cache, {1: 5, 2: 9})
+    step(tight, cache, {1: 6, 2: 10, 3: 4})  # doubling to 4 rows would pass the budget; 3 fit
+    assert tight.capacity == (3, WIDTH_STEP)

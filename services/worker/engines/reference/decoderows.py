@@ -154,13 +154,18 @@ class DecodeRows:
         have_rows, have_width = self.capacity
         if rows <= have_rows and width <= have_width:
             return True
-        if width > have_width:
-            width = max(2 * have_width, -(-width // WIDTH_STEP) * WIDTH_STEP)
-        rows, width = max(rows, have_rows), max(width, have_width)
-        if self._bytes(rows, width) > self.max_bytes:
-            return False
-        self._allocate(rows, width)
-        return True
+        exact = max(rows, have_rows), max(-(-width // WIDTH_STEP) * WIDTH_STEP, have_width)
+        # At least doubled where it grows, so that requests joining one at a time do not copy every row
+        # each time; the exact size when doubling would pass the budget.
+        roomy = (
+            max(exact[0], 2 * have_rows) if rows > have_rows else have_rows,
+            max(exact[1], 2 * have_width) if width > have_width else have_width,
+        )
+        for size in (roomy, exact):
+            if self._bytes(*size) <= self.max_bytes:
+                self._allocate(*size)
+                return True
+        return False
 
     def write(
         self, layer: int, plan: DecodePlan, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
