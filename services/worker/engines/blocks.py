@@ -118,3 +118,9 @@ class BlockManager:
             del self._cached[block_hash]
             self._hash_of[block] = None
             self.events.append(("remove", block_hash))
+
+
+def cache_slots(block_ids: list[int], block_size: int, start: int, end: int) -> list[int]:
+    """Cache slots of positions [start, end) under block table `block_ids` (block b holds slots
+    [b * block_size, (b + 1) * block_size))."""
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]

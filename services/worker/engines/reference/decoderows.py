@@ -26,8 +26,21 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.engines.blocks import cache_slots
+
 # Width grows in these steps (and at least doubles) so that a batch of decodes does not reallocate each step.
 WIDTH_STEP = 64
+
+
+def past_bias(past: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of attention scores: -inf where `past` (a position beyond a request's length), else 0."""
+    return torch.zeros(past.shape, dtype=dtype, device=past.device).masked_fill_(past, float("-inf"))
+
+
+def attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Softmax attention over batched [..., queries, dim] x [..., positions, dim], `bias` added to the scores."""
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(queries.shape[-1] ** -0.5).add_(bias)
+    return torch.matmul(torch.softmax(scores, dim=-1), values)
 
 
 @dataclass(frozen=True)
@@ -121,8 +134,7 @@ class DecodeRows:
             self._length[row] = start + 1
         # A row no request holds attends to one (zero) position, not to none (NaN).
         lengths = torch.tensor([max(n, 1) for n in self._length[:used]], device=self.device)
-        past = torch.arange(width, device=self.device)[None, :] >= lengths[:, None]
-        bias = torch.zeros(past.shape, dtype=self.dtype, device=self.device).masked_fill_(past, float("-inf"))
+        bias = past_bias(torch.arange(width, device=self.device)[None, :] >= lengths[:, None], self.dtype)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -131,7 +143,9 @@ class DecodeRows:
         if fills:
             fill_rows = tensor([row for row, length, _ in fills for _ in range(length)])
             fill_positions = torch.cat([torch.arange(length, device=self.device) for _, length, _ in fills])
-            fill_slots = torch.cat([self._slots(blocks, length) for _, length, blocks in fills])
+            fill_slots = tensor(
+                [s for _, length, blocks in fills for s in cache_slots(blocks, self.block_size, 0, length)]
+            )
         return DecodePlan(
             tensor(rows),
             tensor([start for _, start, _ in decodes]),
@@ -142,12 +156,6 @@ class DecodeRows:
             width,
             bias[:, None, None, :],
         )
-
-    def _slots(self, blocks: list[int], length: int) -> torch.Tensor:
-        """Cache slots of positions [0, length) under block table `blocks`."""
-        size = self.block_size
-        table = torch.tensor(blocks[: -(-length // size)], dtype=torch.long, device=self.device)
-        return (table[:, None] * size + torch.arange(size, device=self.device)).flatten()[:length]
 
     def _grow(self, rows: int, width: int) -> bool:
         """Make room for `rows` x `width`; False when that would pass `max_bytes`."""
@@ -189,6 +197,4 @@ class DecodeRows:
         queries[plan.rows] = q.view(batch, self.kv_heads, group, dim)
         keys = self.k[layer][: plan.used, :, : plan.width]
         values = self.v[layer][: plan.used, :, : plan.width]
-        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(dim**-0.5).add_(plan.bias)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, values)[plan.rows].reshape(batch, heads, dim)
+        return attention(queries, keys, values, plan.bias)[plan.rows].reshape(batch, heads, dim)

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from services.worker.engines.base import KVBlock, TokenLogprob
+from services.worker.engines.blocks import cache_slots
 from services.worker.engines.engine import StepResult
 from services.worker.engines.kvformat import KVGeometry, check_block, encode_block
 from services.worker.engines.reference.checkpoint import Checkpoint
-from services.worker.engines.reference.decoderows import DecodeRows
+from services.worker.engines.reference.decoderows import DecodeRows, attention, past_bias
 from services.worker.engines.reference.model import LayerWeights, MoEModel, run_grouped_experts
 from services.worker.engines.sampling import model_logprobs, sample, token_logprob
 from services.worker.engines.scheduler import Item
@@ -126,9 +127,8 @@ class ReferenceExecutor:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(config.num_layers)]
         budget = self.decode_rows_bytes
-        if budget is None:
-            budget = 2 * self.k_cache[0].numel() * self.k_cache[0].element_size() * config.num_layers
-            budget = budget if self.device.type == "cpu" else 0
+        if budget is None:  # as much as the KV cache on a CPU
+            budget = num_blocks * self.geometry.payload_bytes if self.device.type == "cpu" else 0
         self.decode_rows = DecodeRows(
             config.num_layers, config.num_kv_heads, config.head_dim, block_size, self.dtype, self.device, budget
         )
@@ -178,8 +178,7 @@ class ReferenceExecutor:
     # -- the step -------------------------------------------------------------
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
-        size = self.block_size
-        return [block_ids[p // size] * size + p % size for p in range(start, end)]
+        return cache_slots(block_ids, self.block_size, start, end)
 
     def _local_experts(
         self,
@@ -316,18 +315,19 @@ class ReferenceExecutor:
         return F.linear(hidden, model.lm_head).float(), torch.stack(counts)
 
     def _gather_plan(self, decodes: list[tuple[int, int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Without decode rows: the decoding requests' block tables, padded, and the mask of real positions.
+        """Without decode rows: the decoding requests' block tables, padded, and the bias masking what is
+        past each one's length.
 
         Whole blocks are gathered (index_select of contiguous blocks is far faster than gathering
         single slots); positions past a request's length are masked out."""
         width = max(len(table) for _, _, table in decodes)
         table_t = torch.tensor([table + [0] * (width - len(table)) for _, _, table in decodes], device=self.device)
         lengths_t = torch.tensor([start + 1 for _, start, _ in decodes], device=self.device)
-        mask = torch.arange(width * self.block_size, device=self.device)[None, :] < lengths_t[:, None]
-        return table_t, mask[None, :, None, :]
+        past = torch.arange(width * self.block_size, device=self.device)[None, :] >= lengths_t[:, None]
+        return table_t, past_bias(past, self.dtype)[None, :, None, :]
 
     def _gathered_attention(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, table: torch.Tensor, mask: torch.Tensor
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, table: torch.Tensor, bias: torch.Tensor
     ) -> torch.Tensor:
         """Attention of each decoding request's query [B, heads, head_dim] over its context gathered from
         the cache; the query heads of one KV head fold into the query axis (no K/V copy per query head)."""
@@ -336,9 +336,7 @@ class ReferenceExecutor:
         qd = q.view(batch, kv_heads, heads // kv_heads, dim).transpose(0, 1)
         kd = self._gather_blocks(k_cache, table, 0)  # [KVH, B, C, D]
         vd = self._gather_blocks(v_cache, table, 1)
-        scores = torch.matmul(qd, kd.transpose(-1, -2)) * dim**-0.5
-        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        return torch.matmul(probs, vd).transpose(0, 1).reshape(batch, heads, dim)
+        return attention(qd, kd, vd, bias).transpose(0, 1).reshape(batch, heads, dim)
 
     def _gather_blocks(self, cache: torch.Tensor, table: torch.Tensor, buffer: int) -> torch.Tensor:
         """[kv_heads, B, width * block_size, head_dim] copy of the blocks in `table` [B, width].
