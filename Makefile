@@ -96,7 +96,7 @@ test-monitoring: $(STAMP) redis monitoring-tools $(MODEL_DIR)/config.json ## Das
 
 .PHONY: compose-env
 compose-env: ## Write .env with fresh secrets for docker compose (an existing .env keeps its values and gains what it lacks)
-	@umask 077 && touch .env && python3 -c 'import re, secrets as s; old = set(re.findall(r"^(\w+)=", open(".env").read(), re.M)); new = {k: s.token_hex(24) for k in ("SHOAL_REDIS_PASSWORD", "SHOAL_INTERNAL_TOKEN", "SHOAL_ADMIN_TOKEN", *(f"SHOAL_REDIS_PASSWORD_{u}" for u in ("ROUTER", "WORKER", "KVSTORE", "CONTROLLER")))} | {"SHOAL_API_KEY": f"sk-{s.token_hex(24)}"}; open(".env", "a").write("".join(f"{k}={v}\n" for k, v in new.items() if k not in old))'
+	@umask 077 && touch .env && python3 -c 'import re, secrets as s; from shared.state.acl import USER_NAMES, password_variable; old = set(re.findall(r"^(\w+)=", open(".env").read(), re.M)); new = {k: s.token_hex(24) for k in ("SHOAL_REDIS_PASSWORD", "SHOAL_INTERNAL_TOKEN", "SHOAL_ADMIN_TOKEN", *map(password_variable, USER_NAMES))} | {"SHOAL_API_KEY": f"sk-{s.token_hex(24)}"}; open(".env", "a").write("".join(f"{k}={v}\n" for k, v in new.items() if k not in old))'
 	@echo ".env holds the compose stack's secrets: SHOAL_API_KEY (OpenAI API), SHOAL_ADMIN_TOKEN (admin API)"
 
 .PHONY: test-images

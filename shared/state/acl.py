@@ -12,6 +12,9 @@ Patterns follow Redis 7 ACL syntax: `~p` read and write, `%R~p` read only.
 The chart and docker-compose render the same rules from
 deploy/helm/shoal/files/redis-users.conf, which `shoal redis users` writes
 and tests/unit/test_redis_acl.py keeps equal to this table.
+
+Standard library only: `make compose-env` reads the user names from here with the
+system's python3, before any virtualenv exists.
 """
 
 from __future__ import annotations

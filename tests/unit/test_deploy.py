@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -149,12 +150,15 @@ def test_prometheus_scrapes_every_service_under_the_names_the_rules_use() -> Non
 
 def test_make_compose_env_writes_every_secret_compose_asks_for_and_keeps_old_ones(tmp_path: Path) -> None:
     """The compose-env recipe run for real (in a scratch folder): a password per Redis user of
-    shared/state/acl.py, every secret docker-compose.yml requires, and a second run changes nothing."""
+    shared/state/acl.py, every secret docker-compose.yml requires (which lists the users itself), and a
+    second run changes nothing."""
     recipe = re.search(r"^compose-env:.*\n\t@(.+)$", (ROOT / "Makefile").read_text(), re.M)
     assert recipe is not None
     runs = []
     for _ in range(2):
-        subprocess.run(["sh", "-c", recipe.group(1)], cwd=tmp_path, check=True)
+        # As make runs it, with the repository importable (the names come from shared/state/acl.py).
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        subprocess.run(["sh", "-c", recipe.group(1)], cwd=tmp_path, check=True, env=env)
         runs.append(dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines()))
     written = runs[0]
     assert runs[1] == written  # an existing .env keeps its values
