@@ -45,6 +45,18 @@ wrk: ## Install wrk (a compiled HTTP load generator, for the router benchmark) w
 	  echo "installing wrk"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 
+# Mooncake's TransferEngine (the CPU-only wheel), a peer row in bench-kvstore: not a dependency of Shoal, so it is
+# installed without its dependencies (the engine needs none of them) beside the libraries its binary links.
+MOONCAKE_TE := mooncake-transfer-engine-non-cuda==0.3.13.post1
+
+.PHONY: mooncake-te
+mooncake-te: $(STAMP) ## Install Mooncake's TransferEngine (a bench-kvstore peer) and its RDMA/NUMA libraries when missing
+	@ldconfig -p | grep -q libibverbs.so.1 && ldconfig -p | grep -q libnuma.so.1 || { \
+	  echo "installing libibverbs1 libnuma1"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libibverbs1 libnuma1 >/dev/null; }
+	@$(PY) -c "import mooncake.engine" 2>/dev/null || \
+	  $(PY) -m pip install --quiet --disable-pip-version-check --no-deps "$(MOONCAKE_TE)"
+
 .PHONY: lock
 lock: $(STAMP) ## Rewrite requirements.lock (runtime) and requirements-dev.lock from the current .venv
 	$(PY) deploy/lock.py
@@ -153,7 +165,7 @@ clean: ## Remove the venv, caches, built models and tools
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 .PHONY: bench-kvstore
-bench-kvstore: $(STAMP) redis ## kvstore vs Redis vs memory copy: 256 KiB blocks, 1 and 4 clients
+bench-kvstore: $(STAMP) redis mooncake-te ## kvstore vs Redis, Mooncake's TransferEngine, memory copy: 256 KiB and 2 MiB, 1 and 4 clients
 	$(PY) -m benchmarks.bench_kvstore
 
 .PHONY: bench-engine

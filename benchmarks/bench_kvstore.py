@@ -18,6 +18,12 @@ every system), 1 and 4 clients, 256 MiB of 256 KiB blocks and 512 MiB of
                    connection with blocking sockets keeps blocks in a dict and
                    answers a 37-byte request with the payload (no index, no
                    checksum, no event loop): the ceiling for the remote rows
+  mooncake TE      Mooncake's TransferEngine (mooncake-transfer-engine-non-cuda
+                   from PyPI, its TCP transport, P2P handshake, default settings):
+                   the transfer part of a Mooncake store Put and Get, a one-sided
+                   write or read between a client's registered buffer and a
+                   buffer another process registered, at the block's offset (no
+                   index, no checksum): the engine the field uses, as a peer
   memcpy           an in-process copy of the same bytes (the ceiling for the
                    shared-memory path)
 
@@ -35,6 +41,7 @@ bench-kvstore: remote_get_vs_redis=<x> remote_put_vs_redis=<x> local_get_vs_memc
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import multiprocessing
 import os
 import socket
@@ -43,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
 
@@ -141,11 +149,62 @@ class _FloorClient:
         _recv_exactly(self.conn, memoryview(buffer)[: struct.unpack("<I", self.length)[0]])
 
 
-def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier) -> Timings:
+# The TransferEngine server's buffer: room for every block of the largest run (clients write at disjoint offsets).
+_TE_BYTES = max(size * count for size, count in SIZES.items())
+
+
+def _te_server(ready: multiprocessing.Queue[tuple[int, int]]) -> None:
+    """Register one buffer with a TransferEngine and serve it (the engine's threads do the work)."""
+    from mooncake.engine import TransferEngine
+
+    engine = TransferEngine()
+    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+        raise RuntimeError("TransferEngine did not initialize")
+    buffer = ctypes.create_string_buffer(_TE_BYTES)
+    if engine.register_memory(ctypes.addressof(buffer), _TE_BYTES) != 0:
+        raise RuntimeError("TransferEngine did not register the buffer")
+    ready.put((engine.get_rpc_port(), ctypes.addressof(buffer)))
+    while True:
+        time.sleep(3600)
+
+
+class _TEClient:
+    """A client's blocks staged in one registered buffer (untimed), written to and read from the server's buffer
+    at offsets of their own: target is "host:port/base address", first the client's first block's index."""
+
+    def __init__(self, target: str, mine: list[KVBlock], first: int) -> None:
+        from mooncake.engine import TransferEngine
+
+        self.engine = TransferEngine()
+        if self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+            raise RuntimeError("TransferEngine did not initialize")
+        self.peer, _, base = target.partition("/")
+        self.size = len(mine[0].payload)
+        self.remote = int(base) + first * self.size
+        self.staged = ctypes.create_string_buffer(b"".join(b.payload for b in mine), len(mine) * self.size)
+        self.local = ctypes.addressof(self.staged)
+        if self.engine.register_memory(self.local, len(mine) * self.size) != 0:
+            raise RuntimeError("TransferEngine did not register the client's buffer")
+        self.index = {b.hash: i for i, b in enumerate(mine)}
+
+    def _transfer(self, operation: Callable[[str, int, int, int], int], block: KVBlock) -> None:
+        i = self.index[block.hash]
+        if operation(self.peer, self.local + i * self.size, self.remote + i * self.size, self.size) != 0:
+            raise RuntimeError("TransferEngine transfer failed")
+
+    def put(self, block: KVBlock) -> None:
+        self._transfer(self.engine.transfer_sync_write, block)
+
+    def get(self, block: KVBlock) -> None:
+        self._transfer(self.engine.transfer_sync_read, block)
+
+
+def _sync_client(system: str, target: str, mine: list[KVBlock], first: int, barrier: Barrier) -> Timings:
     import redis
 
     client = redis.Redis.from_url(target) if system == "redis" else None
     floor = _FloorClient(target) if system == "tcp floor" else None
+    te = _TEClient(target, mine, first) if system == "mooncake TE" else None
     copies: dict[bytes, bytearray] = {}
     buffer = bytearray(len(mine[0].payload))
     put_times: list[float] = []
@@ -158,6 +217,8 @@ def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier
             client.set(b.hash, b.payload)
         elif floor is not None:
             floor.put(b)
+        elif te is not None:
+            te.put(b)
         else:
             copies[b.hash] = bytearray(b.payload)
         put_times.append(time.perf_counter() - t0)
@@ -171,6 +232,8 @@ def _sync_client(system: str, target: str, mine: list[KVBlock], barrier: Barrier
             assert isinstance(got, bytes) and len(got) == len(b.payload)
         elif floor is not None:
             floor.get_into(b, buffer)
+        elif te is not None:
+            te.get(b)
         else:
             buffer[:] = copies[b.hash]
         get_times.append(time.perf_counter() - t0)
@@ -218,8 +281,8 @@ def _client(
 ) -> None:
     keep_big_buffers_in_the_heap()  # as every service process does (shared/processes.run_service)
     mine = blocks(count, size=size, start=index * count + size)  # distinct names per size and client
-    if system in ("redis", "tcp floor", "memcpy"):
-        out.put(_sync_client(system, target, mine, barrier))
+    if system in ("redis", "tcp floor", "mooncake TE", "memcpy"):
+        out.put(_sync_client(system, target, mine, index * count, barrier))
     else:
         out.put(uvloop.run(_kvstore_client(system, target, mine, barrier)))
 
@@ -296,6 +359,11 @@ def main() -> None:
     redis_proc = subprocess.Popen(redis_server_argv(redis_port, workdir), stdout=subprocess.DEVNULL)
     floor_proc = multiprocessing.get_context("fork").Process(target=_floor_server, args=(floor_port,), daemon=True)
     floor_proc.start()
+    # The engine logs through glog; its failures reach us as return codes, so only fatal lines are kept.
+    os.environ.setdefault("GLOG_minloglevel", "3")
+    te_ready: multiprocessing.Queue[tuple[int, int]] = multiprocessing.get_context("spawn").Queue()
+    te_proc = multiprocessing.get_context("spawn").Process(target=_te_server, args=(te_ready,), daemon=True)
+    te_proc.start()
     env = {
         **os.environ,
         "SHOAL_KVSTORE_GRPC_PORT": str(kv_port),
@@ -315,6 +383,7 @@ def main() -> None:
         wait_for_port("127.0.0.1", floor_port, 10)
         wait_for_port("127.0.0.1", kv_port, 60)
         wait_for_port("127.0.0.1", tls_port, 60)
+        te_port, te_base = te_ready.get(timeout=60)
         targets = {
             "kvstore remote": f"127.0.0.1:{kv_port}",
             "kvstore mTLS": f"127.0.0.1:{tls_port}",
@@ -322,6 +391,7 @@ def main() -> None:
             "kvstore local": f"127.0.0.1:{kv_port}",
             "redis": f"redis://127.0.0.1:{redis_port}/0",
             "tcp floor": f"127.0.0.1:{floor_port}",
+            "mooncake TE": f"127.0.0.1:{te_port}/{te_base}",
             "memcpy": "",
         }
         for size, count in SIZES.items():
@@ -337,6 +407,7 @@ def main() -> None:
         tls_proc.wait(10)
         redis_proc.terminate()
         floor_proc.kill()
+        te_proc.kill()
         kv_proc.wait(10)
         redis_proc.wait(10)
 
@@ -356,9 +427,13 @@ def main() -> None:
     put_ratio = min(by["kvstore remote", *c].put_mb_s / by["redis", *c].put_mb_s for c in cases)
     floor_get = [by["tcp floor", *c].get_mb_s / by["redis", *c].get_mb_s for c in cases]
     floor_put = [by["tcp floor", *c].put_mb_s / by["redis", *c].put_mb_s for c in cases]
+    te_get = [by["mooncake TE", *c].get_mb_s / by["redis", *c].get_mb_s for c in cases]
+    te_put = [by["mooncake TE", *c].put_mb_s / by["redis", *c].put_mb_s for c in cases]
     print(
         f"tcp floor vs redis (the most any store over one TCP connection per client reaches here): "
-        f"get {min(floor_get):.2f}-{max(floor_get):.2f}x, put {min(floor_put):.2f}-{max(floor_put):.2f}x"
+        f"get {min(floor_get):.2f}-{max(floor_get):.2f}x, put {min(floor_put):.2f}-{max(floor_put):.2f}x\n"
+        f"mooncake TE vs redis (transfers only): get {min(te_get):.2f}-{max(te_get):.2f}x, "
+        f"put {min(te_put):.2f}-{max(te_put):.2f}x"
     )
     local_ratio = min(by["kvstore local", *c].get_mb_s / by["memcpy", *c].get_mb_s for c in cases)
     tls_get = max(1 - by["kvstore mTLS", *c].get_mb_s / by["kvstore remote", *c].get_mb_s for c in cases)

@@ -22,8 +22,9 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# The project itself and the installer's own tools are never pinned here.
-UNPINNED = {"shoal", "pip", "setuptools", "wheel"}
+# The project itself, the installer's own tools and a benchmark's peer (`make mooncake-te` installs it for
+# bench-kvstore only) are never pinned here.
+UNPINNED = {"shoal", "pip", "setuptools", "wheel", "mooncake-transfer-engine-non-cuda"}
 
 HEADER = {
     "requirements.lock": (
