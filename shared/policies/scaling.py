@@ -10,10 +10,13 @@ controller and the simulator run it identically.
 Built-ins (SCALING_POLICIES):
 
 * `predictive` (default): forecasts each pool's token work over a horizon of
-  at least the measured cold start (Holt's damped trend over the per-second
-  work, optionally smoothed, never below the recent peak), divides by the capacity of one replica
+  at least the measured cold start (a least-squares line through the
+  per-second work of the last two horizons, smoothed over at least half a
+  cold start), divides by the capacity of one replica
   *within the SLO* (learned online from saturated workers, starting from a
-  prior), and adds head-room. Prefill and decode pools are sized separately
+  prior), and adds head-room. A recent peak holds replicas but orders none:
+  demand that does not last half a cold start is gone before a replica
+  ordered for it is up. Prefill and decode pools are sized separately
   from their own work, which sets the P:D ratio. Scale-ups act at once;
   scale-downs wait until demand has stayed low for `down_delay_s`, respect a
   cool-down and step down gradually, so the pool never flaps. An SLO breach
@@ -235,24 +238,24 @@ def _reason(
     return ScalingReason.SCALE_DOWN_DEMAND if wanted < current else held
 
 
-def holt_forecast(
-    series: Sequence[float], horizon: float, alpha: float = 0.5, beta: float = 0.2, damping: float = 1.0
-) -> float:
-    """Holt's linear exponential smoothing of a per-second series, `horizon` seconds ahead (>= 0).
+def line_forecast(series: Sequence[float], horizon: float) -> float:
+    """The least-squares line through a per-second series, `horizon` seconds past its last value (>= 0).
 
-    With `damping` < 1 the trend fades (Gardner's damped trend): at most
-    damping / (1 - damping) seconds of it are added however far the horizon,
-    so a burst's first seconds are not extrapolated across a long cold start.
+    A line through as much history as the horizon is long, not a fast-moving level and trend: looking
+    a cold start ahead, one huge request is a spike in the last seconds, not a trend to extrapolate,
+    while a ramp that lasts minutes is.
     """
-    if not series:
+    n = len(series)
+    if n == 0:
         return 0.0
-    level, trend = series[0], 0.0
-    for value in series[1:]:
-        previous = level
-        level = alpha * value + (1 - alpha) * (level + trend)
-        trend = beta * (level - previous) + (1 - beta) * trend
-    steps = horizon if damping >= 1 else damping * (1 - damping**horizon) / (1 - damping)
-    return max(0.0, level + steps * trend)
+    mean = sum(series) / n
+    if n == 1:
+        return max(0.0, mean)
+    middle = (n - 1) / 2
+    # sum((i - middle)^2) over i < n, in closed form.
+    spread = n * (n * n - 1) / 12
+    slope = sum((i - middle) * value for i, value in enumerate(series)) / spread
+    return max(0.0, mean + slope * (n - 1 - middle + horizon))
 
 
 def per_second(work: Sequence[WorkSample], kind: str, start: float, now: float, smooth_s: float = 1.0) -> list[float]:
@@ -323,22 +326,33 @@ def burst_floor(series: Sequence[float], per_replica: float, wait_s: float, miss
 class PredictiveParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    window_s: float = Field(default=60.0, gt=0, description="Seconds of work history the forecast reads.")
-    peak_window_s: float = Field(default=10.0, gt=0, description="Never plan below the peak of this recent window.")
-    target_utilization: float = Field(default=0.7, gt=0, le=1, description="Share of SLO capacity to plan for.")
+    window_s: float = Field(default=60.0, gt=0, description="Seconds of work history the forecast reads at least.")
+    trend_horizons: float = Field(
+        default=2.0,
+        gt=0,
+        description="The forecast's line goes through this many horizons of work history (at least window_s).",
+    )
+    peak_window_s: float = Field(
+        default=10.0, gt=0, description="Never scale down below the peak of this recent window (a peak orders none)."
+    )
+    target_utilization: float = Field(default=0.8, gt=0, le=1, description="Share of SLO capacity to plan for.")
     min_horizon_s: float = Field(default=5.0, ge=0, description="Forecast at least this far ahead.")
     down_delay_s: float = Field(default=20.0, ge=0, description="Demand must stay low this long to scale down.")
     down_cooldown_s: float = Field(default=20.0, ge=0, description="Seconds after any change before scaling down.")
     max_step_down: int = Field(default=1, ge=1, description="Replicas removed per decision at most.")
     learn_rate: float = Field(default=0.2, ge=0, le=1, description="Weight of a new capacity sample.")
-    trend_damping: float = Field(
-        default=0.9, gt=0, le=1, description="Fade of the forecast trend per second ahead (1: linear, undamped)."
-    )
     smooth_s: float = Field(
         default=1.0,
         ge=1,
         le=600,
         description="Average the per-second work over this many seconds first (heavy-tailed prompts: 5-30).",
+    )
+    smooth_cold_starts: float = Field(
+        default=0.5,
+        ge=0,
+        le=2,
+        description="Average over at least this many cold starts (1 when demand is bursty): a replica ordered for "
+        "demand that lasts less is paid for from its order and up after the demand has gone.",
     )
     burst_window_s: float = Field(
         default=WORK_HISTORY_S,
@@ -407,25 +421,21 @@ class PredictivePolicy:
             state = self._judge_bursts(snapshot, state)
         assert state.prefill_capacity is not None and state.decode_capacity is not None
         horizon = max(p.min_horizon_s, snapshot.cold_start_s)
-        span = max(p.window_s, p.peak_window_s)
+        trend_s = max(p.window_s, p.trend_horizons * horizon)
+        span = max(trend_s, p.peak_window_s)
         recent = [w for w in snapshot.work if w.t > snapshot.now - span]
         peak_from = snapshot.now - p.peak_window_s
-        forecasts: dict[str, float] = {}
-        smooth_s = p.smooth_s
-        if state.bursty:
-            # Only demand that lasts a cold start is worth a replica: the floor takes the bursts.
-            smooth_s = max(smooth_s, snapshot.cold_start_s)
+        # Only demand that lasts a cold start (bursty) or a share of one is worth a replica; the floor takes bursts.
+        smooth_s = max(p.smooth_s, snapshot.cold_start_s * (1.0 if state.bursty else p.smooth_cold_starts))
+        trends: dict[str, float] = {}
+        peaks: dict[str, float] = {}
         for kind in ("prefill", "decode"):
             series = per_second(recent, kind, snapshot.now - span, snapshot.now, smooth_s)
-            peak = max(series[-max(1, int(p.peak_window_s)) :], default=0.0)
-            trend = holt_forecast(series[-max(1, int(p.window_s)) :], horizon, damping=p.trend_damping)
-            forecasts[kind] = max(trend, peak)
-        need = 0.0
-        if snapshot.role != "decode":
-            need = max(need, forecasts["prefill"] / state.prefill_capacity)
-        if snapshot.role != "prefill":
-            need = max(need, forecasts["decode"] / state.decode_capacity)
-        wanted = math.ceil(need / p.target_utilization - 1e-9)
+            trends[kind] = line_forecast(series[-max(1, int(trend_s)) :], horizon)
+            peaks[kind] = max(trends[kind], max(series[-max(1, int(p.peak_window_s)) :], default=0.0))
+        # The trend orders replicas; the recent peak only keeps those there are.
+        held = min(snapshot.current, self._replicas(snapshot, state, peaks))
+        wanted = max(self._replicas(snapshot, state, trends), held)
         reason = ScalingReason.SCALE_UP_FORECAST
         if state.bursty and state.floor > wanted:
             wanted, reason = state.floor, ScalingReason.SCALE_UP_BURSTS
@@ -442,8 +452,9 @@ class PredictivePolicy:
         if current == 0 and requests > 0 and wanted == 0:
             wanted, reason = 1, ScalingReason.SCALE_FROM_ZERO
         explanation = (
-            f"forecast prefill {forecasts['prefill']:.0f} tok/s / {state.prefill_capacity:.0f} per replica, "
-            f"decode {forecasts['decode']:.0f} tok/s / {state.decode_capacity:.0f} per replica, "
+            f"forecast prefill {trends['prefill']:.0f} tok/s (recent peak {peaks['prefill']:.0f}) / "
+            f"{state.prefill_capacity:.0f} per replica, decode {trends['decode']:.0f} tok/s (recent peak "
+            f"{peaks['decode']:.0f}) / {state.decode_capacity:.0f} per replica, "
             f"horizon {horizon:.0f}s, at {p.target_utilization:.0%} utilization"
             + (
                 f"; bursty, {state.floor} replicas absorb the last {p.burst_window_s:.0f}s of bursts"
@@ -453,7 +464,17 @@ class PredictivePolicy:
             + f" -> {wanted}"
         )
         decision = self._apply(snapshot, state, wanted, reason, explanation, requests == 0)
-        return replace(decision, forecast_prefill_tps=forecasts["prefill"], forecast_decode_tps=forecasts["decode"])
+        return replace(decision, forecast_prefill_tps=trends["prefill"], forecast_decode_tps=trends["decode"])
+
+    def _replicas(self, snapshot: PoolSnapshot, state: PolicyState, work: Mapping[str, float]) -> int:
+        """Replicas for `work` tokens per second at the target utilization of their SLO capacity."""
+        assert state.prefill_capacity is not None and state.decode_capacity is not None
+        need = 0.0
+        if snapshot.role != "decode":
+            need = max(need, work["prefill"] / state.prefill_capacity)
+        if snapshot.role != "prefill":
+            need = max(need, work["decode"] / state.decode_capacity)
+        return math.ceil(need / self.p.target_utilization - 1e-9)
 
     def _judge_bursts(self, snapshot: PoolSnapshot, state: PolicyState) -> PolicyState:
         """Every burst_every_s: is demand bursty (see PredictiveParams.burst_persistence), and how many

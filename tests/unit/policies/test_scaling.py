@@ -15,10 +15,10 @@ from shared.policies.scaling import (
     WorkerReport,
     WorkSample,
     burst_floor,
-    holt_forecast,
     kalman_next,
     lag_correlation,
     late_share,
+    line_forecast,
     make_policy,
 )
 
@@ -45,11 +45,32 @@ def snapshot(now: float = 100.0, ready: int = 1, decode_tps: float = 0.0, **kw: 
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def test_forecast_follows_a_trend() -> None:
+def test_forecast_follows_a_trend_not_a_spike() -> None:
     rising = [float(t) for t in range(30)]
-    assert holt_forecast(rising, horizon=10) > 30
-    assert holt_forecast([5.0] * 20, horizon=10) == pytest.approx(5.0)
-    assert holt_forecast([], horizon=10) == 0.0
+    assert line_forecast(rising, horizon=10) == pytest.approx(39.0)
+    assert line_forecast([5.0] * 20, horizon=10) == pytest.approx(5.0)
+    assert line_forecast([7.0], horizon=10) == 7.0
+    assert line_forecast([], horizon=10) == 0.0
+    assert line_forecast([10.0, 0.0], horizon=10) == 0.0  # a falling line stops at zero
+    # One huge request in the last second of two minutes of steady work: a cold start (60 s) ahead the line
+    # rises by a tenth of it (273), where a level-and-trend forecast (Holt's, damped 0.9) said about 4,300.
+    spiky = [100.0] * 119 + [3100.0]
+    assert 100.0 < line_forecast(spiky, horizon=60) < 400.0
+
+
+def test_a_recent_peak_holds_replicas_but_orders_none() -> None:
+    params = {"target_utilization": 1.0, "down_delay_s": 0, "down_cooldown_s": 0, "burst_window_s": 0}
+    policy = make_policy("predictive", params)
+    work = [WorkSample(t, requests=1, decode_tokens=50.0) for t in range(40, 100)]
+    work[-3] = WorkSample(97, requests=1, decode_tokens=800.0)  # one big request, 3 s ago
+    steady = snapshot(work=work, cold_start_s=10.0)
+    held = policy.decide(replace(steady, ready=2), PolicyState())
+    ordered = policy.decide(replace(steady, ready=1), PolicyState())
+    # Smoothed over 5 s the spike peaks at 200 tok/s, two replicas' worth; the line through the last minute
+    # forecasts 86. The peak keeps the second replica of a pool of 2, and orders none for a pool of 1.
+    assert "decode 86 tok/s (recent peak 200)" in held.explanation
+    assert (held.replicas, held.reason) == (2, ScalingReason.STEADY)
+    assert (ordered.replicas, ordered.reason) == (1, ScalingReason.STEADY)
 
 
 def test_replicas_follow_demand_over_capacity() -> None:
@@ -205,7 +226,7 @@ def bursts(now: int, every: int = 97, height: float = 4000.0) -> list[WorkSample
 
 def test_short_bursts_get_a_standing_floor_and_are_not_chased() -> None:
     policy = make_policy("predictive", {})
-    now = 97 * 18 + 5  # right after a burst: its peak alone asks for 4000 / 1000 / 0.7 = 6 replicas
+    now = 97 * 18 + 5  # right after a burst: its peak alone would ask for 4000 / 1000 / 0.8 = 5 replicas
     snap = snapshot(now=now, role="prefill", work=bursts(now), cold_start_s=60.0, ready=2)
     decision = policy.decide(snap, PolicyState())
     assert decision.state.bursty
@@ -215,9 +236,10 @@ def test_short_bursts_get_a_standing_floor_and_are_not_chased() -> None:
     assert decision.state.floor == 4
     assert (decision.replicas, decision.reason) == (4, ScalingReason.SCALE_UP_BURSTS)
     assert "bursty, 4 replicas absorb" in decision.explanation
-    # With the bursts' history forgotten (no burst window), the same peak is chased.
-    chased = make_policy("predictive", {"burst_window_s": 0}).decide(snap, PolicyState())
-    assert not chased.state.bursty and chased.replicas >= 6
+    # With the bursts' history forgotten (no burst window) there is no floor, and the burst's peak orders
+    # nothing either: it holds the 2 replicas there are.
+    unjudged = make_policy("predictive", {"burst_window_s": 0}).decide(snap, PolicyState())
+    assert not unjudged.state.bursty and unjudged.replicas == 2
 
 
 def test_demand_that_lasts_is_followed_as_before() -> None:
