@@ -53,6 +53,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.synchronize import Barrier
+from typing import Any
 
 import uvloop
 
@@ -153,13 +154,19 @@ class _FloorClient:
 _TE_BYTES = max(size * count for size, count in SIZES.items())
 
 
-def _te_server(ready: multiprocessing.Queue[tuple[int, int]]) -> None:
-    """Register one buffer with a TransferEngine and serve it (the engine's threads do the work)."""
+def _te_engine() -> Any:
+    """A TransferEngine on loopback: TCP transport, peers found by handshake (no metadata server)."""
     from mooncake.engine import TransferEngine
 
     engine = TransferEngine()
     if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
         raise RuntimeError("TransferEngine did not initialize")
+    return engine
+
+
+def _te_server(ready: multiprocessing.Queue[tuple[int, int]]) -> None:
+    """Register one buffer with a TransferEngine and serve it (the engine's threads do the work)."""
+    engine = _te_engine()
     buffer = ctypes.create_string_buffer(_TE_BYTES)
     if engine.register_memory(ctypes.addressof(buffer), _TE_BYTES) != 0:
         raise RuntimeError("TransferEngine did not register the buffer")
@@ -173,11 +180,7 @@ class _TEClient:
     at offsets of their own: target is "host:port/base address", first the client's first block's index."""
 
     def __init__(self, target: str, mine: list[KVBlock], first: int) -> None:
-        from mooncake.engine import TransferEngine
-
-        self.engine = TransferEngine()
-        if self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
-            raise RuntimeError("TransferEngine did not initialize")
+        self.engine = _te_engine()
         self.peer, _, base = target.partition("/")
         self.size = len(mine[0].payload)
         self.remote = int(base) + first * self.size
