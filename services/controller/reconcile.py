@@ -212,6 +212,9 @@ class Reconciler:
         removing = {j.params["worker_id"]: j for j in open_jobs if j.kind == SCALE_DOWN}
         statuses: list[PoolStatus] = []
         pools = await self.desired.pools()
+        if act:
+            # Before the pools' decisions: their targets count the drained workers not stopped yet.
+            await self._stop_drained(open_jobs, pools)
         for pool in pools:
             model = models.get(pool.model)
             if model is None:
@@ -229,7 +232,6 @@ class Reconciler:
             self.pool_errors.pop(pool.name, None)
             statuses.append(status)
         if act:
-            await self._stop_drained(open_jobs, pools)
             served = {pool.model for pool in await self.desired.pools()}
             for model in models.values():
                 if model.state is ModelState.DELETING and model.name not in served:
@@ -299,12 +301,18 @@ class Reconciler:
         starting = sum(
             1 for i in instances.instances if i.state is InstanceState.STARTING and i.worker_id not in registered
         )
+        # Registered workers that serve nothing new (drained by a job, cordoned by an operator) still count in
+        # the actuator's target until it is told to stop them: a target that left them out would have it stop
+        # serving workers in their place, or start none when asked for more.
+        gone = {i.worker_id for i in instances.instances if i.state is InstanceState.STOPPING}
+        gone |= {str(j.params["worker_id"]) for j in removing.values() if j.id in self._stopped}
+        held = len(registered - {w.worker_id for w in ready} - gone)
         cold = self.cold_starts(pool.name) or DEFAULT_COLD_START_S
         snapshot = self._snapshot(pool, ready, starting, now, cold)
         decision = self._decide(pool, model, snapshot, paused, keep_state=act, now=now)
         acted = False
         if act and not paused:
-            acted = await self._act(pool, model, decision, snapshot, ready, removing)
+            acted = await self._act(pool, model, decision, snapshot, ready, held)
         status = self._status(pool, snapshot, decision, draining, cold, acted)
         if act:
             self._record(status)
@@ -340,20 +348,17 @@ class Reconciler:
         decision: ScalingDecision,
         snapshot: PoolSnapshot,
         ready: list[WorkerRecord],
-        removing: dict[str, Job],
+        held: int,
     ) -> bool:
         target = decision.replicas
-        pending_removals = sum(
-            1 for j in removing.values() if j.params.get("pool") == pool.name and j.phase in ("", "cordon", "drain")
-        )
         if target > snapshot.current:
-            await self.actuator.scale_to(pool, model, target + pending_removals)
+            await self.actuator.scale_to(pool, model, target + held)
             return True
         if target >= snapshot.current:
             return False
         if snapshot.starting:
             # A scale-up no longer wanted: cancel what has not started serving.
-            await self.actuator.scale_to(pool, model, max(target, snapshot.ready) + pending_removals)
+            await self.actuator.scale_to(pool, model, max(target, snapshot.ready) + held)
         excess = snapshot.ready - target
         victims = sorted(ready, key=lambda w: (w.load.running_requests + w.load.waiting_requests, w.worker_id))
         for worker in victims[: max(0, excess)]:
