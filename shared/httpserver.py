@@ -32,7 +32,9 @@ from shared.telemetry.logging import get_logger
 
 log = get_logger("shoal.router.http")
 
-KEEPALIVE_S = 5.0
+# Longer than clients and proxies keep an idle connection (aiohttp 15 s, load balancers 60 s): a server
+# that closes first races a request the client is sending on it, and the client sees a reset.
+KEEPALIVE_S = 75.0
 LINGER_S = 2.0
 MAX_HEADER_BYTES = 64 * 2**10
 _REASONS = {
