@@ -301,12 +301,13 @@ class Reconciler:
         starting = sum(
             1 for i in instances.instances if i.state is InstanceState.STARTING and i.worker_id not in registered
         )
-        # Registered workers that serve nothing new (drained by a job, cordoned by an operator) still count in
-        # the actuator's target until it is told to stop them: a target that left them out would have it stop
-        # serving workers in their place, or start none when asked for more.
+        # Workers that serve nothing new (cordoned by an operator, or being scaled down: registered or not)
+        # still count in the actuator's target until it is told to stop them: a target that left them out
+        # would have it stop serving workers in their place, or start none when asked for more.
         gone = {i.worker_id for i in instances.instances if i.state is InstanceState.STOPPING}
         gone |= {str(j.params["worker_id"]) for j in removing.values() if j.id in self._stopped}
-        held = len(registered - {w.worker_id for w in ready} - gone)
+        scaled_down = {w for w, j in removing.items() if j.params.get("pool") == pool.name}
+        held = len(((registered - {w.worker_id for w in ready}) | scaled_down) - gone)
         cold = self.cold_starts(pool.name) or DEFAULT_COLD_START_S
         snapshot = self._snapshot(pool, ready, starting, now, cold)
         decision = self._decide(pool, model, snapshot, paused, keep_state=act, now=now)
