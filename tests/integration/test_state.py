@@ -7,26 +7,19 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from shared.config.services import EngineKind, WorkerRole
 from shared.state import schema
 from shared.state.records import FINISHED_TTL_S, RecordIndex, RecordKeys
 from shared.state.redis import connect, read_marked
 from shared.state.registry import Heartbeat, WorkerRegistry
 from shared.state.versioned import DocumentStore, VersionConflict
 from shared.types.workers import WorkerInfo, WorkerLoad
+from tests.support.workers import worker_info
 
 pytestmark = pytest.mark.integration
 
 
 def info(worker_id: str = "w1") -> WorkerInfo:
-    return WorkerInfo(
-        worker_id=worker_id,
-        address="127.0.0.1:1",
-        role=WorkerRole.MIXED,
-        pool="default",
-        model="m",
-        engine=EngineKind.SIM,
-    )
+    return worker_info(worker_id, "default")
 
 
 async def test_lease_not_renewed_expires(redis: Redis) -> None:

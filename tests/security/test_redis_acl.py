@@ -13,14 +13,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
-from shared.config import EngineKind, WorkerRole, WorkerSettings, load_settings
+from shared.config import WorkerSettings, load_settings
 from shared.config.base import without_credentials
 from shared.state import acl, schema
 from shared.state.redis import connect
 from shared.state.registry import WorkerRegistry
 from shared.state.versioned import DocumentStore
-from shared.types.workers import WorkerInfo, WorkerLoad
+from shared.types.workers import WorkerLoad
 from tests.support.redis import service_password, service_url
+from tests.support.workers import worker_info
 
 pytestmark = pytest.mark.integration
 
@@ -33,20 +34,14 @@ async def users(redis_url: str) -> AsyncIterator[dict[str, Redis]]:
         await client.aclose()
 
 
-def _worker(worker_id: str) -> WorkerInfo:
-    return WorkerInfo(
-        worker_id=worker_id, address="127.0.0.1:1", role=WorkerRole.MIXED, pool="p", model="m", engine=EngineKind.SIM
-    )
-
-
 async def test_a_worker_registers_as_itself_and_a_router_sees_it(users: dict[str, Redis]) -> None:
-    await WorkerRegistry(users["worker"]).heartbeat(_worker("w1"), WorkerLoad(), lease_ttl_s=30)
+    await WorkerRegistry(users["worker"]).heartbeat(worker_info("w1"), WorkerLoad(), lease_ttl_s=30)
     listed = await WorkerRegistry(users["router"]).list_workers()
     assert [record.info.worker_id for record in listed] == ["w1"]
     # Neither the router nor the kvstore can put a worker of its own into the directory.
     for name in ("router", "kvstore"):
         with pytest.raises(NoPermissionError):
-            await WorkerRegistry(users[name]).heartbeat(_worker(f"fake-{name}"), WorkerLoad(), lease_ttl_s=30)
+            await WorkerRegistry(users[name]).heartbeat(worker_info(f"fake-{name}"), WorkerLoad(), lease_ttl_s=30)
     assert [record.info.worker_id for record in await WorkerRegistry(users["controller"]).list_workers()] == ["w1"]
 
 

@@ -13,11 +13,12 @@ from services.controller.actuators.local import LocalActuator, launch_doc, statu
 from services.controller.desired import DesiredState
 from services.controller.jobs.store import Job, JobStore
 from services.controller.reconcile import SCALE_DOWN, ReconcileMetrics, Reconciler
-from shared.config.services import EngineKind, WorkerRole
+from shared.config.services import WorkerRole
 from shared.state.registry import WorkerRegistry
 from shared.state.versioned import DocumentStore
 from shared.types.pools import ModelCreate, PoolCreate
-from shared.types.workers import WorkerInfo, WorkerLoad
+from shared.types.workers import WorkerLoad
+from tests.support.workers import worker_info
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +26,7 @@ POOL = "decode"
 
 
 async def _register(registry: WorkerRegistry, worker_id: str) -> None:
-    info = WorkerInfo(
-        worker_id=worker_id, address="127.0.0.1:1", role=WorkerRole.DECODE, pool=POOL, model="m", engine=EngineKind.SIM
-    )
-    await registry.heartbeat(info, WorkerLoad(), lease_ttl_s=60)
+    await registry.heartbeat(worker_info(worker_id, POOL, role=WorkerRole.DECODE), WorkerLoad(), lease_ttl_s=60)
 
 
 async def _tick(
