@@ -107,12 +107,15 @@ def cancel(graph_id: str, url: str = Url, token: str = Token) -> None:
 
 
 def catalogue(url: str = Url, token: str = Token) -> None:
-    """The hardware catalogue agent placement uses: pools, GPU types, prices, speeds."""
+    """The hardware catalogue agent placement uses: pools, GPU types, prices, speeds, queueing now."""
     rows = [
         [h["pool"], h["model"], h["gpu_type"], f"{h['cost_per_hour']:g}", f"{h['prefill_tps']:.0f}",
-         f"{h['decode_tps']:.0f}", f"{h['stream_tps']:.1f}", "measured" if h["measured"] else "declared"]
+         f"{h['decode_tps']:.0f}", f"{h['stream_tps']:.1f}", f"{h['wait_s']:.2f}s",
+         "measured" if h["measured"] else "declared"]
         for h in Admin(url, token).call("GET", "/v1/catalogue")
     ]  # fmt: skip
     print_table(
-        "catalogue", ["pool", "model", "gpu", "$/h", "prefill tok/s", "decode tok/s", "stream tok/s", "source"], rows
+        "catalogue",
+        ["pool", "model", "gpu", "$/h", "prefill tok/s", "decode tok/s", "stream tok/s", "wait", "source"],
+        rows,
     )

@@ -33,7 +33,7 @@ from shared.config import ControllerSettings
 from shared.config.base import without_credentials
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.httpapi import http_server
-from shared.policies.agents import Hardware
+from shared.policies.agents import Hardware, queue_wait
 from shared.policies.scaling import PolicyState
 from shared.rpc.pool import ClientPool
 from shared.rpc.security import RELOAD_INTERVAL_S, Role, RpcSecurity
@@ -194,12 +194,14 @@ class ControllerApp:
 
     async def catalogue(self) -> list[Hardware]:
         """The hardware catalogue: each pool's GPU type, price and speed, measured where the autoscaler has
-        learned its capacity and the workers report their time between tokens, declared otherwise."""
+        learned its capacity and the workers report their time between tokens, declared otherwise; the
+        queueing a step meets there now from the schedulable workers' load reports."""
         workers = await self.registry.list_workers()
         entries = []
         for pool in await self.desired.pools():
             learned = self.reconciler.states.get(pool.name, PolicyState())
-            tbts = [w.load.tbt_p90_s for w in workers if w.info.pool == pool.name and w.load.tbt_p90_s > 0]
+            members = [w for w in workers if w.info.pool == pool.name]
+            tbts = [w.load.tbt_p90_s for w in members if w.load.tbt_p90_s > 0]
             entries.append(
                 Hardware(
                     pool=pool.name,
@@ -210,6 +212,7 @@ class ControllerApp:
                     decode_tps=learned.decode_capacity or pool.capacity.decode_tokens_per_s,
                     stream_tps=1.0 / (min(tbts) if tbts else pool.slo.tbt_p90_s),
                     measured=bool(tbts) or learned.prefill_capacity is not None,
+                    wait_s=queue_wait((w.load.waiting_requests, w.load.ttft_p90_s) for w in members if w.schedulable),
                 )
             )
         return entries

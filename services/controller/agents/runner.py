@@ -17,8 +17,9 @@ reports per-step progress and timings.
   retried up to the step's `retries`, then fails the graph.
 * Retrievers run here, in a thread.
 
-When a step finishes later than planned, the steps not started yet are
-re-planned against the time left (shared/policies/agents.py), and the plan's
+Plans leave head-room before the deadline. Whenever steps finish, the steps
+not started yet are re-planned against the time left and the queueing each
+pool's workers report then (shared/policies/agents.py), and the plan's
 pools are recorded. Cancelling stops the running steps (HTTP calls are
 abandoned, Celery tasks revoked) and the graph ends `cancelled`. A graph
 left running by a controller that stopped is marked failed at the next start.
@@ -39,7 +40,7 @@ from redis.asyncio import Redis
 from services.controller.agents.egress import Address, EgressPolicy, pinned
 from services.controller.agents.tools import RETRIEVERS
 from shared.errors import FailedPrecondition, NotFound, PermissionDenied
-from shared.policies.agents import Hardware, Plan, plan, plan_steps, replan
+from shared.policies.agents import HEADROOM, Hardware, Plan, plan, plan_steps, replan
 from shared.state import schema
 from shared.state.records import RecordIndex, RecordKeys
 from shared.telemetry.logging import get_logger
@@ -130,7 +131,7 @@ class GraphRunner:
     async def submit(self, spec: GraphSpec, catalogue: Sequence[Hardware]) -> GraphRecord:
         now = time.time()
         # Up to a second or two for a thousand steps: off the event loop.
-        first = await asyncio.to_thread(plan, plan_steps(spec), catalogue, spec.sla.deadline_s)
+        first = await asyncio.to_thread(plan, plan_steps(spec), catalogue, spec.sla.deadline_s, headroom=HEADROOM)
         record = GraphRecord(
             id=f"graph-{uuid.uuid4().hex[:12]}",
             name=spec.name,
@@ -238,15 +239,14 @@ class GraphRunner:
                         raise StepFailed(f"step {step_id!r} failed after {step.attempts} attempt(s): {step.error}")
                     outputs[step_id] = task.result()
                     step.state, step.output = RunState.SUCCEEDED, outputs[step_id][:OUTPUT_CHARS]
-                    if step.started_at is not None and step.finished_at - step.started_at > step.estimated_s * 1.2:
-                        await self._replan(record, running)
+                await self._replan(record, running)
         finally:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
     async def _replan(self, record: GraphRecord, running: dict[asyncio.Task[str], str]) -> None:
-        """A step ran late: plan what has not started against the time left."""
+        """Steps finished: plan what has not started against the time left and the pools' queues now."""
         if all(s.state is not RunState.PENDING for s in record.steps.values()):
             return
         now = time.time()
@@ -263,6 +263,7 @@ class GraphRunner:
             now - record.created_at,
             done,
             left,
+            HEADROOM,
         )
         self._apply_plan(record, result)
         record.replans += 1

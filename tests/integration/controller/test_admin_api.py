@@ -8,8 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.config import EngineKind
+from shared.config import EngineKind, WorkerRole
+from shared.types.workers import WorkerLoad
 from tests.support.services import ADMIN, OPERATOR, VIEWER, RunningController, running_controller, running_worker
+from tests.support.workers import worker_info
 
 pytestmark = pytest.mark.integration
 
@@ -178,3 +180,22 @@ async def test_invalid_graphs_are_refused_with_located_errors(redis_url: str) ->
         viewer = await call(front, "POST", "/v1/graphs", token=VIEWER, json=graph)
         assert viewer.status_code == 403
         assert (await call(front, "GET", "/v1/graphs/nope", token=VIEWER)).status_code == 404
+
+
+async def test_the_catalogue_reports_each_pools_queueing_from_schedulable_workers(redis_url: str) -> None:
+    async with running_controller(redis_url) as front:
+        assert (await call(front, "POST", "/v1/scaling/pause", token=OPERATOR)).json() == {"paused": True}
+        assert (await call(front, "POST", "/v1/models", json=MODEL)).status_code == 201
+        assert (await call(front, "POST", "/v1/pools", json=POOL)).status_code == 201
+
+        async def report(worker_id: str, load: WorkerLoad) -> float:
+            info = worker_info(worker_id, "decode", "tiny", WorkerRole.DECODE)
+            await front.app.registry.heartbeat(info, load, lease_ttl_s=60)
+            (entry,) = (await call(front, "GET", "/v1/catalogue", token=VIEWER)).json()
+            return float(entry["wait_s"])
+
+        assert await report("w1", WorkerLoad(waiting_requests=2, ttft_p90_s=1.5)) == 1.5
+        assert await report("w2", WorkerLoad(waiting_requests=1, ttft_p90_s=0.8)) == 0.8
+        # A draining worker takes no new step, so its empty queue offers nothing.
+        assert await report("w3", WorkerLoad(draining=True)) == 0.8
+        assert await report("w4", WorkerLoad(running_requests=5)) == 0.0

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from shared.policies.agents import Hardware, PlanError, PlanStep, evaluate, place_all, plan, plan_steps, replan
+from shared.policies.agents import (
+    Hardware,
+    PlanError,
+    PlanStep,
+    evaluate,
+    place_all,
+    plan,
+    plan_steps,
+    queue_wait,
+    replan,
+)
 from shared.types.graphs import GraphSpec, check_graph
 
 pytestmark = pytest.mark.unit
@@ -142,6 +153,31 @@ def test_an_impossible_deadline_gets_the_fastest_plan_flagged() -> None:
     assert not result.meets_deadline and result.solver == "fastest"
     assert {c.pool for c in result.choices.values()} == {"new"}
     assert "no assignment meets the deadline" in result.notes[0]
+    with_headroom = plan(chain(3), CATALOGUE, deadline_s=0.01, headroom=0.4)
+    assert "no assignment meets 0.0 s, the deadline less 40% head-room" in with_headroom.notes[0]
+
+
+def test_queue_wait_is_nothing_while_a_worker_has_no_queue_else_the_least_recent_ttft() -> None:
+    assert queue_wait([]) == 0.0
+    assert queue_wait([(3, 4.0), (0, 9.0)]) == 0.0
+    assert queue_wait([(3, 4.0), (1, 2.5), (7, 6.0)]) == 2.5
+
+
+def test_a_queued_fast_pool_loses_the_steps_its_queue_would_make_late() -> None:
+    steps = chain(3)
+    fast = place_all(steps, CATALOGUE, "newest")
+    deadline = fast.latency_s * 1.1
+    assert {c.pool for c in plan(steps, CATALOGUE, deadline).choices.values()} == {"new"}
+    # Waiting behind a queue on the new pool is slower than running on the old one.
+    step_on_old = OLD.latency(2000, 200)
+    queued = [replace(NEW, wait_s=step_on_old), OLD]
+    moved = plan(steps, queued, deadline)
+    assert moved.solver == "fastest" and {c.pool for c in moved.choices.values()} == {"old"}
+    # The queue costs time, not money: the same assignment's price is unchanged.
+    assert evaluate(steps, {s.id: queued[0] for s in steps}).cost == pytest.approx(fast.cost)
+    assert evaluate(steps, {s.id: queued[0] for s in steps}).latency_s == pytest.approx(
+        fast.latency_s + 3 * step_on_old
+    )
 
 
 def test_replanning_a_late_graph_upgrades_what_is_left() -> None:
