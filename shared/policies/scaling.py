@@ -91,7 +91,8 @@ WORK_HISTORY_S = 1800.0
 
 @dataclass(frozen=True)
 class WorkSample:
-    """Work routed to the pool during one second."""
+    """Work the pool's workers finished during one second, as routers account it when each request ends:
+    throughput, so a saturated pool's demand reads no higher than its capacity until the queue drains."""
 
     t: float
     requests: float = 0.0
