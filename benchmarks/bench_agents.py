@@ -404,7 +404,7 @@ def main() -> None:
     shapes = list(SHAPES)
     print(
         f"{'load':>5}  {'policy':<23}{'cost':>8}{'SLA':>6}"
-        + "".join(f"{s[:9]:>10}" for s in shapes)
+        + "".join(f"{s:>13}" for s in shapes)
         + f"{'wait s':>8}{'newer':>7}{'replans':>8}"
     )
     started = time.perf_counter()
@@ -416,7 +416,7 @@ def main() -> None:
             heaviest[name] = (cost, sla)
             print(
                 f"{load:>5.1f}  {name:<23}{cost:>8.4f}{sla:>6.2f}"
-                + "".join(f"{per_shape[s]:>10.2f}" for s in shapes)
+                + "".join(f"{per_shape[s]:>13.2f}" for s in shapes)
                 + f"{total.queued_s / total.llm_steps:>8.2f}{total.on_newer / total.llm_steps:>7.0%}{total.replans:>8}"
             )
     print(f"(suite ran in {time.perf_counter() - started:.1f} s; newer: share of LLM steps on the newer pool)")
