@@ -222,14 +222,24 @@ class WorkScorer:
     """Type `work`: the work a request would queue behind and cost there, as Dynamo's KV router scores it.
 
     A worker's cost is the prompt tokens it has yet to prefill, plus this request's prompt
-    tokens it does not hold, plus `decode_weight` x the KV tokens its running requests hold.
-    Prefill is what a new request waits behind, and a cached prefix counts as the prefill it
-    saves, in the same tokens as the queue: a worker holding the prefix wins while its queue is
-    shorter than what the prefix saves. A prefill-only phase leaves decode load out; a decode
-    phase (its KV comes from the prefill worker) leaves prefill out.
+    tokens it does not hold, each times (1 + `eviction_weight` x the worker's KV usage), plus
+    `decode_weight` x the KV tokens its running requests hold. Prefill is what a new request
+    waits behind, and a cached prefix counts as the prefill it saves, in the same tokens as the
+    queue: a worker holding the prefix wins while its queue is shorter than what the prefix
+    saves. Computing a prompt where the cache is full also writes a copy of its prefix over
+    blocks other requests would have found; an empty cache loses nothing. A prefill-only phase
+    leaves decode load out; a decode phase (its KV comes from the prefill worker) leaves
+    prefill out.
     """
 
     class Params(_Params):
+        eviction_weight: float = Field(
+            default=3.0,
+            ge=0,
+            description="Extra cost of a prompt token computed on a worker whose KV cache is full, in queued "
+            "prompt tokens, scaled by its KV usage: the copy it writes evicts prefixes others would reuse. At 0 "
+            "a hot prefix spreads to every short queue, which loses under overload (docs/routing.md).",
+        )
         decode_weight: float = Field(
             default=0.1,
             ge=0,
@@ -241,9 +251,10 @@ class WorkScorer:
         self.params = params
 
     def cost(self, request: RequestView, worker: WorkerView) -> float:
-        prefill = 0
+        prefill = 0.0
         if request.phase is not Phase.DECODE:
-            prefill = worker.prefill_tokens + max(0, request.prompt_tokens - worker.cached_blocks * request.block_size)
+            uncached = max(0, request.prompt_tokens - worker.cached_blocks * request.block_size)
+            prefill = worker.prefill_tokens + uncached * (1 + self.params.eviction_weight * worker.kv_usage)
         decode = 0.0 if request.phase is Phase.PREFILL else self.params.decode_weight * worker.kv_tokens
         return prefill + decode
 

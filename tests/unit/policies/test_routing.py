@@ -16,19 +16,25 @@ def request(prompt_tokens: int = 1600, phase: Phase = Phase.GENERATE) -> Request
     return RequestView(phase=phase, prompt_tokens=prompt_tokens, prompt_blocks=prompt_tokens // BLOCK, block_size=BLOCK)
 
 
-def worker(name: str, cached_blocks: int = 0, prefill_tokens: int = 0, kv_tokens: int = 0) -> WorkerView:
+def worker(
+    name: str, cached_blocks: int = 0, prefill_tokens: int = 0, kv_tokens: int = 0, kv_usage: float = 0.0
+) -> WorkerView:
     return WorkerView(
         worker_id=name,
         role="mixed",
         cached_blocks=cached_blocks,
         prefill_tokens=prefill_tokens,
         kv_tokens=kv_tokens,
+        kv_usage=kv_usage,
         capacity=64,
     )
 
 
-def scores(workers: list[WorkerView], req: RequestView | None = None, decode_weight: float = 0.1) -> dict[str, float]:
-    return WorkScorer(WorkScorer.Params(decode_weight=decode_weight)).score(req or request(), workers)
+def scores(
+    workers: list[WorkerView], req: RequestView | None = None, decode_weight: float = 0.1, eviction_weight: float = 3.0
+) -> dict[str, float]:
+    params = WorkScorer.Params(decode_weight=decode_weight, eviction_weight=eviction_weight)
+    return WorkScorer(params).score(req or request(), workers)
 
 
 def test_a_cached_prefix_wins_while_the_holders_queue_is_shorter_than_what_it_saves() -> None:
@@ -39,6 +45,18 @@ def test_a_cached_prefix_wins_while_the_holders_queue_is_shorter_than_what_it_sa
     assert scores([worker("holder", 75, prefill_tokens=1000), idle])["holder"] == 1.0
     # 1400 queued: 1800 against 1600, the idle worker wins.
     assert scores([worker("holder", 75, prefill_tokens=1400), idle])["idle"] == 1.0
+
+
+def test_computing_a_prompt_where_the_cache_is_full_costs_the_prefixes_its_copy_evicts() -> None:
+    # The holder computes 400 tokens behind 1400 queued; the idle worker computes all 1600.
+    holder = worker("holder", 75, prefill_tokens=1400, kv_usage=1.0)
+    idle = worker("idle", kv_usage=1.0)
+    # Both caches full: 1400 + 400 x 4 = 3000 against 1600 x 4 = 6400, so the holder keeps it...
+    assert scores([holder, idle])["holder"] == 1.0
+    # ...which queue length alone would not (1800 against 1600)...
+    assert scores([holder, idle], eviction_weight=0.0)["idle"] == 1.0
+    # ...and an idle worker with an empty cache, where a copy evicts nothing, still wins (3000 against 1600).
+    assert scores([holder, worker("idle")])["idle"] == 1.0
 
 
 def test_decode_load_counts_at_its_weight() -> None:
