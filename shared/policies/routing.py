@@ -222,23 +222,24 @@ class WorkScorer:
     """Type `work`: the work a request would queue behind and cost there, as Dynamo's KV router scores it.
 
     A worker's cost is the prompt tokens it has yet to prefill, plus this request's prompt
-    tokens it does not hold, each times (1 + `eviction_weight` x the worker's KV usage), plus
-    `decode_weight` x the KV tokens its running requests hold. Prefill is what a new request
-    waits behind, and a cached prefix counts as the prefill it saves, in the same tokens as the
-    queue: a worker holding the prefix wins while its queue is shorter than what the prefix
-    saves. Computing a prompt where the cache is full also writes a copy of its prefix over
-    blocks other requests would have found; an empty cache loses nothing. A prefill-only phase
-    leaves decode load out; a decode phase (its KV comes from the prefill worker) leaves
-    prefill out.
+    tokens it does not hold, plus `decode_weight` x the KV tokens its running requests hold,
+    plus `eviction_weight` x its KV usage x the tokens of the prefix another candidate holds
+    and it does not. Prefill is what a new request waits behind, and a cached prefix counts as
+    the prefill it saves, in the same tokens as the queue: a worker holding the prefix wins
+    while its queue is shorter than what the prefix saves. Computing that prefix again where
+    the cache is full also writes a second copy of it over blocks other requests would have
+    found; an empty cache loses nothing, and neither does a prompt no worker holds. A
+    prefill-only phase leaves decode load out; a decode phase (its KV comes from the prefill
+    worker) leaves prefill out.
     """
 
     class Params(_Params):
         eviction_weight: float = Field(
-            default=3.0,
+            default=2.0,
             ge=0,
-            description="Extra cost of a prompt token computed on a worker whose KV cache is full, in queued "
-            "prompt tokens, scaled by its KV usage: the copy it writes evicts prefixes others would reuse. At 0 "
-            "a hot prefix spreads to every short queue, which loses under overload (docs/routing.md).",
+            description="Cost of a token of prefix another worker holds, computed again on a worker whose KV cache "
+            "is full, in queued prompt tokens, scaled by its KV usage: the copy evicts prefixes others would reuse. "
+            "At 0 a hot prefix spreads to every short queue, which loses under overload (docs/routing.md).",
         )
         decode_weight: float = Field(
             default=0.1,
@@ -250,16 +251,19 @@ class WorkScorer:
     def __init__(self, params: Params) -> None:
         self.params = params
 
-    def cost(self, request: RequestView, worker: WorkerView) -> float:
+    def cost(self, request: RequestView, worker: WorkerView, held_elsewhere: int = 0) -> float:
+        """`held_elsewhere`: the most blocks of this prompt any candidate holds."""
         prefill = 0.0
         if request.phase is not Phase.DECODE:
-            uncached = max(0, request.prompt_tokens - worker.cached_blocks * request.block_size)
-            prefill = worker.prefill_tokens + uncached * (1 + self.params.eviction_weight * worker.kv_usage)
+            prefill = worker.prefill_tokens + max(0, request.prompt_tokens - worker.cached_blocks * request.block_size)
+            copied = max(0, held_elsewhere - worker.cached_blocks) * request.block_size
+            prefill += self.params.eviction_weight * worker.kv_usage * copied
         decode = 0.0 if request.phase is Phase.PREFILL else self.params.decode_weight * worker.kv_tokens
         return prefill + decode
 
     def score(self, request: RequestView, workers: Sequence[WorkerView]) -> dict[str, float]:
-        return _least_best(workers, [self.cost(request, w) for w in workers])
+        held = max((w.cached_blocks for w in workers), default=0)
+        return _least_best(workers, [self.cost(request, w, held) for w in workers])
 
 
 def _least_best(workers: Sequence[WorkerView], costs: Sequence[float]) -> dict[str, float]:

@@ -31,7 +31,7 @@ def worker(
 
 
 def scores(
-    workers: list[WorkerView], req: RequestView | None = None, decode_weight: float = 0.1, eviction_weight: float = 3.0
+    workers: list[WorkerView], req: RequestView | None = None, decode_weight: float = 0.1, eviction_weight: float = 2.0
 ) -> dict[str, float]:
     params = WorkScorer.Params(decode_weight=decode_weight, eviction_weight=eviction_weight)
     return WorkScorer(params).score(req or request(), workers)
@@ -47,16 +47,17 @@ def test_a_cached_prefix_wins_while_the_holders_queue_is_shorter_than_what_it_sa
     assert scores([worker("holder", 75, prefill_tokens=1400), idle])["idle"] == 1.0
 
 
-def test_computing_a_prompt_where_the_cache_is_full_costs_the_prefixes_its_copy_evicts() -> None:
-    # The holder computes 400 tokens behind 1400 queued; the idle worker computes all 1600.
+def test_copying_a_prefix_into_a_full_cache_costs_the_prefixes_the_copy_evicts() -> None:
+    # The holder has 1200 of the 1600 tokens and 1400 queued: 1800 in all, against 1600 for an idle worker.
     holder = worker("holder", 75, prefill_tokens=1400, kv_usage=1.0)
-    idle = worker("idle", kv_usage=1.0)
-    # Both caches full: 1400 + 400 x 4 = 3000 against 1600 x 4 = 6400, so the holder keeps it...
-    assert scores([holder, idle])["holder"] == 1.0
-    # ...which queue length alone would not (1800 against 1600)...
-    assert scores([holder, idle], eviction_weight=0.0)["idle"] == 1.0
-    # ...and an idle worker with an empty cache, where a copy evicts nothing, still wins (3000 against 1600).
+    full = worker("idle", kv_usage=1.0)
+    # With a full cache the idle worker would write a second copy of those 1200 tokens: 1600 + 2 x 1200.
+    assert scores([holder, full])["holder"] == 1.0
+    assert scores([holder, full], eviction_weight=0.0)["idle"] == 1.0
+    # An empty cache evicts nothing: 1600 against 1800.
     assert scores([holder, worker("idle")])["idle"] == 1.0
+    # A prompt no worker holds is computed somewhere whatever the choice: the queues decide.
+    assert scores([worker("a", prefill_tokens=100, kv_usage=1.0), worker("b", prefill_tokens=200)])["a"] == 1.0
 
 
 def test_decode_load_counts_at_its_weight() -> None:
