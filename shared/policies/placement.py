@@ -4,7 +4,8 @@ A placement is, per layer, the expert held in each physical slot
 (`slots[layer, rank * slots_per_rank + i]`); an expert's tokens are spread
 evenly over its copies, so a rank's load is the sum over its slots of
 load[expert] / copies[expert]. Balance is max rank load / mean rank load
-(1.0 is perfect). A move is one expert copy that must be loaded on a rank
+(1.0 is perfect). An expert has at most one copy per rank: a second one
+there would split none of its load. A move is one expert copy that must be loaded on a rank
 that did not hold it before (the bytes a migration transfers). A slot may be
 `EMPTY` (-1) in a current placement: the slots of a rank that just joined an
 instance; the policies fill them.
@@ -20,7 +21,9 @@ instance; the policies fill them.
   which is as few moves as EPLB's packing can be reached with.
 * `migration-aware` (default): the same copy counts, but start from the
   current placement: drop surplus copies from the most loaded ranks, put new
-  copies on the least loaded ranks with free slots, then swap copies between
+  copies on the least loaded ranks with free slots (when every free slot is
+  on a rank that holds the expert, another expert moves there first, so the
+  copy lands on a rank without it), then swap copies between
   the most loaded rank and the others while a swap lowers the maximum by at
   least `min_gain_per_move` per copy moved, and stop once within
   `tolerance` of the balance a from-scratch packing reaches. A layer whose
@@ -63,18 +66,22 @@ class PlacementResult:
     skipped_layers: list[int] = field(default_factory=list)
 
 
-def copy_counts(load: np.ndarray, slots: int) -> np.ndarray:
-    """Copies per expert for one layer: one each, spare slots to the highest load per copy."""
+def copy_counts(load: np.ndarray, slots: int, ranks: int) -> np.ndarray:
+    """Copies per expert for one layer: one each, spare slots to the highest load per copy, at most one copy per
+    rank of `ranks` (a rank holds an expert once: a second copy there would split none of its load)."""
     experts = len(load)
     if slots < experts:
         raise ValueError(f"{slots} slots cannot hold {experts} experts")
+    if slots > experts * ranks:
+        raise ValueError(f"{slots} slots over {ranks} ranks would hold one of {experts} experts twice on a rank")
     counts = np.ones(experts, dtype=np.int64)
     heap = [(-float(w), e) for e, w in enumerate(load)]
     heapq.heapify(heap)
     for _ in range(slots - experts):
         _, e = heapq.heappop(heap)
         counts[e] += 1
-        heapq.heappush(heap, (-float(load[e]) / counts[e], e))
+        if counts[e] < ranks:
+            heapq.heappush(heap, (-float(load[e]) / counts[e], e))
     return counts
 
 
@@ -102,7 +109,7 @@ def layer_report(
 
 def lower_bound(load: np.ndarray, topo: Topology) -> float:
     """A lower bound on any packing's balance for one layer: the heaviest copy, or the mean."""
-    counts = copy_counts(load, topo.slots)
+    counts = copy_counts(load, topo.slots, topo.ranks)
     per_rank = load.sum() / topo.ranks
     return float(max((load / counts).max(), per_rank) / per_rank) if per_rank > 0 else 1.0
 
@@ -150,7 +157,7 @@ class EPLBPolicy:
         out = np.empty((load.shape[0], topo.slots), dtype=np.int64)
         per_node = topo.ranks // topo.nodes
         for layer, layer_load in enumerate(load):
-            counts = copy_counts(layer_load, topo.slots)
+            counts = copy_counts(layer_load, topo.slots, topo.ranks)
             copies = [(float(layer_load[e]) / counts[e], e) for e in range(len(layer_load)) for _ in range(counts[e])]
             nodes = _pack(copies, topo.nodes, per_node * topo.slots_per_rank)
             weight = {e: float(layer_load[e]) / counts[e] for e in range(len(layer_load))}
@@ -259,15 +266,20 @@ class MigrationAwarePolicy:
         for layer, layer_load in enumerate(load):
             target = lower_bound(layer_load, topo)
             complete = len(np.unique(current[layer])) == len(layer_load)  # a new layout, or a new expert
-            if complete and balance_of(current[layer], layer_load, topo) - target < self.skip_below:
+            kept = balance_of(current[layer], layer_load, topo)
+            if complete and kept - target < self.skip_below:
                 skipped.append(layer)
                 continue
-            out[layer] = self._rebalance(current[layer], layer_load, topo, target)
+            placed = self._rebalance(current[layer], layer_load, topo, target)
+            if complete and kept - balance_of(placed, layer_load, topo) < self.skip_below:
+                skipped.append(layer)  # the greedy steps found too little (or worse): moving would not pay
+                continue
+            out[layer] = placed
         return _result(out, load, current, topo, skipped)
 
     def _rebalance(self, slots: np.ndarray, load: np.ndarray, topo: Topology, target: float) -> np.ndarray:
         s = topo.slots_per_rank
-        counts = copy_counts(load, topo.slots)
+        counts = copy_counts(load, topo.slots, topo.ranks)
         grid = slots.reshape(topo.ranks, s).copy()
         have = np.bincount(grid[grid != EMPTY], minlength=len(load))
         weight = load / counts
@@ -294,10 +306,12 @@ class MigrationAwarePolicy:
                 loads[r] -= weight[e]
                 free.append((r, i))
         # 2. New copies, heaviest first, onto the least loaded rank with a free slot (not holding it yet).
-        missing = [e for e in np.nonzero(counts > have)[0] for _ in range(int(counts[e] - have[e]))]
+        missing = [int(e) for e in np.nonzero(counts > have)[0] for _ in range(int(counts[e] - have[e]))]
         for e in sorted(missing, key=lambda x: -weight[x]):
-            options = [k for k, (r, _) in enumerate(free) if e not in grid[r]] or list(range(len(free)))
-            k = min(options, key=lambda j: loads[free[j][0]])
+            options = [k for k, (r, _) in enumerate(free) if e not in grid[r]]
+            if not options and _make_room(e, free, grid, loads, weight):
+                options = [len(free) - 1]
+            k = min(options or range(len(free)), key=lambda j: loads[free[j][0]])
             r, i = free.pop(k)
             grid[r, i] = e
             loads[r] += weight[e]
@@ -326,6 +340,35 @@ class MigrationAwarePolicy:
             grid[hot, a], grid[r, b] = grid[r, b], grid[hot, a]
             w[hot, a], w[r, b] = w[r, b], w[hot, a]
         return grid.ravel()
+
+
+def _make_room(e: int, free: list[tuple[int, int]], grid: np.ndarray, loads: np.ndarray, weight: np.ndarray) -> bool:
+    """When every free slot is on a rank that holds `e` (a second copy there would split none of its load), move
+    another expert from a rank without `e` into one of them, and leave that expert's slot free (last in `free`).
+
+    Of the possible moves, the one whose two ranks end up least loaded, once `e` fills the slot. False when there
+    is none (every rank holds `e`)."""
+    best: tuple[float, int, int, int] | None = None
+    for k, (r, _) in enumerate(free):
+        for r2 in range(len(grid)):
+            if e in grid[r2]:
+                continue
+            for j, x in enumerate(grid[r2].tolist()):
+                if x == EMPTY or x in grid[r]:
+                    continue
+                worst = max(loads[r] + weight[x], loads[r2] - weight[x] + weight[e])
+                if best is None or worst < best[0]:
+                    best = (worst, k, r2, j)
+    if best is None:
+        return False
+    _, k, r2, j = best
+    r, i = free.pop(k)
+    x = int(grid[r2, j])
+    grid[r, i], grid[r2, j] = x, EMPTY
+    loads[r] += weight[x]
+    loads[r2] -= weight[x]
+    free.append((r2, j))
+    return True
 
 
 def _result(

@@ -32,10 +32,14 @@ def zipf(rng: np.random.Generator, layers: int = 6, experts: int = 32) -> np.nda
 
 
 def test_spare_slots_go_to_the_heaviest_load_per_copy() -> None:
-    counts = copy_counts(np.array([100.0, 10.0, 10.0, 1.0]), slots=7)
-    assert counts.tolist() == [4, 1, 1, 1]
+    load = np.array([100.0, 10.0, 10.0, 1.0])
+    assert copy_counts(load, slots=7, ranks=4).tolist() == [4, 1, 1, 1]
+    # No more copies than ranks: a rank holds an expert once, so the next heaviest take the rest.
+    assert copy_counts(load, slots=7, ranks=2).tolist() == [2, 2, 2, 1]
     with pytest.raises(ValueError, match="cannot hold"):
-        copy_counts(np.ones(5), slots=4)
+        copy_counts(np.ones(5), slots=4, ranks=2)
+    with pytest.raises(ValueError, match="twice on a rank"):
+        copy_counts(np.ones(2), slots=6, ranks=2)
 
 
 def test_both_policies_place_every_copy_and_balance_a_skewed_load() -> None:
@@ -45,7 +49,7 @@ def test_both_policies_place_every_copy_and_balance_a_skewed_load() -> None:
         result = policy.place(load, empty, TOPO)
         for layer, layer_load in enumerate(load):
             placed = np.bincount(result.slots[layer], minlength=len(layer_load))
-            assert placed.tolist() == copy_counts(layer_load, TOPO.slots).tolist()
+            assert placed.tolist() == copy_counts(layer_load, TOPO.slots, TOPO.ranks).tolist()
             assert result.balance[layer] <= lower_bound(layer_load, TOPO) * 1.15
 
 
@@ -74,6 +78,26 @@ def test_after_drift_it_rebalances_as_well_as_from_scratch_moving_far_less() -> 
             assert len(set(rank.tolist())) == TOPO.slots_per_rank
 
 
+def test_few_ranks_get_each_copy_on_a_rank_without_the_expert() -> None:
+    # Two ranks of five slots for eight experts, the spare slots starting as copies of experts 0 and 1. Dropping
+    # those can free both slots on the rank that already holds the expert due a second copy: another expert
+    # then moves over to make room on the other rank, where the copy splits the expert's load.
+    topo = Topology(ranks=2, nodes=2, slots_per_rank=5)
+    start = np.array([0, 1, 2, 4, 6, 0, 1, 3, 5, 7])
+    rng = np.random.default_rng(6)
+    loads = [np.array([89.0, 37, 49, 52, 298, 200, 196, 103])] + [rng.pareto(1.2, 8) * 100 + 1 for _ in range(40)]
+    for load in loads:
+        result = MigrationAwarePolicy().place(load[None, :], start[None, :], topo)
+        for rank in result.slots[0].reshape(topo.ranks, topo.slots_per_rank):
+            assert len(set(rank.tolist())) == topo.slots_per_rank, (load, result.slots[0])
+        if result.skipped_layers:  # kept: what it would reach is not worth the moves
+            assert (result.slots[0] == start).all() and result.moves == 0
+        else:
+            assert np.bincount(result.slots[0], minlength=8).tolist() == copy_counts(load, 10, 2).tolist()
+            assert result.balance[0] <= balance_of(start, load, topo) - MigrationAwarePolicy.skip_below
+    assert not MigrationAwarePolicy().place(loads[0][None, :], start[None, :], topo).skipped_layers
+
+
 def test_bad_topologies_are_refused() -> None:
     with pytest.raises(ValueError, match="split evenly"):
         Topology(ranks=6, nodes=4, slots_per_rank=2)
@@ -96,7 +120,7 @@ def test_a_joined_rank_is_filled_and_a_leaving_rank_is_emptied() -> None:
     vacated = vacate_last_rank(MigrationAwarePolicy(), load, filled.slots, topo)
     assert (vacated.slots[:, 35:] == EMPTY).all() and (vacated.slots[:, :35] != EMPTY).all()
     for layer, layer_load in zip(vacated.slots, load, strict=True):
-        assert np.bincount(layer[:35], minlength=32).tolist() == copy_counts(layer_load, 35).tolist()
+        assert np.bincount(layer[:35], minlength=32).tolist() == copy_counts(layer_load, 35, 7).tolist()
     assert vacated.moves == count_moves(filled.slots, vacated.slots, topo)
     with pytest.raises(ValueError, match="cannot hold 32 experts"):
         vacate_last_rank(MigrationAwarePolicy(), load, current[:, :30], Topology(ranks=6, nodes=1, slots_per_rank=5))
