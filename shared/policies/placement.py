@@ -309,7 +309,7 @@ class MigrationAwarePolicy:
         missing = [int(e) for e in np.nonzero(counts > have)[0] for _ in range(int(counts[e] - have[e]))]
         for e in sorted(missing, key=lambda x: -weight[x]):
             options = [k for k, (r, _) in enumerate(free) if e not in grid[r]]
-            if not options and _make_room(e, free, grid, loads, weight):
+            if not options and _free_a_slot_without(e, free, grid, loads, weight):
                 options = [len(free) - 1]
             k = min(options or range(len(free)), key=lambda j: loads[free[j][0]])
             r, i = free.pop(k)
@@ -342,7 +342,9 @@ class MigrationAwarePolicy:
         return grid.ravel()
 
 
-def _make_room(e: int, free: list[tuple[int, int]], grid: np.ndarray, loads: np.ndarray, weight: np.ndarray) -> bool:
+def _free_a_slot_without(
+    e: int, free: list[tuple[int, int]], grid: np.ndarray, loads: np.ndarray, weight: np.ndarray
+) -> bool:
     """When every free slot is on a rank that holds `e` (a second copy there would split none of its load), move
     another expert from a rank without `e` into one of them, and leave that expert's slot free (last in `free`).
 
