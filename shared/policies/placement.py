@@ -5,10 +5,10 @@ A placement is, per layer, the expert held in each physical slot
 evenly over its copies, so a rank's load is the sum over its slots of
 load[expert] / copies[expert]. Balance is max rank load / mean rank load
 (1.0 is perfect). An expert has at most one copy per rank: a second one
-there would split none of its load. A move is one expert copy that must be loaded on a rank
-that did not hold it before (the bytes a migration transfers). A slot may be
-`EMPTY` (-1) in a current placement: the slots of a rank that just joined an
-instance; the policies fill them.
+there would split none of its load. A move is one expert copy that must be
+loaded on a rank that did not hold it before (the bytes a migration
+transfers). A slot may be `EMPTY` (-1) in a current placement: the slots of a
+rank that just joined an instance; the policies fill them.
 
 * `eplb` (baseline): what DeepSeek's EPLB does, ignoring the current
   placement: give the spare slots to the experts with the highest load per
@@ -349,7 +349,7 @@ def _free_a_slot_without(
     another expert from a rank without `e` into one of them, and leave that expert's slot free (last in `free`).
 
     Of the possible moves, the one whose two ranks end up least loaded, once `e` fills the slot. False when there
-    is none (every rank holds `e`)."""
+    is none."""
     best: tuple[float, int, int, int] | None = None
     for k, (r, _) in enumerate(free):
         for r2 in range(len(grid)):
