@@ -19,8 +19,7 @@ Built-ins (SCALING_POLICIES):
   ordered for it is up. Prefill and decode pools are sized separately
   from their own work, which sets the P:D ratio. Scale-ups act at once;
   scale-downs wait until demand has stayed low for `down_delay_s`, respect a
-  cool-down, wait a cold start after the last scale-up (its replicas are not
-  up yet) and step down gradually, so the pool never flaps. An SLO breach
+  cool-down and step down gradually, so the pool never flaps. An SLO breach
   with queued requests adds a replica whatever the forecast says. Demand whose
   bursts end before a replica ordered for them would be up (its correlation a
   cold start plus the down delay later is low, as on the Azure code trace) is
@@ -190,7 +189,6 @@ class PolicyState:
     prefill_capacity: float | None = None
     decode_capacity: float | None = None
     last_change: float = -math.inf
-    last_up: float = -math.inf
     low_since: float | None = None
     # kpa: the concurrency seen at each tick of the stable window, (time, requests).
     concurrency: tuple[tuple[float, float], ...] = ()
@@ -518,9 +516,7 @@ class PredictivePolicy:
         if wanted > current:
             # Raised only by the floor (a new pool, or one below its minimum): say so, not "forecast".
             reason = ScalingReason.AT_MIN if bound is ScalingReason.AT_MIN else up_reason
-            return ScalingDecision(
-                wanted, reason, explanation, replace(state, last_change=now, last_up=now, low_since=None)
-            )
+            return ScalingDecision(wanted, reason, explanation, replace(state, last_change=now, low_since=None))
         if wanted == current:
             return ScalingDecision(current, bound or ScalingReason.STEADY, explanation, replace(state, low_since=None))
         low_since = state.low_since if state.low_since is not None else now
@@ -529,9 +525,7 @@ class PredictivePolicy:
             return ScalingDecision(
                 current, ScalingReason.HOLD_HYSTERESIS, f"{explanation}; low for {now - low_since:.0f}s", state
             )
-        # A scale-up's replicas were ordered on evidence that a few seconds of lower demand do not undo: taking
-        # them back before they are up pays their start for nothing (on a long cold start, over and over).
-        if now - state.last_change < p.down_cooldown_s or now - state.last_up < snapshot.cold_start_s:
+        if now - state.last_change < p.down_cooldown_s:
             return ScalingDecision(current, ScalingReason.HOLD_COOLDOWN, f"{explanation}; cooling down", state)
         target = max(wanted, current - p.max_step_down)
         reason = ScalingReason.SCALE_DOWN_IDLE if idle else ScalingReason.SCALE_DOWN_DEMAND

@@ -125,27 +125,6 @@ def test_slo_breach_with_a_queue_adds_a_replica() -> None:
     assert decision.state.decode_capacity is not None and decision.state.decode_capacity < 100.0
 
 
-def test_a_scale_up_is_not_taken_back_before_its_replica_is_up() -> None:
-    # A breach orders a third replica, then the queue drains and demand reads low. On a 60 s cold start the
-    # replica is still starting when the delay and cool-down have passed: taking it back would pay its start
-    # for nothing. Once a cold start has passed, the pool steps down as usual.
-    policy = make_policy("predictive", {"down_delay_s": 20, "down_cooldown_s": 20})
-    hot = WorkerReport(running=8, waiting=5, max_running=8, prefill_tokens_per_s=0, decode_tokens_per_s=50,
-                       ttft_p90_s=9.0, tbt_p90_s=0.1)  # fmt: skip
-    up = policy.decide(snapshot(decode_tps=10.0, ready=2, workers=[hot], cold_start_s=60.0), PolicyState())
-    assert (up.replicas, up.reason) == (3, ScalingReason.SCALE_UP_SLO)
-    state = up.state
-    for later in range(5, 60, 5):
-        calm = policy.decide(
-            snapshot(now=100.0 + later, decode_tps=10.0, ready=2, starting=1, cold_start_s=60.0), state
-        )
-        assert calm.replicas == 3, (later, calm.reason)
-        state = calm.state
-    assert calm.reason is ScalingReason.HOLD_COOLDOWN  # low for 50 s: only the starting replica holds it
-    up_now = policy.decide(snapshot(now=161.0, decode_tps=10.0, ready=3, cold_start_s=60.0), state)
-    assert (up_now.replicas, up_now.reason) == (2, ScalingReason.SCALE_DOWN_DEMAND)
-
-
 def test_zero_traffic_scales_to_min_and_traffic_scales_from_zero() -> None:
     policy = make_policy("predictive", {"down_delay_s": 0, "down_cooldown_s": 0, "max_step_down": 5})
     idle = policy.decide(snapshot(decode_tps=0.0, ready=3, min_replicas=0), PolicyState())
