@@ -1,8 +1,8 @@
 """Autoscaling on a bursty trace: the default (predictive) policy vs a pool sized for the peak, reactive, KPA, planner.
 
 The Azure LLM inference 2023 code trace (read by path, never copied), its
-last 17 minutes (bursts separated by idle minutes), every THIN-th request, time compressed COMPRESSION times,
-replayed open-loop (requests leave at their timestamps whatever happens)
+last 17 minutes (bursts separated by idle minutes) after WARMUP_S seconds of warm-up, every THIN-th request,
+time compressed COMPRESSION times, replayed open-loop (requests leave at their timestamps whatever happens)
 against the real local stack: router, controller with the local actuator,
 Celery worker, and `sim` workers whose steps follow the cpu-reference
 profile sped up by the same COMPRESSION, with a simulated cold start. Each
@@ -22,10 +22,14 @@ scaling policy:
   fixed pools the predictive policy is held to (the cheapest one reaching its
   SLO attainment is the best fixed).
 
+Every policy meets the judged window in the state its own scaling reached on the warm-up, whose
+requests and worker-seconds are not counted: otherwise fixed pools would start full while scaling
+policies met the first burst at one replica with no history to size it from.
+
 A request meets the SLO when it succeeds, its TTFT is within the pool's TTFT
 SLO and its mean time between tokens within the TBT SLO (real, compressed
 seconds). Worker-seconds integrate every worker the actuator holds
-(starting, serving, draining) over the replay, sampled every 0.5 s.
+(starting, serving, draining) over the judged window, sampled every 0.5 s.
 
 Run: make bench-autoscale. Last line:
 bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> planner_slo=<x> worker_seconds_vs_peak=<ratio>
@@ -58,7 +62,8 @@ from shared.processes import free_port
 from simulator.workload import Request
 
 MODEL = "shoal-tiny-moe"
-WINDOW_S = (2400.0, 3440.0)  # trace seconds replayed
+WINDOW_S = (2400.0, 3440.0)  # trace seconds judged
+WARMUP_S = 300.0  # trace seconds before the window, replayed and not judged
 THIN = 2
 COMPRESSION = 12.0
 PEAK = 3
@@ -69,18 +74,20 @@ TBT_SLO_S = 0.1
 SETTLE_S = 10.0
 
 
-def load_trace(path: Path) -> list[Request]:
+def load_trace(path: Path, warmup_s: float = 0.0) -> list[Request]:
+    """The window's requests (and `warmup_s` trace seconds before it), arriving in compressed seconds from
+    the first one replayed."""
     with path.open() as handle:
         rows = list(csv.DictReader(handle))
     start = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
     arrivals = []
     for index, row in enumerate(rows):
         offset = (datetime.fromisoformat(row["TIMESTAMP"][:26]) - start).total_seconds()
-        if not WINDOW_S[0] <= offset < WINDOW_S[1] or index % THIN:
+        if not WINDOW_S[0] - warmup_s <= offset < WINDOW_S[1] or index % THIN:
             continue
         arrivals.append(
             Request(
-                (offset - WINDOW_S[0]) / COMPRESSION,
+                (offset - WINDOW_S[0] + warmup_s) / COMPRESSION,
                 max(1, min(MAX_CONTEXT, int(row["ContextTokens"]))),
                 max(1, min(MAX_OUTPUT, int(row["GeneratedTokens"]))),
             )
@@ -191,31 +198,39 @@ async def one_request(http: aiohttp.ClientSession, url: str, arrival: Request, i
     return Outcome(True, stamps[0] - started, float(gaps.mean()) if len(gaps) else 0.0)
 
 
-async def replay(endpoints: Endpoints, arrivals: Sequence[Request], result: RunResult) -> None:
+async def replay(
+    endpoints: Endpoints, arrivals: Sequence[Request], result: RunResult, judged_from: float = 0.0
+) -> None:
+    """Send `arrivals` open-loop; judge only the requests, worker-seconds and decisions from `judged_from`
+    seconds after the first is due."""
     headers = {"authorization": f"Bearer {endpoints.admin_token}"}
     done = asyncio.Event()
+    start = time.perf_counter()
+    judged_at = time.time() + judged_from
 
     async def sample() -> None:
         async with httpx.AsyncClient(base_url=endpoints.controller, headers=headers, timeout=10) as admin:
             while not done.is_set():
                 status = (await admin.get("/v1/scaling")).json()["pools"]
                 held = sum(p["ready"] + p["starting"] + p["draining"] for p in status)
-                result.replicas.append((time.perf_counter(), held))
+                if time.perf_counter() - start >= judged_from:
+                    result.replicas.append((time.perf_counter(), held))
                 await asyncio.sleep(0.5)
-            result.decisions = len((await admin.get("/v1/scaling/decisions", params={"limit": 1000})).json())
+            decisions = (await admin.get("/v1/scaling/decisions", params={"limit": 1000})).json()
+            result.decisions = sum(d["at"] >= judged_at for d in decisions)
 
     sampler = asyncio.create_task(sample())
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=endpoints.api_headers) as http:
-        start = time.perf_counter()
         tasks = []
         for index, arrival in enumerate(arrivals):
             delay = start + arrival.at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one_request(http, endpoints.router, arrival, index)))
-        result.outcomes = list(await asyncio.gather(*tasks))
+        outcomes = await asyncio.gather(*tasks)
+        result.outcomes = [o for a, o in zip(arrivals, outcomes, strict=True) if a.at >= judged_from]
     done.set()
     await sampler
 
@@ -232,11 +247,14 @@ async def ready_workers(endpoints: Endpoints, count: int, timeout_s: float = 60)
 
 
 def run_policy(name: str, model: Path, arrivals: Sequence[Request], cold_start_s: float) -> RunResult:
-    return run_pool(name, pool_spec(name, cold_start_s), model, arrivals)
+    return run_pool(name, pool_spec(name, cold_start_s), model, arrivals, WARMUP_S / COMPRESSION)
 
 
-def run_pool(name: str, spec: dict[str, Any], model: Path, arrivals: Sequence[Request]) -> RunResult:
-    """Replay arrivals open-loop against a fresh local stack whose one pool is `spec` (a PoolCreate body)."""
+def run_pool(
+    name: str, spec: dict[str, Any], model: Path, arrivals: Sequence[Request], judged_from: float = 0.0
+) -> RunResult:
+    """Replay arrivals open-loop against a fresh local stack whose one pool is `spec` (a PoolCreate body),
+    judging from `judged_from` seconds on."""
     supervisor = Supervisor(grace_s=5)
     config = StackConfig(
         model_path=model,
@@ -253,7 +271,7 @@ def run_pool(name: str, spec: dict[str, Any], model: Path, arrivals: Sequence[Re
             admin.post("/v1/pools", json=spec).raise_for_status()
         asyncio.run(ready_workers(endpoints, spec["min_replicas"]))
         result = RunResult(name)
-        asyncio.run(replay(endpoints, arrivals, result))
+        asyncio.run(replay(endpoints, arrivals, result, judged_from))
         time.sleep(SETTLE_S)
         return result
     finally:
@@ -272,10 +290,12 @@ def main() -> None:
         help="simulated worker start-up delay, real seconds (x12 in trace time)",
     )
     args = parser.parse_args()
-    arrivals = load_trace(args.trace)
+    arrivals = load_trace(args.trace, WARMUP_S)
+    judged = sum(a.at >= WARMUP_S / COMPRESSION for a in arrivals)
     print(
-        f"{len(arrivals)} requests from {args.trace.name} (seconds {WINDOW_S[0]:.0f}-{WINDOW_S[1]:.0f}, "
-        f"every {THIN}th), cold start {args.cold_start_s:.1f} s + process start, "
+        f"{judged} requests judged from {args.trace.name} (seconds {WINDOW_S[0]:.0f}-{WINDOW_S[1]:.0f} after "
+        f"{len(arrivals) - judged} in {WARMUP_S:.0f} s of warm-up, every {THIN}th), "
+        f"cold start {args.cold_start_s:.1f} s + process start, "
         f"time compressed {COMPRESSION:.0f}x -> {arrivals[-1].at:.0f} s; SLO ttft<={TTFT_SLO_S}s tbt<={TBT_SLO_S}s",
         flush=True,
     )
