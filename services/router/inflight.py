@@ -28,7 +28,7 @@ class Tracked:
     def prefilled(self) -> None:
         """The prompt is computed (the first token came): its tokens leave the worker's prefill queue."""
         if self._tokens:
-            self._owner._take(self._owner._prefill, self._worker_id, self._tokens)
+            self._owner.release_prefill(self._worker_id, self._tokens)
             self._tokens = 0
 
 
@@ -57,16 +57,20 @@ class InflightCounts:
             yield tracked
         finally:
             tracked.prefilled()
-            self._take(self._counts, worker_id, 1)
+            _take(self._counts, worker_id, 1)
 
-    @staticmethod
-    def _take(counts: dict[str, int], worker_id: str, amount: int) -> None:
-        left = counts.get(worker_id, 0) - amount
-        if left > 0:
-            counts[worker_id] = left
-        else:
-            counts.pop(worker_id, None)
+    def release_prefill(self, worker_id: str, tokens: int) -> None:
+        """`tokens` of a worker's queued prompts are computed."""
+        _take(self._prefill, worker_id, tokens)
 
     def forget(self, worker_id: str) -> None:
         self._counts.pop(worker_id, None)
         self._prefill.pop(worker_id, None)
+
+
+def _take(counts: dict[str, int], worker_id: str, amount: int) -> None:
+    left = counts.get(worker_id, 0) - amount
+    if left > 0:
+        counts[worker_id] = left
+    else:
+        counts.pop(worker_id, None)
