@@ -31,9 +31,16 @@ SLO and its mean time between tokens within the TBT SLO (real, compressed
 seconds). Worker-seconds integrate every worker the actuator holds
 (starting, serving, draining) over the judged window, sampled every 0.5 s.
 
+Last, a bound no policy can run: the same requests in the simulator, with the
+cold start the controller measured live, under a clairvoyant schedule that
+orders each span's replicas a cold start ahead, lowered span by span while it
+stays within one point of the peak pool's live SLO attainment. Its cost over
+the simulated peak pool's is what knowing the future would save at that SLO
+(the goal is 60% of the peak's worker-seconds).
+
 Run: make bench-autoscale. Last line:
 bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> planner_slo=<x> worker_seconds_vs_peak=<ratio>
-  best_fixed=<replicas> worker_seconds_vs_best_fixed=<ratio>
+  best_fixed=<replicas> worker_seconds_vs_best_fixed=<ratio> clairvoyant_vs_peak=<ratio>
 """
 
 from __future__ import annotations
@@ -58,8 +65,12 @@ import orjson
 
 from cli.localstack import Endpoints, LocalStack, StackConfig
 from cli.supervisor import Supervisor
+from shared.policies.scaling import PolicyState, PoolSnapshot, ScalingDecision, ScalingReason
 from shared.processes import free_port
-from simulator.workload import Request
+from simulator.cluster import Simulation
+from simulator.config import parse_config
+from simulator.report import Metrics, measure
+from simulator.workload import Request, Workload
 
 MODEL = "shoal-tiny-moe"
 WINDOW_S = (2400.0, 3440.0)  # trace seconds judged
@@ -72,6 +83,7 @@ MAX_OUTPUT = 256
 TTFT_SLO_S = 1.0
 TBT_SLO_S = 0.1
 SETTLE_S = 10.0
+SCHEDULE_STEP_S = 2.5  # the clairvoyant schedule sets the replicas of each span this long (real seconds)
 
 
 def load_trace(path: Path, warmup_s: float = 0.0) -> list[Request]:
@@ -112,6 +124,7 @@ class RunResult:
     outcomes: list[Outcome] = field(default_factory=list)
     replicas: list[tuple[float, int]] = field(default_factory=list)  # (t, workers held)
     decisions: int = 0
+    cold_start_s: float = 0.0  # as the controller measured it, at the end
 
     @property
     def slo(self) -> float:
@@ -213,6 +226,7 @@ async def replay(
             while not done.is_set():
                 status = (await admin.get("/v1/scaling")).json()["pools"]
                 held = sum(p["ready"] + p["starting"] + p["draining"] for p in status)
+                result.cold_start_s = max((p["cold_start_s"] for p in status), default=0.0)
                 if time.perf_counter() - start >= judged_from:
                     result.replicas.append((time.perf_counter(), held))
                 await asyncio.sleep(0.5)
@@ -279,6 +293,53 @@ def run_pool(
         sys.stdout = real_stdout
 
 
+@dataclass
+class Clairvoyant:
+    """A scaling policy for the simulator that knows every arrival: `plan[i]` replicas for the i-th span of
+    SCHEDULE_STEP_S, each ordered a cold start before its span begins. No policy can run it; it bounds what
+    one could reach."""
+
+    plan: list[int]
+    cold_start_s: float
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        span = min(len(self.plan) - 1, int((snapshot.now + self.cold_start_s) / SCHEDULE_STEP_S))
+        return ScalingDecision(self.plan[span], ScalingReason.STEADY, "clairvoyant schedule", state)
+
+
+def simulate_schedule(arrivals: Sequence[Request], judged_from: float, cold_start_s: float, plan: list[int]) -> Metrics:
+    """The clairvoyant schedule `plan` replayed in the simulator (bench-sim's honesty check holds it to the
+    live stack), the warm-up not judged, as live."""
+    spec = pool_body({"policy": "fixed", "params": {"replicas": PEAK}}, PEAK, cold_start_s)
+    config = parse_config({"models": [{"name": MODEL}], "pools": [spec], "reconcile_interval_s": 0.5})
+    simulation = Simulation(config, Workload("bench-autoscale", list(arrivals)), warm=True, warmup_s=judged_from)
+    simulation.pools[spec["name"]].policy = Clairvoyant(plan, cold_start_s)
+    return measure(simulation.run())
+
+
+def clairvoyant_bound(
+    arrivals: Sequence[Request], judged_from: float, cold_start_s: float, target: float
+) -> tuple[Metrics, Metrics]:
+    """(the peak pool simulated, the cheapest clairvoyant schedule found whose SLO attainment reaches
+    `target`): from the peak everywhere, lower one span's replicas at a time while the target holds, until
+    no span can go lower (greedy, so an upper bound on the cheapest schedule's cost)."""
+    spans = math.ceil(arrivals[-1].at / SCHEDULE_STEP_S) + 1
+    plan = [PEAK] * spans
+    peak = best = simulate_schedule(arrivals, judged_from, cold_start_s, plan)
+    lowered = True
+    while lowered:
+        lowered = False
+        # The warm-up's spans stay full: their worker-seconds are not counted.
+        for span in range(int(judged_from / SCHEDULE_STEP_S), spans):
+            if plan[span] == 1:
+                continue
+            trial = [*plan[:span], plan[span] - 1, *plan[span + 1 :]]
+            metrics = simulate_schedule(arrivals, judged_from, cold_start_s, trial)
+            if metrics.slo_attainment >= target:
+                plan, best, lowered = trial, metrics, True
+    return peak, best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace", type=Path, help="azure_llm_2023_code.csv")
@@ -325,11 +386,22 @@ def main() -> None:
     print(
         f"best fixed at the predictive policy's SLO attainment: {best_n} replicas ({best.worker_seconds:.0f} worker-s)"
     )
+    cold = default.cold_start_s or args.cold_start_s
+    goal = peak.slo - 0.01
+    simulated_peak, bound = clairvoyant_bound(arrivals, WARMUP_S / COMPRESSION, cold, goal)
+    bound_vs_peak = bound.worker_seconds / simulated_peak.worker_seconds
+    print(
+        f"clairvoyant bound, simulated with the {cold:.1f} s cold start measured live: a schedule that knows every "
+        f"arrival reaches SLO {bound.slo_attainment:.3f} (the goal: {goal:.3f}) at {bound.worker_seconds:.0f} "
+        f"worker-s, {bound_vs_peak:.2f} of the simulated peak pool's {simulated_peak.worker_seconds:.0f} "
+        f"(SLO {simulated_peak.slo_attainment:.3f})"
+    )
     print(
         f"bench-autoscale: slo={default.slo:.3f} peak_slo={peak.slo:.3f} reactive_slo={reactive.slo:.3f} "
         f"kpa_slo={results['kpa'].slo:.3f} planner_slo={results['planner'].slo:.3f} "
         f"worker_seconds_vs_peak={default.worker_seconds / peak.worker_seconds:.2f} "
-        f"best_fixed={best_n} worker_seconds_vs_best_fixed={default.worker_seconds / best.worker_seconds:.2f}"
+        f"best_fixed={best_n} worker_seconds_vs_best_fixed={default.worker_seconds / best.worker_seconds:.2f} "
+        f"clairvoyant_vs_peak={bound_vs_peak:.2f}"
     )
 
 
