@@ -386,7 +386,7 @@ def main() -> None:
     print(
         f"best fixed at the predictive policy's SLO attainment: {best_n} replicas ({best.worker_seconds:.0f} worker-s)"
     )
-    cold = default.cold_start_s or args.cold_start_s
+    cold = default.cold_start_s
     goal = peak.slo - 0.01
     simulated_peak, bound = clairvoyant_bound(arrivals, WARMUP_S / COMPRESSION, cold, goal)
     bound_vs_peak = bound.worker_seconds / simulated_peak.worker_seconds
