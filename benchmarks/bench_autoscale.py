@@ -83,6 +83,7 @@ MAX_OUTPUT = 256
 TTFT_SLO_S = 1.0
 TBT_SLO_S = 0.1
 SETTLE_S = 10.0
+RECONCILE_INTERVAL_S = 0.5  # the controller's, live and simulated
 SCHEDULE_STEP_S = 2.5  # the clairvoyant schedule sets the replicas of each span this long (real seconds)
 
 
@@ -275,7 +276,7 @@ def run_pool(
         router_port=free_port(),
         controller_port=free_port(),
         workers=[],
-        env={"SHOAL_CONTROLLER_RECONCILE_INTERVAL_S": "0.5", "SHOAL_LOG_LEVEL": "WARNING"},
+        env={"SHOAL_CONTROLLER_RECONCILE_INTERVAL_S": str(RECONCILE_INTERVAL_S), "SHOAL_LOG_LEVEL": "WARNING"},
     )
     real_stdout, sys.stdout = sys.stdout, io.StringIO()  # the services' logs stay out of the table
     try:
@@ -307,25 +308,25 @@ class Clairvoyant:
         return ScalingDecision(self.plan[span], ScalingReason.STEADY, "clairvoyant schedule", state)
 
 
-def simulate_schedule(arrivals: Sequence[Request], judged_from: float, cold_start_s: float, plan: list[int]) -> Metrics:
-    """The clairvoyant schedule `plan` replayed in the simulator (bench-sim's honesty check holds it to the
-    live stack), the warm-up not judged, as live."""
-    spec = pool_body({"policy": "fixed", "params": {"replicas": PEAK}}, PEAK, cold_start_s)
-    config = parse_config({"models": [{"name": MODEL}], "pools": [spec], "reconcile_interval_s": 0.5})
-    simulation = Simulation(config, Workload("bench-autoscale", list(arrivals)), warm=True, warmup_s=judged_from)
-    simulation.pools[spec["name"]].policy = Clairvoyant(plan, cold_start_s)
-    return measure(simulation.run())
-
-
 def clairvoyant_bound(
     arrivals: Sequence[Request], judged_from: float, cold_start_s: float, target: float
 ) -> tuple[Metrics, Metrics]:
     """(the peak pool simulated, the cheapest clairvoyant schedule found whose SLO attainment reaches
     `target`): from the peak everywhere, lower one span's replicas at a time while the target holds, until
-    no span can go lower (greedy, so an upper bound on the cheapest schedule's cost)."""
+    no span can go lower (greedy, so an upper bound on the cheapest schedule's cost). Simulated as
+    bench-sim's honesty check holds the simulator to the live stack, the warm-up not judged, as live."""
+    spec = pool_body({"policy": "fixed", "params": {"replicas": PEAK}}, PEAK, cold_start_s)
+    config = parse_config({"models": [{"name": MODEL}], "pools": [spec], "reconcile_interval_s": RECONCILE_INTERVAL_S})
+    workload = Workload("bench-autoscale", list(arrivals))
+
+    def simulate(plan: list[int]) -> Metrics:
+        simulation = Simulation(config, workload, warm=True, warmup_s=judged_from)
+        simulation.pools[spec["name"]].policy = Clairvoyant(plan, cold_start_s)
+        return measure(simulation.run())
+
     spans = math.ceil(arrivals[-1].at / SCHEDULE_STEP_S) + 1
     plan = [PEAK] * spans
-    peak = best = simulate_schedule(arrivals, judged_from, cold_start_s, plan)
+    peak = best = simulate(plan)
     lowered = True
     while lowered:
         lowered = False
@@ -334,7 +335,7 @@ def clairvoyant_bound(
             if plan[span] == 1:
                 continue
             trial = [*plan[:span], plan[span] - 1, *plan[span + 1 :]]
-            metrics = simulate_schedule(arrivals, judged_from, cold_start_s, trial)
+            metrics = simulate(trial)
             if metrics.slo_attainment >= target:
                 plan, best, lowered = trial, metrics, True
     return peak, best
