@@ -36,11 +36,14 @@ cold start the controller measured live, under a clairvoyant schedule that
 orders each span's replicas a cold start ahead, lowered span by span while it
 stays within one point of the peak pool's live SLO attainment. Its cost over
 the simulated peak pool's is what knowing the future would save at that SLO
-(the goal is 60% of the peak's worker-seconds).
+(the goal is 60% of the peak's worker-seconds). Beside it, what reacting can reach without foresight: ideal
+reactors, simulated alike, that order the peak the tick requests queue (perfect detection, instant order)
+and hold it a while after; the cheapest reaching the goal's SLO, and the best within 60% of the peak's
+worker-seconds.
 
 Run: make bench-autoscale. Last line:
 bench-autoscale: slo=<x> peak_slo=<x> reactive_slo=<x> kpa_slo=<x> planner_slo=<x> worker_seconds_vs_peak=<ratio>
-  best_fixed=<replicas> worker_seconds_vs_best_fixed=<ratio> clairvoyant_vs_peak=<ratio>
+  best_fixed=<replicas> worker_seconds_vs_best_fixed=<ratio> clairvoyant_vs_peak=<ratio> reactor_vs_peak=<ratio>
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -65,7 +68,7 @@ import orjson
 
 from cli.localstack import Endpoints, LocalStack, StackConfig
 from cli.supervisor import Supervisor
-from shared.policies.scaling import PolicyState, PoolSnapshot, ScalingDecision, ScalingReason
+from shared.policies.scaling import PolicyState, PoolSnapshot, ScalingDecision, ScalingPolicy, ScalingReason
 from shared.processes import free_port
 from simulator.cluster import Simulation
 from simulator.config import parse_config
@@ -85,6 +88,8 @@ TBT_SLO_S = 0.1
 SETTLE_S = 10.0
 RECONCILE_INTERVAL_S = 0.5  # the controller's, live and simulated
 SCHEDULE_STEP_S = 2.5  # the clairvoyant schedule sets the replicas of each span this long (real seconds)
+REACTOR_THRESHOLDS = (1, 2, 5, 10)  # waiting requests that make an ideal reactor order the peak
+GOAL_VS_PEAK = 0.6  # the goal: the peak pool's SLO attainment within a point at this share of its worker-seconds
 
 
 def load_trace(path: Path, warmup_s: float = 0.0) -> list[Request]:
@@ -308,37 +313,82 @@ class Clairvoyant:
         return ScalingDecision(self.plan[span], ScalingReason.STEADY, "clairvoyant schedule", state)
 
 
-def clairvoyant_bound(
-    arrivals: Sequence[Request], judged_from: float, cold_start_s: float, target: float
-) -> tuple[Metrics, Metrics]:
-    """(the peak pool simulated, the cheapest clairvoyant schedule found whose SLO attainment reaches
-    `target`): from the peak everywhere, lower one span's replicas at a time while the target holds, until
-    no span can go lower (greedy, so an upper bound on the cheapest schedule's cost). Simulated as
-    bench-sim's honesty check holds the simulator to the live stack, the warm-up not judged, as live."""
-    spec = pool_body({"policy": "fixed", "params": {"replicas": PEAK}}, PEAK, cold_start_s)
-    config = parse_config({"models": [{"name": MODEL}], "pools": [spec], "reconcile_interval_s": RECONCILE_INTERVAL_S})
-    workload = Workload("bench-autoscale", list(arrivals))
+@dataclass
+class IdealReactor:
+    """A scaling policy for the simulator that orders the peak pool the tick more than `threshold` requests
+    wait, holds it until none has waited for `hold_s`, and falls back to one replica: perfect detection and
+    an instant order, so it stands for what reacting to a burst once it queues can reach, with no foresight."""
 
-    def simulate(plan: list[int]) -> Metrics:
-        simulation = Simulation(config, workload, warm=True, warmup_s=judged_from)
-        simulation.pools[spec["name"]].policy = Clairvoyant(plan, cold_start_s)
+    threshold: int
+    hold_s: float
+
+    def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        if sum(r.waiting for r in snapshot.workers) + snapshot.refused > self.threshold:
+            return ScalingDecision(PEAK, ScalingReason.SCALE_UP_QUEUE, "queued", replace(state, low_since=snapshot.now))
+        calm = state.low_since is None or snapshot.now - state.low_since > self.hold_s
+        return ScalingDecision(1 if calm else PEAK, ScalingReason.STEADY, "reacting", state)
+
+
+class Simulated:
+    """The benchmark's requests in the simulator under any scaling policy, the warm-up not judged, as live;
+    the pool is the benchmark's, with the cold start the controller measured live, and starts at the peak
+    (the warm-up brings each policy to its own state)."""
+
+    def __init__(self, arrivals: Sequence[Request], judged_from: float, cold_start_s: float) -> None:
+        spec = pool_body({"policy": "fixed", "params": {"replicas": PEAK}}, PEAK, cold_start_s)
+        self.pool = spec["name"]
+        self.config = parse_config(
+            {"models": [{"name": MODEL}], "pools": [spec], "reconcile_interval_s": RECONCILE_INTERVAL_S}
+        )
+        self.workload = Workload("bench-autoscale", list(arrivals))
+        self.judged_from = judged_from
+        self.cold_start_s = cold_start_s
+
+    def run(self, policy: ScalingPolicy | None = None) -> Metrics:
+        """The peak pool, or the pool under `policy`."""
+        simulation = Simulation(self.config, self.workload, warm=True, warmup_s=self.judged_from)
+        if policy is not None:
+            simulation.pools[self.pool].policy = policy
         return measure(simulation.run())
 
-    spans = math.ceil(arrivals[-1].at / SCHEDULE_STEP_S) + 1
+
+def clairvoyant_bound(simulated: Simulated, target: float) -> Metrics:
+    """The cheapest clairvoyant schedule found whose SLO attainment reaches `target`: from the peak
+    everywhere, lower one span's replicas at a time while the target holds, until no span can go lower
+    (greedy, so an upper bound on the cheapest schedule's cost)."""
+    spans = math.ceil(simulated.workload.requests[-1].at / SCHEDULE_STEP_S) + 1
     plan = [PEAK] * spans
-    peak = best = simulate(plan)
+    best = simulated.run(Clairvoyant(plan, simulated.cold_start_s))
     lowered = True
     while lowered:
         lowered = False
         # The warm-up's spans stay full: their worker-seconds are not counted.
-        for span in range(int(judged_from / SCHEDULE_STEP_S), spans):
+        for span in range(int(simulated.judged_from / SCHEDULE_STEP_S), spans):
             if plan[span] == 1:
                 continue
             trial = [*plan[:span], plan[span] - 1, *plan[span + 1 :]]
-            metrics = simulate(trial)
+            metrics = simulated.run(Clairvoyant(trial, simulated.cold_start_s))
             if metrics.slo_attainment >= target:
                 plan, best, lowered = trial, metrics, True
-    return peak, best
+    return best
+
+
+def ideal_reactors(simulated: Simulated) -> list[tuple[IdealReactor, Metrics]]:
+    """Every ideal reactor of the sweep (thresholds, holds of 1 to 30 real seconds), simulated."""
+    return [
+        (reactor, simulated.run(reactor))
+        for reactor in (IdealReactor(n, hold) for n in REACTOR_THRESHOLDS for hold in range(1, 31))
+    ]
+
+
+def describe_reactor(found: tuple[IdealReactor, Metrics] | None, peak: Metrics) -> str:
+    if found is None:
+        return "is none"
+    reactor, metrics = found
+    return (
+        f"(threshold {reactor.threshold}, hold {reactor.hold_s:g} s) reaches SLO {metrics.slo_attainment:.3f} at "
+        f"{metrics.worker_seconds / peak.worker_seconds:.2f} of the peak's worker-s"
+    )
 
 
 def main() -> None:
@@ -389,7 +439,9 @@ def main() -> None:
     )
     cold = default.cold_start_s
     goal = peak.slo - 0.01
-    simulated_peak, bound = clairvoyant_bound(arrivals, WARMUP_S / COMPRESSION, cold, goal)
+    simulated = Simulated(arrivals, WARMUP_S / COMPRESSION, cold)
+    simulated_peak = simulated.run()
+    bound = clairvoyant_bound(simulated, goal)
     bound_vs_peak = bound.worker_seconds / simulated_peak.worker_seconds
     print(
         f"clairvoyant bound, simulated with the {cold:.1f} s cold start measured live: a schedule that knows every "
@@ -397,12 +449,24 @@ def main() -> None:
         f"worker-s, {bound_vs_peak:.2f} of the simulated peak pool's {simulated_peak.worker_seconds:.0f} "
         f"(SLO {simulated_peak.slo_attainment:.3f})"
     )
+    reactors = ideal_reactors(simulated)
+    reaching = [(r, m) for r, m in reactors if m.slo_attainment >= goal]
+    cheapest = min(reaching, key=lambda rm: rm[1].worker_seconds, default=None)
+    affordable = [(r, m) for r, m in reactors if m.worker_seconds <= GOAL_VS_PEAK * simulated_peak.worker_seconds]
+    best_affordable = max(affordable, key=lambda rm: rm[1].slo_attainment, default=None)
+    reactor_vs_peak = cheapest[1].worker_seconds / simulated_peak.worker_seconds if cheapest else math.nan
+    print(
+        f"ideal reactors, simulated alike ({len(reactors)}: order {PEAK} replicas the tick more than "
+        f"{'/'.join(map(str, REACTOR_THRESHOLDS))} requests wait, hold them 1-30 s after, else 1): "
+        f"the cheapest reaching the goal {describe_reactor(cheapest, simulated_peak)}; "
+        f"the best within {GOAL_VS_PEAK:.0%} of the peak's worker-s {describe_reactor(best_affordable, simulated_peak)}"
+    )
     print(
         f"bench-autoscale: slo={default.slo:.3f} peak_slo={peak.slo:.3f} reactive_slo={reactive.slo:.3f} "
         f"kpa_slo={results['kpa'].slo:.3f} planner_slo={results['planner'].slo:.3f} "
         f"worker_seconds_vs_peak={default.worker_seconds / peak.worker_seconds:.2f} "
         f"best_fixed={best_n} worker_seconds_vs_best_fixed={default.worker_seconds / best.worker_seconds:.2f} "
-        f"clairvoyant_vs_peak={bound_vs_peak:.2f}"
+        f"clairvoyant_vs_peak={bound_vs_peak:.2f} reactor_vs_peak={reactor_vs_peak:.2f}"
     )
 
 
