@@ -323,6 +323,7 @@ class IdealReactor:
     hold_s: float
 
     def decide(self, snapshot: PoolSnapshot, state: PolicyState) -> ScalingDecision:
+        # state.low_since holds the last tick that saw a queue: this policy has no hysteresis of its own.
         if sum(r.waiting for r in snapshot.workers) + snapshot.refused > self.threshold:
             return ScalingDecision(PEAK, ScalingReason.SCALE_UP_QUEUE, "queued", replace(state, low_since=snapshot.now))
         calm = state.low_since is None or snapshot.now - state.low_since > self.hold_s
