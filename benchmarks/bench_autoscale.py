@@ -353,13 +353,14 @@ class Simulated:
         return measure(simulation.run())
 
 
-def clairvoyant_bound(simulated: Simulated, target: float) -> Metrics:
+def clairvoyant_bound(simulated: Simulated, peak: Metrics, target: float) -> Metrics:
     """The cheapest clairvoyant schedule found whose SLO attainment reaches `target`: from the peak
-    everywhere, lower one span's replicas at a time while the target holds, until no span can go lower
-    (greedy, so an upper bound on the cheapest schedule's cost)."""
+    everywhere (`peak`, the simulated peak pool, is that schedule's run), lower one span's replicas at a
+    time while the target holds, until no span can go lower (greedy, so an upper bound on the cheapest
+    schedule's cost)."""
     spans = math.ceil(simulated.workload.requests[-1].at / SCHEDULE_STEP_S) + 1
     plan = [PEAK] * spans
-    best = simulated.run(Clairvoyant(plan, simulated.cold_start_s))
+    best = peak
     lowered = True
     while lowered:
         lowered = False
@@ -442,7 +443,7 @@ def main() -> None:
     goal = peak.slo - 0.01
     simulated = Simulated(arrivals, WARMUP_S / COMPRESSION, cold)
     simulated_peak = simulated.run()
-    bound = clairvoyant_bound(simulated, goal)
+    bound = clairvoyant_bound(simulated, simulated_peak, goal)
     bound_vs_peak = bound.worker_seconds / simulated_peak.worker_seconds
     print(
         f"clairvoyant bound, simulated with the {cold:.1f} s cold start measured live: a schedule that knows every "
